@@ -1,0 +1,28 @@
+"""fastclip: fused, memory-bounded CLIP and SigLIP losses, encoder towers and a large-batch trainer.
+
+    from fastclip import ClipLoss, SigLipLoss      # drop-in for open_clip's classes
+    from fastclip import clip_loss, siglip_loss    # functional forms
+"""
+
+from fastclip.losses import ClipLoss, SigLipLoss
+from fastclip.ops import clip_loss, siglip_loss
+
+__version__ = "0.1.0"
+
+# The model API is imported on first use so that `import fastclip` stays light for loss-only users.
+_LAZY = {
+    "create_model": "fastclip.models",
+    "list_models": "fastclip.models",
+    "load_pretrained": "fastclip.models",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastclip' has no attribute {name!r}")
+
+
+__all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss", "__version__", *_LAZY]

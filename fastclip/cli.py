@@ -1,0 +1,44 @@
+"""The ``fastclip`` command: ``fastclip {train,bench,convert} ...``.
+
+Each subcommand lives in its own module, imported only when used; every module exposes
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("fastclip.train.cli", "train a CLIP/SigLIP model (default: tiny model on built-in synthetic data)"),
+    "bench": ("fastclip.bench.cli", "benchmark the losses ('loss') or a training step ('train')"),
+    "convert": ("fastclip.models.convert", "convert Hugging Face / open_clip weights to fastclip safetensors"),
+}
+
+
+def build_parser(argv) -> tuple[argparse.ArgumentParser, object]:
+    parser = argparse.ArgumentParser(prog="fastclip", description="fastclip: fused contrastive losses and training")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    module = None
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the module that will run
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+    return parser, module
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, module = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""fastclip.models"""

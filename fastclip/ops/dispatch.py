@@ -1,0 +1,51 @@
+"""Choosing an implementation (``impl=``) and the chunk size of the "torch" implementation."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+# The "torch" implementation materializes at most CHUNK_ELEMENTS logits (rows x columns) per chunk;
+# a few fp32 temporaries of that size exist at once (~4 x 16 MiB at the default). Measured on the
+# 2-core CPU machine (benchmarks/results/): 2**22 keeps time within the reference's at B=16384.
+CHUNK_ELEMENTS = 2**22
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when the Triton kernels can run on ``device``: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
+    try:
+        from fastclip.kernels import KERNELS_READY
+    except ImportError:
+        return False
+    if not KERNELS_READY:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``"auto"`` to a concrete implementation and refuse ``"triton"`` where it cannot run."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if impl == "triton" and not triton_available(device):
+        raise ValueError(
+            "impl='triton' is not available here: it needs CUDA tensors and an installed triton, or CPU "
+            "tensors with TRITON_INTERPRET=1 set before triton is imported; got device "
+            f"{device}. Use impl='torch' (chunked PyTorch) or impl='auto'."
+        )
+    return impl
+
+
+def chunk_rows(n_rows: int, n_cols: int, chunk_size: Optional[int]) -> int:
+    """Rows per chunk: the caller's ``chunk_size`` or the default budget of CHUNK_ELEMENTS logits."""
+    if chunk_size is not None:
+        return max(1, min(n_rows, chunk_size))
+    return max(1, min(n_rows, CHUNK_ELEMENTS // max(1, n_cols)))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for 16/32-bit inputs, float64 for float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

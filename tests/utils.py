@@ -1,0 +1,70 @@
+"""Helpers shared by the tests: inputs, float64 comparisons with error budgets, open_clip's loss module."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+# Budget for fused results against float64, relative to the reference computed in the same dtype:
+# err(fused) <= BUDGET_FACTOR * err(reference same dtype) + ABS_FLOOR[dtype].
+BUDGET_FACTOR = 2.0
+ABS_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def features(n, d, dtype=torch.float32, seed=0, requires_grad=True, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    t = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+
+def scalar(value, dtype=torch.float32, requires_grad=True, device="cpu"):
+    return torch.tensor(float(value), dtype=dtype, device=device, requires_grad=requires_grad)
+
+
+def loss_and_grads(fn, x, y, s, b, **kw):
+    """Loss and the gradients of (x, y, s, b) (None where an input does not require grad)."""
+    loss = fn(x, y, s, b, **kw) if b is not None else fn(x, y, s, **kw)
+    inputs = [t for t in (x, y, s, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    it = iter(grads)
+    out = [next(it) if (t is not None and t.requires_grad) else None for t in (x, y, s, b)]
+    return loss, out
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
+    diff = (a.double() - b.double()).abs()
+    flat = int(diff.argmax()) if diff.numel() else 0
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+    return (float(diff.max()) if diff.numel() else 0.0), where
+
+
+def assert_within_budget(name, got, ref_same_dtype, truth, dtype):
+    """``|got - truth| <= 2 * |ref_same_dtype - truth| + floor``, elementwise maximum; prints where it failed."""
+    err, where = max_err(got, truth)
+    ref_err, _ = max_err(ref_same_dtype, truth)
+    scale = float(truth.double().abs().max()) if truth.numel() else 1.0
+    budget = BUDGET_FACTOR * ref_err + ABS_FLOOR[dtype] * max(1.0, scale)
+    assert err <= budget, (
+        f"{name} ({dtype}): max |diff| {err:.3e} at {where} exceeds budget {budget:.3e} "
+        f"(reference in the same dtype: {ref_err:.3e})"
+    )
+
+
+def load_open_clip_loss():
+    """open_clip's ``loss.py`` as a module, without importing open_clip's package (it needs torchvision).
+
+    Returns None when open_clip_torch is not installed.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    if not os.path.exists(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
