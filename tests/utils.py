@@ -35,7 +35,7 @@ def loss_and_grads(fn, x, y, s, b, **kw):
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
-    diff = (a.double() - b.double()).abs()
+    diff = (a.detach().double() - b.detach().double()).abs()
     flat = int(diff.argmax()) if diff.numel() else 0
     where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
     return (float(diff.max()) if diff.numel() else 0.0), where
@@ -45,7 +45,7 @@ def assert_within_budget(name, got, ref_same_dtype, truth, dtype):
     """``|got - truth| <= 2 * |ref_same_dtype - truth| + floor``, elementwise maximum; prints where it failed."""
     err, where = max_err(got, truth)
     ref_err, _ = max_err(ref_same_dtype, truth)
-    scale = float(truth.double().abs().max()) if truth.numel() else 1.0
+    scale = float(truth.detach().double().abs().max()) if truth.numel() else 1.0
     budget = BUDGET_FACTOR * ref_err + ABS_FLOOR[dtype] * max(1.0, scale)
     assert err <= budget, (
         f"{name} ({dtype}): max |diff| {err:.3e} at {where} exceeds budget {budget:.3e} "
