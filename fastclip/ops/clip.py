@@ -79,17 +79,23 @@ def clip_grad_torch(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, p
         xc = x[i0:i1].detach().to(acc)  # (c, D)
         sim = xc @ y_acc.t()  # (c, N) unscaled similarities
         logits = sim * s
-        grad = torch.zeros_like(sim)
-        if lse_row is not None and coef_row != 0:
-            grad.add_(torch.exp(logits - lse_row[i0:i1, None]), alpha=coef_row)
-        if lse_col is not None and coef_col != 0:
-            grad.add_(torch.exp(logits - lse_col[None, :]), alpha=coef_col)
+        use_row = lse_row is not None and coef_row != 0
+        use_col = lse_col is not None and coef_col != 0
+        # Work in place: at most three (c, N) buffers live (sim, logits, grad).
+        if use_row:
+            grad = (logits - lse_row[i0:i1, None]).exp_().mul_(coef_row)
+            if use_col:
+                grad.add_(logits.sub_(lse_col[None, :]).exp_(), alpha=coef_col)
+        elif use_col:
+            grad = logits.sub_(lse_col[None, :]).exp_().mul_(coef_col)
+        else:
+            grad = torch.zeros_like(sim)
         del logits
         p0, p1 = max(i0, lo), min(i1, hi)
         if p1 > p0:
             rows = torch.arange(p0 - i0, p1 - i0, device=x.device)
             grad[rows, rows + i0 + offset] -= pos_coef
-        ds += (grad * sim).sum()
+        ds += torch.vdot(grad.reshape(-1), sim.reshape(-1))
         del sim
         dx[i0:i1] = (grad @ y_acc).mul_(s)
         dy.addmm_(grad.t(), xc, alpha=s)

@@ -16,16 +16,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from fastclip import _checks
 from fastclip.ops.clip import nan_if_not_finite, positive_logits, positive_rows
 from fastclip.ops.dispatch import acc_dtype, chunk_rows, resolve_impl
 from fastclip.reference import siglip_loss_reference
-
-
-def _softplus(t: torch.Tensor) -> torch.Tensor:
-    # Stable for every sign and magnitude, no threshold switch: max(t, 0) + log1p(exp(-|t|)).
-    return t.clamp_min(0) + torch.log1p(torch.exp(-t.abs()))
 
 
 def siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size=None):
@@ -45,17 +41,18 @@ def siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size=None):
         i1 = min(n, i0 + c)
         xc = x[i0:i1].detach().to(acc)
         sim = xc @ y_acc.t()  # (c, N)
-        logits = sim * s + b
-        total += _softplus(logits).sum()
+        logits = (sim * s).add_(b)
+        # softplus(L) = -logsigmoid(-L): one fused, stable op without softplus's threshold switch.
+        total -= F.logsigmoid(logits.neg()).sum()
         if not need_grad:
             continue
-        grad = torch.sigmoid(logits)
+        grad = logits.sigmoid_()  # reuses the logits buffer
         del logits
         p0, p1 = max(i0, lo), min(i1, hi)
         if p1 > p0:
             rows = torch.arange(p0 - i0, p1 - i0, device=x.device)
             grad[rows, rows + i0 + offset] -= 1
-        ds += (grad * sim).sum()
+        ds += torch.vdot(grad.reshape(-1), sim.reshape(-1))
         db += grad.sum()
         del sim
         dx[i0:i1] = (grad @ y_acc).mul_(s)
