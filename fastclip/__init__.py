@@ -1,7 +1,7 @@
 """fastclip: fused, memory-bounded CLIP and SigLIP losses, encoder towers and a large-batch trainer.
 
-    from fastclip import ClipLoss, SigLipLoss      # drop-in for open_clip's classes
-    from fastclip import clip_loss, siglip_loss    # functional forms
+from fastclip import ClipLoss, SigLipLoss      # drop-in for open_clip's classes
+from fastclip import clip_loss, siglip_loss    # functional forms
 """
 
 from fastclip.losses import ClipLoss, SigLipLoss

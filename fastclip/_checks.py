@@ -6,8 +6,6 @@ value) with a message that names the argument, what was expected and what was re
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -19,7 +17,7 @@ def _is_compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
-def check_tensor(name: str, value, *, ndim: Optional[int] = None) -> torch.Tensor:
+def check_tensor(name: str, value, *, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
@@ -47,21 +45,25 @@ def check_features(
     if same_batch and n != m:
         raise ValueError(f"{name_b}: expected batch size {n} (as {name_a}), got {m}")
     if image_features.dtype != text_features.dtype:
-        raise TypeError(f"{name_b}: expected dtype {image_features.dtype} (as {name_a}), got {text_features.dtype}")
+        raise TypeError(
+            f"{name_b}: expected dtype {image_features.dtype} (as {name_a}), got {text_features.dtype}"
+        )
     if image_features.device != text_features.device:
         raise ValueError(
             f"{name_b}: expected device {image_features.device} (as {name_a}), got {text_features.device}"
         )
 
 
-def check_scalar(name: str, value, *, device: Optional[torch.device] = None) -> torch.Tensor:
+def check_scalar(name: str, value, *, device: torch.device | None = None) -> torch.Tensor:
     """A 0-dim or 1-element floating tensor with a finite value, on ``device``; python numbers are wrapped."""
     if isinstance(value, bool):
         raise TypeError(f"{name}: expected a scalar tensor or float, got bool")
     if isinstance(value, (int, float)):
         value = torch.tensor(float(value), device=device)
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a 0-dim or 1-element tensor (or float), got {type(value).__name__}")
+        raise TypeError(
+            f"{name}: expected a 0-dim or 1-element tensor (or float), got {type(value).__name__}"
+        )
     if not value.is_floating_point():
         raise TypeError(f"{name}: expected a floating tensor, got {value.dtype}")
     if value.numel() != 1:
@@ -80,7 +82,7 @@ def check_impl(impl) -> str:
     return impl
 
 
-def check_chunk_size(chunk_size) -> Optional[int]:
+def check_chunk_size(chunk_size) -> int | None:
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):

@@ -11,14 +11,22 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("fastclip.train.cli", "train a CLIP/SigLIP model (default: tiny model on built-in synthetic data)"),
+    "train": (
+        "fastclip.train.cli",
+        "train a CLIP/SigLIP model (default: tiny model on built-in synthetic data)",
+    ),
     "bench": ("fastclip.bench.cli", "benchmark the losses ('loss') or a training step ('train')"),
-    "convert": ("fastclip.models.convert", "convert Hugging Face / open_clip weights to fastclip safetensors"),
+    "convert": (
+        "fastclip.models.convert",
+        "convert Hugging Face / open_clip weights to fastclip safetensors",
+    ),
 }
 
 
 def build_parser(argv) -> tuple[argparse.ArgumentParser, object]:
-    parser = argparse.ArgumentParser(prog="fastclip", description="fastclip: fused contrastive losses and training")
+    parser = argparse.ArgumentParser(
+        prog="fastclip", description="fastclip: fused contrastive losses and training"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     module = None
     chosen = next((a for a in argv if not a.startswith("-")), None)

@@ -7,8 +7,6 @@ yardstick for the error budgets of the fused implementations (tests use ``err <=
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +15,7 @@ def clip_loss_reference(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
-    logit_bias: Optional[torch.Tensor] = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single-process CLIP loss, ``B = n = N``, positives on the diagonal. Materializes two B×B matrices.
 
@@ -39,7 +37,7 @@ def siglip_loss_reference(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
-    logit_bias: Optional[torch.Tensor] = None,
+    logit_bias: torch.Tensor | None = None,
     negative_only: bool = False,
 ) -> torch.Tensor:
     """Single-block SigLIP loss: ``-sum(logsigmoid(z * logits)) / n`` with ``z = 2*eye - 1`` (or ``-1``)."""

@@ -7,15 +7,27 @@ large buffers leave the RSS (PLATFORM.md).
 import sys
 
 import torch
+
 torch.set_num_threads(1)
-from fastclip import clip_loss, siglip_loss
 import torch.nn.functional as F
+
+from fastclip import clip_loss, siglip_loss
+
+
 def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith(key): return int(line.split()[1]) * 1024
-fn = {"clip": clip_loss, "siglip": siglip_loss}[sys.argv[1]]; impl = sys.argv[2]; b = int(sys.argv[3]); d = int(sys.argv[4])
-x = F.normalize(torch.randn(b, d), dim=-1).requires_grad_(); y = F.normalize(torch.randn(b, d), dim=-1).requires_grad_()
-s = torch.tensor(10.0, requires_grad=True); bias = torch.tensor(-5.0, requires_grad=True)
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+
+fn = {"clip": clip_loss, "siglip": siglip_loss}[sys.argv[1]]
+impl = sys.argv[2]
+b = int(sys.argv[3])
+d = int(sys.argv[4])
+x = F.normalize(torch.randn(b, d), dim=-1).requires_grad_()
+y = F.normalize(torch.randn(b, d), dim=-1).requires_grad_()
+s = torch.tensor(10.0, requires_grad=True)
+bias = torch.tensor(-5.0, requires_grad=True)
 fn(x[:8], y[:8], s, bias, impl=impl).backward()  # warm-up: lazy init outside the measurement
 x.grad = y.grad = s.grad = bias.grad = None
 base = status("VmRSS")

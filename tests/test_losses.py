@@ -138,7 +138,9 @@ def test_module_and_functional_agree_and_output_dict():
 
 def test_python_float_scale_is_accepted():
     x, y = features(8, 4), features(8, 4, seed=1)
-    torch.testing.assert_close(clip_loss(x, y, 10.0, impl="torch"), clip_loss_reference(x, y, torch.tensor(10.0)))
+    torch.testing.assert_close(
+        clip_loss(x, y, 10.0, impl="torch"), clip_loss_reference(x, y, torch.tensor(10.0))
+    )
 
 
 def test_public_names():
@@ -186,7 +188,11 @@ GOOD = dict(x=features(4, 3), y=features(4, 3, seed=1), s=torch.tensor(2.0), b=t
         (dict(y=features(4, 5)), ValueError, r"text_features: expected feature dim 3 .*got 5"),
         (dict(y=features(4, 3, torch.float64)), TypeError, r"text_features: expected dtype torch.float32"),
         (dict(x=torch.zeros(0, 3), y=torch.zeros(0, 3)), ValueError, r"image_features: expected a non-empty"),
-        (dict(s=torch.ones(2)), ValueError, r"logit_scale: expected a 0-dim or 1-element tensor, got shape \(2,\)"),
+        (
+            dict(s=torch.ones(2)),
+            ValueError,
+            r"logit_scale: expected a 0-dim or 1-element tensor, got shape \(2,\)",
+        ),
         (dict(s=torch.tensor(float("nan"))), ValueError, r"logit_scale: expected a finite value, got nan"),
         (dict(s=torch.tensor(float("inf"))), ValueError, r"logit_scale: expected a finite value, got inf"),
         (dict(s="10"), TypeError, r"logit_scale: expected a 0-dim or 1-element tensor \(or float\), got str"),
@@ -230,7 +236,9 @@ def test_device_mismatch_of_scale_is_reported():
 
 
 def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match=r"dist_impl: expected one of \('bidir', 'shift', 'reduce', 'gather'\)"):
+    with pytest.raises(
+        ValueError, match=r"dist_impl: expected one of \('bidir', 'shift', 'reduce', 'gather'\)"
+    ):
         SigLipLoss(dist_impl="ring")
     with pytest.raises(ValueError, match=r"dist_impl: expected one of \('gather', 'ring'\)"):
         ClipLoss(dist_impl="bidir")

@@ -54,7 +54,11 @@ def _peak_bytes(loss, impl, b, d):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
     probe = os.path.join(os.path.dirname(__file__), "_hwm_probe.py")
     out = subprocess.run(
-        [sys.executable, probe, loss, impl, str(b), str(d)], env=env, capture_output=True, text=True, check=True
+        [sys.executable, probe, loss, impl, str(b), str(d)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(out.stdout.strip().splitlines()[-1])
 
