@@ -1,0 +1,129 @@
+"""Tokenizers: a small built-in word-level tokenizer for synthetic data and tests, and a loader for
+Hugging Face tokenizers saved in a local directory (nothing is downloaded).
+
+    tok = WordTokenizer(["red", "green", "square", "circle"], context_length=16)
+    ids = tok(["a red square", "green circle"])      # LongTensor (2, 16)
+
+WordTokenizer ids: 0 = pad, 1 = unk, 2 = start of text, 3.. = the words in the order given, and the
+end-of-text token last (``vocab_size - 1``), so it is the largest id in every row and argmax pooling
+finds it. Text is lower-cased and split on whitespace and punctuation. A text with more words than
+fit is truncated: the row keeps start, the first ``context_length - 2`` words and the end token.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable, Sequence
+
+import torch
+
+_SPLIT = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
+
+
+class WordTokenizer:
+    PAD, UNK, SOT = 0, 1, 2
+
+    def __init__(self, words: Iterable[str], context_length: int = 16):
+        if isinstance(words, str):
+            raise TypeError("words: expected an iterable of words, got a single str")
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+            raise ValueError(
+                f"context_length: expected an int >= 2 (start and end tokens), got {context_length!r}"
+            )
+        vocab: dict[str, int] = {}
+        for w in words:
+            if not isinstance(w, str) or not w:
+                raise TypeError(f"words: expected non-empty str entries, got {w!r}")
+            w = w.lower()
+            if w not in vocab:
+                vocab[w] = 3 + len(vocab)
+        self.vocab = vocab
+        self.context_length = context_length
+        self.eot_id = 3 + len(vocab)
+        self.vocab_size = self.eot_id + 1
+        self.pad_id, self.unk_id, self.sot_id = self.PAD, self.UNK, self.SOT
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one text without padding: [start, words..., end], truncated to the context."""
+        if not isinstance(text, str):
+            raise TypeError(f"texts: expected str entries, got {type(text).__name__}")
+        ids = [self.vocab.get(w, self.UNK) for w in _SPLIT.findall(text.lower())]
+        return [self.SOT, *ids[: self.context_length - 2], self.eot_id]
+
+    def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts: expected a list of str, got {type(texts).__name__}")
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = self.encode(t)
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def decode(self, ids) -> str:
+        inv = {v: k for k, v in self.vocab.items()}
+        words = []
+        for i in ids.tolist() if isinstance(ids, torch.Tensor) else ids:
+            if i == self.eot_id:
+                break
+            if i in (self.PAD, self.SOT):
+                continue
+            words.append(inv.get(i, "<unk>"))
+        return " ".join(words)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local directory, called like WordTokenizer: list[str] -> (B, context_length)
+    LongTensor, padded to the context length and truncated (the tokenizer's own truncation keeps its
+    special tokens)."""
+
+    def __init__(self, path: str, context_length: int):
+        if not os.path.isdir(path) and not os.path.isfile(path):
+            raise ValueError(
+                f"path: expected a local tokenizer directory or tokenizer.json, got {path!r} (not found)"
+            )
+        self.context_length = context_length
+        self._hf = None
+        self._tok = None
+        tok_json = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
+        try:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(
+                path if os.path.isdir(path) else os.path.dirname(path), local_files_only=True
+            )
+        except Exception as exc:  # transformers missing or an unusual directory: fall back to `tokenizers`
+            if not os.path.isfile(tok_json):
+                raise ValueError(f"path: could not load a tokenizer from {path!r}: {exc}") from exc
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(tok_json)
+            self._tok.enable_truncation(context_length)
+            pad = self._tok.token_to_id("<pad>")
+            self._tok.enable_padding(length=context_length, pad_id=0 if pad is None else pad)
+        self.vocab_size = len(self._hf) if self._hf is not None else self._tok.get_vocab_size()
+
+    def __call__(self, texts) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        if self._hf is not None:
+            enc = self._hf(
+                list(texts),
+                padding="max_length",
+                truncation=True,
+                max_length=self.context_length,
+                return_tensors="pt",
+            )
+            return enc["input_ids"].long()
+        return torch.tensor([e.ids for e in self._tok.encode_batch(list(texts))], dtype=torch.long)
+
+
+def load_tokenizer(path: str, context_length: int = 77) -> HFTokenizer:
+    """A tokenizer saved by Hugging Face (``save_pretrained`` directory or a ``tokenizer.json``), local only."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a path, got {type(path).__name__}")
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        raise ValueError(f"context_length: expected a positive int, got {context_length!r}")
+    return HFTokenizer(os.fspath(path), context_length)
