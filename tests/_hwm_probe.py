@@ -7,11 +7,11 @@ large buffers leave the RSS (PLATFORM.md).
 import sys
 
 import torch
-
-torch.set_num_threads(1)
 import torch.nn.functional as F
 
 from fastclip import clip_loss, siglip_loss
+
+torch.set_num_threads(1)
 
 
 def status(key):

@@ -32,7 +32,7 @@ def test_torch_impl_matches_float64_reference(loss_name, n, d, chunk_size):
     want, want_g = loss_and_grads(ref, x, y, s, b)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for name, g, w in zip(("image", "text", "scale", "bias"), got_g, want_g):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
