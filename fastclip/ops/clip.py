@@ -14,16 +14,15 @@ Neither ever holds more than one chunk of the n×N logits (``chunk_rows`` rows a
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from fastclip import _checks
+from fastclip.ops import library
 from fastclip.ops.dispatch import acc_dtype, chunk_rows, resolve_impl
 from fastclip.reference import clip_loss_reference
 
 
-def positive_rows(n: int, n_cols: int, offset: Optional[int]) -> tuple[int, int]:
+def positive_rows(n: int, n_cols: int, offset: int | None) -> tuple[int, int]:
     """Rows ``[lo, hi)`` whose positive column ``i + offset`` lies inside ``[0, n_cols)``."""
     if offset is None:
         return 0, 0
@@ -32,7 +31,9 @@ def positive_rows(n: int, n_cols: int, offset: Optional[int]) -> tuple[int, int]
     return lo, max(lo, hi)
 
 
-def positive_logits(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: Optional[int]) -> torch.Tensor:
+def positive_logits(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int | None
+) -> torch.Tensor:
     """``s * x_i . y_{i+offset}`` for the rows that have a positive, in the accumulation dtype. O(n·D)."""
     acc = acc_dtype(x.dtype)
     lo, hi = positive_rows(x.shape[0], y.shape[0], offset)
@@ -106,22 +107,40 @@ def clip_grad_torch(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, p
 # dispatch
 
 
+def _block_impl(impl: str) -> str:
+    # Block primitives run "triton" or "torch"; anything else ("auto" resolved by the caller,
+    # "reference") has no block form and runs the chunked PyTorch code.
+    return "triton" if impl == "triton" else "torch"
+
+
 def clip_lse(x, y, scale, *, impl="torch", chunk_size=None):
-    """Row and column log-sum-exp of the block ``s * x @ y.T``: ``(n,)`` and ``(N,)`` in fp32 (fp64 for fp64)."""
-    if impl == "triton":
-        from fastclip.kernels.clip import clip_lse as _triton_lse
+    """Row and column log-sum-exp of the block ``s * x @ y.T``: ``(n,)`` and ``(N,)`` in fp32 (fp64 for fp64).
 
-        return _triton_lse(x, y, scale)
-    return clip_lse_torch(x, y, scale, chunk_size)
+    Runs as the custom op ``torch.ops.fastclip.clip_lse`` (opaque to ``torch.compile``); inputs are detached.
+    """
+    return library.clip_lse_op(x.detach(), y.detach(), scale.detach(), _block_impl(impl), chunk_size)
 
 
-def clip_grad(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, *, impl="torch", chunk_size=None):
-    """Gradients of a block, see the module docstring. Returns ``dx, dy`` (accumulation dtype) and ``ds`` (0-dim)."""
-    if impl == "triton":
-        from fastclip.kernels.clip import clip_grad as _triton_grad
+def clip_grad(
+    x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, *, impl="torch", chunk_size=None
+):
+    """Gradients of a block, see the module docstring. Returns ``dx, dy`` (accumulation dtype) and ``ds`` (0-dim).
 
-        return _triton_grad(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef)
-    return clip_grad_torch(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, chunk_size)
+    Runs as the custom op ``torch.ops.fastclip.clip_grad``; inputs are detached.
+    """
+    return library.clip_grad_op(
+        x.detach(),
+        y.detach(),
+        scale.detach(),
+        None if lse_row is None else lse_row.detach(),
+        None if lse_col is None else lse_col.detach(),
+        float(coef_row),
+        float(coef_col),
+        offset,
+        float(pos_coef),
+        _block_impl(impl),
+        chunk_size,
+    )
 
 
 def nan_if_not_finite(loss: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
@@ -160,7 +179,17 @@ class ClipLossFunction(torch.autograd.Function):
         if need_x or need_y or need_s:
             coef = 1.0 / (2 * n)
             gx, gy, gs = clip_grad(
-                x, y, scale, lse_row, lse_col, coef, coef, 0, 2 * coef, impl=ctx.impl, chunk_size=ctx.chunk_size
+                x,
+                y,
+                scale,
+                lse_row,
+                lse_col,
+                coef,
+                coef,
+                0,
+                2 * coef,
+                impl=ctx.impl,
+                chunk_size=ctx.chunk_size,
             )
             g = grad_out.to(gx.dtype)
             dx = (gx * g).to(x.dtype) if need_x else None
@@ -179,7 +208,7 @@ def clip_loss(
     logit_bias=None,
     *,
     impl: str = "auto",
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     check_finite: bool = False,
 ) -> torch.Tensor:
     """CLIP softmax loss of one process's batch, without building the B×B logit matrix.
@@ -199,7 +228,7 @@ def clip_loss(
     logit_scale = _checks.check_scalar("logit_scale", logit_scale, device=image_features.device)
     if logit_bias is not None:
         logit_bias = _checks.check_scalar("logit_bias", logit_bias, device=image_features.device)
-    impl = resolve_impl(_checks.check_impl(impl), image_features.device)
+    impl = resolve_impl(_checks.check_impl(impl), image_features.device, dtype=image_features.dtype)
     chunk_size = _checks.check_chunk_size(chunk_size)
     if check_finite:
         _checks.check_all_finite("image_features", image_features)

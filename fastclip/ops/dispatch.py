@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -11,6 +10,9 @@ import torch
 # a few fp32 temporaries of that size exist at once (~4 x 16 MiB at the default). Measured on the
 # 2-core CPU machine (benchmarks/results/): 2**22 keeps time within the reference's at B=16384.
 CHUNK_ELEMENTS = 2**22
+
+# Input dtypes of the Triton kernels (float64 runs on the chunked PyTorch path).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -26,9 +28,15 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete implementation and refuse ``"triton"`` where it cannot run."""
+def resolve_impl(impl: str, device: torch.device, *, dtype: torch.dtype | None = None) -> str:
+    """Map ``"auto"`` to a concrete implementation and refuse ``"triton"`` where it cannot run.
+
+    ``"auto"`` picks ``"triton"`` for CUDA tensors of a kernel dtype (float32, bfloat16, float16) and
+    ``"torch"`` otherwise (CPU, float64 e.g. for gradcheck). ``dtype=None`` skips the dtype rule.
+    """
     if impl == "auto":
+        if dtype == torch.float64:
+            return "torch"
         return "triton" if device.type == "cuda" and triton_available(device) else "torch"
     if impl == "triton" and not triton_available(device):
         raise ValueError(
@@ -36,10 +44,15 @@ def resolve_impl(impl: str, device: torch.device) -> str:
             "tensors with TRITON_INTERPRET=1 set before triton is imported; got device "
             f"{device}. Use impl='torch' (chunked PyTorch) or impl='auto'."
         )
+    if impl == "triton" and dtype is not None and dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"impl='triton': expected features of dtype float32, bfloat16 or float16, got {dtype}; "
+            "use impl='torch' (or impl='auto') for float64"
+        )
     return impl
 
 
-def chunk_rows(n_rows: int, n_cols: int, chunk_size: Optional[int]) -> int:
+def chunk_rows(n_rows: int, n_cols: int, chunk_size: int | None) -> int:
     """Rows per chunk: the caller's ``chunk_size`` or the default budget of CHUNK_ELEMENTS logits."""
     if chunk_size is not None:
         return max(1, min(n_rows, chunk_size))

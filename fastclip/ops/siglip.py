@@ -13,13 +13,12 @@ incoming gradient in backward.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from fastclip import _checks
-from fastclip.ops.clip import nan_if_not_finite, positive_logits, positive_rows
+from fastclip.ops import library
+from fastclip.ops.clip import _block_impl, nan_if_not_finite, positive_logits, positive_rows
 from fastclip.ops.dispatch import acc_dtype, chunk_rows, resolve_impl
 from fastclip.reference import siglip_loss_reference
 
@@ -68,12 +67,22 @@ def siglip_block(x, y, scale, bias, offset, need_grad, *, impl="torch", chunk_si
     gradients ``dx = s G y``, ``dy = s G^T x``, ``ds = sum(G * x y^T)``, ``db = sum(G)`` with
     ``G = sigmoid(L) - [positive]``. Positives at column ``i + offset``; ``offset=None``: none.
     Returns ``(loss_sum, dx, dy, ds, db)`` in the accumulation dtype (``dx, dy`` None without grad).
-    """
-    if impl == "triton":
-        from fastclip.kernels.siglip import siglip_block as _triton_block
 
-        return _triton_block(x, y, scale, bias, offset, need_grad)
-    return siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size)
+    Runs as the custom op ``torch.ops.fastclip.siglip_block`` (opaque to ``torch.compile``); inputs are detached.
+    """
+    total, dx, dy, ds, db = library.siglip_block_op(
+        x.detach(),
+        y.detach(),
+        scale.detach(),
+        None if bias is None else bias.detach(),
+        offset,
+        bool(need_grad),
+        _block_impl(impl),
+        chunk_size,
+    )
+    if not need_grad:
+        dx = dy = None
+    return total, dx, dy, ds, db
 
 
 class SigLipLossFunction(torch.autograd.Function):
@@ -83,11 +92,19 @@ class SigLipLossFunction(torch.autograd.Function):
     def forward(ctx, x, y, scale, bias, impl, chunk_size):
         n = x.shape[0]
         need_grad = any(ctx.needs_input_grad[:4])
-        total, gx, gy, gs, gb = siglip_block(x, y, scale, bias, 0, need_grad, impl=impl, chunk_size=chunk_size)
+        total, gx, gy, gs, gb = siglip_block(
+            x, y, scale, bias, 0, need_grad, impl=impl, chunk_size=chunk_size
+        )
         loss = nan_if_not_finite(total / n, x, y)
         if need_grad:
             ctx.save_for_backward(gx / n, gy / n, gs / n, gb / n)
-        ctx.meta = (x.dtype, y.dtype, scale.dtype, scale.shape, None if bias is None else (bias.dtype, bias.shape))
+        ctx.meta = (
+            x.dtype,
+            y.dtype,
+            scale.dtype,
+            scale.shape,
+            None if bias is None else (bias.dtype, bias.shape),
+        )
         return loss
 
     @staticmethod
@@ -110,7 +127,7 @@ def siglip_loss(
     logit_bias,
     *,
     impl: str = "auto",
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     check_finite: bool = False,
 ) -> torch.Tensor:
     """SigLIP sigmoid loss of one process's batch, without building the B×B logit matrix.
@@ -130,7 +147,7 @@ def siglip_loss(
     if logit_bias is None:
         raise ValueError("logit_bias: expected a 0-dim or 1-element tensor (SigLIP needs a bias), got None")
     logit_bias = _checks.check_scalar("logit_bias", logit_bias, device=image_features.device)
-    impl = resolve_impl(_checks.check_impl(impl), image_features.device)
+    impl = resolve_impl(_checks.check_impl(impl), image_features.device, dtype=image_features.dtype)
     chunk_size = _checks.check_chunk_size(chunk_size)
     if check_finite:
         _checks.check_all_finite("image_features", image_features)

@@ -1,0 +1,104 @@
+"""The block primitives as ``torch.library`` custom ops, so ``torch.compile`` treats them as opaque calls.
+
+``torch.ops.fastclip.clip_lse``, ``.clip_grad`` and ``.siglip_block`` run one implementation ("torch" or
+"triton", chosen by the ``impl`` string argument) of the functions in ``fastclip.ops.clip`` /
+``fastclip.ops.siglip``. Each has a fake (meta) implementation giving output shapes and dtypes, so
+Dynamo and Inductor trace a training step that calls ``fastclip.clip_loss``/``siglip_loss`` without
+stepping into Python chunk loops or Triton launchers. The autograd ``Function``s call these ops with
+detached inputs; gradients are formed explicitly by ``clip_grad``/``siglip_block``.
+
+Custom ops cannot return None: ``siglip_block`` returns empty ``(0,)`` tensors for ``dx, dy`` when
+``need_grad`` is False, and the Python wrapper turns them back into None.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op
+
+from fastclip.ops.dispatch import acc_dtype
+
+
+@custom_op("fastclip::clip_lse", mutates_args=())
+def clip_lse_op(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, impl: str, chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if impl == "triton":
+        from fastclip.kernels.clip import clip_lse
+
+        return clip_lse(x, y, scale)
+    from fastclip.ops.clip import clip_lse_torch
+
+    return clip_lse_torch(x, y, scale, chunk_size)
+
+
+@clip_lse_op.register_fake
+def _clip_lse_fake(x, y, scale, impl, chunk_size):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty((x.shape[0],), dtype=acc), y.new_empty((y.shape[0],), dtype=acc)
+
+
+@custom_op("fastclip::clip_grad", mutates_args=())
+def clip_grad_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    lse_row: torch.Tensor | None,
+    lse_col: torch.Tensor | None,
+    coef_row: float,
+    coef_col: float,
+    offset: int | None,
+    pos_coef: float,
+    impl: str,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if impl == "triton":
+        from fastclip.kernels.clip import clip_grad
+
+        return clip_grad(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef)
+    from fastclip.ops.clip import clip_grad_torch
+
+    return clip_grad_torch(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, chunk_size)
+
+
+@clip_grad_op.register_fake
+def _clip_grad_fake(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, impl, chunk_size):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.shape, dtype=acc), y.new_empty(y.shape, dtype=acc), x.new_empty((), dtype=acc)
+
+
+@custom_op("fastclip::siglip_block", mutates_args=())
+def siglip_block_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    offset: int | None,
+    need_grad: bool,
+    impl: str,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if impl == "triton":
+        from fastclip.kernels.siglip import siglip_block
+
+        total, dx, dy, ds, db = siglip_block(x, y, scale, bias, offset, need_grad)
+    else:
+        from fastclip.ops.siglip import siglip_block_torch
+
+        total, dx, dy, ds, db = siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size)
+    if dx is None:
+        acc = acc_dtype(x.dtype)
+        dx, dy = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+    # Outputs of a custom op may not alias each other: the scalars may be views of one buffer.
+    return total.clone(), dx, dy, ds.clone(), db.clone()
+
+
+@siglip_block_op.register_fake
+def _siglip_block_fake(x, y, scale, bias, offset, need_grad, impl, chunk_size):
+    acc = acc_dtype(x.dtype)
+    if need_grad:
+        dx, dy = x.new_empty(x.shape, dtype=acc), y.new_empty(y.shape, dtype=acc)
+    else:
+        dx, dy = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+    scalar = x.new_empty((), dtype=acc)
+    return scalar, dx, dy, scalar.clone(), scalar.clone()
