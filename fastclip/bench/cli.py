@@ -1,0 +1,168 @@
+"""``fastclip bench {loss,train}``: the benchmark commands (also ``python benchmarks/bench_loss.py``).
+
+``fastclip bench loss`` with no arguments runs the built-in sweep for the machine (see
+:func:`fastclip.bench.loss.default_sweep`); every axis can be overridden. Results go to
+``benchmarks/results/`` (``--out``): JSON, CSV and PNG plots named by kind, date and device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_OUT = os.path.join("benchmarks", "results")
+
+
+def parse_batches(text: str) -> list[int]:
+    """``"4096,8192"`` -> [4096, 8192]; ``"4096:65536"`` -> powers of two from 4096 to 65536."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if ":" in part:
+                lo, hi = (int(v) for v in part.split(":", 1))
+                if lo < 1 or hi < lo:
+                    raise ValueError
+                b = lo
+                while b <= hi:
+                    out.append(b)
+                    b *= 2
+            else:
+                b = int(part)
+                if b < 1:
+                    raise ValueError
+                out.append(b)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected positive ints separated by commas, or LO:HI for powers of two, got {text!r}"
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one batch size, got {text!r}")
+    return out
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ints separated by commas, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, got {text!r}")
+    return vals
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="{loss,train}")
+    p = sub.add_parser("loss", help="loss forward/backward: time, memory, TFLOP/s per provider")
+    p.add_argument("--providers", type=_str_list, help="comma list of fastclip-triton, fastclip-torch, reference, "
+                   "open_clip, inf_cl (default: the machine's built-in set; unavailable ones are skipped)")  # fmt: skip
+    p.add_argument(
+        "--batch", type=parse_batches, help="batch sizes: 4096,8192 or 4096:1048576 (powers of two)"
+    )
+    p.add_argument("--dim", type=_int_list, help="feature dims, comma list (e.g. 512,768,1024,1152)")
+    p.add_argument("--dtype", type=_str_list, help="float32,bfloat16,float16 (or fp32,bf16,fp16)")
+    p.add_argument("--loss", type=_str_list, help="clip,siglip")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
+    p.add_argument("--warmup", type=int, help="warm-up iterations per run (one long iteration suffices)")
+    p.add_argument("--min-repeats", type=int, help="fewest timed iterations per run")
+    p.add_argument("--repeats", type=int, help="most timed iterations per run")
+    p.add_argument("--time-budget", type=float, help="seconds of timed iterations per run (sets the repeats)")
+    p.add_argument("--max-seconds", type=float, help="stop the sweep after this many seconds (results kept)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--name", help="file stem for the results (default loss_<date>_<time>_<device>)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-save", action="store_true", help="print only, write no files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = sub.add_parser("train", help="one training step of a model: samples/s, memory, largest batch")
+    from fastclip.bench.train import add_train_arguments
+
+    add_train_arguments(t)
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = getattr(args, "bench_command", None)
+    if cmd == "loss":
+        return run_loss(args)
+    if cmd == "train":
+        from fastclip.bench.train import run_train
+
+        return run_train(args)
+    print("usage: fastclip bench {loss,train} [options]  (fastclip bench loss --help)", file=sys.stderr)
+    return 2
+
+
+def run_loss(args: argparse.Namespace) -> int:
+    from fastclip.bench import report
+    from fastclip.bench.loss import default_sweep, run_loss_sweep
+    from fastclip.bench.plot import plot_document
+    from fastclip.bench.timing import device_tag, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except (TypeError, ValueError) as exc:
+        print(f"fastclip bench loss: {exc}", file=sys.stderr)
+        return 2
+    cfg = default_sweep(device)
+    cfg.device = str(device)
+    if device.type == "cuda" and cfg.device == "cuda":
+        cfg.device = f"cuda:{torch_current_device()}"
+    overrides = {"providers": args.providers, "batches": args.batch, "dims": args.dim, "dtypes": args.dtype,
+                 "losses": args.loss, "warmup": args.warmup, "min_repeats": args.min_repeats,
+                 "max_repeats": args.repeats, "time_budget_s": args.time_budget,
+                 "max_seconds": args.max_seconds}  # fmt: skip
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.batch is not None:
+        cfg.max_batch = {}  # the caller chose the batches
+    if cfg.min_repeats > cfg.max_repeats:
+        if args.repeats is not None and args.min_repeats is None:
+            cfg.min_repeats = cfg.max_repeats
+        else:
+            cfg.max_repeats = cfg.min_repeats
+    try:
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        print(f"fastclip bench loss: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"providers {cfg.providers}; B {cfg.batches}; D {cfg.dims}; {cfg.dtypes}; losses {cfg.losses}; "
+        f"warm-up {cfg.warmup}, {cfg.min_repeats}-{cfg.max_repeats} timed iterations within {cfg.time_budget_s} s per run",
+        flush=True,
+    )
+    doc = run_loss_sweep(cfg, progress=not args.no_progress)
+    recs = doc["records"]
+    print()
+    print(report.records_table(recs, doc["matmul_tflops"]))
+    ratios = report.ratio_table(recs)
+    if ratios:
+        print("\nratios to the materialized reference (fwd+bwd time, peak extra memory):")
+        print(ratios)
+    checks = report.target_checks(recs, doc["matmul_tflops"])
+    if checks:
+        print("\ntargets:")
+        print("\n".join(checks))
+    if not args.no_save:
+        stem = os.path.join(
+            args.out, args.name or report.result_stem("loss", device_tag(device), doc["date"])
+        )
+        paths = [report.write_json(doc, stem + ".json")]
+        paths.append(report.write_csv(recs, stem + ".csv", {"device": doc["device"], "date": doc["date"]}))
+        if not args.no_plot:
+            paths += plot_document(doc, stem)
+        print("\nwrote " + ", ".join(paths))
+    return 0 if recs else 1
+
+
+def torch_current_device() -> int:
+    import torch
+
+    return torch.cuda.current_device()

@@ -1,0 +1,410 @@
+"""The loss benchmark: providers side by side over batch size, feature dim, dtype and loss.
+
+For each configuration (loss, dtype, dim, batch) the same normalized random features go to every
+provider; each provider gets warm-up iterations, then timed forward / backward / forward+backward
+iterations (medians with min and max) and one measurement of its peak extra memory. Achieved
+TFLOP/s count the FLOP floor of a fused forward+backward (DESIGN.md): 8·B²·D for the softmax loss,
+6·B²·D for the sigmoid loss. An out-of-memory case becomes a record with status "oom", any other
+failure one with status "error" and the message; larger batches of the same series are then not run.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fastclip.bench import timing
+from fastclip.bench.memory import peak_extra_bytes
+from fastclip.bench.providers import LOSSES, PROVIDERS, Provider, get_provider
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+RECORD_FIELDS = (
+    "loss",
+    "provider",
+    "batch",
+    "dim",
+    "dtype",
+    "fwd_ms",
+    "bwd_ms",
+    "fwd_bwd_ms",
+    "fwd_bwd_ms_min",
+    "fwd_bwd_ms_max",
+    "peak_mem_bytes",
+    "tflops",
+    "status",
+    # beyond the required fields
+    "matmul_frac",
+    "repeats",
+    "message",
+)
+# Values open_clip models start from: CLIP scale 1/0.07 (already exponentiated); SigLIP scale 10, bias -10.
+CLIP_SCALE = 1.0 / 0.07
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
+MATERIALIZED = ("reference", "open_clip")
+
+
+def flop_floor(loss: str, batch: int, dim: int) -> int:
+    """FLOPs of a fused forward+backward: 8·B²·D (softmax: 2 forward, 6 backward), 6·B²·D (sigmoid)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    return (8 if loss == "clip" else 6) * batch * batch * dim
+
+
+def canonical_dtype(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"dtype: expected a string such as 'float32' or 'bf16', got {type(name).__name__}")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {tuple(DTYPES)} (or fp32/bf16/fp16), got {name!r}")
+    return name
+
+
+@dataclass
+class LossSweep:
+    """What to run. ``max_batch`` caps the batch per provider (the providers whose cost grows fastest)."""
+
+    providers: list[str]
+    batches: list[int]
+    dims: list[int]
+    dtypes: list[str]
+    losses: list[str]
+    device: str = "auto"
+    warmup: int = 1
+    min_repeats: int = 1
+    max_repeats: int = 5
+    time_budget_s: float = 4.0  # per configuration and provider, for the timed repetitions
+    max_seconds: float | None = None  # the whole sweep; what is left is not run
+    max_batch: dict[str, int] = field(default_factory=dict)
+    matmul_size: int | None = None  # n of the n×n matmul that measures the device's rate (None: default)
+
+    def validate(self, extra_providers=()) -> None:
+        known = tuple(PROVIDERS) + tuple(extra_providers)
+        for p in self.providers:
+            if p not in known:
+                raise ValueError(f"providers: expected names from {known}, got {p!r}")
+        for loss in self.losses:
+            if loss not in LOSSES:
+                raise ValueError(f"losses: expected names from {LOSSES}, got {loss!r}")
+        for name, values in (("batches", self.batches), ("dims", self.dims)):
+            if not values:
+                raise ValueError(f"{name}: expected at least one positive int, got {values!r}")
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"{name}: expected positive ints, got {v!r}")
+        if not self.providers or not self.losses or not self.dtypes:
+            raise ValueError("providers, losses and dtypes: expected at least one each")
+        self.dtypes = [canonical_dtype(d) for d in self.dtypes]
+        for name in ("warmup", "min_repeats", "max_repeats"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
+                raise ValueError(f"{name}: expected an int >= {0 if name == 'warmup' else 1}, got {v!r}")
+        if self.max_repeats < self.min_repeats:
+            raise ValueError(
+                f"max_repeats: expected >= min_repeats ({self.min_repeats}), got {self.max_repeats}"
+            )
+        if not (self.time_budget_s > 0):
+            raise ValueError(f"time_budget_s: expected a positive number, got {self.time_budget_s!r}")
+
+
+def default_sweep(device: torch.device) -> LossSweep:
+    """The built-in run of ``fastclip bench loss``.
+
+    CPU: issue 2's first benchmark — fastclip-torch vs reference, B ∈ {4096, 8192, 16384}, D ∈ {256,
+    512}, fp32, both losses; few repetitions at large B so it ends in about five minutes on 2 cores.
+    GPU: the fused-kernel target set — bf16, D = 768, B from 4096 doubling to 1,048,576 for
+    fastclip-triton (the others stop at 131072; the materialized ones run out of memory before).
+    """
+    if device.type == "cuda":
+        return LossSweep(
+            providers=list(PROVIDERS),
+            batches=[2**k for k in range(12, 21)],
+            dims=[768],
+            dtypes=["bfloat16"],
+            losses=list(LOSSES),
+            device=str(device),
+            warmup=2,
+            min_repeats=1,
+            max_repeats=10,
+            time_budget_s=2.0,
+            max_seconds=260.0,
+            max_batch={"fastclip-torch": 2**17, "reference": 2**17, "open_clip": 2**17, "inf_cl": 2**17},
+        )
+    return LossSweep(
+        providers=["fastclip-torch", "reference"],
+        batches=[4096, 8192, 16384],
+        dims=[256, 512],
+        dtypes=["float32"],
+        losses=list(LOSSES),
+        device=str(device),
+        warmup=1,
+        min_repeats=1,
+        max_repeats=5,
+        time_budget_s=4.0,
+    )
+
+
+def make_inputs(batch: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Unit-norm random image/text features (B, D) that require grad, as a model's heads produce them."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    feats = []
+    for _ in range(2):
+        t = torch.randn(batch, dim, generator=g, dtype=torch.float32).to(device)
+        t = torch.nn.functional.normalize(t, dim=-1).to(dtype)
+        feats.append(t.requires_grad_(True))
+    return feats[0], feats[1]
+
+
+def _estimated_bytes(provider: str, batch: int, dim: int, dtype: torch.dtype) -> int:
+    """A rough upper estimate of peak extra memory, used on CPU to refuse runs that cannot fit."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    if provider in MATERIALIZED:
+        return 6 * batch * batch * max(elt, 4)
+    return 64 * 2**20 + 8 * batch * dim * 4
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(exc)
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in msg.lower() or "can't allocate memory" in msg
+    )
+
+
+def _cleanup(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _record(loss, provider, batch, dim, dtype_name, status, message="") -> dict:
+    rec = {k: None for k in RECORD_FIELDS}
+    rec.update(
+        loss=loss, provider=provider, batch=batch, dim=dim, dtype=dtype_name, status=status, message=message
+    )
+    return rec
+
+
+def bench_one(
+    fn: Callable,
+    loss: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    cfg: LossSweep,
+    matmul_tflops: float | None = None,
+    provider: str = "",
+) -> dict:
+    """Benchmark ``fn(loss, x, y, scale, bias)`` forward+backward; returns one record (status "ok")."""
+    batch, dim = x.shape
+    dtype_name = {v: k for k, v in DTYPES.items()}[x.dtype]
+    s_val, b_val = (CLIP_SCALE, 0.0) if loss == "clip" else (SIGLIP_SCALE, SIGLIP_BIAS)
+    scale = torch.tensor(s_val, device=device, requires_grad=True)
+    bias = torch.tensor(b_val, device=device, requires_grad=True)
+    leaves = (x, y, scale, bias)
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def fwd():
+        return fn(loss, x, y, scale, bias)
+
+    def bwd(out):
+        out.backward()
+
+    def step():
+        reset()
+        bwd(fwd())
+
+    # Warm-up: compilation, autotuning, allocator growth. One long iteration is warm-up enough.
+    t_iter = None
+    for _ in range(cfg.warmup):
+        t0 = time.perf_counter()
+        step()
+        timing.synchronize(device)
+        t_iter = time.perf_counter() - t0
+        if t_iter > cfg.time_budget_s:
+            break
+    if device.type == "cpu":
+        # The profiler's bookkeeping slows the iteration a little, so memory gets its own run.
+        reset()  # frees the last gradients outside the measured window
+        t0 = time.perf_counter()
+        peak, _ = peak_extra_bytes(lambda: bwd(fwd()), device)
+        t_iter = time.perf_counter() - t0 if t_iter is None else min(t_iter, time.perf_counter() - t0)
+    repeats = cfg.min_repeats
+    if t_iter is not None and t_iter > 0:
+        repeats = max(cfg.min_repeats, min(cfg.max_repeats, int(cfg.time_budget_s / t_iter)))
+    if device.type == "cuda":
+        # CUDA memory statistics cost nothing: the timed iterations give the peak.
+        peak, samples = peak_extra_bytes(
+            lambda: timing.time_iterations(fwd, bwd, reset, device, repeats), device
+        )
+    else:
+        samples = timing.time_iterations(fwd, bwd, reset, device, repeats)
+    reset()
+    fwd_ms = statistics.median(s[0] for s in samples)
+    bwd_ms = statistics.median(s[1] for s in samples)
+    total = [s[2] for s in samples]
+    fwd_bwd_ms = statistics.median(total)
+    tflops = flop_floor(loss, batch, dim) / (fwd_bwd_ms * 1e-3) / 1e12
+    rec = _record(loss, provider, batch, dim, dtype_name, "ok")
+    rec.update(
+        fwd_ms=_sig(fwd_ms),
+        bwd_ms=_sig(bwd_ms),
+        fwd_bwd_ms=_sig(fwd_bwd_ms),
+        fwd_bwd_ms_min=_sig(min(total)),
+        fwd_bwd_ms_max=_sig(max(total)),
+        peak_mem_bytes=int(peak),
+        tflops=_sig(tflops),
+        matmul_frac=_sig(tflops / matmul_tflops) if matmul_tflops else None,
+        repeats=len(samples),
+    )
+    return rec
+
+
+def _sig(v: float, digits: int = 6) -> float:
+    """``v`` to ``digits`` significant digits (short JSON without losing small values)."""
+    return float(f"{v:.{digits}g}")
+
+
+def _configs(cfg: LossSweep) -> list[tuple[str, str, int, int, str]]:
+    out = []
+    for loss in cfg.losses:
+        for dtype_name in cfg.dtypes:
+            for dim in cfg.dims:
+                for batch in sorted(set(cfg.batches)):
+                    for p in cfg.providers:
+                        if batch <= cfg.max_batch.get(p, math.inf):
+                            out.append((loss, dtype_name, dim, batch, p))
+    return out
+
+
+def run_loss_sweep(
+    cfg: LossSweep,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    extra_providers: dict[str, Provider] | None = None,
+) -> dict:
+    """Run the sweep; returns the result document ``{"device", "torch", "triton", "fastclip", "date",
+    "matmul_tflops", "records"}`` (records in sweep order).
+
+    ``extra_providers`` maps further names (listed in ``cfg.providers``) to :class:`Provider` objects,
+    e.g. a variant under development; names from :data:`PROVIDERS` are looked up as usual.
+    """
+    extra_providers = dict(extra_providers or {})
+    cfg.validate(extra_providers)
+    device = timing.resolve_device(cfg.device)
+    providers, fns = [], {}
+    for name in cfg.providers:
+        if name in extra_providers:
+            prov, reason = extra_providers[name], ""
+        else:
+            prov, reason = get_provider(name, device)
+        if prov is None:
+            log(f"skipping provider {name}: {reason}")
+            continue
+        providers.append(name)
+        fns[name] = prov
+    mm = timing.matmul_tflops(device, n=cfg.matmul_size)
+    mm_dtype = "bf16" if device.type == "cuda" else "fp32"
+    log(f"device: {timing.device_description(device)}; {mm_dtype} matmul rate {mm:.3f} TFLOP/s")
+    doc = {
+        "device": timing.device_description(device),
+        **timing.versions(),
+        "date": timing.utc_now(),
+        "matmul_tflops": _sig(mm),
+        "records": [],
+    }
+    todo = [c for c in _configs(cfg) if c[4] in fns and c[0] in fns[c[4]].losses]
+    failed_at: dict[tuple, tuple[int, str]] = {}  # series -> (batch, status) of its first failure
+    start = time.perf_counter()
+    inputs = _InputCache(device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="bench loss", unit="run", dynamic_ncols=True)
+    try:
+        for i, (loss, dtype_name, dim, batch, pname) in enumerate(todo):
+            if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+                log(f"time limit of {cfg.max_seconds:.0f} s reached: {len(todo) - i} runs not done")
+                break
+            if bar is not None:
+                bar.set_postfix_str(f"{loss} {dtype_name} D={dim} B={batch} {pname}")
+            series = (loss, dtype_name, dim, pname)
+            dtype = DTYPES[dtype_name]
+            if series in failed_at:
+                b0, st = failed_at[series]
+                rec = _record(loss, pname, batch, dim, dtype_name, st, f"not run: {st} at B={b0}")
+            else:
+                avail = timing.available_cpu_bytes() if device.type == "cpu" else None
+                need = _estimated_bytes(pname, batch, dim, dtype)
+                if avail is not None and need > 0.9 * avail:
+                    rec = _record(
+                        loss,
+                        pname,
+                        batch,
+                        dim,
+                        dtype_name,
+                        "oom",
+                        f"not run: needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available",
+                    )
+                else:
+                    rec = _run_guarded(fns[pname].fn, pname, loss, batch, dim, dtype, device, cfg, mm, inputs)
+                if rec["status"] != "ok":
+                    failed_at[series] = (batch, rec["status"])
+            doc["records"].append(rec)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        inputs.drop()
+    return doc
+
+
+class _InputCache:
+    """The features of the current (batch, dim, dtype), shared by the providers that run on them."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.key, self.tensors = device, None, None
+
+    def get(self, batch: int, dim: int, dtype: torch.dtype):
+        if self.key != (batch, dim, dtype):
+            self.drop()
+            self.tensors = make_inputs(batch, dim, dtype, self.device)
+            self.key = (batch, dim, dtype)
+        for t in self.tensors:
+            t.grad = None
+        return self.tensors
+
+    def drop(self) -> None:
+        self.key, self.tensors = None, None
+        _cleanup(self.device)
+
+
+def _run_guarded(fn, pname, loss, batch, dim, dtype, device, cfg, mm, inputs: _InputCache) -> dict:
+    """One provider on one configuration; an OOM or an error becomes a record instead of an exception."""
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    try:
+        x, y = inputs.get(batch, dim, dtype)
+        return bench_one(fn, loss, x, y, device, cfg, mm, provider=pname)
+    except Exception as exc:  # recorded, never raised: one failure must not end the sweep
+        status = "oom" if _is_oom(exc) else "error"
+        text = str(exc).strip()
+        msg = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+    # Out of the except block, the traceback (and the tensors its frames hold) is gone.
+    x = y = None
+    if status == "oom":
+        inputs.drop()
+    else:
+        _cleanup(device)
+    return _record(loss, pname, batch, dim, dtype_name, status, msg)

@@ -1,0 +1,171 @@
+"""Timing helpers and the facts a result file names: device, versions, the matmul rate of the run.
+
+Times are CUDA-event intervals on GPU and ``time.perf_counter`` intervals on CPU (where every op is
+synchronous). Each benchmark warms up first (compilation, autotuning, allocator growth).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``"auto"``/None -> cuda when available, else cpu; otherwise ``torch.device(device)`` checked."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str):
+        raise TypeError(
+            f"device: expected a string such as 'cpu', 'cuda' or 'auto', got {type(device).__name__}"
+        )
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda[:N]' or 'auto', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but torch.cuda.is_available() is False")
+    return dev
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description(device: torch.device) -> str:
+    """E.g. ``"NVIDIA H100 80GB HBM3"`` or ``"cpu: AMD EPYC (2 threads)"``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def device_tag(device: torch.device) -> str:
+    """Short lower-case tag for file names: ``cpu`` or e.g. ``h100``."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for key in ("h200", "h100", "a100", "l40s", "l4", "a10", "v100", "b200", "4090", "3090"):
+        if key in name:
+            return key
+    return "cuda"
+
+
+def versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    try:
+        import fastclip
+
+        fastclip_version = fastclip.__version__
+    except Exception:
+        fastclip_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "fastclip": fastclip_version}
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(
+    device: torch.device, dtype: torch.dtype | None = None, n: int | None = None
+) -> float:
+    """Dense ``n×n @ n×n`` rate in TFLOP/s measured now (median of several): bf16 on GPU, fp32 on CPU.
+
+    The yardstick for "fraction of the matmul rate": same device, same run, same moment.
+    """
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if n is None:
+        n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3 if device.type == "cuda" else 1):
+        a @ b
+    reps = 20 if device.type == "cuda" else 5
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            a @ b
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times) / 1e12
+
+
+def time_iterations(
+    fwd: Callable[[], Any],
+    bwd: Callable[[Any], None],
+    reset: Callable[[], None],
+    device: torch.device,
+    repeats: int,
+) -> list[tuple[float, float, float]]:
+    """``repeats`` × (forward ms, backward ms, forward+backward ms); ``reset()`` runs untimed before each."""
+    out = []
+    if device.type == "cuda":
+        events = []
+        for _ in range(repeats):
+            reset()
+            e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            e[0].record()
+            result = fwd()
+            e[1].record()
+            bwd(result)
+            e[2].record()
+            del result
+            events.append(e)
+        torch.cuda.synchronize(device)
+        for e0, e1, e2 in events:
+            out.append((e0.elapsed_time(e1), e1.elapsed_time(e2), e0.elapsed_time(e2)))
+        return out
+    for _ in range(repeats):
+        reset()
+        t0 = time.perf_counter()
+        result = fwd()
+        t1 = time.perf_counter()
+        bwd(result)
+        t2 = time.perf_counter()
+        del result
+        out.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3))
+    return out
+
+
+def available_cpu_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def num_threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))

@@ -1,0 +1,193 @@
+"""The benchmark machinery: records, statuses, memory measurement, result files, CLI (tiny sizes, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from fastclip.bench import report
+from fastclip.bench.cli import parse_batches
+from fastclip.bench.loss import LossSweep, flop_floor, run_loss_sweep
+from fastclip.bench.memory import cpu_peak_extra_bytes, replay_memory_events
+from fastclip.bench.plot import plot_document
+from fastclip.bench.providers import Provider, get_provider
+from fastclip.cli import main as fastclip_main
+
+
+def tiny_sweep(**kw) -> LossSweep:
+    base = dict(
+        providers=["fastclip-torch", "reference", "open_clip"],
+        batches=[32, 64],
+        dims=[16],
+        dtypes=["float32"],
+        losses=["clip", "siglip"],
+        device="cpu",
+        warmup=1,
+        min_repeats=2,
+        max_repeats=2,
+        time_budget_s=0.01,
+        matmul_size=256,
+    )
+    base.update(kw)
+    return LossSweep(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_doc():
+    return run_loss_sweep(tiny_sweep(), progress=False, log=lambda s: None)
+
+
+def test_document_schema_and_records(tiny_doc):
+    report.validate_document(tiny_doc)
+    assert set(tiny_doc) == set(report.DOC_KEYS)
+    assert tiny_doc["torch"] == torch.__version__
+    assert tiny_doc["matmul_tflops"] > 0
+    recs = tiny_doc["records"]
+    assert len(recs) == 2 * 2 * 3  # losses x batches x providers
+    for r in recs:
+        assert r["status"] == "ok", r
+        assert r["dtype"] == "float32" and r["dim"] == 16 and r["batch"] in (32, 64)
+        assert r["fwd_bwd_ms_min"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_ms_max"]
+        assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["repeats"] == 2
+        expected = flop_floor(r["loss"], r["batch"], r["dim"]) / (r["fwd_bwd_ms"] * 1e-3) / 1e12
+        assert r["tflops"] == pytest.approx(expected, rel=1e-3)
+    json.dumps(tiny_doc)  # serializable as is
+
+
+def test_reference_memory_sees_the_logits(tiny_doc):
+    # The materialized loss holds B×B fp32 logits (several copies): the profiler replay must see them.
+    for r in tiny_doc["records"]:
+        if r["provider"] == "reference":
+            assert r["peak_mem_bytes"] >= r["batch"] ** 2 * 4, r
+
+
+def test_flop_floor():
+    assert flop_floor("clip", 10, 3) == 8 * 100 * 3
+    assert flop_floor("siglip", 10, 3) == 6 * 100 * 3
+    with pytest.raises(ValueError, match="loss"):
+        flop_floor("triplet", 10, 3)
+
+
+def test_memory_replay():
+    assert replay_memory_events([(2.0, -100), (1.0, 300), (3.0, 50)]) == (300, 250)
+    n = 1 << 20  # 4 MiB of fp32, allocated and freed inside; 1 MiB kept
+
+    def f():
+        tmp = torch.ones(n)
+        keep = tmp[: n // 4].clone()
+        del tmp
+        return keep
+
+    peak, out = cpu_peak_extra_bytes(f)
+    assert out.numel() == n // 4
+    assert 5 * n <= peak <= 5 * n + 65536
+
+
+def _raiser(exc: Exception, from_batch: int):
+    def fn(loss, x, y, scale, bias):
+        if x.shape[0] >= from_batch:
+            raise exc
+        return (x * y).sum() * scale
+
+    return fn
+
+
+def test_oom_and_error_are_records_not_crashes():
+    cfg = tiny_sweep(providers=["oomer", "broken", "reference"], batches=[16, 32, 64], losses=["clip"])
+    extra = {
+        "oomer": Provider("oomer", _raiser(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"), 32)),
+        "broken": Provider("broken", _raiser(ValueError("bad shapes\nsecond line"), 16)),
+    }
+    doc = run_loss_sweep(cfg, progress=False, log=lambda s: None, extra_providers=extra)
+    report.validate_document(doc)
+    by = {(r["provider"], r["batch"]): r for r in doc["records"]}
+    assert by[("oomer", 16)]["status"] == "ok"
+    assert by[("oomer", 32)]["status"] == "oom" and "out of memory" in by[("oomer", 32)]["message"]
+    assert by[("oomer", 64)]["status"] == "oom" and by[("oomer", 64)]["message"] == "not run: oom at B=32"
+    assert by[("broken", 16)]["status"] == "error"
+    assert by[("broken", 16)]["message"] == "ValueError: bad shapes"
+    assert by[("broken", 64)]["message"] == "not run: error at B=16"
+    for b in (16, 32, 64):
+        assert by[("reference", b)]["status"] == "ok"
+    for st in ("oom", "error"):
+        r = next(r for r in doc["records"] if r["status"] == st)
+        assert r["fwd_bwd_ms"] is None and r["peak_mem_bytes"] is None and r["tflops"] is None
+    assert "oom" in report.records_table(doc["records"])
+
+
+def test_files_json_csv_and_plots(tiny_doc, tmp_path):
+    stem = str(tmp_path / report.result_stem("loss", "cpu", tiny_doc["date"]))
+    assert os.path.basename(stem).startswith("loss_") and stem.endswith("_cpu")
+    report.write_json(tiny_doc, stem + ".json")
+    with open(stem + ".json") as f:
+        assert json.load(f) == tiny_doc
+    report.write_csv(tiny_doc["records"], stem + ".csv", {"device": tiny_doc["device"]})
+    with open(stem + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(tiny_doc["records"])
+    assert set(report.REQUIRED_RECORD_KEYS) <= set(rows[0]) and rows[0]["device"] == tiny_doc["device"]
+    assert float(rows[0]["fwd_bwd_ms"]) == pytest.approx(tiny_doc["records"][0]["fwd_bwd_ms"])
+    pytest.importorskip("matplotlib")
+    paths = plot_document(tiny_doc, stem)
+    assert paths == [stem + "_time.png", stem + "_memory.png"]
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratios_and_targets():
+    def rec(provider, ms, mem, loss="clip"):
+        return {"loss": loss, "provider": provider, "batch": 16384, "dim": 256, "dtype": "float32",
+                "fwd_ms": ms / 2, "bwd_ms": ms / 2, "fwd_bwd_ms": ms, "fwd_bwd_ms_min": ms, "fwd_bwd_ms_max": ms,
+                "peak_mem_bytes": mem, "tflops": 1.0, "status": "ok"}  # fmt: skip
+
+    recs = [rec("reference", 100.0, 1000), rec("fastclip-torch", 120.0, 50),
+            rec("reference", 100.0, 1000, "siglip"), rec("fastclip-torch", 140.0, 50, "siglip")]  # fmt: skip
+    rows = report.ratio_rows(recs)
+    assert [round(q["time_ratio"], 2) for q in rows] == [1.2, 1.4]
+    assert [q["mem_ratio"] for q in rows] == [0.05, 0.05]
+    checks = report.target_checks(recs)
+    assert checks[0].startswith("[PASS] issue 2, clip") and checks[1].startswith("[FAIL] issue 2, siglip")
+    assert "1.20x" in report.ratio_table(recs)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="providers"):
+        tiny_sweep(providers=["nope"]).validate()
+    with pytest.raises(ValueError, match="batches"):
+        tiny_sweep(batches=[0]).validate()
+    with pytest.raises(ValueError, match="dtype"):
+        tiny_sweep(dtypes=["int8"]).validate()
+    with pytest.raises(ValueError, match="max_repeats"):
+        tiny_sweep(min_repeats=3, max_repeats=2).validate()
+    with pytest.raises(ValueError, match="provider"):
+        get_provider("nope", torch.device("cpu"))
+    prov, reason = get_provider("fastclip-triton", torch.device("cpu"))
+    assert prov is None and "CUDA" in reason
+    with pytest.raises(Exception, match="LO:HI"):
+        parse_batches("12,x")
+    with pytest.raises(ValueError, match="keys"):
+        report.validate_document({"records": []})
+
+
+def test_parse_batches():
+    assert parse_batches("4096,8192") == [4096, 8192]
+    assert parse_batches("1024:8192") == [1024, 2048, 4096, 8192]
+
+
+def test_cli_loss_end_to_end(tmp_path, capsys):
+    rc = fastclip_main(["bench", "loss", "--device", "cpu", "--providers", "fastclip-torch,reference",
+                        "--batch", "32", "--dim", "8", "--loss", "siglip", "--repeats", "1", "--no-progress",
+                        "--out", str(tmp_path), "--name", "run"])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "fastclip-torch/reference" in out and "siglip" in out
+    with open(tmp_path / "run.json") as f:
+        doc = json.load(f)
+    assert [r["provider"] for r in doc["records"]] == ["fastclip-torch", "reference"]
+    assert (tmp_path / "run.csv").exists()
+    assert fastclip_main(["bench", "loss", "--device", "cpu", "--dtype", "int8", "--no-save"]) == 2
