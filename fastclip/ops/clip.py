@@ -113,12 +113,22 @@ def _block_impl(impl: str) -> str:
     return "triton" if impl == "triton" else "torch"
 
 
+def _run_block(op, direct, *args):
+    # Under torch.compile the block runs as a custom op (opaque, traced through its fake). In eager
+    # mode it runs directly: same code, and tools that watch ATen ops (memory tests, profilers) see
+    # inside it instead of one opaque call.
+    if _checks._is_compiling():
+        return op(*args)
+    return direct(*args)
+
+
 def clip_lse(x, y, scale, *, impl="torch", chunk_size=None):
     """Row and column log-sum-exp of the block ``s * x @ y.T``: ``(n,)`` and ``(N,)`` in fp32 (fp64 for fp64).
 
-    Runs as the custom op ``torch.ops.fastclip.clip_lse`` (opaque to ``torch.compile``); inputs are detached.
+    Under ``torch.compile`` this is the custom op ``torch.ops.fastclip.clip_lse``. Inputs are detached.
     """
-    return library.clip_lse_op(x.detach(), y.detach(), scale.detach(), _block_impl(impl), chunk_size)
+    args = (x.detach(), y.detach(), scale.detach(), _block_impl(impl), chunk_size)
+    return _run_block(library.clip_lse_op, library.clip_lse_impl, *args)
 
 
 def clip_grad(
@@ -126,9 +136,9 @@ def clip_grad(
 ):
     """Gradients of a block, see the module docstring. Returns ``dx, dy`` (accumulation dtype) and ``ds`` (0-dim).
 
-    Runs as the custom op ``torch.ops.fastclip.clip_grad``; inputs are detached.
+    Under ``torch.compile`` this is the custom op ``torch.ops.fastclip.clip_grad``. Inputs are detached.
     """
-    return library.clip_grad_op(
+    args = (
         x.detach(),
         y.detach(),
         scale.detach(),
@@ -141,6 +151,7 @@ def clip_grad(
         _block_impl(impl),
         chunk_size,
     )
+    return _run_block(library.clip_grad_op, library.clip_grad_impl, *args)
 
 
 def nan_if_not_finite(loss: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:

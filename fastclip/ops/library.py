@@ -11,18 +11,14 @@ Custom ops cannot return None: ``siglip_block`` returns empty ``(0,)`` tensors f
 ``need_grad`` is False, and the Python wrapper turns them back into None.
 """
 
-from __future__ import annotations
-
 import torch
 from torch.library import custom_op
 
 from fastclip.ops.dispatch import acc_dtype
 
 
-@custom_op("fastclip::clip_lse", mutates_args=())
-def clip_lse_op(
-    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, impl: str, chunk_size: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_lse_impl(x, y, scale, impl, chunk_size):
+    """The eager body of ``clip_lse``: the Triton launcher or the chunked PyTorch code."""
     if impl == "triton":
         from fastclip.kernels.clip import clip_lse
 
@@ -30,6 +26,42 @@ def clip_lse_op(
     from fastclip.ops.clip import clip_lse_torch
 
     return clip_lse_torch(x, y, scale, chunk_size)
+
+
+def clip_grad_impl(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, impl, chunk_size):
+    """The eager body of ``clip_grad``."""
+    if impl == "triton":
+        from fastclip.kernels.clip import clip_grad
+
+        return clip_grad(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef)
+    from fastclip.ops.clip import clip_grad_torch
+
+    return clip_grad_torch(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, chunk_size)
+
+
+def siglip_block_impl(x, y, scale, bias, offset, need_grad, impl, chunk_size):
+    """The eager body of ``siglip_block`` (``dx, dy`` None without ``need_grad``)."""
+    if impl == "triton":
+        from fastclip.kernels.siglip import siglip_block
+
+        return siglip_block(x, y, scale, bias, offset, need_grad)
+    from fastclip.ops.siglip import siglip_block_torch
+
+    return siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    # Outputs of a custom op may not alias each other or be views: the launchers may return views
+    # of one partial buffer (a few scalars or one row of partials), so copy those.
+    return t.clone() if t._base is not None else t
+
+
+@custom_op("fastclip::clip_lse", mutates_args=())
+def clip_lse_op(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, impl: str, chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lse_row, lse_col = clip_lse_impl(x, y, scale, impl, chunk_size)
+    return _own(lse_row), _own(lse_col)
 
 
 @clip_lse_op.register_fake
@@ -52,13 +84,10 @@ def clip_grad_op(
     impl: str,
     chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if impl == "triton":
-        from fastclip.kernels.clip import clip_grad
-
-        return clip_grad(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef)
-    from fastclip.ops.clip import clip_grad_torch
-
-    return clip_grad_torch(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, chunk_size)
+    dx, dy, ds = clip_grad_impl(
+        x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, impl, chunk_size
+    )
+    return _own(dx), _own(dy), _own(ds)
 
 
 @clip_grad_op.register_fake
@@ -78,19 +107,11 @@ def siglip_block_op(
     impl: str,
     chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if impl == "triton":
-        from fastclip.kernels.siglip import siglip_block
-
-        total, dx, dy, ds, db = siglip_block(x, y, scale, bias, offset, need_grad)
-    else:
-        from fastclip.ops.siglip import siglip_block_torch
-
-        total, dx, dy, ds, db = siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size)
+    total, dx, dy, ds, db = siglip_block_impl(x, y, scale, bias, offset, need_grad, impl, chunk_size)
     if dx is None:
         acc = acc_dtype(x.dtype)
         dx, dy = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    # Outputs of a custom op may not alias each other: the scalars may be views of one buffer.
-    return total.clone(), dx, dy, ds.clone(), db.clone()
+    return _own(total), _own(dx), _own(dy), _own(ds), _own(db)
 
 
 @siglip_block_op.register_fake
@@ -100,5 +121,4 @@ def _siglip_block_fake(x, y, scale, bias, offset, need_grad, impl, chunk_size):
         dx, dy = x.new_empty(x.shape, dtype=acc), y.new_empty(y.shape, dtype=acc)
     else:
         dx, dy = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    scalar = x.new_empty((), dtype=acc)
-    return scalar, dx, dy, scalar.clone(), scalar.clone()
+    return x.new_empty((), dtype=acc), dx, dy, x.new_empty((), dtype=acc), x.new_empty((), dtype=acc)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastclip import _checks
 from fastclip.ops import library
-from fastclip.ops.clip import _block_impl, nan_if_not_finite, positive_logits, positive_rows
+from fastclip.ops.clip import _block_impl, _run_block, nan_if_not_finite, positive_logits, positive_rows
 from fastclip.ops.dispatch import acc_dtype, chunk_rows, resolve_impl
 from fastclip.reference import siglip_loss_reference
 
@@ -68,9 +68,11 @@ def siglip_block(x, y, scale, bias, offset, need_grad, *, impl="torch", chunk_si
     ``G = sigmoid(L) - [positive]``. Positives at column ``i + offset``; ``offset=None``: none.
     Returns ``(loss_sum, dx, dy, ds, db)`` in the accumulation dtype (``dx, dy`` None without grad).
 
-    Runs as the custom op ``torch.ops.fastclip.siglip_block`` (opaque to ``torch.compile``); inputs are detached.
+    Under ``torch.compile`` this is the custom op ``torch.ops.fastclip.siglip_block``. Inputs are detached.
     """
-    total, dx, dy, ds, db = library.siglip_block_op(
+    total, dx, dy, ds, db = _run_block(
+        library.siglip_block_op,
+        library.siglip_block_impl,
         x.detach(),
         y.detach(),
         scale.detach(),
