@@ -6,7 +6,8 @@
 
 Flat override keys (``FLAT_OVERRIDES``): image_size, patch_size, patch_dropout, dynamic_size, in_channels,
 context_length, vocab_size, causal, text_pool, eos_id, vision_width, vision_depth, vision_heads, text_width,
-text_depth, text_heads, embed_dim, attn_impl, grad_checkpointing, init_logit_scale, init_logit_bias.
+text_depth, text_heads, act (both towers), embed_dim, siglip, attn_impl, grad_checkpointing,
+init_logit_scale, init_logit_bias.
 ``vision=`` and ``text=`` take dicts of :class:`VisionConfig` / :class:`TextConfig` fields, and any
 :class:`ModelConfig` field name is accepted directly. Unknown keys raise ``ValueError`` with close matches.
 """
@@ -320,7 +321,7 @@ def apply_overrides(cfg: ModelConfig, **overrides) -> ModelConfig:
     """A copy of ``cfg`` with flat, nested (``vision=``/``text=`` dicts) or top-level overrides applied;
     the result is validated again."""
     d = copy.deepcopy(cfg.to_dict())
-    known = sorted(set(FLAT_OVERRIDES) | set(_TOP_FIELDS) | {"vision", "text"})
+    known = sorted(set(FLAT_OVERRIDES) | set(_TOP_FIELDS) | {"vision", "text", "act"})
     for key, value in overrides.items():
         if key in ("vision", "text"):
             if not isinstance(value, dict):
@@ -332,6 +333,8 @@ def apply_overrides(cfg: ModelConfig, **overrides) -> ModelConfig:
             d[section][fld] = value
         elif key in _TOP_FIELDS:
             d[key] = value
+        elif key == "act":  # both towers
+            d["vision"]["act"] = d["text"]["act"] = value
         else:
             _reject_unknown("create_model", {key: value}, known)
     # A width change must not keep a stale 4·width MLP: recompute mlp_dim unless it was given.

@@ -109,14 +109,12 @@ class HFTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         if self._hf is not None:
-            enc = self._hf(
-                list(texts),
-                padding="max_length",
-                truncation=True,
-                max_length=self.context_length,
-                return_tensors="pt",
-            )
-            return enc["input_ids"].long()
+            rows = self._hf(list(texts), truncation=True, max_length=self.context_length)["input_ids"]
+            pad = self._hf.pad_token_id if self._hf.pad_token_id is not None else 0
+            out = torch.full((len(rows), self.context_length), pad, dtype=torch.long)
+            for i, r in enumerate(rows):
+                out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            return out
         return torch.tensor([e.ids for e in self._tok.encode_batch(list(texts))], dtype=torch.long)
 
 

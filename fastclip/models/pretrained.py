@@ -1,0 +1,549 @@
+"""Local weight loading (nothing is downloaded): Hugging Face ``CLIPModel`` / ``SiglipModel``
+``save_pretrained`` directories, OpenAI / open_clip state dicts, and fastclip's own safetensors.
+
+    model = load_pretrained("hf_clip_dir")                           # config.json + safetensors / bin
+    model = load_pretrained("open_clip.safetensors", "ViT-B-32-quickgelu")
+    model = load_pretrained("open_clip.bin")                         # config inferred from tensor shapes
+    save_fastclip(model, "model.safetensors")                        # config stored in the file's metadata
+
+Layouts are recognized by their keys and converted to fastclip's names (``visual.*``, ``text.*``,
+``logit_scale``, ``logit_bias``). Loading is strict and all-or-nothing: every key is converted and
+checked (names and shapes) before any tensor is copied; a mismatch raises :class:`WeightLoadError`
+listing missing, unexpected and mis-shaped keys. 0-dim ``logit_scale``/``logit_bias`` are reshaped to (1,).
+``.bin``/``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+
+from fastclip.models.configs import ModelConfig, TextConfig, VisionConfig, apply_overrides, get_config
+from fastclip.models.model import CLIP
+
+FORMAT_KEY = "fastclip_config"
+TORCH_EXTS = (".bin", ".pt", ".pth")
+
+
+class WeightLoadError(ValueError):
+    """The weights do not fit the model: carries ``missing``, ``unexpected`` and ``mismatched`` keys."""
+
+    def __init__(self, message, missing=(), unexpected=(), mismatched=()):
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def read_state_dict(path) -> tuple[dict, dict]:
+    """(tensors, metadata) from a .safetensors or a torch file (weights_only), or a Hugging Face
+    directory's weights (single or sharded). Training checkpoints {"state_dict": ...} and DDP
+    ``module.`` prefixes are unwrapped."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_hf_dir_weights(path), {}
+    if not os.path.isfile(path):
+        raise ValueError(f"path: expected an existing file or directory, got {path!r}")
+    meta: dict = {}
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        sd = {}
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            for k in f.keys():
+                sd[k] = f.get_tensor(k)
+    elif path.endswith(TORCH_EXTS):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"path: {path!r} could not be read with torch.load(weights_only=True) ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Only plain tensor state dicts are accepted; "
+                "TorchScript archives (OpenAI's original .pt) must be converted to a state dict first."
+            ) from exc
+        sd = obj
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise ValueError(
+                f"path: expected a state dict (dict of tensors) in {path!r}, got {type(sd).__name__}"
+            )
+    else:
+        raise ValueError(
+            f"path: expected a .safetensors, .bin, .pt or .pth file or a directory, got {path!r}"
+        )
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    # OpenAI state dicts carry three python ints (input_resolution, context_length, vocab_size): drop them.
+    for k in bad:
+        if k in ("input_resolution", "context_length", "vocab_size"):
+            sd.pop(k)
+        else:
+            raise ValueError(
+                f"path: expected only tensors in the state dict, key {k!r} holds {type(sd[k]).__name__}"
+            )
+    return sd, meta
+
+
+def _read_hf_dir_weights(path: str) -> dict:
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            sd = {}
+            for name in files:
+                sd.update(read_state_dict(os.path.join(path, name))[0])
+            return sd
+        if os.path.isfile(os.path.join(path, single)):
+            return read_state_dict(os.path.join(path, single))[0]
+    raise ValueError(
+        f"path: no weights in directory {path!r} (expected model.safetensors, pytorch_model.bin or a sharded index)"
+    )
+
+
+def save_fastclip(model: CLIP, path) -> None:
+    """Write the model's weights as safetensors, with its config (JSON) in the file's metadata."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, CLIP):
+        raise TypeError(f"model: expected a fastclip CLIP model, got {type(model).__name__}")
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, os.fspath(path), metadata={"format": "pt", FORMAT_KEY: json.dumps(model.config.to_dict())})
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+
+
+def detect_layout(sd: dict) -> str:
+    """ "fastclip", "hf_clip", "hf_siglip", "open_clip" or "unknown", from the keys."""
+    keys = set(sd)
+    if "visual.patch_embed.weight" in keys and "text.token_embed.weight" in keys:
+        return "fastclip"
+    if "vision_model.embeddings.patch_embedding.weight" in keys:
+        return (
+            "hf_siglip"
+            if "vision_model.head.probe" in keys or "text_model.head.weight" in keys
+            else "hf_clip"
+        )
+    if "visual.conv1.weight" in keys and (
+        "token_embedding.weight" in keys or "text.token_embedding.weight" in keys
+    ):
+        return "open_clip"
+    return "unknown"
+
+
+_OC_BLOCK = {
+    "ln_1": "norm1",
+    "ln_2": "norm2",
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj": "attn.proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "ls_1.gamma": "ls1.gamma",
+    "ls_2.gamma": "ls2.gamma",
+}
+
+
+def _rename_block(rest: str, table: dict) -> str | None:
+    for src, dst in table.items():
+        if rest == src or rest.startswith(src + "."):
+            return dst + rest[len(src) :]
+    return None
+
+
+def from_open_clip(sd: dict) -> tuple[dict, list]:
+    """open_clip / OpenAI names -> fastclip names. Returns (converted, unconverted keys)."""
+    out, left = {}, []
+    text_prefix = "text." if "text.token_embedding.weight" in sd else ""
+    simple = {
+        "visual.conv1.weight": "visual.patch_embed.weight",
+        "visual.class_embedding": "visual.cls_token",
+        "visual.positional_embedding": "visual.pos_embed",
+        f"{text_prefix}token_embedding.weight": "text.token_embed.weight",
+        f"{text_prefix}positional_embedding": "text.pos_embed",
+        f"{text_prefix}text_projection.weight": "text.proj.weight",
+        f"{text_prefix}text_projection.bias": "text.proj.bias",
+        "logit_scale": "logit_scale",
+        "logit_bias": "logit_bias",
+    }
+    for k, v in sd.items():
+        if k in simple:
+            out[simple[k]] = v
+        elif k == "visual.proj":
+            out["visual.proj.weight"] = v.t()  # open_clip: pooled @ proj, (W, E)
+        elif k == f"{text_prefix}text_projection":
+            out["text.proj.weight"] = v.t()
+        elif k.startswith(("visual.ln_pre.", "visual.ln_post.", f"{text_prefix}ln_final.")):
+            head, leaf = k.rsplit(".", 1)
+            name = {"visual.ln_pre": "visual.norm_pre", "visual.ln_post": "visual.norm"}.get(
+                head, "text.norm"
+            )
+            out[f"{name}.{leaf}"] = v
+        elif k in ("attn_mask", f"{text_prefix}attn_mask"):
+            continue  # buffer, not a weight
+        else:
+            m = re.fullmatch(rf"(visual\.|{re.escape(text_prefix)})transformer\.resblocks\.(\d+)\.(.+)", k)
+            new = _rename_block(m.group(3), _OC_BLOCK) if m else None
+            if new is None:
+                left.append(k)
+                continue
+            tower = "visual" if m.group(1) == "visual." else "text"
+            out[f"{tower}.transformer.blocks.{m.group(2)}.{new}"] = v
+    return out, left
+
+
+def to_open_clip(sd: dict, custom_text: bool = False) -> dict:
+    """fastclip names -> open_clip names (``custom_text``: text tower under ``text.``, as CustomTextCLIP)."""
+    tp = "text." if custom_text else ""
+    inv_block = {v: k for k, v in _OC_BLOCK.items()}
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"(visual|text)\.transformer\.blocks\.(\d+)\.(.+)", k)
+        if m:
+            prefix = "visual." if m.group(1) == "visual" else tp
+            out[f"{prefix}transformer.resblocks.{m.group(2)}.{_rename_block(m.group(3), inv_block)}"] = v
+            continue
+        simple = {
+            "visual.patch_embed.weight": "visual.conv1.weight",
+            "visual.cls_token": "visual.class_embedding",
+            "visual.pos_embed": "visual.positional_embedding",
+            "text.token_embed.weight": f"{tp}token_embedding.weight",
+            "text.pos_embed": f"{tp}positional_embedding",
+            "text.proj.bias": f"{tp}text_projection.bias",
+            "logit_scale": "logit_scale",
+            "logit_bias": "logit_bias",
+        }
+        if k in simple:
+            out[simple[k]] = v
+        elif k == "visual.proj.weight":
+            out["visual.proj"] = v.t().contiguous()
+        elif k == "text.proj.weight":
+            if "text.proj.bias" in sd:
+                out[f"{tp}text_projection.weight"] = v
+            else:
+                out[f"{tp}text_projection"] = v.t().contiguous()
+        elif k.startswith(("visual.norm_pre.", "visual.norm.", "text.norm.")):
+            head, leaf = k.rsplit(".", 1)
+            name = {
+                "visual.norm_pre": "visual.ln_pre",
+                "visual.norm": "visual.ln_post",
+                "text.norm": f"{tp}ln_final",
+            }
+            out[f"{name[head]}.{leaf}"] = v
+        else:
+            raise ValueError(
+                f"state_dict: {k!r} has no open_clip equivalent (e.g. a SigLIP attention-pool head)"
+            )
+    return out
+
+
+_HF_BLOCK = {
+    "layer_norm1": "norm1",
+    "layer_norm2": "norm2",
+    "self_attn.out_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
+def from_hf(sd: dict) -> tuple[dict, list]:
+    """Hugging Face CLIPModel / SiglipModel names -> fastclip names. Returns (converted, unconverted keys)."""
+    out, left, qkv = {}, [], {}
+    simple = {
+        "vision_model.embeddings.patch_embedding.weight": "visual.patch_embed.weight",
+        "vision_model.embeddings.patch_embedding.bias": "visual.patch_embed.bias",
+        "vision_model.embeddings.class_embedding": "visual.cls_token",
+        "vision_model.embeddings.position_embedding.weight": "visual.pos_embed",
+        "visual_projection.weight": "visual.proj.weight",
+        "text_model.embeddings.token_embedding.weight": "text.token_embed.weight",
+        "text_model.embeddings.position_embedding.weight": "text.pos_embed",
+        "text_projection.weight": "text.proj.weight",
+        "text_model.head.weight": "text.proj.weight",
+        "text_model.head.bias": "text.proj.bias",
+        "vision_model.head.probe": "visual.attn_pool.probe",
+        "logit_scale": "logit_scale",
+        "logit_bias": "logit_bias",
+    }
+    norms = {
+        "vision_model.pre_layrnorm": "visual.norm_pre",
+        "vision_model.post_layernorm": "visual.norm",
+        "text_model.final_layer_norm": "text.norm",
+        "vision_model.head.layernorm": "visual.attn_pool.norm",
+        "vision_model.head.attention.out_proj": "visual.attn_pool.proj",
+        "vision_model.head.mlp.fc1": "visual.attn_pool.mlp.fc1",
+        "vision_model.head.mlp.fc2": "visual.attn_pool.mlp.fc2",
+    }
+    for k, v in sd.items():
+        if k in simple:
+            out[simple[k]] = v.reshape(1, -1) if k == "vision_model.head.probe" else v
+            continue
+        head, _, leaf = k.rpartition(".")
+        if head in norms:
+            out[f"{norms[head]}.{leaf}"] = v
+            continue
+        if head == "vision_model.head.attention":  # nn.MultiheadAttention in_proj: rows [q; k; v]
+            if leaf in ("in_proj_weight", "in_proj_bias"):
+                w = v.shape[0] // 3
+                kind = leaf.rsplit("_", 1)[1]
+                out[f"visual.attn_pool.q.{kind}"] = v[:w]
+                out[f"visual.attn_pool.kv.{kind}"] = v[w:]
+                continue
+        m = re.fullmatch(r"(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)", k)
+        if m:
+            tower = "visual" if m.group(1) == "vision" else "text"
+            base = f"{tower}.transformer.blocks.{m.group(2)}"
+            qm = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", m.group(3))
+            if qm:
+                qkv.setdefault((base, qm.group(2)), {})[qm.group(1)] = v
+                continue
+            new = _rename_block(m.group(3), _HF_BLOCK)
+            if new is not None:
+                out[f"{base}.{new}"] = v
+                continue
+        if k.endswith("position_ids"):
+            continue  # buffer written by older transformers versions
+        left.append(k)
+    for (base, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            left.extend(f"{base}: self_attn.{p}_proj.{kind} without its q/k/v siblings" for p in parts)
+            continue
+        out[f"{base}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out, left
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+_HF_ACTS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
+
+
+def _hf_act(name: str) -> str:
+    if name not in _HF_ACTS:
+        raise ValueError(f"config.json: hidden_act {name!r} is not supported (supported: {sorted(_HF_ACTS)})")
+    return _HF_ACTS[name]
+
+
+def _square(name: str, value) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"config.json: {name} must be square, got {value}")
+        value = value[0]
+    return int(value)
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """ModelConfig of a Hugging Face CLIPConfig / SiglipConfig dict (config.json)."""
+    kind = cfg.get("model_type")
+    if kind not in ("clip", "siglip"):
+        raise ValueError(f"config.json: expected model_type 'clip' or 'siglip', got {kind!r}")
+    siglip = kind == "siglip"
+    v, t = dict(cfg.get("vision_config") or {}), dict(cfg.get("text_config") or {})
+    act_default = "gelu_pytorch_tanh" if siglip else "quick_gelu"
+    eps_default = 1e-6 if siglip else 1e-5
+    vw = v.get("hidden_size", 768)
+    vision = VisionConfig(
+        image_size=_square("vision_config.image_size", v.get("image_size", 224)),
+        patch_size=_square("vision_config.patch_size", v.get("patch_size", 16 if siglip else 32)),
+        width=vw,
+        depth=v.get("num_hidden_layers", 12),
+        heads=v.get("num_attention_heads", 12),
+        mlp_dim=v.get("intermediate_size", 3072),
+        act=_hf_act(v.get("hidden_act", act_default)),
+        norm_eps=float(v.get("layer_norm_eps", eps_default)),
+        in_channels=v.get("num_channels", 3),
+        class_token=not siglip,
+        pre_norm=not siglip,
+        patch_bias=siglip,
+        pool="map" if siglip else "tok",
+        proj=not siglip,
+    )
+    if siglip and not v.get("vision_use_head", True):
+        raise ValueError(
+            "config.json: SigLIP vision towers without the attention-pool head are not supported"
+        )
+    tw = t.get("hidden_size", 768 if siglip else 512)
+    eos = t.get("eos_token_id", 49407)
+    if isinstance(eos, list):
+        eos = eos[0]
+    text = TextConfig(
+        context_length=t.get("max_position_embeddings", 64 if siglip else 77),
+        vocab_size=t.get("vocab_size", 32000 if siglip else 49408),
+        width=tw,
+        depth=t.get("num_hidden_layers", 12),
+        heads=t.get("num_attention_heads", 12 if siglip else 8),
+        mlp_dim=t.get("intermediate_size", 3072 if siglip else 2048),
+        act=_hf_act(t.get("hidden_act", act_default)),
+        norm_eps=float(t.get("layer_norm_eps", eps_default)),
+        causal=not siglip,
+        # transformers pools CLIP text at the first eos_token_id, or at the argmax id for legacy eos id 2
+        pool="last" if siglip else ("argmax" if eos == 2 else "eos"),
+        eos_id=None if siglip else eos,
+        proj=True,
+        proj_bias=siglip,
+    )
+    embed = vw if siglip else cfg.get("projection_dim", 512)
+    if siglip and t.get("projection_size", tw) != vw:
+        raise ValueError(
+            f"config.json: text projection_size {t.get('projection_size')} must equal the vision width {vw}"
+        )
+    return ModelConfig(embed_dim=embed, vision=vision, text=text, siglip=siglip)
+
+
+def infer_open_clip_config(sd: dict) -> ModelConfig:
+    """A ModelConfig from open_clip tensor shapes (heads = width / 64, as open_clip assumes;
+    QuickGELU when the file looks like OpenAI's, else GELU: pass ``model_name`` when it matters)."""
+    tp = "text." if "text.token_embedding.weight" in sd else ""
+    try:
+        conv = sd["visual.conv1.weight"]
+        vw, patch = conv.shape[0], conv.shape[-1]
+        grid = int(round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1)))
+        vdepth = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+        vmlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        vocab, tw = sd[f"{tp}token_embedding.weight"].shape
+        ctx = sd[f"{tp}positional_embedding"].shape[0]
+        tdepth = len(
+            {k.split(".")[len(tp.split(".")) + 1] for k in sd if k.startswith(f"{tp}transformer.resblocks.")}
+        )
+        tmlp = sd[f"{tp}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        if "visual.proj" in sd:
+            embed = sd["visual.proj"].shape[1]
+        else:
+            raise KeyError("visual.proj")
+    except KeyError as exc:
+        raise ValueError(
+            f"state_dict: cannot infer an open_clip config, key {exc} is missing; pass model_name"
+        ) from exc
+    ls = "visual.transformer.resblocks.0.ls_1.gamma" in sd
+    proj_bias = f"{tp}text_projection.bias" in sd
+    return ModelConfig(
+        embed_dim=embed,
+        vision=VisionConfig(
+            image_size=grid * patch, patch_size=patch, width=vw, depth=vdepth, heads=max(1, vw // 64),
+            mlp_dim=vmlp, ls_init=1e-5 if ls else None,
+        ),
+        text=TextConfig(
+            context_length=ctx, vocab_size=vocab, width=tw, depth=tdepth, heads=max(1, tw // 64), mlp_dim=tmlp,
+            proj_bias=proj_bias, ls_init=1e-5 if f"{tp}transformer.resblocks.0.ls_1.gamma" in sd else None,
+        ),
+        siglip="logit_bias" in sd,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _fix_scalars(sd: dict) -> dict:
+    for k in ("logit_scale", "logit_bias"):
+        if k in sd and sd[k].dim() == 0:
+            sd[k] = sd[k].reshape(1)
+    return sd
+
+
+def load_state_dict_checked(model: CLIP, sd: dict, unconverted=(), source: str = "weights") -> None:
+    """Copy ``sd`` (fastclip names) into ``model`` after checking every name and shape; raises
+    :class:`WeightLoadError` (and copies nothing) on any mismatch."""
+    sd = _fix_scalars(dict(sd))
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(set(k for k in sd if k not in own) | set(unconverted))
+    mismatched = sorted(
+        f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
+        for k in own
+        if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)
+    )
+    if missing or unexpected or mismatched:
+
+        def block(title, items):
+            if not items:
+                return ""
+            shown = "\n    ".join(items[:25])
+            more = f"\n    ... and {len(items) - 25} more" if len(items) > 25 else ""
+            return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+        raise WeightLoadError(
+            f"{source}: the weights do not match the model; nothing was loaded."
+            + block("missing keys (in the model, not in the file)", missing)
+            + block("unexpected keys (in the file, not in the model)", unexpected)
+            + block("shape mismatches", mismatched),
+            missing,
+            unexpected,
+            mismatched,
+        )
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightLoadError(f"{source}: non-finite values (NaN/Inf) in {bad[:10]}; nothing was loaded.")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(sd[k].to(dtype=v.dtype))
+
+
+def load_pretrained(path, model_name: str | None = None, **overrides) -> CLIP:
+    """Build a fastclip model from local weights and load them (strict, all-or-nothing).
+
+    ``path``: a Hugging Face CLIPModel/SiglipModel ``save_pretrained`` directory (its config.json
+    decides the architecture), a fastclip safetensors file (config in its metadata), or an
+    OpenAI/open_clip state dict (.safetensors/.bin/.pt/.pth) loaded into ``model_name``'s config or,
+    without a name, a config inferred from the tensor shapes. ``overrides`` (e.g. ``attn_impl="sdpa"``,
+    ``grad_checkpointing=True``) are applied to the config as in ``create_model``.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if model_name is not None and not isinstance(model_name, str):
+        raise TypeError(f"model_name: expected a model name (str) or None, got {type(model_name).__name__}")
+    if os.path.isdir(path):
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ValueError(
+                f"path: directory {path!r} has no config.json (expected a save_pretrained directory)"
+            )
+        with open(cfg_file) as f:
+            hf_cfg = json.load(f)
+        sd, _ = read_state_dict(path)
+        config = get_config(model_name) if model_name is not None else config_from_hf(hf_cfg)
+    else:
+        sd, meta = read_state_dict(path)
+        config = None
+        if model_name is not None:
+            config = get_config(model_name)
+        elif FORMAT_KEY in meta:
+            config = ModelConfig.from_dict(json.loads(meta[FORMAT_KEY]))
+    layout = detect_layout(sd)
+    if layout == "fastclip":
+        converted, left = sd, []
+    elif layout in ("hf_clip", "hf_siglip"):
+        converted, left = from_hf(sd)
+    elif layout == "open_clip":
+        converted, left = from_open_clip(sd)
+        if config is None:
+            config = infer_open_clip_config(sd)
+    else:
+        sample = ", ".join(sorted(sd)[:8])
+        raise WeightLoadError(
+            f"path: {path!r} is not a CLIP/SigLIP state dict fastclip recognizes (fastclip, Hugging Face "
+            f"CLIPModel/SiglipModel, OpenAI/open_clip); first keys: {sample or '(none)'}",
+            unexpected=sorted(sd),
+        )
+    if config is None:
+        raise ValueError(f"model_name: {path!r} carries no config; pass model_name (see list_models())")
+    if overrides:
+        config = apply_overrides(config, **overrides)
+    model = CLIP(config)
+    load_state_dict_checked(model, converted, left, source=path)
+    return model
