@@ -1,0 +1,336 @@
+"""The real Triton kernels (``fastclip.kernels``) against float64, through the interpreter on CPU.
+
+``TRITON_INTERPRET=1`` (set by conftest.py without CUDA) runs the ``@triton.jit`` code on CPU tensors.
+Every block primitive is checked for values and all gradients, on shapes that are not multiples of any
+tile (B = 1, D = 1, D = 200 across a masked K tail), rectangular blocks with positives at offsets of
+both signs, out of range, or none, and fp32 / bf16 / fp16 inputs; then the ops-level ``impl="triton"``
+path through ``fastclip.clip_loss`` / ``siglip_loss``. Budgets: ``err <= 2 * err(same-dtype math) +
+floor`` against float64, where the same-dtype math does its matmuls in the input dtype (what a
+materialized loss in that dtype does).
+
+Helpers here (``_cases``, ``_check_*``) are reused by tests/test_gpu_kernels.py on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from utils import assert_within_budget, features, loss_and_grads, scalar
+
+import fastclip
+from fastclip.reference import clip_loss_reference, siglip_loss_reference
+
+kernels_clip = pytest.importorskip("fastclip.kernels.clip")
+kernels_siglip = pytest.importorskip("fastclip.kernels.siglip")
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (n, N, D, offset): square blocks with the diagonal, rectangular blocks with positives at positive
+# and negative offsets, partly or fully out of range, or none.
+BLOCKS = [
+    (1, 1, 1, 0),
+    (7, 7, 3, 0),
+    (130, 130, 48, 0),
+    (257, 257, 200, 0),
+    (70, 130, 33, 5),
+    (130, 70, 33, -3),
+    (9, 200, 40, 150),
+    (40, 9, 20, 60),
+    (64, 65, 17, None),
+]
+
+
+def _ids(case):
+    n, N, D, off = case
+    return f"{n}x{N}xD{D}-off{off}"
+
+
+def _inputs(n, N, D, dtype, device="cpu", seed=0):
+    x = features(n, D, dtype, seed=seed, requires_grad=False, device=device)
+    y = features(N, D, dtype, seed=seed + 1, requires_grad=False, device=device)
+    return x, y
+
+
+def _sim(x, y, exact: bool) -> torch.Tensor:
+    """Similarities in float64: exact from the (rounded) inputs, or from a matmul in the input dtype."""
+    if exact:
+        return x.double() @ y.double().T
+    return (x @ y.T).double()
+
+
+def _mm(a64: torch.Tensor, b: torch.Tensor, exact: bool) -> torch.Tensor:
+    if exact:
+        return a64 @ b.double()
+    return (a64.to(b.dtype) @ b).double()
+
+
+def _positives(n, N, offset, device):
+    p = torch.zeros(n, N, dtype=torch.float64, device=device)
+    if offset is not None:
+        for i in range(max(0, -offset), min(n, N - offset)):
+            p[i, i + offset] = 1.0
+    return p
+
+
+def _clip_block_math(x, y, s, offset, coefs, exact):
+    """lse_row, lse_col, dx, dy, ds of a CLIP block; float64 (exact) or with input-dtype matmuls."""
+    cr, cc, pc = coefs
+    S = _sim(x, y, exact)
+    L = s * S
+    lr, lc = L.logsumexp(1), L.logsumexp(0)
+    G = (
+        cr * torch.exp(L - lr[:, None])
+        + cc * torch.exp(L - lc[None, :])
+        - pc * _positives(*L.shape, offset, x.device)
+    )
+    return lr, lc, s * _mm(G, y, exact), s * _mm(G.T, x, exact), (G * S).sum()
+
+
+def _siglip_block_math(x, y, s, b, offset, exact):
+    S = _sim(x, y, exact)
+    L = s * S + (b if b is not None else 0.0)
+    P = _positives(*L.shape, offset, x.device)
+    loss = (torch.nn.functional.softplus(L) - P * L).sum()
+    G = torch.sigmoid(L) - P
+    return loss, s * _mm(G, y, exact), s * _mm(G.T, x, exact), (G * S).sum(), G.sum()
+
+
+def _check_clip_block(
+    n, N, D, offset, dtype, device="cpu", scale=20.0, coefs=(0.3, 0.2, 0.5), grad_kw=None, **kw
+):
+    x, y = _inputs(n, N, D, dtype, device, seed=n + N + D)
+    s = torch.tensor(scale, device=device)
+    truth = _clip_block_math(x, y, scale, offset, coefs, exact=True)
+    low = _clip_block_math(x, y, scale, offset, coefs, exact=False)
+    lse_row, lse_col = kernels_clip.clip_lse(x, y, s, **kw)
+    assert lse_row.dtype == lse_col.dtype == torch.float32
+    assert lse_row.shape == (n,) and lse_col.shape == (N,)
+    assert_within_budget("lse_row", lse_row, low[0], truth[0], dtype)
+    assert_within_budget("lse_col", lse_col, low[1], truth[1], dtype)
+    # The gradient is checked with the exact statistics so that its own error is measured.
+    dx, dy, ds = kernels_clip.clip_grad(
+        x, y, s, truth[0].float(), truth[1].float(), *coefs[:2], offset, coefs[2], **(grad_kw or {})
+    )
+    assert dx.dtype == dy.dtype == ds.dtype == torch.float32
+    assert dx.shape == (n, D) and dy.shape == (N, D) and ds.shape == ()
+    for name, got, lo, tr in zip(("dx", "dy", "ds"), (dx, dy, ds), low[2:], truth[2:]):
+        assert_within_budget(name, got, lo, tr, dtype)
+
+
+def _check_siglip_block(n, N, D, offset, dtype, device="cpu", scale=10.0, bias=-10.0, need_grad=True, **kw):
+    x, y = _inputs(n, N, D, dtype, device, seed=n + N + D + 1)
+    s = torch.tensor(scale, device=device)
+    b = None if bias is None else torch.tensor(bias, device=device)
+    truth = _siglip_block_math(x, y, scale, bias, offset, exact=True)
+    low = _siglip_block_math(x, y, scale, bias, offset, exact=False)
+    loss, dx, dy, ds, db = kernels_siglip.siglip_block(x, y, s, b, offset, need_grad, **kw)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert_within_budget("loss", loss, low[0], truth[0], dtype)
+    if not need_grad:
+        assert dx is None and dy is None
+        return
+    assert dx.shape == (n, D) and dy.shape == (N, D) and dx.dtype == dy.dtype == torch.float32
+    for name, got, lo, tr in zip(("dx", "dy", "ds", "db"), (dx, dy, ds, db), low[1:], truth[1:]):
+        assert_within_budget(name, got, lo, tr, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# block primitives
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BLOCKS, ids=_ids)
+def test_clip_block(case, dtype):
+    _check_clip_block(*case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BLOCKS, ids=_ids)
+def test_siglip_block(case, dtype):
+    _check_siglip_block(*case, dtype)
+
+
+@pytest.mark.parametrize("case", [(130, 70, 33, -3), (9, 200, 40, 150)], ids=_ids)
+def test_siglip_block_without_grad_and_without_bias(case):
+    _check_siglip_block(*case, torch.float32, need_grad=False)
+    _check_siglip_block(*case, torch.float32, bias=None)
+
+
+@pytest.mark.parametrize("coefs", [(0.25, 0.0, 0.5), (0.0, 0.25, 0.5), (0.25, 0.25, 0.0), (0.0, 0.0, 1.0)])
+def test_clip_grad_terms(coefs):
+    """Each term of G alone or dropped (the distributed strategies use row-only and column-only blocks)."""
+    _check_clip_block(70, 130, 33, 5, torch.float32, coefs=coefs)
+
+
+def test_clip_grad_absent_statistics_and_no_terms():
+    x, y = _inputs(20, 30, 9, torch.float32)
+    s = torch.tensor(5.0)
+    lr, lc = kernels_clip.clip_lse(x, y, s)
+    truth = _clip_block_math(x, y, 5.0, 2, (0.5, 0.0, 1.0), exact=True)
+    dx, dy, ds = kernels_clip.clip_grad(x, y, s, lr, None, 0.5, 0.7, 2, 1.0)  # coef_col ignored: no lse_col
+    torch.testing.assert_close(dx.double(), truth[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dy.double(), truth[3], rtol=1e-5, atol=1e-6)
+    dx, dy, ds = kernels_clip.clip_grad(x, y, s, None, None, 0.5, 0.5, None, 1.0)
+    assert not dx.any() and not dy.any() and ds == 0
+
+
+def test_chunked_and_split_paths_match_single_pass():
+    """Row chunks, column splits and several G chunks give the same numbers as one pass (forced small)."""
+    _check_clip_block(
+        257, 130, 200, 0, torch.float32, rows_per_chunk=64, splits=2, grad_kw={"rows_per_chunk": 100}
+    )
+    _check_siglip_block(257, 130, 40, -3, torch.float32, rows_per_chunk=70)
+    _check_siglip_block(257, 130, 40, -3, torch.float32, need_grad=False, rows_per_chunk=64)
+
+
+def test_workspace_budget_drives_chunking(monkeypatch):
+    """Shrinking the workspace budgets chunks the rows automatically; results do not change."""
+    from fastclip.kernels import config
+
+    x, y = _inputs(150, 140, 24, torch.float32)
+    s = torch.tensor(30.0)
+    want_lse = kernels_clip.clip_lse(x, y, s)
+    want_grad = kernels_clip.clip_grad(x, y, s, *want_lse, 0.1, 0.2, 0, 0.3)
+    monkeypatch.setattr(config, "LSE_WORKSPACE_ELEMENTS", 64 * 140)  # one row block per chunk
+    monkeypatch.setattr(config, "GRAD_WORKSPACE_ELEMENTS", 64 * 140)
+    calls = []
+    real = kernels_clip.mm_f32
+    monkeypatch.setattr(kernels_clip, "mm_f32", lambda a, b: calls.append(a.shape) or real(a, b))
+    got_lse = kernels_clip.clip_lse(x, y, s)
+    got_grad = kernels_clip.clip_grad(x, y, s, *want_lse, 0.1, 0.2, 0, 0.3)
+    assert [c[0] for c in calls if c[1] == 140] == [64, 64, 22]  # three G chunks of <= 64 rows
+    for g, w in zip(got_lse + got_grad, want_lse + want_grad):
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6)
+
+
+def test_large_scale_low_cosines_do_not_underflow():
+    """s = 100 with strongly negative cosines: a fixed shift by s would underflow exp; partials must not."""
+    x, y = _inputs(70, 90, 16, torch.float32, seed=7)
+    y = -x[:1].repeat(90, 1) + 0.05 * y  # every logit near -100
+    s = torch.tensor(100.0)
+    truth = _clip_block_math(x, y, 100.0, None, (1.0, 1.0, 0.0), exact=True)
+    lse_row, lse_col = kernels_clip.clip_lse(x, y, s)
+    assert torch.isfinite(lse_col).all() and torch.isfinite(lse_row).all()
+    torch.testing.assert_close(lse_row.double(), truth[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lse_col.double(), truth[1], rtol=1e-5, atol=1e-4)
+
+
+def test_non_contiguous_inputs():
+    x, y = _inputs(40, 50, 12, torch.float32)
+    xt, yt = x.T.contiguous().T, y[:, :].T.contiguous().T  # column-major views
+    assert not xt.is_contiguous()
+    s = torch.tensor(8.0)
+    for got, want in zip(kernels_clip.clip_lse(xt, yt, s), kernels_clip.clip_lse(x, y, s)):
+        torch.testing.assert_close(got, want)
+    got = kernels_siglip.siglip_block(xt, yt, s, None, 1, True)
+    want = kernels_siglip.siglip_block(x, y, s, None, 1, True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_repeat_is_bitwise_identical():
+    x, y = _inputs(130, 70, 33, torch.bfloat16)
+    s = torch.tensor(30.0)
+    a = kernels_clip.clip_lse(x, y, s) + kernels_clip.clip_grad(
+        x, y, s, *kernels_clip.clip_lse(x, y, s), 0.1, 0.1, 0, 0.2
+    )
+    b = kernels_clip.clip_lse(x, y, s) + kernels_clip.clip_grad(
+        x, y, s, *kernels_clip.clip_lse(x, y, s), 0.1, 0.1, 0, 0.2
+    )
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_launchers_reject_bad_input():
+    x, y = _inputs(5, 6, 4, torch.float32)
+    s = torch.tensor(2.0)
+    with pytest.raises(TypeError, match=r"x: expected float32, bfloat16 or float16.*got torch.float64"):
+        kernels_clip.clip_lse(x.double(), y.double(), s)
+    with pytest.raises(ValueError, match=r"y: expected feature dim 4 \(as x\), got 3"):
+        kernels_clip.clip_lse(x, y[:, :3], s)
+    with pytest.raises(TypeError, match=r"y: expected dtype torch.float32 \(as x\), got torch.float16"):
+        kernels_siglip.siglip_block(x, y.half(), s, None, 0, True)
+    with pytest.raises(ValueError, match=r"x: expected a non-empty 2-D"):
+        kernels_clip.clip_lse(x[:0], y, s)
+    with pytest.raises(ValueError, match=r"scale: expected a 1-element floating tensor, got \(2,\)"):
+        kernels_clip.clip_lse(x, y, torch.ones(2))
+    with pytest.raises(ValueError, match=r"lse_col: expected a float32 tensor of shape \(6,\)"):
+        kernels_clip.clip_grad(x, y, s, torch.zeros(5), torch.zeros(5), 1.0, 1.0, 0, 1.0)
+    with pytest.raises(TypeError, match=r"offset: expected an int or None, got bool"):
+        kernels_clip.clip_grad(x, y, s, None, None, 1.0, 1.0, True, 1.0)
+    with pytest.raises(ValueError, match=r"pos_coef: expected a finite float, got nan"):
+        kernels_clip.clip_grad(x, y, s, None, None, 1.0, 1.0, 0, float("nan"))
+    with pytest.raises(TypeError, match=r"need_grad: expected a bool, got int"):
+        kernels_siglip.siglip_block(x, y, s, None, 0, 1)
+    with pytest.raises(ValueError, match=r"bias: expected a 1-element floating tensor or None, got \(3,\)"):
+        kernels_siglip.siglip_block(x, y, s, torch.ones(3), 0, True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ops level: fastclip.clip_loss / siglip_loss with impl="triton"
+
+LOSSES = {
+    "clip": (fastclip.clip_loss, clip_loss_reference),
+    "siglip": (fastclip.siglip_loss, siglip_loss_reference),
+}
+
+
+def _check_loss(loss_name, n, d, dtype, device="cpu", scale=20.0, bias=-5.0):
+    fn, ref = LOSSES[loss_name]
+    x = features(n, d, dtype, seed=n + d, device=device)
+    y = features(n, d, dtype, seed=n + d + 1, device=device)
+    s, b = scalar(scale, device=device), scalar(bias, device=device)
+    got, got_g = loss_and_grads(fn, x, y, s, b, impl="triton")
+    low, low_g = loss_and_grads(ref, x, y, s, b)
+    x64, y64, s64, b64 = (t.detach().double().requires_grad_() for t in (x, y, s, b))
+    truth, truth_g = loss_and_grads(ref, x64, y64, s64, b64)
+    assert got.dtype == torch.float32 and got.shape == ()
+    assert got_g[0].dtype == dtype and got_g[1].dtype == dtype
+    assert_within_budget("loss", got, low, truth, dtype)
+    for name, g, lg, tg in zip(("image", "text", "scale", "bias"), got_g, low_g, truth_g):
+        assert_within_budget(name, g, lg, tg, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 1), (7, 3), (130, 48), (257, 200)])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_loss_impl_triton(loss_name, n, d, dtype):
+    _check_loss(loss_name, n, d, dtype)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_loss_impl_triton_matches_torch_impl_and_module(loss_name):
+    fn, _ = LOSSES[loss_name]
+    x, y, s, b = features(33, 17), features(33, 17, seed=1), scalar(30.0), scalar(-8.0)
+    got, got_g = loss_and_grads(fn, x, y, s, b, impl="triton")
+    want, want_g = loss_and_grads(fn, x, y, s, b, impl="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    module = fastclip.ClipLoss(impl="triton") if loss_name == "clip" else fastclip.SigLipLoss(impl="triton")
+    torch.testing.assert_close(module(x, y, s, b) if loss_name == "siglip" else module(x, y, s), want)
+
+
+@pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning"
+)  # numpy, inside the interpreter
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_loss_impl_triton_non_finite_features_give_nan(loss_name):
+    fn, _ = LOSSES[loss_name]
+    x, y = features(10, 4, requires_grad=False), features(10, 4, seed=1, requires_grad=False)
+    x[3, 1] = float("nan")
+    assert torch.isnan(fn(x, y, scalar(10.0), scalar(-2.0), impl="triton"))
+    y[0, 0] = float("inf")
+    assert torch.isnan(fn(x.nan_to_num(), y, scalar(10.0), scalar(-2.0), impl="triton"))
+
+
+def test_impl_triton_rejects_float64_and_auto_uses_torch():
+    x, y = features(6, 3, torch.float64), features(6, 3, torch.float64, seed=1)
+    with pytest.raises(
+        TypeError, match=r"impl='triton': expected features of dtype float32.*got torch.float64"
+    ):
+        fastclip.clip_loss(x, y, scalar(5.0), impl="triton")
+    from fastclip.ops.dispatch import resolve_impl
+
+    assert resolve_impl("auto", torch.device("cpu"), dtype=torch.float64) == "torch"
