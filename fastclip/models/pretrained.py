@@ -54,10 +54,13 @@ def read_state_dict(path) -> tuple[dict, dict]:
         from safetensors import safe_open
 
         sd = {}
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            for k in f.keys():
-                sd[k] = f.get_tensor(k)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                for k in f.keys():
+                    sd[k] = f.get_tensor(k)
+        except Exception as exc:  # safetensors raises its own error type for corrupt files
+            raise ValueError(f"path: {path!r} is not a readable safetensors file ({exc})") from exc
     elif path.endswith(TORCH_EXTS):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
