@@ -110,6 +110,23 @@ def test_hf_clip_parity(tmp_path, eos):
     _compare_with_hf(hf, model)
 
 
+@pytest.mark.parametrize("loader", ["clip", "siglip"])
+def test_hf_interpolated_position_embeddings(tmp_path, loader):
+    # other resolutions (non-square too): bicubic resize of the position grid, as interpolate_pos_encoding=True
+    hf, path = (_hf_clip if loader == "clip" else _hf_siglip)(tmp_path)
+    model = load_pretrained(path, dynamic_size=True).eval()
+    images = torch.randn(2, 3, 24, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf.get_image_features(pixel_values=images, interpolate_pos_encoding=True).pooler_output
+        truth = (
+            hf.double()
+            .get_image_features(pixel_values=images.double(), interpolate_pos_encoding=True)
+            .pooler_output
+        )
+        got = model.encode_image(images)
+    assert_within_budget("interpolated image features", got, ref, truth, torch.float32)
+
+
 def test_hf_siglip_parity(tmp_path):
     hf, path = _hf_siglip(tmp_path)
     model = load_pretrained(path)
@@ -167,8 +184,9 @@ def open_clip_transformer(monkeypatch):
 def test_open_clip_parity(tmp_path, open_clip_transformer, custom_text):
     oc = open_clip_transformer
     torch.manual_seed(0)
+    ls = {"ls_init_value": 0.5} if custom_text else {}  # LayerScale in one of the two variants
     visual = oc.VisionTransformer(
-        image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp_ratio=4.0, output_dim=24
+        image_size=16, patch_size=4, width=32, layers=2, heads=4, mlp_ratio=4.0, output_dim=24, **ls
     )
     text_kw = dict(no_causal_mask=True, proj_bias=True, pool_type="last") if custom_text else {}
     text = oc.TextTransformer(
@@ -177,7 +195,7 @@ def test_open_clip_parity(tmp_path, open_clip_transformer, custom_text):
     with torch.no_grad():  # non-trivial norms and class token
         for m in (visual, text):
             for n, p in m.named_parameters():
-                if "ln" in n or "class_embedding" in n:
+                if "ln" in n or "class_embedding" in n or "gamma" in n:
                     p.add_(0.1 * torch.randn_like(p))
     tp = "text." if custom_text else ""
     sd = {f"visual.{k}": v for k, v in visual.state_dict().items()}
@@ -191,6 +209,7 @@ def test_open_clip_parity(tmp_path, open_clip_transformer, custom_text):
         over.update(causal=False, text_pool="last")
     model = load_pretrained(path, **over).eval()
     assert model.logit_scale.shape == (1,) and float(model.logit_scale.detach()) == 2.5
+    assert ("visual.transformer.blocks.0.ls1.gamma" in model.state_dict()) is custom_text
     images = _images()
     with torch.no_grad():
         truth = (visual.double()(images.double()), text.double()(IDS))
