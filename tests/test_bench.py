@@ -191,3 +191,52 @@ def test_cli_loss_end_to_end(tmp_path, capsys):
     assert [r["provider"] for r in doc["records"]] == ["fastclip-torch", "reference"]
     assert (tmp_path / "run.csv").exists()
     assert fastclip_main(["bench", "loss", "--device", "cpu", "--dtype", "int8", "--no-save"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# fastclip bench train
+
+
+def test_train_step_records():
+    from fastclip.bench.train import TrainBench, run_train_bench, train_table
+
+    cfg = TrainBench(model="tiny", device="cpu", batch=8, warmup=0, steps=1, find_max_batch=False)
+    doc = run_train_bench(cfg, log=lambda s: None)
+    assert [r["loss_impl"] for r in doc["records"]] == ["fastclip", "reference"]
+    for r in doc["records"]:
+        assert r["status"] == "ok", r
+        assert r["samples_per_s"] > 0 and r["peak_mem_bytes"] > 0 and r["step_ms_min"] <= r["step_ms_max"]
+        assert r["loss"] == r["loss"]  # finite number, not NaN
+    assert "samples/s" in train_table(doc)
+    json.dumps(doc)
+
+
+def test_max_batch_search(monkeypatch):
+    from fastclip.bench import train
+
+    limit = 1000
+    monkeypatch.setattr(train, "fits", lambda step, model, opt, b, dev, cap: (b <= limit, b, ""))
+    monkeypatch.setattr(train, "_cleanup", lambda device: None)
+    cfg = train.TrainBench(model="tiny", start_batch=64, max_batch=10**6, search_seconds=60)
+    res = train.find_max_batch(None, None, None, torch.device("cpu"), cfg, log=lambda s: None)
+    assert limit - limit // 8 <= res["max_batch"] <= limit < res["first_failing"]
+    assert [t["batch"] for t in res["tried"]][:5] == [64, 128, 256, 512, 1024]
+    res = train.find_max_batch(None, None, None, torch.device("cpu"), cfg, granule=128, log=lambda s: None)
+    assert res["max_batch"] % 128 == 0 and limit - 128 < res["max_batch"] <= limit
+    cfg.max_batch = 300
+    res = train.find_max_batch(None, None, None, torch.device("cpu"), cfg, log=lambda s: None)
+    assert res["max_batch"] == 256 and res["limit"] == "max_batch cap 300"
+    limit = 10
+    res = train.find_max_batch(None, None, None, torch.device("cpu"), cfg, log=lambda s: None)
+    assert res["max_batch"] == 0 and res["limit"].startswith("memory: even the first")
+
+
+def test_train_bad_input():
+    from fastclip.bench.train import TrainBench, build
+
+    with pytest.raises(ValueError, match="batch"):
+        TrainBench(model="tiny", batch=0).validate()
+    with pytest.raises(ValueError, match="precision"):
+        TrainBench(model="tiny", precision="fp8").validate()
+    with pytest.raises(ValueError, match="model"):
+        build("no-such-model", torch.device("cpu"))

@@ -364,6 +364,8 @@ def run_loss_sweep(
             doc["records"].append(rec)
             if bar is not None:
                 bar.update(1)
+    except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep what is done
+        log(f"interrupted: {len(todo) - len(doc['records'])} runs not done")
     finally:
         if bar is not None:
             bar.close()

@@ -86,9 +86,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_tflops(
-    device: torch.device, dtype: torch.dtype | None = None, n: int | None = None
-) -> float:
+def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None, n: int | None = None) -> float:
     """Dense ``n×n @ n×n`` rate in TFLOP/s measured now (median of several): bf16 on GPU, fp32 on CPU.
 
     The yardstick for "fraction of the matmul rate": same device, same run, same moment.
