@@ -71,5 +71,5 @@ def run(args) -> int:
         save_file(sd, args.dst)
     n = sum(p.numel() for p in model.parameters())
     kind = "SigLIP" if model.is_siglip else "CLIP"
-    print(f"wrote {args.dst} ({args.to} layout, {kind}, {n / 1e6:.1f}M parameters)")
+    print(f"wrote {args.dst} ({args.to} layout, {kind}, {n:,} parameters)")
     return 0
