@@ -343,7 +343,7 @@ def clip_lse(
     n, D = x.shape
     N = y.shape[0]
     dev = x.device
-    cfg = config.tile_config("lse", dev)
+    cfg = config.tile_config("lse", dev, x.dtype)
     s = scalar_f32(scale)
     c = rows_per_chunk or chunk_rows(n, N, config.LSE_WORKSPACE_ELEMENTS, cfg.block_m)
     c = max(1, min(n, c))
@@ -428,7 +428,7 @@ def clip_grad(
         abs(coef_col) if has_col else 0.0,
         abs(pos_coef) if has_pos else 0.0,
     )
-    cfg = config.tile_config("tile", dev)
+    cfg = config.tile_config("tile", dev, x.dtype)
     s = scalar_f32(scale)
     c = rows_per_chunk or chunk_rows(n, N, config.GRAD_WORKSPACE_ELEMENTS, cfg.block_m)
     c = max(1, min(n, c))
@@ -461,8 +461,12 @@ def clip_grad(
 
 
 def accumulate_dy(dy: torch.Tensor, g: torch.Tensor, xc: torch.Tensor) -> None:
-    """``dy += g.T @ xc`` with fp32 accumulation (in place for fp32, one (N, D) temporary otherwise)."""
+    """``dy += g.T @ xc`` with fp32 accumulation: in place for fp32; for 16-bit inputs the fp32 product
+    is formed ``DY_PIECE_ELEMENTS`` at a time (by column pieces of ``g``), so the temporary stays bounded."""
     if g.dtype == torch.float32:
         dy.addmm_(g.t(), xc)
-    else:
-        dy.add_(mm_f32(g.t(), xc))
+        return
+    N, D = dy.shape
+    piece = max(1, config.DY_PIECE_ELEMENTS // max(1, D))
+    for j0 in range(0, N, piece):
+        dy[j0 : j0 + piece].add_(mm_f32(g[:, j0 : j0 + piece].t(), xc))

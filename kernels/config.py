@@ -68,8 +68,10 @@ AUTOTUNE_CANDIDATES = [
 # Workspace budgets, in elements. The CLIP backward and the SigLIP gradient materialize the gradient
 # tile G for ``c`` rows at a time (c x N, in the input dtype) so that cuBLAS GEMMs form dX and dY; the
 # forward keeps per-tile column log-sum-exp partials (c / BM) x N in fp32. Both bound ``c``.
-GRAD_WORKSPACE_ELEMENTS = 2**26  # 128 MiB of bf16 G per chunk
+GRAD_WORKSPACE_ELEMENTS = 2**25  # 64 MiB of bf16 G per chunk (c = 1024 rows at N = 32768)
 LSE_WORKSPACE_ELEMENTS = 2**25  # 128 MiB of fp32 column partials
+# 16-bit inputs: dY += G_c^T X_c is formed in fp32 pieces of at most this many elements (64 MiB).
+DY_PIECE_ELEMENTS = 2**24
 # Enough programs to fill the GPU: the forward splits the columns of a row block between programs
 # until about this many programs per SM are launched.
 PROGRAMS_PER_SM = 4
@@ -99,9 +101,16 @@ def arch(device: torch.device) -> str:
     return "generic"
 
 
-def tile_config(kernel: str, device: torch.device) -> TileConfig:
-    """Configuration of ``kernel`` ("lse" or "tile") on ``device``."""
-    return _CONFIGS[arch(device)][kernel]
+def tile_config(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    """Configuration of ``kernel`` ("lse" or "tile") on ``device`` for inputs of ``dtype``.
+
+    fp32 operands take twice the shared memory per stage of 16-bit ones: their K step is capped at 32
+    (a 128x128 tile with BK = 64 and 3 stages would need 192 KiB for fp32).
+    """
+    cfg = _CONFIGS[arch(device)][kernel]
+    if dtype == torch.float32 and device.type == "cuda" and cfg.block_k > 32:
+        cfg = TileConfig(cfg.block_m, cfg.block_n, 32, cfg.num_warps, cfg.num_stages)
+    return cfg
 
 
 def num_sms(device: torch.device) -> int:

@@ -85,16 +85,15 @@ def _siglip_tile_kernel(
     if HAS_BIAS:
         L += tl.load(bias_ptr).to(tl.float32)
     loss = tl.maximum(L, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(L)))
+    G = tl.sigmoid(L)  # dead code (eliminated) when NEED_GRAD is False
     if HAS_POS:
         target = (rows.to(tl.int64) + row0) + offset  # global row + offset, int64
         is_pos = cols.to(tl.int64)[None, :] == target[:, None]
         loss = tl.where(is_pos, loss - L, loss)
+        G = tl.where(is_pos, G - 1.0, G)
     loss = tl.where(valid, loss, 0.0)
     tl.store(part_ptr + pid, tl.sum(tl.sum(loss, 1), 0))
     if NEED_GRAD:
-        G = tl.sigmoid(L)
-        if HAS_POS:
-            G = tl.where(is_pos, G - 1.0, G)
         G = tl.where(valid, G, 0.0)
         tl.store(part_ptr + stride_part + pid, tl.sum(tl.sum(G * S, 1), 0))
         tl.store(part_ptr + 2 * stride_part + pid, tl.sum(tl.sum(G, 1), 0))
@@ -137,7 +136,7 @@ def siglip_block(
     n, D = x.shape
     N = y.shape[0]
     dev = x.device
-    cfg = config.tile_config("tile", dev)
+    cfg = config.tile_config("tile", dev, x.dtype)
     s = scalar_f32(scale)
     b = scalar_f32(bias) if bias is not None else s  # placeholder pointer without bias
     lo = hi = 0

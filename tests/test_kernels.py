@@ -202,6 +202,15 @@ def test_workspace_budget_drives_chunking(monkeypatch):
     assert [c[0] for c in calls if c[1] == 140] == [64, 64, 22]  # three G chunks of <= 64 rows
     for g, w in zip(got_lse + got_grad, want_lse + want_grad):
         torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6)
+    # 16-bit inputs form dY in bounded fp32 pieces (column pieces of G).
+    xb, yb = x.bfloat16(), y.bfloat16()
+    want_b = kernels_clip.clip_grad(xb, yb, s, *want_lse, 0.1, 0.2, 0, 0.3)
+    monkeypatch.setattr(config, "DY_PIECE_ELEMENTS", 50 * 24)
+    calls.clear()
+    got_b = kernels_clip.clip_grad(xb, yb, s, *want_lse, 0.1, 0.2, 0, 0.3)
+    assert [c[0] for c in calls if c[1] == 64][:3] == [50, 50, 40]  # pieces of G^T for the first chunk
+    for g, w in zip(got_b, want_b):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_large_scale_low_cosines_do_not_underflow():

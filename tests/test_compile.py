@@ -1,0 +1,81 @@
+"""``torch.compile`` of a training step that calls the fused losses.
+
+The block primitives are ``torch.library`` custom ops with fake implementations while compiling
+(``fastclip/ops/library.py``), so Dynamo traces ``clip_loss``/``siglip_loss`` in one graph
+(``fullgraph=True``: a graph break inside fastclip fails the test) and AOTAutograd compiles the
+backward through the autograd Functions. CPU: ``impl="torch"`` (one compile, kept small: it is the
+slowest kind of test on a 2-core machine). GPU: ``impl="triton"``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastclip
+
+
+def _step_fn(impl, chunk_size=None):
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(16, 8)
+    s = torch.nn.Parameter(torch.tensor(10.0))
+    b = torch.nn.Parameter(torch.tensor(-5.0))
+
+    def step(a, t):
+        za, zt = F.normalize(proj(a), dim=-1), F.normalize(proj(t), dim=-1)
+        kw = {"impl": impl} if chunk_size is None else {"impl": impl, "chunk_size": chunk_size}
+        return fastclip.clip_loss(za, zt, s, **kw) + fastclip.siglip_loss(za, zt, s, b, **kw)
+
+    return step, [proj.weight, proj.bias, s, b]
+
+
+def _compare_compiled_with_eager(impl, device="cpu", chunk_size=None):
+    torch._dynamo.reset()
+    step, params = _step_fn(impl, chunk_size)
+    for p in params:
+        p.data = p.data.to(device)
+    a, t = torch.randn(20, 16, device=device), torch.randn(20, 16, device=device)
+    want = step(a, t)
+    want.backward()
+    want_g = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):  # the second call reuses the compiled graph
+        got = compiled(a, t)
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for p, w in zip(params, want_g):
+            torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)
+            p.grad = None
+
+
+def test_compiled_training_step_torch_impl():
+    _compare_compiled_with_eager("torch", chunk_size=8)  # several chunks inside the custom op
+
+
+def test_fake_implementations_match_real_outputs():
+    """Shapes and dtypes of the fake (meta) implementations equal those of the real ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, y = torch.randn(5, 3), torch.randn(7, 3)
+    s, b = torch.tensor(2.0), torch.tensor(-1.0)
+    calls = [
+        (torch.ops.fastclip.clip_lse, (x, y, s, "torch", None)),
+        (
+            torch.ops.fastclip.clip_grad,
+            (x, y, s, torch.zeros(5), torch.zeros(7), 0.1, 0.1, 1, 0.2, "torch", None),
+        ),
+        (torch.ops.fastclip.siglip_block, (x, y, s, b, -2, True, "torch", None)),
+        (torch.ops.fastclip.siglip_block, (x, y, s, None, None, False, "torch", None)),
+    ]
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = op(*fake_args)
+        assert [(r.shape, r.dtype) for r in real] == [(f.shape, f.dtype) for f in fake], op
+
+
+@pytest.mark.gpu
+def test_compiled_training_step_triton_impl():
+    _compare_compiled_with_eager("triton", device="cuda")

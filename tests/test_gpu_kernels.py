@@ -1,0 +1,158 @@
+"""The Triton kernels compiled on a CUDA GPU (``pytest -m gpu``; skipped without CUDA).
+
+The interpreter cases of tests/test_kernels.py run here compiled (tensor cores, real bf16, TF32 on and
+off), then sizes the interpreter cannot reach: B up to 65536 and D in {512, 768, 1024, 1152}, checked
+against the chunked float64 path; a repeat test for determinism (bitwise) and races; the memory
+contract with ``torch.cuda.max_memory_allocated``.
+
+Tolerances at large B (no materialized same-dtype reference fits there) are relative to the largest
+true value and were set from the dtype's rounding, not yet measured on a GPU (issue 8 tunes them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from test_kernels import BLOCKS, DTYPES, LOSSES, _check_clip_block, _check_loss, _check_siglip_block, _ids
+from utils import features, loss_and_grads, scalar
+
+import fastclip
+
+pytestmark = pytest.mark.gpu
+
+CUDA = "cuda"
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# (dtype, tf32) pairs: fp32 with and without TF32, and the 16-bit types.
+PRECISIONS = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)]
+
+
+def _pid(p):
+    return f"{str(p[0]).split('.')[-1]}{'-tf32' if p[1] else ''}"
+
+
+@pytest.mark.parametrize("prec", PRECISIONS, ids=_pid)
+@pytest.mark.parametrize("case", BLOCKS, ids=_ids)
+def test_blocks_compiled(case, prec):
+    with _tf32(prec[1]):
+        _check_clip_block(*case, prec[0], device=CUDA)
+        _check_siglip_block(*case, prec[0], device=CUDA)
+        _check_siglip_block(*case, prec[0], device=CUDA, need_grad=False, bias=None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 1), (7, 3), (130, 48), (257, 200), (1000, 2048)])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_losses_compiled(loss_name, n, d, dtype):
+    _check_loss(loss_name, n, d, dtype, device=CUDA)
+
+
+def test_auto_picks_triton_on_cuda():
+    from fastclip.ops.dispatch import resolve_impl
+
+    assert resolve_impl("auto", torch.device(CUDA), dtype=torch.bfloat16) == "triton"
+    assert resolve_impl("auto", torch.device(CUDA), dtype=torch.float64) == "torch"
+
+
+# Relative tolerance (max |error| / max |truth|) against the float64 chunked path at large B.
+LARGE_TOL = {(torch.float32, False): 1e-4, (torch.float32, True): 1e-2, (torch.bfloat16, False): 3e-2}
+LARGE_TOL[(torch.float16, False)] = 1e-2
+
+
+def _large_check(loss_name, b, d, prec, scale=30.0, bias=-10.0):
+    dtype, tf32 = prec
+    fn, _ = LOSSES[loss_name]
+    x, y = features(b, d, dtype, seed=1, device=CUDA), features(b, d, dtype, seed=2, device=CUDA)
+    s, bb = scalar(scale, device=CUDA), scalar(bias, device=CUDA)
+    with _tf32(tf32):
+        got, got_g = loss_and_grads(fn, x, y, s, bb, impl="triton")
+    x64, y64, s64, b64 = (t.detach().double().requires_grad_() for t in (x, y, s, bb))
+    truth, truth_g = loss_and_grads(fn, x64, y64, s64, b64, impl="torch")
+    tol = LARGE_TOL[prec]
+    assert abs(float(got) - float(truth)) <= tol * max(1.0, abs(float(truth))), (float(got), float(truth))
+    for name, g, t in zip(("image", "text", "scale", "bias"), got_g, truth_g):
+        err = float((g.double() - t).abs().max())
+        ref = float(t.abs().max())
+        assert err <= tol * max(ref, 1e-12) + 1e-12, f"{name}: max |diff| {err:.3e} > {tol} * {ref:.3e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prec", PRECISIONS, ids=_pid)
+@pytest.mark.parametrize("d", [512, 768, 1024, 1152])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_large_feature_dims(loss_name, d, prec):
+    _large_check(loss_name, 8192, d, prec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("b", [16385, 65536])
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_large_batches_bf16(loss_name, b):
+    _large_check(loss_name, b, 768, (torch.bfloat16, False))
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_repeat_is_bitwise_identical(loss_name):
+    """Same inputs, same GPU: bitwise the same loss and gradients (no atomics, fixed reduction order)."""
+    fn, _ = LOSSES[loss_name]
+    x, y = (
+        features(16384 + 3, 768, torch.bfloat16, device=CUDA),
+        features(16387, 768, torch.bfloat16, seed=1, device=CUDA),
+    )
+    s, b = scalar(50.0, device=CUDA), scalar(-10.0, device=CUDA)
+    first = None
+    for _ in range(5):
+        loss, grads = loss_and_grads(fn, x, y, s, b, impl="triton")
+        out = [loss] + [g for g in grads if g is not None]
+        if first is None:
+            first = out
+        else:
+            for a, c in zip(first, out):
+                assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_memory_contract(loss_name):
+    """Extra memory of forward + backward is O((n + N) D) plus the bounded workspaces, never B x B."""
+    from fastclip.kernels import config
+
+    fn, _ = LOSSES[loss_name]
+    b, d, dtype = 32768, 768, torch.bfloat16
+    x, y = features(b, d, dtype, device=CUDA), features(b, d, dtype, seed=1, device=CUDA)
+    s, bb = scalar(30.0, device=CUDA), scalar(-10.0, device=CUDA)
+    loss_and_grads(fn, x, y, s, bb, impl="triton")  # warm-up: compile, cuBLAS workspaces
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss, grads = loss_and_grads(fn, x, y, s, bb, impl="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # fp32 dx, dy (4 bytes), their casts (2 bytes), the G workspace, dY pieces, the LSE partials.
+    linear = 2 * b * d * (4 + 2)
+    workspace = (
+        config.GRAD_WORKSPACE_ELEMENTS * 2 + config.DY_PIECE_ELEMENTS * 4 + config.LSE_WORKSPACE_ELEMENTS * 4
+    )
+    assert extra <= linear + workspace + 64 * 2**20, f"extra {extra / 2**20:.0f} MiB"
+    assert extra <= 0.1 * b * b * 4, f"extra {extra / 2**20:.0f} MiB is not far below one B x B fp32 matrix"
+
+
+@pytest.mark.slow
+def test_one_million_rows_complete():
+    """B = 2**20 completes (forward + backward, bf16, D = 768) and gives a finite loss."""
+    b, d = 2**20, 768
+    x, y = features(b, d, torch.bfloat16, device=CUDA), features(b, d, torch.bfloat16, seed=1, device=CUDA)
+    loss = fastclip.clip_loss(x, y, scalar(30.0, device=CUDA), impl="triton")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
