@@ -215,7 +215,7 @@ def test_max_batch_search(monkeypatch):
     from fastclip.bench import train
 
     limit = 1000
-    monkeypatch.setattr(train, "fits", lambda step, model, opt, b, dev, cap: (b <= limit, b, ""))
+    monkeypatch.setattr(train, "fits", lambda step, model, opt, b, dev, cap, dtype: (b <= limit, b, ""))
     monkeypatch.setattr(train, "_cleanup", lambda device: None)
     cfg = train.TrainBench(model="tiny", start_batch=64, max_batch=10**6, search_seconds=60)
     res = train.find_max_batch(None, None, None, torch.device("cpu"), cfg, log=lambda s: None)

@@ -152,10 +152,11 @@ def default_sweep(device: torch.device) -> LossSweep:
 
 def make_inputs(batch: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """Unit-norm random image/text features (B, D) that require grad, as a model's heads produce them."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    # Generated where they are used: at B = 2**20 a CPU generator and a copy would take seconds.
+    g = torch.Generator(device=device).manual_seed(seed)
     feats = []
     for _ in range(2):
-        t = torch.randn(batch, dim, generator=g, dtype=torch.float32).to(device)
+        t = torch.randn(batch, dim, generator=g, dtype=torch.float32, device=device)
         t = torch.nn.functional.normalize(t, dim=-1).to(dtype)
         feats.append(t.requires_grad_(True))
     return feats[0], feats[1]
@@ -243,7 +244,9 @@ def bench_one(
     if t_iter is not None and t_iter > 0:
         repeats = max(cfg.min_repeats, min(cfg.max_repeats, int(cfg.time_budget_s / t_iter)))
     if device.type == "cuda":
-        # CUDA memory statistics cost nothing: the timed iterations give the peak.
+        # CUDA memory statistics cost nothing: the timed iterations give the peak. The last warm-up's
+        # gradients are freed first so that each timed iteration allocates its own, as on CPU.
+        reset()
         peak, samples = peak_extra_bytes(
             lambda: timing.time_iterations(fwd, bwd, reset, device, repeats), device
         )
@@ -276,11 +279,13 @@ def _sig(v: float, digits: int = 6) -> float:
 
 
 def _configs(cfg: LossSweep) -> list[tuple[str, str, int, int, str]]:
+    # Batch outside the loss: a time limit then cuts the largest batches of both losses, and the
+    # features of one (batch, dim, dtype) serve both losses.
     out = []
-    for loss in cfg.losses:
-        for dtype_name in cfg.dtypes:
-            for dim in cfg.dims:
-                for batch in sorted(set(cfg.batches)):
+    for dtype_name in cfg.dtypes:
+        for dim in cfg.dims:
+            for batch in sorted(set(cfg.batches)):
+                for loss in cfg.losses:
                     for p in cfg.providers:
                         if batch <= cfg.max_batch.get(p, math.inf):
                             out.append((loss, dtype_name, dim, batch, p))

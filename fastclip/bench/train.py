@@ -50,6 +50,11 @@ class TrainBench:
     loss_impls: list[str] = field(default_factory=lambda: list(LOSS_IMPLS))
     seed: int = 0
 
+    @property
+    def image_dtype(self) -> torch.dtype:
+        """Images are made in the compute dtype: bf16 under bf16 autocast (half the input memory)."""
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
     def validate(self) -> None:
         for name in ("batch", "steps", "micro_batch", "start_batch", "max_batch"):
             v = getattr(self, name)
@@ -107,12 +112,15 @@ def build(name: str, device: torch.device, seed: int = 0):
     return model, optimizer
 
 
-def synthetic_batch(model, batch: int, device: torch.device, seed: int = 0):
-    """Random images (B, C, H, W) and token ids (B, T) of the sizes the model's config asks for."""
+def synthetic_batch(model, batch: int, device: torch.device, seed: int = 0, dtype=torch.float32):
+    """Random images (B, C, H, W) in ``dtype`` and token ids (B, T), of the sizes the model's config
+    asks for, generated on ``device`` (the whole global batch lives there, as in a GradCache step)."""
     v, t = model.config.vision, model.config.text
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    images = torch.randn(batch, v.in_channels, v.image_size, v.image_size, generator=g).to(device)
-    texts = torch.randint(1, t.vocab_size, (batch, t.context_length), generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    images = torch.randn(
+        batch, v.in_channels, v.image_size, v.image_size, generator=g, device=device, dtype=dtype
+    )
+    texts = torch.randint(1, t.vocab_size, (batch, t.context_length), generator=g, device=device)
     return images, texts
 
 
@@ -191,9 +199,9 @@ def state_bytes(model, optimizer) -> int:
     return n
 
 
-def measure_step(step, model, batch, device, warmup, steps, seed=0) -> dict:
+def measure_step(step, model, batch, device, warmup, steps, seed=0, image_dtype=torch.float32) -> dict:
     """Warm up, then time ``steps`` steps; the peak extra memory of one step (inputs excluded)."""
-    images, texts = synthetic_batch(model, batch, device, seed)
+    images, texts = synthetic_batch(model, batch, device, seed, image_dtype)
     for _ in range(warmup):
         step(images, texts)
     timing.synchronize(device)
@@ -217,20 +225,22 @@ def measure_step(step, model, batch, device, warmup, steps, seed=0) -> dict:
     }
 
 
-def fits(step, model, optimizer, batch, device, mem_cap) -> tuple[bool, int | None, str]:
+def fits(
+    step, model, optimizer, batch, device, mem_cap, image_dtype=torch.float32
+) -> tuple[bool, int | None, str]:
     """Run one step at ``batch``: (fits, memory used, message). Memory: CUDA peak allocated; CPU model
     state + inputs + step peak (measured), compared with ``mem_cap``."""
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            images, texts = synthetic_batch(model, batch, device)
+            images, texts = synthetic_batch(model, batch, device, dtype=image_dtype)
             step(images, texts)
             torch.cuda.synchronize(device)
             used = torch.cuda.max_memory_allocated(device)
             return True, used, ""
 
         def run():
-            images, texts = synthetic_batch(model, batch, device)
+            images, texts = synthetic_batch(model, batch, device, dtype=image_dtype)
             step(images, texts)
 
         base = state_bytes(model, optimizer)
@@ -257,7 +267,7 @@ def find_max_batch(step, model, optimizer, device, cfg: TrainBench, granule: int
 
     def attempt(b):
         t0 = time.perf_counter()
-        ok, used, msg = fits(step, model, optimizer, b, device, cfg.mem_cap_bytes)
+        ok, used, msg = fits(step, model, optimizer, b, device, cfg.mem_cap_bytes, cfg.image_dtype)
         tried.append({"batch": b, "fits": ok, "mem_bytes": used, "step_seconds": round(time.perf_counter() - t0, 3),
                       **({"message": msg} if msg else {})})  # fmt: skip
         log(f"  batch {b}: {'fits' if ok else 'does not fit'}" + (f" ({used / 2**20:.0f} MiB)" if used else "")
@@ -329,7 +339,10 @@ def run_train_bench(cfg: TrainBench, log: Callable[[str], None] = print) -> dict
         try:
             step = plain_step(model, optimizer, make_loss(model, impl), device, cfg.precision)
             rec.update(
-                measure_step(step, model, cfg.batch, device, cfg.warmup, cfg.steps, cfg.seed), status="ok"
+                measure_step(
+                    step, model, cfg.batch, device, cfg.warmup, cfg.steps, cfg.seed, cfg.image_dtype
+                ),
+                status="ok",
             )
         except Exception as exc:
             rec.update(
