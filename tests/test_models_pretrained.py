@@ -237,8 +237,44 @@ def test_open_clip_round_trip_named(tmp_path):
         for m in (loaded, inferred):
             torch.testing.assert_close(m.encode_image(images), model.encode_image(images), rtol=0, atol=0)
             torch.testing.assert_close(m.encode_text(ids), model.encode_text(ids), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="no open_clip equivalent"):
-        to_open_clip(create_model("tiny-siglip").state_dict())
+
+
+def test_open_clip_timm_siglip_layout(tmp_path):
+    # open_clip's SigLIP models: timm vision trunk (visual.trunk.*) + CustomTextCLIP text (text.*)
+    hf, path = _hf_siglip(tmp_path)
+    sd = to_open_clip(load_pretrained(path).state_dict())
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    expected = {  # names and shapes of timm's VisionTransformer / AttentionPoolLatent and open_clip's text tower
+        "visual.trunk.patch_embed.proj.weight": (40, 3, 4, 4),
+        "visual.trunk.patch_embed.proj.bias": (40,),
+        "visual.trunk.pos_embed": (1, 16, 40),
+        "visual.trunk.blocks.1.attn.qkv.weight": (120, 40),
+        "visual.trunk.blocks.1.mlp.fc2.weight": (40, 56),
+        "visual.trunk.norm.weight": (40,),
+        "visual.trunk.attn_pool.latent": (1, 1, 40),
+        "visual.trunk.attn_pool.q.weight": (40, 40),
+        "visual.trunk.attn_pool.kv.weight": (80, 40),
+        "visual.trunk.attn_pool.mlp.fc1.weight": (56, 40),
+        "text.token_embedding.weight": (100, 32),
+        "text.positional_embedding": (8, 32),
+        "text.transformer.resblocks.0.attn.in_proj_weight": (96, 32),
+        "text.ln_final.weight": (32,),
+        "text.text_projection.weight": (40, 32),
+        "text.text_projection.bias": (40,),
+        "logit_bias": (1,),
+    }
+    for k, shape in expected.items():
+        assert shapes.get(k) == shape, (k, shapes.get(k))
+    assert not any(
+        k.startswith(("visual.trunk.cls_token", "visual.trunk.norm_pre", "visual.head")) for k in sd
+    )
+    safetensors_torch.save_file(
+        {k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "oc_siglip.safetensors")
+    )
+    model = load_pretrained(tmp_path / "oc_siglip.safetensors", vision_heads=5, text_heads=4, act="gelu_tanh")
+    assert model.is_siglip and model.config.vision.pool == "map" and not model.config.vision.class_token
+    assert not model.config.text.causal and model.config.text.pool == "last"
+    _compare_with_hf(hf, model)
 
 
 # ------------------------------------------------------------------------------------------ fastclip files, convert CLI

@@ -139,9 +139,8 @@ def detect_layout(sd: dict) -> str:
             if "vision_model.head.probe" in keys or "text_model.head.weight" in keys
             else "hf_clip"
         )
-    if "visual.conv1.weight" in keys and (
-        "token_embedding.weight" in keys or "text.token_embedding.weight" in keys
-    ):
+    has_vision = "visual.conv1.weight" in keys or "visual.trunk.patch_embed.proj.weight" in keys
+    if has_vision and ("token_embedding.weight" in keys or "text.token_embedding.weight" in keys):
         return "open_clip"
     return "unknown"
 
@@ -159,6 +158,23 @@ _OC_BLOCK = {
 }
 
 
+def _to_timm_trunk(k: str, v: torch.Tensor) -> dict:
+    rest = k[len("visual.") :]
+    if rest.startswith("transformer.blocks."):
+        return {f"visual.trunk.{rest[len('transformer.') :]}": v}
+    if rest.startswith("patch_embed."):
+        return {f"visual.trunk.patch_embed.proj.{rest.rsplit('.', 1)[1]}": v}
+    if rest == "pos_embed":
+        return {"visual.trunk.pos_embed": v.unsqueeze(0)}
+    if rest == "cls_token":
+        return {"visual.trunk.cls_token": v.reshape(1, 1, -1)}
+    if rest == "attn_pool.probe":
+        return {"visual.trunk.attn_pool.latent": v.reshape(1, 1, -1)}
+    if rest == "proj.weight":
+        return {"visual.head.proj.weight": v}
+    return {f"visual.trunk.{rest}": v}  # norm_pre, norm, attn_pool.{q,kv,proj,norm,mlp}: the same names
+
+
 def _rename_block(rest: str, table: dict) -> str | None:
     for src, dst in table.items():
         if rest == src or rest.startswith(src + "."):
@@ -166,8 +182,32 @@ def _rename_block(rest: str, table: dict) -> str | None:
     return None
 
 
+_TIMM_SAME = re.compile(
+    r"(?:blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)"
+    r"|blocks\.\d+\.ls[12]\.gamma"
+    r"|attn_pool\.(?:q|kv|proj|norm|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)"
+    r"|norm_pre\.(?:weight|bias)|norm\.(?:weight|bias))"
+)
+
+
+def _from_timm_trunk(rest: str, v: torch.Tensor):
+    """A timm VisionTransformer tensor (open_clip's TimmModel ``visual.trunk.``) -> (fastclip name, tensor)."""
+    if _TIMM_SAME.fullmatch(rest):
+        return (f"visual.transformer.{rest}" if rest.startswith("blocks.") else f"visual.{rest}"), v
+    if rest in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+        return f"visual.patch_embed.{rest.rsplit('.', 1)[1]}", v
+    if rest == "pos_embed":  # (1, P, W)
+        return "visual.pos_embed", v.reshape(-1, v.shape[-1])
+    if rest == "cls_token":  # (1, 1, W)
+        return "visual.cls_token", v.reshape(-1)
+    if rest == "attn_pool.latent" and v.dim() == 3 and v.shape[1] == 1:  # (1, 1, W): one latent query
+        return "visual.attn_pool.probe", v.reshape(1, -1)
+    return None, None
+
+
 def from_open_clip(sd: dict) -> tuple[dict, list]:
-    """open_clip / OpenAI names -> fastclip names. Returns (converted, unconverted keys)."""
+    """open_clip / OpenAI names -> fastclip names, including open_clip's timm vision towers
+    (``visual.trunk.*``, as in its SigLIP models). Returns (converted, unconverted keys)."""
     out, left = {}, []
     text_prefix = "text." if "text.token_embedding.weight" in sd else ""
     simple = {
@@ -182,7 +222,15 @@ def from_open_clip(sd: dict) -> tuple[dict, list]:
         "logit_bias": "logit_bias",
     }
     for k, v in sd.items():
-        if k in simple:
+        if k.startswith("visual.trunk."):
+            new, t = _from_timm_trunk(k[len("visual.trunk.") :], v)
+            if new is None:
+                left.append(k)
+            else:
+                out[new] = t
+        elif k == "visual.head.proj.weight":  # TimmModel's linear projection
+            out["visual.proj.weight"] = v
+        elif k in simple:
             out[simple[k]] = v
         elif k == "visual.proj":
             out["visual.proj.weight"] = v.t()  # open_clip: pooled @ proj, (W, E)
@@ -207,12 +255,21 @@ def from_open_clip(sd: dict) -> tuple[dict, list]:
     return out, left
 
 
-def to_open_clip(sd: dict, custom_text: bool = False) -> dict:
-    """fastclip names -> open_clip names (``custom_text``: text tower under ``text.``, as CustomTextCLIP)."""
+def to_open_clip(sd: dict, custom_text: bool | None = None) -> dict:
+    """fastclip names -> open_clip names. Vision towers without a class token or with an attention-pool
+    head are written as open_clip's timm tower (``visual.trunk.*``, as its SigLIP models); the text
+    tower goes under ``text.`` (CustomTextCLIP) when ``custom_text`` (default: for SigLIP-style models,
+    i.e. a timm vision tower or a text projection with bias)."""
+    timm = "visual.attn_pool.probe" in sd or "visual.cls_token" not in sd
+    if custom_text is None:
+        custom_text = timm or "text.proj.bias" in sd
     tp = "text." if custom_text else ""
     inv_block = {v: k for k, v in _OC_BLOCK.items()}
     out = {}
     for k, v in sd.items():
+        if timm and k.startswith("visual."):
+            out.update(_to_timm_trunk(k, v))
+            continue
         m = re.fullmatch(r"(visual|text)\.transformer\.blocks\.(\d+)\.(.+)", k)
         if m:
             prefix = "visual." if m.group(1) == "visual" else tp
@@ -409,43 +466,88 @@ def config_from_hf(cfg: dict) -> ModelConfig:
 
 
 def infer_open_clip_config(sd: dict) -> ModelConfig:
-    """A ModelConfig from open_clip tensor shapes (heads = width / 64, as open_clip assumes;
-    QuickGELU when the file looks like OpenAI's, else GELU: pass ``model_name`` when it matters)."""
+    """A ModelConfig from open_clip tensor shapes. Heads are assumed to be width / 64 (as open_clip
+    assumes) and the activation GELU: pass ``model_name`` or overrides when that is wrong (OpenAI
+    weights use QuickGELU). Files with a ``logit_bias`` get SigLIP's text tower (bidirectional, last-token
+    pooling, eps 1e-6); timm vision towers (``visual.trunk.*``) SigLIP's vision settings."""
     tp = "text." if "text.token_embedding.weight" in sd else ""
+    siglip = "logit_bias" in sd
     try:
-        conv = sd["visual.conv1.weight"]
-        vw, patch = conv.shape[0], conv.shape[-1]
-        grid = int(round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1)))
-        vdepth = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
-        vmlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         vocab, tw = sd[f"{tp}token_embedding.weight"].shape
         ctx = sd[f"{tp}positional_embedding"].shape[0]
-        tdepth = len(
-            {k.split(".")[len(tp.split(".")) + 1] for k in sd if k.startswith(f"{tp}transformer.resblocks.")}
+        tdepth = 1 + max(
+            int(k[len(f"{tp}transformer.resblocks.") :].split(".")[0])
+            for k in sd
+            if k.startswith(f"{tp}transformer.resblocks.")
         )
         tmlp = sd[f"{tp}transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-        if "visual.proj" in sd:
-            embed = sd["visual.proj"].shape[1]
+        if "visual.trunk.patch_embed.proj.weight" in sd:
+            vision, embed = _infer_timm_vision(sd)
         else:
-            raise KeyError("visual.proj")
-    except KeyError as exc:
+            conv = sd["visual.conv1.weight"]
+            vw, patch = conv.shape[0], conv.shape[-1]
+            grid = int(round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1)))
+            vdepth = 1 + max(
+                int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks.")
+            )
+            vision = VisionConfig(
+                image_size=grid * patch,
+                patch_size=patch,
+                width=vw,
+                depth=vdepth,
+                heads=max(1, vw // 64),
+                mlp_dim=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                ls_init=1e-5 if "visual.transformer.resblocks.0.ls_1.gamma" in sd else None,
+            )
+            embed = sd["visual.proj"].shape[1]
+    except (KeyError, ValueError) as exc:
         raise ValueError(
-            f"state_dict: cannot infer an open_clip config, key {exc} is missing; pass model_name"
+            f"state_dict: cannot infer an open_clip config ({type(exc).__name__}: {exc}); pass model_name"
         ) from exc
-    ls = "visual.transformer.resblocks.0.ls_1.gamma" in sd
-    proj_bias = f"{tp}text_projection.bias" in sd
-    return ModelConfig(
-        embed_dim=embed,
-        vision=VisionConfig(
-            image_size=grid * patch, patch_size=patch, width=vw, depth=vdepth, heads=max(1, vw // 64),
-            mlp_dim=vmlp, ls_init=1e-5 if ls else None,
-        ),
-        text=TextConfig(
-            context_length=ctx, vocab_size=vocab, width=tw, depth=tdepth, heads=max(1, tw // 64), mlp_dim=tmlp,
-            proj_bias=proj_bias, ls_init=1e-5 if f"{tp}transformer.resblocks.0.ls_1.gamma" in sd else None,
-        ),
-        siglip="logit_bias" in sd,
-    )  # fmt: skip
+    text = TextConfig(
+        context_length=ctx,
+        vocab_size=vocab,
+        width=tw,
+        depth=tdepth,
+        heads=max(1, tw // 64),
+        mlp_dim=tmlp,
+        norm_eps=1e-6 if siglip else 1e-5,
+        causal=not siglip,
+        pool="last" if siglip else "argmax",
+        proj_bias=f"{tp}text_projection.bias" in sd,
+        ls_init=1e-5 if f"{tp}transformer.resblocks.0.ls_1.gamma" in sd else None,
+    )
+    return ModelConfig(embed_dim=embed, vision=vision, text=text, siglip=siglip)
+
+
+def _infer_timm_vision(sd: dict) -> tuple[VisionConfig, int]:
+    conv = sd["visual.trunk.patch_embed.proj.weight"]
+    vw, patch = conv.shape[0], conv.shape[-1]
+    cls = "visual.trunk.cls_token" in sd
+    n = sd["visual.trunk.pos_embed"].shape[1] - int(cls)
+    grid = int(round(math.sqrt(n)))
+    if grid * grid != n:
+        raise ValueError(f"visual.trunk.pos_embed: expected a square grid, got {n} positions")
+    depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.trunk.blocks."))
+    pool = "map" if "visual.trunk.attn_pool.latent" in sd else ("tok" if cls else "mean")
+    proj = "visual.head.proj.weight" in sd
+    vision = VisionConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        width=vw,
+        depth=depth,
+        heads=max(1, vw // 64),
+        mlp_dim=sd["visual.trunk.blocks.0.mlp.fc1.weight"].shape[0],
+        act="gelu_tanh",
+        norm_eps=1e-6,
+        class_token=cls,
+        pre_norm="visual.trunk.norm_pre.weight" in sd,
+        patch_bias="visual.trunk.patch_embed.proj.bias" in sd,
+        pool=pool,
+        proj=proj,
+        ls_init=1e-5 if "visual.trunk.blocks.0.ls1.gamma" in sd else None,
+    )
+    return vision, (sd["visual.head.proj.weight"].shape[0] if proj else vw)
 
 
 # ----------------------------------------------------------------------------------------------- loading
