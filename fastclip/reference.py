@@ -49,3 +49,96 @@ def siglip_loss_reference(
     if not negative_only:
         labels = labels + 2 * torch.eye(n, logits.shape[1], device=logits.device, dtype=logits.dtype)
     return -F.logsigmoid(labels * logits).sum() / n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed references: open_clip's semantics over a process group, materialized on every rank.
+
+
+def clip_loss_distributed_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+    *,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
+    group=None,
+) -> torch.Tensor:
+    """open_clip ``ClipLoss`` with ``world_size > 1`` over ``group``: gathers the features and builds
+    ``(n, N)`` (``local_loss``) or ``(N, N)`` logits on every rank. Reproduces each quirk below.
+    """
+    import torch.distributed as dist
+
+    from fastclip.distributed import all_gather_rows, all_gather_with_grad
+
+    rank = dist.get_rank(group)
+    n = image_features.shape[0]
+    if gather_with_grad:
+        # Quirk: the gathered features carry gradients to their owners (backward = reduce-scatter),
+        # so every rank's loss sends gradient to every rank's features. With local_loss=False each
+        # rank's loss is the global loss, and its features receive the sum of W identical
+        # gradients: W times the gradient of the global loss (logit_scale keeps 1x).
+        all_x = all_gather_with_grad(image_features, group)
+        all_y = all_gather_with_grad(text_features, group)
+    else:
+        all_x = all_gather_rows(image_features, group)  # constants: no gradient to anyone
+        all_y = all_gather_rows(text_features, group)
+        if not local_loss:
+            # Quirk: open_clip puts the local tensors back in their slot so that the local rows keep a
+            # gradient; the gradient a rank gets is then exactly d(global loss)/d(own features).
+            # With local_loss=True it does not: the gathered copies stay constants, so the image
+            # features only get the image-row terms and the text features only the text-row terms.
+            all_x = torch.cat([all_x[: rank * n], image_features, all_x[(rank + 1) * n :]])
+            all_y = torch.cat([all_y[: rank * n], text_features, all_y[(rank + 1) * n :]])
+    if local_loss:
+        logits_per_image = logit_scale * image_features @ all_y.T  # (n, N)
+        logits_per_text = logit_scale * text_features @ all_x.T  # (n, N)
+        # Positives of the local rows sit at columns rank * n + i of the gathered matrix.
+        labels = torch.arange(n, device=image_features.device) + rank * n
+        if logit_bias is not None:
+            logits_per_image = logits_per_image + logit_bias
+            logits_per_text = logits_per_text + logit_bias
+    else:
+        logits_per_image = logit_scale * all_x @ all_y.T  # (N, N)
+        if logit_bias is not None:
+            # Quirk: open_clip adds the bias in place to logits_per_image and then to logits_per_text,
+            # which is a transposed view of the same storage: the bias is added twice. A shift shared
+            # by a whole row cancels in the softmax, so the loss and its gradients do not change.
+            logits_per_image = logits_per_image + 2 * logit_bias
+        logits_per_text = logits_per_image.T
+        labels = torch.arange(logits_per_image.shape[0], device=image_features.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss_distributed_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+    *,
+    group=None,
+) -> torch.Tensor:
+    """open_clip ``SigLipLoss`` with ``world_size > 1`` over ``group`` (every ``dist_impl`` gives these
+    numbers: "bidir", "shift", "reduce" and "gather" differ only in how the texts travel).
+    """
+    import torch.distributed as dist
+
+    from fastclip.distributed import all_gather_with_grad
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    n = image_features.shape[0]
+    # Quirk: the exchanged texts carry gradients back to their owner, so a rank's text features get
+    # the gradient of every rank's loss (the sum over ranks), while image features, logit_scale and
+    # logit_bias get only the local loss's gradient.
+    all_y = all_gather_with_grad(text_features, group)
+    loss = siglip_loss_reference(image_features, text_features, logit_scale, logit_bias)
+    for q in range(world):
+        if q != rank:
+            # Quirk: every block, positive or negative-only, is divided by the *local* n: the loss of
+            # a rank is a sum over W blocks, not a mean over the N columns.
+            block = all_y[q * n : (q + 1) * n]
+            loss = loss + siglip_loss_reference(
+                image_features, block, logit_scale, logit_bias, negative_only=True
+            )
+    return loss
