@@ -18,6 +18,7 @@ from fastclip.models.configs import (
     list_models,
 )
 from fastclip.models.model import CLIP
+from fastclip.models.pretrained import WeightLoadError, load_state_dict_checked, save_fastclip
 from fastclip.models.text import TextTransformer
 from fastclip.models.tokenizer import WordTokenizer, load_tokenizer
 from fastclip.models.vision import VisionTransformer
@@ -56,4 +57,7 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "load_tokenizer",
+    "save_fastclip",
+    "load_state_dict_checked",
+    "WeightLoadError",
 ]
