@@ -101,6 +101,13 @@ def test_named_configs_and_overrides():
         create_model("tiny", attn_impl="fast")
     with pytest.raises(ValueError, match="patch_dropout"):
         create_model("tiny", patch_dropout=1.0)
+    # pixel statistics the weights expect (for the data pipeline)
+    assert get_config("ViT-B-16-SigLIP").vision.mean == (0.5, 0.5, 0.5)
+    assert get_config("ViT-B-16").vision.mean[0] == pytest.approx(0.4815, abs=1e-4)
+    gray = create_model("tiny", in_channels=1)
+    assert gray.config.vision.mean == (0.5,) and gray.encode_image(torch.randn(2, 1, 32, 32)).shape == (2, 64)
+    with pytest.raises(ValueError, match="mean/std"):
+        create_model("tiny", vision={"std": (0.5, 0.0, 0.5)})
 
 
 # ------------------------------------------------------------------------------------------ attention

@@ -129,7 +129,11 @@ def test_hf_interpolated_position_embeddings(tmp_path, loader):
 
 def test_hf_siglip_parity(tmp_path):
     hf, path = _hf_siglip(tmp_path)
+    (path / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}'
+    )
     model = load_pretrained(path)
+    assert model.config.vision.mean == (0.1, 0.2, 0.3) and model.config.vision.std == (0.4, 0.5, 0.6)
     assert model.is_siglip and model.config.vision.pool == "map" and not model.config.text.causal
     assert model.logit_bias.shape == (1,)
     torch.testing.assert_close(model.logit_bias.detach(), hf.logit_bias.detach())

@@ -25,6 +25,9 @@ ACTS = ("gelu", "gelu_tanh", "quick_gelu")
 ATTN_IMPLS = ("auto", "flash_attn", "xformers", "sdpa", "math")
 VISION_POOLS = ("tok", "mean", "map")
 TEXT_POOLS = ("argmax", "eos", "last", "first")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def _choice(name: str, value, choices) -> None:
@@ -67,6 +70,9 @@ class VisionConfig:
     ls_init: float | None = None
     patch_dropout: float = 0.0
     dynamic_size: bool = False
+    # Pixel normalization the weights expect (applied by the data pipeline, not by the model).
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
 
     def __post_init__(self):
         for k in ("image_size", "patch_size", "width", "depth", "heads", "in_channels"):
@@ -82,6 +88,11 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"vision.image_size: expected a multiple of patch_size={self.patch_size}, got {self.image_size}"
+            )
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels or min(self.std) <= 0:
+            raise ValueError(
+                f"vision.mean/std: expected {self.in_channels} values each (std > 0), got {self.mean} / {self.std}"
             )
         if not (0.0 <= float(self.patch_dropout) < 1.0):
             raise ValueError(f"vision.patch_dropout: expected a float in [0, 1), got {self.patch_dropout!r}")
@@ -212,6 +223,7 @@ def _siglip_vision(image, patch, width, depth, heads, mlp_dim=None):
     return VisionConfig(
         image_size=image, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
         act="gelu_tanh", norm_eps=1e-6, class_token=False, pre_norm=False, patch_bias=True, pool="map", proj=False,
+        mean=SIGLIP_MEAN, std=SIGLIP_STD,
     )  # fmt: skip
 
 
@@ -337,6 +349,13 @@ def apply_overrides(cfg: ModelConfig, **overrides) -> ModelConfig:
             d["vision"]["act"] = d["text"]["act"] = value
         else:
             _reject_unknown("create_model", {key: value}, known)
+    vis = overrides.get("vision", {})
+    n_ch = d["vision"]["in_channels"]
+    if n_ch != len(d["vision"]["mean"]) and "mean" not in vis and "std" not in vis:
+        d["vision"]["mean"], d["vision"]["std"] = (
+            (0.5,) * n_ch,
+            (0.5,) * n_ch,
+        )  # neutral stats for other channel counts
     # A width change must not keep a stale 4·width MLP: recompute mlp_dim unless it was given.
     for section, sub in (("vision", overrides.get("vision", {})), ("text", overrides.get("text", {}))):
         width_changed = d[section]["width"] != getattr(cfg, section).width

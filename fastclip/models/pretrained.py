@@ -22,7 +22,17 @@ import re
 
 import torch
 
-from fastclip.models.configs import ModelConfig, TextConfig, VisionConfig, apply_overrides, get_config
+from fastclip.models.configs import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+    apply_overrides,
+    get_config,
+)
 from fastclip.models.model import CLIP
 
 FORMAT_KEY = "fastclip_config"
@@ -432,6 +442,8 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         patch_bias=siglip,
         pool="map" if siglip else "tok",
         proj=not siglip,
+        mean=SIGLIP_MEAN if siglip else CLIP_MEAN,
+        std=SIGLIP_STD if siglip else CLIP_STD,
     )
     if siglip and not v.get("vision_use_head", True):
         raise ValueError(
@@ -546,6 +558,8 @@ def _infer_timm_vision(sd: dict) -> tuple[VisionConfig, int]:
         pool=pool,
         proj=proj,
         ls_init=1e-5 if "visual.trunk.blocks.0.ls1.gamma" in sd else None,
+        mean=SIGLIP_MEAN,
+        std=SIGLIP_STD,
     )
     return vision, (sd["visual.head.proj.weight"].shape[0] if proj else vw)
 
@@ -622,6 +636,14 @@ def load_pretrained(path, model_name: str | None = None, **overrides) -> CLIP:
             hf_cfg = json.load(f)
         sd, _ = read_state_dict(path)
         config = get_config(model_name) if model_name is not None else config_from_hf(hf_cfg)
+        pre = os.path.join(path, "preprocessor_config.json")
+        if model_name is None and os.path.isfile(pre):  # the pixel statistics the processor uses
+            with open(pre) as f:
+                proc = json.load(f)
+            if "image_mean" in proc and "image_std" in proc:
+                config = apply_overrides(
+                    config, vision={"mean": proc["image_mean"], "std": proc["image_std"]}
+                )
     else:
         sd, meta = read_state_dict(path)
         config = None
