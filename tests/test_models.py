@@ -63,6 +63,9 @@ def test_forward_contract_and_loss(name):
     raw = model.encode_image(images)
     torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), out["image_features"])
     assert model.config.vision.image_size in (32, 64) and model.config.text.context_length == 16
+    nwd = model.no_weight_decay()
+    assert {"logit_scale", "visual.pos_embed", "text.pos_embed", "visual.norm.weight"} <= nwd
+    assert "visual.transformer.blocks.0.attn.qkv.weight" not in nwd and "text.token_embed.weight" not in nwd
 
 
 def test_named_configs_and_overrides():

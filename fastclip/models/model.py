@@ -52,6 +52,12 @@ class CLIP(nn.Module):
         self.text.transformer.grad_checkpointing = enable
         self.config.grad_checkpointing = enable
 
+    def no_weight_decay(self) -> set:
+        """Names of parameters usually trained without weight decay: biases, norms, embeddings of
+        positions / class token / probe, logit scale and bias (every parameter with fewer than 2 dims,
+        plus the position embeddings)."""
+        return {n for n, p in self.named_parameters() if p.dim() < 2 or n.endswith(("pos_embed", "probe"))}
+
     def set_attn_impl(self, impl: str) -> None:
         """Switch the attention backend of both towers ("auto", "flash_attn", "xformers", "sdpa", "math")."""
         check_attn_impl(impl)

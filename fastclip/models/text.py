@@ -62,7 +62,7 @@ class TextTransformer(nn.Module):
                 "(tokenize with truncation to the context length)"
             )
         if ids.numel() and not _is_compiling():
-            lo, hi = int(ids.min()), int(ids.max())
+            lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # one host sync
             if lo < 0 or hi >= c.vocab_size:
                 raise ValueError(f"texts: expected token ids in [0, {c.vocab_size}), got ids in [{lo}, {hi}]")
 
