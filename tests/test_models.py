@@ -419,5 +419,13 @@ def test_load_tokenizer_local(tmp_path):
     tok = load_tokenizer(str(tmp_path / "tokenizer.json"), context_length=5)
     ids = tok(["red square", "square red blue red square red"])
     assert ids.shape == (2, 5) and ids[0].tolist()[:2] == [2, 3] and ids[1].tolist() == [3, 2, 1, 2, 3]
+    # without transformers: the `tokenizers` package alone gives the same ids
+    import sys
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "transformers", None)
+        plain = load_tokenizer(str(tmp_path / "tokenizer.json"), context_length=5)
+        assert plain._hf is None
+        assert torch.equal(plain(["red square", "square red blue red square red"]), ids)
     with pytest.raises(ValueError, match="not found"):
         load_tokenizer(str(tmp_path / "nope"))
