@@ -164,48 +164,44 @@ def _siglip_cases(rank, world, oc, failures, counter, group=None):
                 _compare(tag, got, want, TOL64, failures, counter)
 
 
-def _float32_cases(rank, world, oc, failures, counter):
-    """float32: every strategy within a small multiple of open_clip's own float32 error."""
+def _float32_cases(rank, world, oc, failures, counter, impl="torch", combos=((True, True), (False, False))):
+    """float32: every strategy within 2x open_clip's own float32 error (against float64) + a floor.
+
+    With ``impl="triton"`` the block primitives are the real Triton kernels, run by the interpreter
+    on CPU (TRITON_INTERPRET=1 is inherited from conftest): the code path CUDA ranks take."""
     from fastclip import ClipLoss, SigLipLoss
 
     n = 6
     x, y, s, b = _local_inputs(rank, world, n, torch.float32, seed=3)
     x64, y64, s64, b64 = (t.detach().double() for t in (x, y, s, b))
-    for ll, gg in ((True, True), (False, False)):
-        truth = _run(
-            oc.ClipLoss(local_loss=ll, gather_with_grad=gg, rank=rank, world_size=world),
-            x64,
-            y64,
-            s64,
-            b64,
-            1.0,
-        )
-        theirs = _run(
-            oc.ClipLoss(local_loss=ll, gather_with_grad=gg, rank=rank, world_size=world), x, y, s, b, 1.0
-        )
+
+    def check(tag, labels, got, truth, theirs):
+        for label, gv, tv, ov in zip(labels, got, truth, theirs):
+            counter[0] += 1
+            err, ref_err = float((gv - tv).abs().max()), float((ov - tv).abs().max())
+            if not err <= 2 * ref_err + 2e-5 * max(1.0, float(tv.abs().max())):
+                failures.append(f"float32 {impl} {tag} {label}: {err:.2e} vs open_clip's {ref_err:.2e}")
+
+    for ll, gg in combos:
+        oc_loss = oc.ClipLoss(local_loss=ll, gather_with_grad=gg, rank=rank, world_size=world)
+        truth = _run(oc_loss, x64, y64, s64, b64, 1.0)
+        theirs = _run(oc_loss, x, y, s, b, 1.0)
         for dist_impl in ("gather", "ring"):
             mod = ClipLoss(
-                local_loss=ll, gather_with_grad=gg, rank=rank, world_size=world, dist_impl=dist_impl
+                local_loss=ll,
+                gather_with_grad=gg,
+                rank=rank,
+                world_size=world,
+                dist_impl=dist_impl,
+                impl=impl,
             )
             got = _run(lambda *a, m=mod: m(a[0], a[1], a[2]), x, y, s, b, 1.0)
-            for label, gv, tv, ov in zip(("loss", "dx", "dy", "ds"), got, truth, theirs):
-                counter[0] += 1
-                err, ref_err = float((gv - tv).abs().max()), float((ov - tv).abs().max())
-                if err > 2 * ref_err + 2e-5 * max(1.0, float(tv.abs().max())):
-                    failures.append(
-                        f"float32 ClipLoss {dist_impl} ll={ll} gg={gg} {label}: {err:.2e} vs open_clip's {ref_err:.2e}"
-                    )
+            check(f"ClipLoss {dist_impl} ll={ll} gg={gg}", ("loss", "dx", "dy", "ds"), got, truth, theirs)
     truth = _run(oc.SigLipLoss(rank=rank, world_size=world), x64, y64, s64, b64, 1.0)
     theirs = _run(oc.SigLipLoss(rank=rank, world_size=world), x, y, s, b, 1.0)
     for dist_impl in SIGLIP_IMPLS:
-        got = _run(SigLipLoss(rank=rank, world_size=world, dist_impl=dist_impl), x, y, s, b, 1.0)
-        for label, gv, tv, ov in zip(("loss", "dx", "dy", "ds", "db"), got, truth, theirs):
-            counter[0] += 1
-            err, ref_err = float((gv - tv).abs().max()), float((ov - tv).abs().max())
-            if err > 2 * ref_err + 2e-5 * max(1.0, float(tv.abs().max())):
-                failures.append(
-                    f"float32 SigLipLoss {dist_impl} {label}: {err:.2e} vs open_clip's {ref_err:.2e}"
-                )
+        got = _run(SigLipLoss(rank=rank, world_size=world, dist_impl=dist_impl, impl=impl), x, y, s, b, 1.0)
+        check(f"SigLipLoss {dist_impl}", ("loss", "dx", "dy", "ds", "db"), got, truth, theirs)
 
 
 def _error_cases(rank, world, failures, counter):
@@ -376,6 +372,8 @@ def _worker(rank, world, tmpdir, tasks):
                 _clip_cases(rank, world, oc, failures, counter)
                 _siglip_cases(rank, world, oc, failures, counter)
                 _float32_cases(rank, world, oc, failures, counter)
+            elif task == "triton":
+                _float32_cases(rank, world, oc, failures, counter, impl="triton", combos=CLIP_COMBOS)
             elif task == "errors":
                 _error_cases(rank, world, failures, counter)
             elif task == "group":
@@ -474,7 +472,7 @@ def _assert_clean(results, task, min_checks):
 
 
 TASKS = {
-    2: ("parity", "errors", "comm", "memory", "train"),
+    2: ("parity", "triton", "errors", "comm", "memory", "train"),
     3: ("parity", "errors", "comm", "memory"),
     4: ("parity", "errors", "group", "comm", "memory"),
 }
@@ -500,6 +498,14 @@ def test_parity_with_open_clip_and_reference(world, worlds):
     chunk_size=2, incoming gradients 1 and rank+1, float64 and float32: loss and all four gradients
     on every rank equal open_clip's loss.py in the same world and fastclip.reference's."""
     _assert_clean(worlds(world), "parity", min_checks=430)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_triton_block_kernels_under_every_strategy(worlds):
+    """W=2, float32, impl="triton" (the Triton kernels through the interpreter): all four ClipLoss
+    flag combinations x both strategies and all SigLipLoss dist_impls, within open_clip's budget."""
+    _assert_clean(worlds(2), "triton", min_checks=52)
 
 
 @pytest.mark.slow
