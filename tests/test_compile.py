@@ -4,7 +4,8 @@ The block primitives are ``torch.library`` custom ops with fake implementations 
 (``fastclip/ops/library.py``), so Dynamo traces ``clip_loss``/``siglip_loss`` in one graph
 (``fullgraph=True``: a graph break inside fastclip fails the test) and AOTAutograd compiles the
 backward through the autograd Functions. CPU: ``impl="torch"`` (one compile, kept small: it is the
-slowest kind of test on a 2-core machine). GPU: ``impl="triton"``.
+slowest kind of test on a 2-core machine), and ``impl="triton"`` through the interpreter (the custom
+ops' aliasing rules hold inside a compiled graph). GPU: ``impl="triton"`` compiled.
 """
 
 import pytest
@@ -74,6 +75,16 @@ def test_fake_implementations_match_real_outputs():
             fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
             fake = op(*fake_args)
         assert [(r.shape, r.dtype) for r in real] == [(f.shape, f.dtype) for f in fake], op
+
+
+@pytest.mark.interpreter
+def test_compiled_training_step_triton_impl_interpreted():
+    """The Triton kernels inside a compiled graph, on CPU through the interpreter (no GPU needed)."""
+    from fastclip.ops.dispatch import triton_available
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py on machines without CUDA)")
+    _compare_compiled_with_eager("triton")
 
 
 @pytest.mark.gpu

@@ -203,8 +203,11 @@ class ClipLossFunction(torch.autograd.Function):
                 chunk_size=ctx.chunk_size,
             )
             g = grad_out.to(gx.dtype)
-            dx = (gx * g).to(x.dtype) if need_x else None
-            dy = (gy * g).to(y.dtype) if need_y else None
+            # In place: gx, gy are fresh fp32 buffers; no third (n, D) fp32 temporary at the peak.
+            dx = gx.mul_(g).to(x.dtype) if need_x else None
+            del gx
+            dy = gy.mul_(g).to(y.dtype) if need_y else None
+            del gy
             ds = (gs * g).to(scale.dtype).reshape(scale.shape) if need_s else None
         if need_b:
             # The softmax loss is invariant to a shared bias: open_clip's gradient is exactly zero.

@@ -50,18 +50,30 @@ def siglip_block_impl(x, y, scale, bias, offset, need_grad, impl, chunk_size):
     return siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size)
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
-    # Outputs of a custom op may not alias each other or be views: the launchers may return views
-    # of one partial buffer (a few scalars or one row of partials), so copy those.
-    return t.clone() if t._base is not None else t
+def _own(inputs, outputs):
+    """Copy any output that shares storage with an input or an earlier output.
+
+    Outputs of a custom op may not alias its inputs or each other, and the launchers may return
+    views of one buffer (several scalars of one partial-sum tensor). Storage pointers, not ``_base``,
+    decide: below autograd (as inside a compiled graph) views carry no ``_base``.
+    """
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    owned = []
+    for t in outputs:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr != 0 and ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        owned.append(t)
+    return tuple(owned)
 
 
 @custom_op("fastclip::clip_lse", mutates_args=())
 def clip_lse_op(
     x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, impl: str, chunk_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    lse_row, lse_col = clip_lse_impl(x, y, scale, impl, chunk_size)
-    return _own(lse_row), _own(lse_col)
+    return _own((x, y, scale), clip_lse_impl(x, y, scale, impl, chunk_size))
 
 
 @clip_lse_op.register_fake
@@ -87,7 +99,7 @@ def clip_grad_op(
     dx, dy, ds = clip_grad_impl(
         x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, impl, chunk_size
     )
-    return _own(dx), _own(dy), _own(ds)
+    return _own((x, y, scale, lse_row, lse_col), (dx, dy, ds))
 
 
 @clip_grad_op.register_fake
@@ -111,7 +123,7 @@ def siglip_block_op(
     if dx is None:
         acc = acc_dtype(x.dtype)
         dx, dy = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    return _own(total), _own(dx), _own(dy), _own(ds), _own(db)
+    return _own((x, y, scale, bias), (total, dx, dy, ds, db))
 
 
 @siglip_block_op.register_fake
