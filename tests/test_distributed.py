@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from utils import load_open_clip_loss
+from utils import ABS_FLOOR, load_open_clip_loss
 
 pytestmark = pytest.mark.distributed
 
@@ -164,7 +164,16 @@ def _siglip_cases(rank, world, oc, failures, counter, group=None):
                 _compare(tag, got, want, TOL64, failures, counter)
 
 
-def _float32_cases(rank, world, oc, failures, counter, impl="torch", combos=((True, True), (False, False))):
+def _float32_cases(
+    rank,
+    world,
+    oc,
+    failures,
+    counter,
+    impl="torch",
+    combos=((True, True), (False, False)),
+    dtype=torch.float32,
+):
     """float32: every strategy within 2x open_clip's own float32 error (against float64) + a floor.
 
     With ``impl="triton"`` the block primitives are the real Triton kernels, run by the interpreter
@@ -172,15 +181,16 @@ def _float32_cases(rank, world, oc, failures, counter, impl="torch", combos=((Tr
     from fastclip import ClipLoss, SigLipLoss
 
     n = 6
-    x, y, s, b = _local_inputs(rank, world, n, torch.float32, seed=3)
+    x, y, s, b = _local_inputs(rank, world, n, dtype, seed=3)
     x64, y64, s64, b64 = (t.detach().double() for t in (x, y, s, b))
+    floor = ABS_FLOOR[dtype]
 
     def check(tag, labels, got, truth, theirs):
         for label, gv, tv, ov in zip(labels, got, truth, theirs):
             counter[0] += 1
             err, ref_err = float((gv - tv).abs().max()), float((ov - tv).abs().max())
-            if not err <= 2 * ref_err + 2e-5 * max(1.0, float(tv.abs().max())):
-                failures.append(f"float32 {impl} {tag} {label}: {err:.2e} vs open_clip's {ref_err:.2e}")
+            if not err <= 2 * ref_err + floor * max(1.0, float(tv.abs().max())):
+                failures.append(f"{dtype} {impl} {tag} {label}: {err:.2e} vs open_clip's {ref_err:.2e}")
 
     for ll, gg in combos:
         oc_loss = oc.ClipLoss(local_loss=ll, gather_with_grad=gg, rank=rank, world_size=world)
@@ -372,6 +382,8 @@ def _worker(rank, world, tmpdir, tasks):
                 _clip_cases(rank, world, oc, failures, counter)
                 _siglip_cases(rank, world, oc, failures, counter)
                 _float32_cases(rank, world, oc, failures, counter)
+            elif task == "bf16":
+                _float32_cases(rank, world, oc, failures, counter, dtype=torch.bfloat16)
             elif task == "triton":
                 _float32_cases(rank, world, oc, failures, counter, impl="triton", combos=CLIP_COMBOS)
             elif task == "errors":
@@ -472,7 +484,7 @@ def _assert_clean(results, task, min_checks):
 
 
 TASKS = {
-    2: ("parity", "triton", "errors", "comm", "memory", "train"),
+    2: ("parity", "bf16", "triton", "errors", "comm", "memory", "train"),
     3: ("parity", "errors", "comm", "memory"),
     4: ("parity", "errors", "group", "comm", "memory"),
 }
@@ -498,6 +510,13 @@ def test_parity_with_open_clip_and_reference(world, worlds):
     chunk_size=2, incoming gradients 1 and rank+1, float64 and float32: loss and all four gradients
     on every rank equal open_clip's loss.py in the same world and fastclip.reference's."""
     _assert_clean(worlds(world), "parity", min_checks=430)
+
+
+@pytest.mark.slow
+def test_bfloat16_features(worlds):
+    """W=2, bfloat16 features (P2P and collectives in bf16, fp32 accumulators): within 2x open_clip's
+    own bfloat16 error against float64, for both strategies and every SigLIP dist_impl."""
+    _assert_clean(worlds(2), "bf16", min_checks=36)
 
 
 @pytest.mark.slow
