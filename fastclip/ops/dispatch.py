@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -21,7 +22,7 @@ def triton_available(device: torch.device) -> bool:
         from fastclip.kernels import KERNELS_READY
     except ImportError:
         return False
-    if not KERNELS_READY:
+    if not KERNELS_READY or importlib.util.find_spec("triton") is None:
         return False
     if device.type == "cuda":
         return True
