@@ -19,6 +19,7 @@ gathered feature matrices stack ranks in group-rank order, so rank r's rows are 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -186,6 +187,9 @@ def check_batch_sizes(features: torch.Tensor, group=None) -> None:
             f"(fastclip's distributed losses, like open_clip's, need equal local batches); got {sizes} "
             "by group rank. Drop the last incomplete batch (drop_last=True) or pad it."
         )
+
+
+_check_batch_sizes = check_batch_sizes  # the functional forms' keyword of the same name shadows it
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -637,6 +641,51 @@ class _SigLipRing(torch.autograd.Function):
 # functional entry points (called by fastclip.losses after argument checks)
 
 
+def _apply_clip(x, y, scale, bias, local_loss, gather_with_grad, dist_impl, group, impl, chunk_size):
+    """The checked-inputs entry point (fastclip.losses calls it after its own checks)."""
+    mode = _clip_mode(local_loss, gather_with_grad)
+    fn = _ClipGather if dist_impl == "gather" else _ClipRing
+    return fn.apply(x, y, scale, bias, mode, group, impl, chunk_size)
+
+
+def _apply_siglip(x, y, scale, bias, dist_impl, group, impl, chunk_size):
+    if dist_impl in ("gather", "reduce"):
+        return _SigLipGather.apply(x, y, scale, bias, group, impl, chunk_size)
+    return _SigLipRing.apply(x, y, scale, bias, dist_impl, group, impl, chunk_size)
+
+
+def _check_call(
+    x, y, scale, bias, *, bias_required, dist_impl, allowed, group, impl, chunk_size, check_finite
+):
+    from fastclip import _checks
+    from fastclip.ops.dispatch import resolve_impl
+
+    if dist_impl not in allowed:
+        raise ValueError(f"dist_impl: expected one of {allowed}, got {dist_impl!r}")
+    _checks.check_bool("check_finite", check_finite)
+    _checks.check_features(x, y)
+    scale = _checks.check_scalar("logit_scale", scale, device=x.device)
+    if bias is None and bias_required:
+        raise ValueError("logit_bias: expected a 0-dim or 1-element tensor (SigLIP needs a bias), got None")
+    if bias is not None:
+        bias = _checks.check_scalar("logit_bias", bias, device=x.device)
+    if _checks.check_impl(impl) == "reference":
+        raise ValueError(
+            "impl: expected 'auto', 'triton' or 'torch' for the distributed functional forms, got 'reference' "
+            "(use fastclip.reference.*_distributed_reference)"
+        )
+    if "dtype" in inspect.signature(resolve_impl).parameters:
+        impl = resolve_impl(impl, x.device, dtype=x.dtype)
+    else:
+        impl = resolve_impl(impl, x.device)
+    chunk_size = _checks.check_chunk_size(chunk_size)
+    if check_finite:
+        _checks.check_all_finite("image_features", x)
+        _checks.check_all_finite("text_features", y)
+    group_rank_and_size(group)  # raises when torch.distributed is not initialized
+    return scale, bias, impl, chunk_size
+
+
 def clip_loss_distributed(
     image_features,
     text_features,
@@ -647,13 +696,33 @@ def clip_loss_distributed(
     gather_with_grad: bool = False,
     dist_impl: str = "gather",
     group=None,
-    impl: str = "torch",
+    impl: str = "auto",
     chunk_size: int | None = None,
+    check_finite: bool = False,
+    check_batch_sizes: bool = True,
 ):
-    """open_clip ``ClipLoss`` semantics over ``group`` without any n×N matrix. Inputs already checked."""
-    mode = _clip_mode(local_loss, gather_with_grad)
-    fn = _ClipGather if dist_impl == "gather" else _ClipRing
-    return fn.apply(image_features, text_features, logit_scale, logit_bias, mode, group, impl, chunk_size)
+    """open_clip ``ClipLoss(local_loss, gather_with_grad, rank, world_size)`` over ``group`` (default:
+    WORLD), without any n×N matrix: this rank's loss, with open_clip's gradients for this rank.
+
+    Shapes: local ``image_features (n, D)``, ``text_features (n, D)`` (same n on every rank),
+    ``logit_scale`` 0-dim or 1-element (exponentiated), optional ``logit_bias``. Equivalent to
+    ``fastclip.reference.clip_loss_distributed_reference`` (which gathers and materializes).
+    """
+    from fastclip import _checks
+
+    _checks.check_bool("local_loss", local_loss)
+    _checks.check_bool("gather_with_grad", gather_with_grad)
+    _checks.check_bool("check_batch_sizes", check_batch_sizes)
+    logit_scale, logit_bias, impl, chunk_size = _check_call(
+        image_features, text_features, logit_scale, logit_bias, bias_required=False, dist_impl=dist_impl,
+        allowed=("gather", "ring"), group=group, impl=impl, chunk_size=chunk_size, check_finite=check_finite,
+    )  # fmt: skip
+    if check_batch_sizes:
+        _check_batch_sizes(image_features, group)
+    return _apply_clip(
+        image_features, text_features, logit_scale, logit_bias, local_loss, gather_with_grad, dist_impl, group,
+        impl, chunk_size,
+    )  # fmt: skip
 
 
 def siglip_loss_distributed(
@@ -664,17 +733,27 @@ def siglip_loss_distributed(
     *,
     dist_impl: str = "bidir",
     group=None,
-    impl: str = "torch",
+    impl: str = "auto",
     chunk_size: int | None = None,
+    check_finite: bool = False,
+    check_batch_sizes: bool = True,
 ):
-    """open_clip ``SigLipLoss`` semantics over ``group``. "gather" and "reduce" share the all-gather
-    code (same numbers as open_clip's per-rank all-reduce loop at 1/W of its traffic); "bidir" and
-    "shift" pass text chunks around the ring (both directions, or to the right only)."""
-    if dist_impl in ("gather", "reduce"):
-        return _SigLipGather.apply(
-            image_features, text_features, logit_scale, logit_bias, group, impl, chunk_size
-        )
-    return _SigLipRing.apply(
+    """open_clip ``SigLipLoss(rank, world_size, dist_impl)`` over ``group``: this rank's loss with
+    open_clip's gradients. "gather" and "reduce" share the all-gather code (same numbers as open_clip's
+    per-rank all-reduce loop at 1/W of its traffic); "bidir" and "shift" pass text chunks around the
+    ring (both directions, or to the right only). Shapes as :func:`clip_loss_distributed`;
+    ``logit_bias`` is required."""
+    from fastclip import _checks
+
+    _checks.check_bool("check_batch_sizes", check_batch_sizes)
+    logit_scale, logit_bias, impl, chunk_size = _check_call(
+        image_features, text_features, logit_scale, logit_bias, bias_required=True, dist_impl=dist_impl,
+        allowed=("bidir", "shift", "reduce", "gather"), group=group, impl=impl, chunk_size=chunk_size,
+        check_finite=check_finite,
+    )  # fmt: skip
+    if check_batch_sizes:
+        _check_batch_sizes(image_features, group)
+    return _apply_siglip(
         image_features, text_features, logit_scale, logit_bias, dist_impl, group, impl, chunk_size
     )
 

@@ -201,17 +201,17 @@ class ClipLoss(nn.Module):
                 gather_with_grad=self.gather_with_grad,
                 group=self.group,
             )
-        return distributed.clip_loss_distributed(
+        return distributed._apply_clip(
             image_features,
             text_features,
             logit_scale,
             logit_bias,
-            local_loss=self.local_loss,
-            gather_with_grad=self.gather_with_grad,
-            dist_impl=self.dist_impl,
-            group=self.group,
-            impl=impl,
-            chunk_size=self.chunk_size,
+            self.local_loss,
+            self.gather_with_grad,
+            self.dist_impl,
+            self.group,
+            impl,
+            self.chunk_size,
         )
 
 
@@ -294,15 +294,15 @@ class SigLipLoss(nn.Module):
             return siglip_loss_distributed_reference(
                 image_features, text_features, logit_scale, logit_bias, group=self.group
             )
-        return distributed.siglip_loss_distributed(
+        return distributed._apply_siglip(
             image_features,
             text_features,
             logit_scale,
             logit_bias,
-            dist_impl=self.dist_impl,
-            group=self.group,
-            impl=impl,
-            chunk_size=self.chunk_size,
+            self.dist_impl,
+            self.group,
+            impl,
+            self.chunk_size,
         )
 
 

@@ -261,6 +261,41 @@ def _error_cases(rank, world, failures, counter):
         lambda: ClipLoss(group=dist.group.WORLD, rank=rank, world_size=world + 1),
         "rank/world_size",
     )
+    # The functional forms check their input too (every rank raises before any collective) ...
+    from fastclip.distributed import clip_loss_distributed, siglip_loss_distributed
+
+    x, y, s, b = _local_inputs(rank, world, 3, torch.float64, seed=7)
+    expect(
+        "functional impl=reference",
+        ValueError,
+        lambda: clip_loss_distributed(x, y, s, impl="reference"),
+        "impl",
+    )
+    expect(
+        "functional dist_impl",
+        ValueError,
+        lambda: siglip_loss_distributed(x, y, s, b, dist_impl="ring"),
+        "dist_impl",
+    )
+    expect("functional no bias", ValueError, lambda: siglip_loss_distributed(x, y, s, None), "logit_bias")
+    expect(
+        "functional bad flag", TypeError, lambda: clip_loss_distributed(x, y, s, local_loss=1), "local_loss"
+    )
+    expect("functional scale", ValueError, lambda: clip_loss_distributed(x, y, torch.ones(2)), "logit_scale")
+    # ... and give the modules' numbers.
+    for dist_impl in ("gather", "ring"):
+        counter[0] += 1
+        kw = dict(local_loss=True, gather_with_grad=True, dist_impl=dist_impl)
+        got = clip_loss_distributed(x, y, s, **kw)
+        want = ClipLoss(rank=rank, world_size=world, **kw)(x, y, s)
+        if not torch.equal(got, want):
+            failures.append(f"clip_loss_distributed {dist_impl}: {float(got)} != module {float(want)}")
+    for dist_impl in SIGLIP_IMPLS:
+        counter[0] += 1
+        got = siglip_loss_distributed(x, y, s, b, dist_impl=dist_impl)
+        want = SigLipLoss(rank=rank, world_size=world, dist_impl=dist_impl)(x, y, s, b)
+        if not torch.equal(got, want):
+            failures.append(f"siglip_loss_distributed {dist_impl}: {float(got)} != module {float(want)}")
     # NaN in one rank's features: every rank whose loss sees them returns NaN, never a finite number.
     x, y, s, b = _local_inputs(rank, world, 2, torch.float64, seed=6)
     if rank == world - 1:
@@ -533,7 +568,7 @@ def test_bad_input_raises_on_every_rank(world, worlds):
     """Unequal local batches: ValueError on every rank for every strategy (the test would hang or
     crash otherwise); rank/world_size inconsistent with the process group: ValueError; NaN features
     on one rank: NaN loss on every rank that sees them."""
-    _assert_clean(worlds(world), "errors", min_checks=15)
+    _assert_clean(worlds(world), "errors", min_checks=26)
 
 
 @pytest.mark.slow
