@@ -33,16 +33,16 @@ SIGLIP_IMPLS = ("bidir", "shift", "reduce", "gather")
 # helpers run inside the spawned ranks
 
 
-def _local_inputs(rank, world, n, dtype, seed):
+def _local_inputs(rank, world, n, dtype, seed, device="cpu"):
     """This rank's slice of a global batch (same global data whatever the world size)."""
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(world * n, D, generator=g, dtype=torch.float64), dim=-1)
     y = F.normalize(torch.randn(world * n, D, generator=g, dtype=torch.float64), dim=-1)
     sl = slice(rank * n, (rank + 1) * n)
-    x = x[sl].to(dtype).clone().requires_grad_()
-    y = y[sl].to(dtype).clone().requires_grad_()
-    s = torch.tensor(7.5, dtype=dtype, requires_grad=True)
-    b = torch.tensor(-3.0, dtype=dtype, requires_grad=True)
+    x = x[sl].to(device, dtype).clone().requires_grad_()
+    y = y[sl].to(device, dtype).clone().requires_grad_()
+    s = torch.tensor(7.5, dtype=dtype, device=device, requires_grad=True)
+    b = torch.tensor(-3.0, dtype=dtype, device=device, requires_grad=True)
     return x, y, s, b
 
 
@@ -173,6 +173,7 @@ def _float32_cases(
     impl="torch",
     combos=((True, True), (False, False)),
     dtype=torch.float32,
+    device="cpu",
 ):
     """float32: every strategy within 2x open_clip's own float32 error (against float64) + a floor.
 
@@ -181,7 +182,7 @@ def _float32_cases(
     from fastclip import ClipLoss, SigLipLoss
 
     n = 6
-    x, y, s, b = _local_inputs(rank, world, n, dtype, seed=3)
+    x, y, s, b = _local_inputs(rank, world, n, dtype, seed=3, device=device)
     x64, y64, s64, b64 = (t.detach().double() for t in (x, y, s, b))
     floor = ABS_FLOOR[dtype]
 
@@ -406,9 +407,12 @@ def _worker(rank, world, tmpdir, tasks):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # open_clip's deprecated torch names
     result = {"failures": {}, "checks": {}}
+    backend = "nccl" if "nccl" in tasks else "gloo"
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=world
+            backend, init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=world
         )
         oc = load_open_clip_loss()
         for task in tasks:
@@ -417,6 +421,21 @@ def _worker(rank, world, tmpdir, tasks):
                 _clip_cases(rank, world, oc, failures, counter)
                 _siglip_cases(rank, world, oc, failures, counter)
                 _float32_cases(rank, world, oc, failures, counter)
+            elif task == "nccl":
+                # CUDA tensors over NCCL: the chunked torch blocks and the Triton kernels ("auto").
+                for impl in ("torch", "auto"):
+                    for dtype in (torch.float32, torch.bfloat16):
+                        _float32_cases(
+                            rank,
+                            world,
+                            oc,
+                            failures,
+                            counter,
+                            impl=impl,
+                            combos=CLIP_COMBOS,
+                            dtype=dtype,
+                            device="cuda",
+                        )
             elif task == "bf16":
                 _float32_cases(rank, world, oc, failures, counter, dtype=torch.bfloat16)
             elif task == "triton":
@@ -684,3 +703,14 @@ def test_argument_checks_without_a_process_group():
         ClipLoss(rank=1, world_size=2)(x, x, torch.tensor(1.0))
     with pytest.raises(RuntimeError, match="init_process_group"):
         SigLipLoss(rank=0, world_size=2)(x, x, torch.tensor(1.0), torch.tensor(0.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (one NCCL rank per GPU)")
+def test_nccl_two_gpus(tmp_path):
+    """W=2 on NCCL with CUDA tensors: every ClipLoss flag combination x strategy and every SigLipLoss
+    dist_impl, float32 and bfloat16, chunked torch blocks and Triton kernels, within open_clip's own
+    error budget against float64 (open_clip running in the same NCCL world)."""
+    results = _spawn(2, ("nccl",), tmp_path)
+    _assert_clean(results, "nccl", min_checks=4 * 52)
