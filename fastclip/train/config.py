@@ -1,0 +1,445 @@
+"""Training configuration: dataclasses, YAML/JSON files, command-line overrides.
+
+A run is described by one :class:`Config` with seven sections (``model``, ``data``, ``optim``,
+``train``, ``eval``, ``checkpoint``, ``log``) plus ``output_dir``. Files (YAML or JSON) hold a
+subset of the keys; every key can also be set on the command line as ``--section.key VALUE``.
+Unknown keys are rejected with the closest known key in the message; :meth:`Config.validate`
+checks every value and names the key, the expected and the received value.
+
+    cfg = load_config("configs/tiny-synthetic.yaml", overrides={"train.steps": 100})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Named model from ``fastclip.models`` ("tiny", "tiny-siglip", ...)."""
+    overrides: dict = field(default_factory=dict)
+    """Keyword overrides passed to ``create_model(name, **overrides)``."""
+    loss: str = "auto"
+    """"clip" (softmax), "siglip" (sigmoid) or "auto" (siglip when the model has a logit_bias)."""
+    loss_impl: str = "auto"
+    """Loss implementation: "auto", "triton", "torch" or "reference"."""
+    dist_impl: str | None = None
+    """Distributed strategy of the loss (None: the loss's default)."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    """"synthetic" (built-in coloured shapes), "webdataset" (tar shards) or "csv" (CSV/TSV files)."""
+    train: str | None = None
+    """csv: path of the CSV/TSV file; webdataset: shard spec, e.g. "data/train-{000000..000099}.tar"."""
+    eval: str | None = None
+    """Held-out CSV/TSV (or shard spec) for retrieval and, with a label column, zero-shot evaluation."""
+    image_key: str = "image"
+    """CSV column (or webdataset extension list, ";"-separated) holding the image."""
+    caption_key: str = "caption"
+    """CSV column (or webdataset extension) holding the caption."""
+    label_key: str = "label"
+    """CSV column holding the class index of an evaluation row (zero-shot), if present."""
+    delimiter: str | None = None
+    """CSV delimiter (None: tab for .tsv files, comma otherwise)."""
+    workers: int = 0
+    """DataLoader worker processes for CSV data (0: load in the training process)."""
+    shuffle_buffer: int = 1000
+    """webdataset: sample shuffle buffer (0: no shuffling)."""
+    eval_size: int = 1000
+    """Synthetic data: number of held-out evaluation images (and of seen-combination images)."""
+    tokenizer: str = "auto"
+    """"auto": the synthetic vocabulary for synthetic data, the model's tokenizer otherwise."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    """Applied to weight matrices only (norms, biases, embeddings, logit_scale/bias excluded)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.0
+    """Cosine schedule ends at lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0: off)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 128
+    """Global batch (all ranks together); the contrastive loss sees all of it at once."""
+    micro_batch_size: int | None = None
+    """Per-rank micro-batch of the gradient cache (None: the whole per-rank batch, no caching)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0, 1, 2 or 3."""
+    precision: str = "fp32"
+    """"fp32", "bf16" or "fp16"."""
+    seed: int = 0
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu" or "cuda"."""
+    backend: str = "auto"
+    """torch.distributed backend: "auto" (nccl on cuda, gloo on cpu), "gloo" or "nccl"."""
+    threads: int | None = None
+    """torch intra-op threads per process on CPU (None: torch's default)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200
+    """Evaluate every this many steps (0: only at the end)."""
+    batch_size: int = 250
+    templates: list | None = None
+    """Zero-shot prompt templates with "{}" (None: the dataset's defaults)."""
+    classnames: Union[list, str] | None = None
+    """Zero-shot class names, a list or a text file with one per line (CSV/webdataset eval data)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep: int = 2
+    """Number of most recent checkpoints kept."""
+    resume: str = "auto"
+    """"auto" (the latest checkpoint in output_dir, if any), "never", or a checkpoint directory."""
+    export: bool = True
+    """Write plain weights to output_dir/model.safetensors at the end."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Append a metrics row every this many steps."""
+    progress: bool = True
+    tensorboard: bool = False
+    plot: bool = True
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str | None = None
+
+    # ---- conversion ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        """Build from nested dicts; unknown sections or keys raise :class:`ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+        cfg = cls()
+        for section, values in data.items():
+            if section == "output_dir":
+                cfg.output_dir = _coerce("output_dir", values, Optional[str])
+                continue
+            if section not in SECTIONS:
+                raise ConfigError(_unknown("section", section, [*SECTIONS, "output_dir"]))
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a mapping of keys, got {type(values).__name__}")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value)
+        return cfg
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set one key, e.g. ``cfg.set("optim.lr", 1e-3)``; the value is converted to the field's type."""
+        if dotted == "output_dir":
+            self.output_dir = _coerce(dotted, value, Optional[str])
+            return
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not key:
+            raise ConfigError(_unknown("key", dotted, all_keys()))
+        obj = getattr(self, section)
+        hints = _hints(SECTIONS[section])
+        if key not in hints:
+            raise ConfigError(_unknown("key", dotted, all_keys()))
+        setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self) -> Config:
+        """Check every value; raises :class:`ConfigError` naming the key, the expectation and the value."""
+        m, d, o, t, e, c, lg = (
+            self.model,
+            self.data,
+            self.optim,
+            self.train,
+            self.eval,
+            self.checkpoint,
+            self.log,
+        )
+        _choice("model.loss", m.loss, ("auto", "clip", "siglip"))
+        _choice("model.loss_impl", m.loss_impl, ("auto", "triton", "torch", "reference"))
+        if not m.name:
+            raise ConfigError("model.name: expected a model name such as 'tiny', got an empty string")
+        _choice("data.kind", d.kind, ("synthetic", "webdataset", "csv"))
+        if d.kind != "synthetic" and not d.train:
+            raise ConfigError(f"data.train: expected a path for data.kind={d.kind!r}, got {d.train!r}")
+        if d.kind == "synthetic" and (d.train or d.eval):
+            raise ConfigError(
+                "data.train/data.eval: the synthetic dataset takes no paths; "
+                f"set data.kind to 'csv' or 'webdataset' to use {d.train or d.eval!r}"
+            )
+        _minimum("data.workers", d.workers, 0)
+        _minimum("data.shuffle_buffer", d.shuffle_buffer, 0)
+        _minimum("data.eval_size", d.eval_size, 10)
+        _positive_float("optim.lr", o.lr)
+        _nonneg_float("optim.weight_decay", o.weight_decay)
+        if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
+        _positive_float("optim.eps", o.eps)
+        _minimum("optim.warmup_steps", o.warmup_steps, 0)
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio: expected a number in [0, 1], got {o.min_lr_ratio!r}")
+        _nonneg_float("optim.grad_clip", o.grad_clip)
+        _minimum("train.steps", t.steps, 1)
+        _minimum("train.batch_size", t.batch_size, 2)
+        if t.micro_batch_size is not None:
+            _minimum("train.micro_batch_size", t.micro_batch_size, 1)
+        _choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
+        _choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
+        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.backend", t.backend, ("auto", "gloo", "nccl"))
+        if t.threads is not None:
+            _minimum("train.threads", t.threads, 1)
+        _minimum("eval.every", e.every, 0)
+        _minimum("eval.batch_size", e.batch_size, 1)
+        if e.templates is not None:
+            if not e.templates or not all(isinstance(s, str) and "{}" in s for s in e.templates):
+                raise ConfigError(
+                    f"eval.templates: expected a non-empty list of strings with '{{}}', got {e.templates!r}"
+                )
+        _minimum("checkpoint.every", c.every, 0)
+        _minimum("checkpoint.keep", c.keep, 1)
+        if not c.resume:
+            raise ConfigError("checkpoint.resume: expected 'auto', 'never' or a checkpoint path, got ''")
+        _minimum("log.every", lg.every, 1)
+        return self
+
+    def check_world(self, world_size: int) -> tuple[int, int, int]:
+        """Per-rank batch, micro-batch and number of gradient-cache chunks for ``world_size`` ranks."""
+        t = self.train
+        if t.batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size: expected a multiple of the world size {world_size}, got {t.batch_size}"
+            )
+        local = t.batch_size // world_size
+        micro = local if t.micro_batch_size is None else t.micro_batch_size
+        if micro > local or local % micro:
+            raise ConfigError(
+                f"train.micro_batch_size: expected a divisor of the per-rank batch {local} "
+                f"(train.batch_size {t.batch_size} / {world_size} ranks), got {micro}"
+            )
+        return local, micro, local // micro
+
+
+def all_keys() -> list[str]:
+    keys = [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
+    return [*keys, "output_dir"]
+
+
+def field_help(section: str, name: str) -> str:
+    """The attribute docstring of a field (read from the source), for ``--help``."""
+    return _FIELD_DOCS.get(f"{section}.{name}", "")
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults, then the file at ``path`` (YAML or JSON), then ``overrides`` ({"section.key": value})."""
+    cfg = Config()
+    if path is not None:
+        cfg = Config.from_dict(read_file(path))
+    for key, value in (overrides or {}).items():
+        cfg.set(key, value)
+    return cfg.validate()
+
+
+def read_file(path: str) -> dict:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if str(path).endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # the parser's message says where
+        raise ConfigError(f"config file {path!r} does not parse: {exc}") from exc
+    return {} if data is None else data
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars/lists/maps ("1e-3", "true", "[0.9, 0.95]", "none")."""
+    import yaml
+
+    if text.strip().lower() in ("none", "null", "~"):
+        return None
+    try:
+        return yaml.safe_load(text)
+    except Exception:
+        return text
+
+
+# ---- internals ------------------------------------------------------------------------------
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(what: str, name: str, known) -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
+    if not close and "." in str(name):  # compare the key part alone ("train.stepz" -> "train.steps")
+        tail = str(name).split(".", 1)[1]
+        tails = {k.split(".", 1)[-1]: k for k in known}
+        close = [tails[m] for m in difflib.get_close_matches(tail, list(tails), n=1, cutoff=0.6)]
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config {what} {name!r}{hint}"
+
+
+def _coerce(name: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{name}: expected one of {_tname(tp)}, got {value!r}"
+        )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{name}: expected an int, got {value!r}")
+        try:
+            out = int(value) if not isinstance(value, float) else None
+        except ValueError:
+            out = None
+        if out is None and isinstance(value, float) and value.is_integer():
+            out = int(value)
+        if out is None:
+            raise ConfigError(f"{name}: expected an int, got {value!r}")
+        return out
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise AssertionError(f"unsupported config type {tp!r} for {name}")
+
+
+def _tname(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args) + " or none"
+
+
+def _choice(name, value, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{name}: expected one of {list(choices)}, got {value!r}{hint}")
+
+
+def _minimum(name, value, lo) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{name}: expected an int >= {lo}, got {value!r}")
+
+
+def _positive_float(name, value) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+        raise ConfigError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
+def _nonneg_float(name, value) -> None:
+    if not (isinstance(value, (int, float)) and value >= 0 and value != float("inf")):
+        raise ConfigError(f"{name}: expected a finite number >= 0, got {value!r}")
+
+
+def _read_field_docs() -> dict:
+    """Attribute docstrings (the string literal under each field) keyed by "section.key"."""
+    import ast
+    import inspect
+
+    docs = {}
+    try:
+        tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["_"])))
+    except (OSError, TypeError):
+        return docs
+    names = {cls.__name__: sec for sec, cls in SECTIONS.items()}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in names:
+            body = node.body
+            for stmt, nxt in zip(body, body[1:] + [None]):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                        docs[f"{names[node.name]}.{stmt.target.id}"] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+_FIELD_DOCS = _read_field_docs()
