@@ -376,11 +376,13 @@ class _ClipGather(torch.autograd.Function):
         else:
             gx_all[rank * n : (rank + 1) * n] += gx
             gy_all[rank * n : (rank + 1) * n] += gy
+            gxy_all = torch.cat([gx_all, gy_all], dim=1)  # (N, 2D): one reduce-scatter for both
+            del gx_all, gy_all
             if mode == "local_grad":
-                # Every rank's loss depends on every rank's features: weight by this rank's g, then sum.
-                dxy = reduce_scatter_rows(torch.cat([gx_all, gy_all], dim=1) * g, group)
-            else:
-                dxy = reduce_scatter_rows(torch.cat([gx_all, gy_all], dim=1), group)
+                # Every rank's loss depends on every rank's features: weight by this rank's g, then
+                # sum over ranks (the global modes apply their weight after the sum, below).
+                gxy_all.mul_(g)
+            dxy = reduce_scatter_rows(gxy_all, group)
             dx, dy = dxy[:, : x.shape[1]], dxy[:, x.shape[1] :]
             if mode.startswith("global"):
                 # ds of the global loss: sum the per-rank partials; the feature gradient is g_r times
@@ -389,8 +391,6 @@ class _ClipGather(torch.autograd.Function):
                 ds = red[0]
                 mult = g if mode == "global_nograd" else red[1]
                 dx, dy = dx * mult, dy * mult
-            else:
-                dx, dy = dx, dy  # already weighted before the reduce-scatter
         ds = ds * g
         db = None
         if ctx.needs_input_grad[3]:
