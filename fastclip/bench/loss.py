@@ -143,7 +143,7 @@ def default_sweep(device: torch.device) -> LossSweep:
         dtypes=["float32"],
         losses=list(LOSSES),
         device=str(device),
-        warmup=1,
+        warmup=0,  # the profiled (memory) iteration, which runs first on CPU, is the warm-up
         min_repeats=1,
         max_repeats=5,
         time_budget_s=4.0,

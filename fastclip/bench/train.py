@@ -144,7 +144,7 @@ def plain_step(model, optimizer, loss_fn, device, precision) -> Callable:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, precision):
             out = model(images, texts)
-        loss = loss_fn(**{k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()})
+            loss = loss_fn(**out)
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -153,27 +153,22 @@ def plain_step(model, optimizer, loss_fn, device, precision) -> Callable:
 
 
 def gradcache_step(model, optimizer, loss_fn, device, precision, micro_batch: int) -> Callable:
-    """One step with gradient caching (``fastclip.train.gradcache``), ``micro_batch`` samples at a time."""
+    """One step with gradient caching (``fastclip.train.gradcache.gradcache_step``), ``micro_batch``
+    samples per forward/backward chunk, then the optimizer step."""
     try:
-        from fastclip.train import gradcache
+        from fastclip.train.gradcache import gradcache_step as cached_step
     except ImportError as exc:
         raise RuntimeError(
-            "gradient caching is not available: fastclip.train.gradcache does not import "
-            f"({type(exc).__name__}: {exc}); it is written with the trainer (issue 6)"
+            "gradient caching is not available: fastclip.train.gradcache.gradcache_step does not import "
+            f"({type(exc).__name__}: {exc})"
         ) from None
-    fn = getattr(gradcache, "gradcache_step", None) or getattr(gradcache, "grad_cache_step", None)
-    if fn is None:
-        raise RuntimeError(
-            "gradient caching: fastclip.train.gradcache has no gradcache_step(model, loss_fn, images, texts, "
-            "micro_batch_size) function; fastclip bench train needs one"
-        )
 
     def step(images, texts):
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, precision):
-            loss = fn(model, loss_fn, images, texts, micro_batch)
+            loss = cached_step(model, loss_fn, images, texts, micro_batch)
         optimizer.step()
-        return loss.detach() if torch.is_tensor(loss) else loss
+        return loss.detach()
 
     return step
 
