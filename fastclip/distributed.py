@@ -140,14 +140,22 @@ def reduce_scatter_rows(t: torch.Tensor, group=None) -> torch.Tensor:
     return out
 
 
-def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum over ranks (a new tensor). No autograd."""
+def all_reduce_sum(t: torch.Tensor, group=None, op=None) -> torch.Tensor:
+    """Sum (or ``op``) over ranks (a new tensor). No autograd."""
     world = dist.get_world_size(group)
     out = t.detach().clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM if op is None else op, group=group)
     moved = 2 * (world - 1) * _nbytes(out) // world
     _count("all_reduce", moved, moved)
     return out
+
+
+def all_reduce_logsumexp(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise log-sum-exp over ranks of log-sum-exp partials: a max, then a sum of exp(t - max)."""
+    m = all_reduce_sum(t, group, op=dist.ReduceOp.MAX)
+    # -inf partials everywhere (an empty column) stay -inf instead of turning into NaN.
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m_safe + torch.log(all_reduce_sum(torch.exp(t - m_safe), group))
 
 
 class AllGather(torch.autograd.Function):
@@ -407,6 +415,69 @@ class _ClipGather(torch.autograd.Function):
         )
 
 
+class _ClipGatherGlobal(torch.autograd.Function):
+    """local_loss=False by all-gather: one n×N block per rank (image rows of this rank against all
+    texts). Its columns' log-sum-exp partials are merged over ranks (two all-reduces of N floats),
+    which gives the text→image rows too, so only the texts are gathered and only dY is reduce-scattered.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, mode, group, impl, chunk_size):
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        n = x.shape[0]
+        y_all = all_gather_rows(y, group)  # (N, D)
+        lse_img, lse_col = clip_lse(x, y_all, scale, impl=impl, chunk_size=chunk_size)
+        lse_col = all_reduce_logsumexp(lse_col, group)  # (N,) log-sum-exp of every column of L
+        pos = positive_logits(x, y, scale, 0)
+        coef = 1.0 / (2 * n * world)
+        own_cols = lse_col[rank * n : (rank + 1) * n]
+        loss = all_reduce_sum((lse_img.sum() + own_cols.sum() - 2 * pos.sum()) * coef, group)
+        loss = nan_if_not_finite(loss, x, y_all)
+        ctx.save_for_backward(x, y, scale, y_all, lse_img, lse_col)
+        ctx.cfg = (mode, group, impl, chunk_size, coef, rank)
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, y, scale, y_all, lse_img, lse_col = ctx.saved_tensors
+        mode, group, impl, chunk_size, coef, rank = ctx.cfg
+        n = x.shape[0]
+        g = grad_out.to(lse_img.dtype)
+        # x_r appears only in this rank's rows of L, so gx is complete; every rank's rows touch y_r.
+        gx, gy_all, gs = clip_grad(
+            x,
+            y_all,
+            scale,
+            lse_img,
+            lse_col,
+            coef,
+            coef,
+            rank * n,
+            2 * coef,
+            impl=impl,
+            chunk_size=chunk_size,
+        )
+        gy = reduce_scatter_rows(gy_all, group)
+        red = all_reduce_sum(torch.stack([gs, g]), group)
+        # g_r times dL/d(features) without grad through the gather, (sum_q g_q) times it with it.
+        mult = g if mode == "global_nograd" else red[1]
+        ds = red[0] * g
+        db = None
+        if ctx.needs_input_grad[3]:
+            db = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=x.device)
+        return (
+            (gx * mult).to(x.dtype) if ctx.needs_input_grad[0] else None,
+            (gy * mult).to(y.dtype) if ctx.needs_input_grad[1] else None,
+            ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None,
+            db,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
 class _ClipRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, mode, group, impl, chunk_size):
@@ -644,7 +715,10 @@ class _SigLipRing(torch.autograd.Function):
 def _apply_clip(x, y, scale, bias, local_loss, gather_with_grad, dist_impl, group, impl, chunk_size):
     """The checked-inputs entry point (fastclip.losses calls it after its own checks)."""
     mode = _clip_mode(local_loss, gather_with_grad)
-    fn = _ClipGather if dist_impl == "gather" else _ClipRing
+    if dist_impl == "ring":
+        fn = _ClipRing
+    else:
+        fn = _ClipGather if local_loss else _ClipGatherGlobal
     return fn.apply(x, y, scale, bias, mode, group, impl, chunk_size)
 
 

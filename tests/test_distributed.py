@@ -614,10 +614,13 @@ def expected_bytes(key: str, world: int, n: int, d: int, e: int = 4, a: int = 4)
         return check + w1 * n * d * e + extra
     strategy, ll, gg = rest[0], rest[1].endswith("True"), rest[2].endswith("True")
     total = check
-    if strategy == "gather":
+    if strategy == "gather" and ll:
         total += w1 * n * 2 * d * e  # all-gather [x | y]
-        if not ll or gg:
+        if gg:
             total += w1 * n * 2 * d * a  # reduce-scatter [dX | dY]
+    elif strategy == "gather":
+        total += w1 * n * d * (e + a)  # all-gather y, reduce-scatter dY
+        total += 2 * all_reduce(world * n * a)  # column log-sum-exp: a max and a sum of N floats
     else:
         total += w1 * (n * d * e + n * a)  # forward: y chunks, text log-sum-exp accumulators
         total += w1 * (n * d * e + (n + 1) * a)  # backward: y chunks + (lse, g) of their owner
