@@ -197,8 +197,10 @@ def _clip_grad_kernel(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Column tiles on grid axis 0 (up to 2**31 - 1 programs; axis 1 stops at 65535), so N may exceed
+    # 65535 * BN; consecutive programs share one row block of X, read once into L2.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     row_mask = rows < n
@@ -222,7 +224,7 @@ def _clip_grad_kernel(
         is_pos = cols.to(tl.int64)[None, :] == target[:, None]
         G = tl.where(is_pos, G - pos_coef, G)
     G = tl.where(valid, G, 0.0)
-    tl.store(ds_part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(G * S, 1), 0))
+    tl.store(ds_part_ptr + pid_m * tl.num_programs(0) + pid_n, tl.sum(tl.sum(G * S, 1), 0))
     g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
     tl.store(g_out, (G * g_mul).to(g_ptr.dtype.element_ty), mask=valid)
 
@@ -319,7 +321,8 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def chunk_rows(n: int, n_cols: int, budget: int, block_m: int) -> int:
     """Rows per chunk: a multiple of ``block_m`` with ``rows * n_cols <= budget`` (at least one block)."""
     c = max(block_m, (budget // max(1, n_cols)) // block_m * block_m)
-    return min(n, c)
+    # Row blocks of a chunk go on grid axis 1 of the tile kernels, which stops at 65535.
+    return min(n, c, 65535 * block_m)
 
 
 def clip_lse(
@@ -442,7 +445,7 @@ def clip_grad(
         row_blocks = triton.cdiv(i1 - i0, cfg.block_m)
         xc, g = x[i0:i1], workspace[: i1 - i0]
         ds_part = torch.empty(row_blocks * col_blocks, dtype=torch.float32, device=dev)
-        _clip_grad_kernel[(row_blocks, col_blocks)](
+        _clip_grad_kernel[(col_blocks, row_blocks)](
             xc, y, s, lse_r[i0:i1] if has_row else lse_r, lse_c, g, ds_part,
             i1 - i0, N, D, i0, offset if has_pos else 0,
             float(coef_row), float(coef_col), float(pos_coef), 1.0 / g_scale,

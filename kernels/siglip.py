@@ -68,9 +68,9 @@ def _siglip_tile_kernel(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid = pid_m * tl.num_programs(1) + pid_n
+    pid_n = tl.program_id(0)  # column tiles on axis 0, as in _clip_grad_kernel
+    pid_m = tl.program_id(1)
+    pid = pid_m * tl.num_programs(0) + pid_n
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     row_mask = rows < n
@@ -162,7 +162,7 @@ def siglip_block(
         xc = x[i0:i1]
         g = workspace[: i1 - i0] if need_grad else x  # placeholder pointer without gradients
         part = torch.zeros((3, row_blocks * col_blocks), dtype=torch.float32, device=dev)
-        _siglip_tile_kernel[(row_blocks, col_blocks)](
+        _siglip_tile_kernel[(col_blocks, row_blocks)](
             xc, y, s, b, g, part,
             i1 - i0, N, D, i0, offset if has_pos else 0,
             xc.stride(0), xc.stride(1), y.stride(0), y.stride(1), g.stride(0), part.stride(0),
