@@ -240,3 +240,19 @@ def test_train_bad_input():
         TrainBench(model="tiny", precision="fp8").validate()
     with pytest.raises(ValueError, match="model"):
         build("no-such-model", torch.device("cpu"))
+
+
+def test_max_batch_with_gradient_caching_uses_less_memory():
+    # One attempt per search (start = max = 32): the wiring of both searches and the measured memory.
+    from fastclip.bench.train import TrainBench, run_train_bench
+
+    cfg = TrainBench(model="tiny", device="cpu", batch=8, warmup=0, steps=1, micro_batch=8, start_batch=32,
+                     max_batch=32, mem_cap_bytes=2**30, search_seconds=30, loss_impls=["fastclip"])  # fmt: skip
+    doc = run_train_bench(cfg, log=lambda s: None)
+    plain, cached = doc["max_batch"]
+    assert plain["status"] == "ok" and cached["status"] == "ok", doc["max_batch"]
+    assert not plain["grad_cache"] and cached["grad_cache"] and cached["micro_batch"] == 8
+    assert plain["max_batch"] == cached["max_batch"] == 32 and plain["limit"] == "max_batch cap 32"
+    (p,), (c,) = plain["tried"], cached["tried"]
+    # Activations of 8 samples at a time instead of 32: clearly less memory for the same step.
+    assert c["mem_bytes"] < 0.8 * p["mem_bytes"], (c, p)
