@@ -39,11 +39,12 @@ def _resolve_group(group, rank: int, world_size: int) -> tuple[int, int]:
         raise ValueError(
             "group: expected a process group of an initialized torch.distributed, got one without it"
         )
-    g_rank, g_size = dist.get_rank(group), dist.get_world_size(group)
+    g_rank = dist.get_rank(group)  # -1 when this process is not a member
     if g_rank < 0:
         raise ValueError(
             f"group: expected a group that contains this process (global rank {dist.get_rank()})"
         )
+    g_size = dist.get_world_size(group)
     if (rank, world_size) != (0, 1) and (rank, world_size) != (g_rank, g_size):
         raise ValueError(
             f"rank/world_size: expected the group's ({g_rank}, {g_size}) or the defaults (0, 1) when group "

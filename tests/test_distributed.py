@@ -397,8 +397,17 @@ def _memory(rank, world, out):
 
 def _group_cases(rank, world, failures, counter):
     """Two disjoint groups of a 4-rank world: the losses use the group, not WORLD."""
+    from fastclip import ClipLoss
+
     groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     mine = groups[rank % 2]
+    counter[0] += 1
+    try:
+        ClipLoss(group=groups[(rank + 1) % 2])  # a group this rank is not in
+        failures.append(f"rank {rank}: a group without this process was accepted")
+    except ValueError as e:
+        if "contains this process" not in str(e):
+            failures.append(f"rank {rank}: unexpected message for a foreign group: {e}")
     _clip_cases(dist.get_rank(mine), dist.get_world_size(mine), None, failures, counter, group=mine)
     _siglip_cases(dist.get_rank(mine), dist.get_world_size(mine), None, failures, counter, group=mine)
 
