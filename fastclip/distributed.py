@@ -19,7 +19,6 @@ gathered feature matrices stack ranks in group-rank order, so rank r's rows are 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -748,10 +747,7 @@ def _check_call(
             "impl: expected 'auto', 'triton' or 'torch' for the distributed functional forms, got 'reference' "
             "(use fastclip.reference.*_distributed_reference)"
         )
-    if "dtype" in inspect.signature(resolve_impl).parameters:
-        impl = resolve_impl(impl, x.device, dtype=x.dtype)
-    else:
-        impl = resolve_impl(impl, x.device)
+    impl = resolve_impl(impl, x.device, dtype=x.dtype)
     chunk_size = _checks.check_chunk_size(chunk_size)
     if check_finite:
         _checks.check_all_finite("image_features", x)

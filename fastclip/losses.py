@@ -7,8 +7,6 @@ here, the math in ``fastclip.ops``.
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 
 from fastclip import _checks
@@ -71,13 +69,8 @@ def _check_world(group, rank: int, world_size: int) -> None:
         )
 
 
-_RESOLVE_TAKES_DTYPE = "dtype" in inspect.signature(resolve_impl).parameters
-
-
 def _resolve(impl: str, features) -> str:
-    if _RESOLVE_TAKES_DTYPE:
-        return resolve_impl(impl, features.device, dtype=features.dtype)
-    return resolve_impl(impl, features.device)
+    return resolve_impl(impl, features.device, dtype=features.dtype)
 
 
 def _check_inputs(
