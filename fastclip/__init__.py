@@ -14,6 +14,8 @@ _LAZY = {
     "create_model": "fastclip.models",
     "list_models": "fastclip.models",
     "load_pretrained": "fastclip.models",
+    "clip_loss_distributed": "fastclip.distributed",
+    "siglip_loss_distributed": "fastclip.distributed",
 }
 
 
