@@ -208,9 +208,16 @@ def export_safetensors(ckpt_dir: str, out_path: str) -> str:
         n for n in os.listdir(ds_dir) if "optim_states" in n and n.startswith(("zero_", "bf16_zero_"))
     ]
     if zero_files:
+        import contextlib
+
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG)
+        with (
+            open(os.devnull, "w") as null,
+            contextlib.redirect_stdout(null),
+            contextlib.redirect_stderr(null),
+        ):
+            state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG)  # chatty: prints progress
     else:  # ZeRO stage 0: DeepSpeed stores the module's state dict as it is
         model_file = os.path.join(ds_dir, "mp_rank_00_model_states.pt")
         state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]

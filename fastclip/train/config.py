@@ -15,9 +15,10 @@ import dataclasses
 import difflib
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 
 class ConfigError(ValueError):
@@ -28,8 +29,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "tiny"
     """Named model from ``fastclip.models`` ("tiny", "tiny-siglip", ...)."""
-    overrides: dict = field(default_factory=dict)
-    """Keyword overrides passed to ``create_model(name, **overrides)``."""
+    overrides: dict | None = None
+    """Keyword overrides for ``create_model(name, **overrides)``. None: {patch_size: 8} for "tiny" and
+    "tiny-siglip" (the demo's 4x4 patch grid, 3x faster than 8x8 on CPU), {} for other models."""
     loss: str = "auto"
     """"clip" (softmax), "siglip" (sigmoid) or "auto" (siglip when the model has a logit_bias)."""
     loss_impl: str = "auto"
@@ -66,12 +68,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.1
     """Applied to weight matrices only (norms, biases, embeddings, logit_scale/bias excluded)."""
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     min_lr_ratio: float = 0.0
     """Cosine schedule ends at lr * min_lr_ratio."""
     grad_clip: float = 1.0
@@ -80,7 +82,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 128
     """Global batch (all ranks together); the contrastive loss sees all of it at once."""
     micro_batch_size: int | None = None
@@ -100,7 +102,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 200
+    every: int = 250
     """Evaluate every this many steps (0: only at the end)."""
     batch_size: int = 250
     templates: list | None = None
@@ -164,7 +166,7 @@ class Config:
         cfg = cls()
         for section, values in data.items():
             if section == "output_dir":
-                cfg.output_dir = _coerce("output_dir", values, Optional[str])
+                cfg.output_dir = _coerce("output_dir", values, str | None)
                 continue
             if section not in SECTIONS:
                 raise ConfigError(_unknown("section", section, [*SECTIONS, "output_dir"]))
@@ -179,7 +181,7 @@ class Config:
     def set(self, dotted: str, value: Any) -> None:
         """Set one key, e.g. ``cfg.set("optim.lr", 1e-3)``; the value is converted to the field's type."""
         if dotted == "output_dir":
-            self.output_dir = _coerce(dotted, value, Optional[str])
+            self.output_dir = _coerce(dotted, value, str | None)
             return
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
@@ -338,7 +340,7 @@ def _unknown(what: str, name: str, known) -> str:
 def _coerce(name: str, value: Any, tp) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors = []

@@ -116,7 +116,8 @@ def _outputs(out) -> dict:
 
 
 def _dot(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return (t.float() * g.float()).sum()
+    dtype = torch.promote_types(t.dtype, torch.float32)  # at least fp32; float64 stays float64
+    return (t.to(dtype) * g.to(dtype)).sum()
 
 
 def _check_loss(loss) -> None:

@@ -103,7 +103,7 @@ class Trainer:
         from fastclip.models import WordTokenizer, create_model, get_config, load_tokenizer
 
         mc, dc = self.cfg.model, self.cfg.data
-        overrides = dict(mc.overrides)
+        overrides = dict(resolved_overrides(mc))
         if model is not None:
             context = model.config.text.context_length
         else:
@@ -359,8 +359,11 @@ class Trainer:
             return {}
         module = self.engine.module
         metrics = {}
+        # ZeRO-3 fetches partitioned parameters in forward hooks (collectives): every rank runs the
+        # evaluation then; otherwise rank 0 alone does and broadcasts the numbers.
+        everyone = self.cfg.train.zero_stage == 3
         with self._gathered(list(module.parameters())):
-            if self.rank == 0:
+            if self.rank == 0 or everyone:
                 t0 = time.time()
                 for s in self.eval_sets:
                     metrics.update(
@@ -531,6 +534,13 @@ def _all_gather(t: torch.Tensor):
     import torch.distributed.nn as dist_nn
 
     return dist_nn.all_gather(t.contiguous())
+
+
+def resolved_overrides(mc) -> dict:
+    """``model.overrides``, with None resolved: the demo's patch size for the tiny models, else nothing."""
+    if mc.overrides is not None:
+        return mc.overrides
+    return {"patch_size": 8} if mc.name in ("tiny", "tiny-siglip") else {}
 
 
 # ---- distributed set-up -------------------------------------------------------------------------
