@@ -148,8 +148,8 @@ def _ds_worker(out_path):
         captured = {}
         inner = engine.optimizer.step
 
-        def step(*a, _inner=inner, _captured=captured, **k):
-            for n, p in engine.module.named_parameters():
+        def step(*a, _inner=inner, _captured=captured, _module=engine.module, **k):
+            for n, p in _module.named_parameters():
                 _captured[n] = p.grad.detach().clone().tolist()
             return _inner(*a, **k)
 

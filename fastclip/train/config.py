@@ -47,7 +47,7 @@ class DataConfig:
     train: str | None = None
     """csv: path of the CSV/TSV file; webdataset: shard spec, e.g. "data/train-{000000..000099}.tar"."""
     eval: str | None = None
-    """Held-out CSV/TSV (or shard spec) for retrieval and, with a label column, zero-shot evaluation."""
+    """Held-out CSV/TSV for retrieval and, with a label column and eval.classnames, zero-shot evaluation."""
     image_key: str = "image"
     """CSV column (or webdataset extension list, ";"-separated) holding the image."""
     caption_key: str = "caption"

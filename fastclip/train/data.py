@@ -410,6 +410,23 @@ def _check_state(state, kind) -> None:
         raise DataError(f"data state: expected {{'kind': {kind!r}, 'position': int}}, got {state!r}")
 
 
+def check_paths(dc, ec=None) -> None:
+    """Fail early (before any process group exists) when a configured data path does not exist."""
+    if dc.kind == "csv":
+        for key in ("train", "eval"):
+            path = getattr(dc, key)
+            if path and not os.path.isfile(path):
+                raise DataError(f"data.{key}: data file not found: {path!r}")
+    elif dc.kind == "webdataset":
+        expand_shards(dc.train)
+        if dc.eval and not os.path.isfile(dc.eval):
+            raise DataError(
+                f"data.eval: data file not found: {dc.eval!r} (evaluation data is a CSV/TSV file)"
+            )
+    if ec is not None and isinstance(ec.classnames, str) and not os.path.isfile(ec.classnames):
+        raise DataError(f"eval.classnames: file not found: {ec.classnames!r}")
+
+
 # ---- evaluation sets ------------------------------------------------------------------------
 
 

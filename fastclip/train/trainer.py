@@ -69,6 +69,7 @@ class Trainer:
             raise ConfigError(
                 "output_dir: expected a directory for checkpoints and logs (--output-dir DIR), got None"
             )
+        data_lib.check_paths(cfg.data, cfg.eval)
         self.cfg = cfg
         self.out = os.path.abspath(cfg.output_dir)
         self.ckpt_root = os.path.join(self.out, "checkpoints")

@@ -1,0 +1,187 @@
+"""The built-in demo with a tiny step count (one process, no launcher), its outputs, the safetensors
+export, and checkpoints that are corrupted, partial or mismatched: clear errors, nothing loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastclip.train import checkpoint as ckpt
+
+MODEL = {"patch_size": 8, "vision_depth": 1, "text_depth": 1}
+
+
+def _cli(args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "fastclip.cli", "train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo") / "run")
+    args = ["--output-dir", out, "--smoke", "--train.batch_size", "32", "--checkpoint.every", "3"]
+    p = _cli(args + ["--model.overrides", json.dumps(MODEL), "--train.threads", "1"])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return out, p
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_demo_smoke_outputs(demo):
+    out, p = demo
+    assert "zero-shot top-1 on held-out colour-shape pairs" in p.stdout and "x chance" in p.stdout
+    rows = _rows(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["lr"] > 0 and 1.0 <= r["logit_scale"] <= 100.0 for r in train_rows)
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    (ev,) = [r for r in rows if "zeroshot_top1" in r]
+    for key in (
+        "zeroshot_top1",
+        "zeroshot_top5",
+        "zeroshot_chance",
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "t2i_r1",
+        "seen_zeroshot_top1",
+    ):
+        assert 0.0 <= ev[key] <= 1.0, key
+    assert ev["step"] == 6 and ev["zeroshot_chance"] == pytest.approx(1 / 48)
+    for name in ("curves.png", "model.safetensors", "config.yaml", "vocab.txt", "model_config.json"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    root = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(root)) == ["latest", "step_00000003", "step_00000006"]
+    assert ckpt.find_latest(root).endswith("step_00000006")
+    assert ckpt.verify(ckpt.find_latest(root))["step"] == 6
+
+
+@pytest.mark.slow
+def test_exported_weights_reproduce_the_final_evaluation(demo, tmp_path):
+    from safetensors.torch import load_file
+
+    from fastclip.models import WordTokenizer, create_model
+    from fastclip.train.data import SyntheticShapes, synthetic_eval_sets
+    from fastclip.train.evaluate import evaluate
+
+    out, _ = demo
+    from fastclip.cli import main
+
+    again = str(tmp_path / "again.safetensors")
+    assert main(["train", "--export", os.path.join(out, "checkpoints"), again]) == 0
+    weights, weights2 = load_file(os.path.join(out, "model.safetensors")), load_file(again)
+    assert weights.keys() == weights2.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)
+    with open(os.path.join(out, "vocab.txt")) as f:
+        tok = WordTokenizer(f.read().split(), 16)
+    model = create_model("tiny", vocab_size=tok.vocab_size, **MODEL)
+    model.load_state_dict(weights, strict=True)
+    ds = SyntheticShapes(32, seed=0)
+    metrics = evaluate(model, tok, synthetic_eval_sets(ds, 64)[0], batch_size=64)
+    (ev,) = [r for r in _rows(out) if "zeroshot_top1" in r]
+    assert metrics["zeroshot_top1"] == pytest.approx(ev["zeroshot_top1"], abs=1e-9)
+    assert metrics["i2t_r1"] == pytest.approx(ev["i2t_r1"], abs=1e-9)
+
+
+def _copy(demo, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(demo[0], out)
+    return out, os.path.join(out, "checkpoints", "step_00000006")
+
+
+def _a_ds_file(step_dir):
+    ds = os.path.join(step_dir, "ds")
+    return os.path.join(ds, sorted(os.listdir(ds))[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "no_manifest", "bad_manifest", "rank_file"])
+def test_corrupted_checkpoints_are_refused(demo, tmp_path, damage):
+    out, step = _copy(demo, tmp_path)
+    target = _a_ds_file(step)
+    if damage == "flip":
+        data = bytearray(open(target, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(target, "wb").write(bytes(data))
+        match = "content differs from the manifest"
+    elif damage == "truncate":
+        open(target, "r+b").truncate(100)
+        match = "bytes, expected"
+    elif damage == "delete":
+        os.remove(target)
+        match = "missing"
+    elif damage == "no_manifest":
+        os.remove(os.path.join(step, "MANIFEST.json"))
+        match = "incomplete"
+    elif damage == "bad_manifest":
+        open(os.path.join(step, "MANIFEST.json"), "w").write("{not json")
+        match = "unreadable manifest"
+    else:
+        os.remove(os.path.join(step, "rank_00000.pt"))
+        match = "rank_00000.pt: missing"
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.verify(step)
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.export_safetensors(os.path.join(out, "checkpoints"), str(tmp_path / "w.safetensors"))
+    assert not os.path.exists(tmp_path / "w.safetensors")
+
+
+def test_latest_marker_problems(demo, tmp_path):
+    out, step = _copy(demo, tmp_path)
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(os.path.join(root, "step_00000009.partial", "ds"))  # an interrupted save
+    assert ckpt.find_latest(root) == os.path.join(root, "step_00000006"), "a partial save is never picked"
+    with pytest.raises(ckpt.CheckpointError, match="no MANIFEST.json; the checkpoint is incomplete"):
+        ckpt.verify(os.path.join(root, "step_00000009.partial"))
+    open(os.path.join(root, "latest"), "w").write("step_00000042\n")
+    with pytest.raises(ckpt.CheckpointError, match="points at 'step_00000042', which does not exist"):
+        ckpt.find_latest(root)
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint not found"):
+        ckpt.resolve(str(tmp_path / "nowhere"))
+    with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint"):
+        ckpt.resolve(str(tmp_path))
+    assert ckpt.find_latest(str(tmp_path)) is None  # no marker: a fresh run
+
+
+def test_mismatched_world_or_stage_is_refused(demo):
+    step = os.path.join(demo[0], "checkpoints", "step_00000006")
+    with pytest.raises(ckpt.CheckpointError, match="saved with world size 1, resuming with 2"):
+        ckpt.load(None, step, 0, 2, 0)
+    with pytest.raises(ckpt.CheckpointError, match="saved with ZeRO stage 0, resuming with stage 2"):
+        ckpt.load(None, step, 0, 1, 2)
+
+
+@pytest.mark.slow
+def test_trainer_refuses_to_resume_from_a_corrupted_checkpoint(demo, tmp_path):
+    out, step = _copy(demo, tmp_path)
+    target = _a_ds_file(step)
+    open(target, "r+b").truncate(64)
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    p = _cli(
+        [
+            "--output-dir",
+            out,
+            "--smoke",
+            "--train.steps",
+            "8",
+            "--train.batch_size",
+            "32",
+            "--model.overrides",
+            json.dumps(MODEL),
+        ]
+    )
+    assert p.returncode == 2, (p.stdout + p.stderr)[-3000:]
+    assert "corrupted checkpoint, nothing loaded" in p.stderr
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before, "nothing was trained or logged"

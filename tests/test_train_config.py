@@ -1,0 +1,183 @@
+"""Config: files, overrides, unknown keys with close matches, bad values; the command line's --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from fastclip.train.config import Config, ConfigError, all_keys, load_config
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert cfg.model.name == "tiny" and cfg.data.kind == "synthetic"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(str(path)).to_dict() == cfg.to_dict()
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "optim:\n  lr: 1.0e-4\n  betas: [0.9, 0.95]\ntrain:\n  steps: 20\n  micro_batch_size: 16\n"
+    )
+    cfg = load_config(str(path), {"train.steps": "30", "log.tensorboard": "true", "output_dir": "x"})
+    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == [0.9, 0.95]
+    assert cfg.train.steps == 30 and cfg.train.micro_batch_size == 16
+    assert cfg.log.tensorboard is True and cfg.output_dir == "x"
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"optim.lrr": 1}, r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+        ({"train.stepz": 1}, r"did you mean 'train.steps'"),
+        ({"trian.steps": 1}, r"did you mean 'train.steps'"),
+        ({"train.steps": 0}, r"train.steps: expected an int >= 1, got 0"),
+        ({"train.steps": "ten"}, r"train.steps: expected an int, got 'ten'"),
+        ({"train.steps": 2.5}, r"train.steps: expected an int, got 2.5"),
+        (
+            {"train.precision": "bf61"},
+            r"expected one of \['fp32', 'bf16', 'fp16'\], got 'bf61' \(did you mean 'bf16'\?\)",
+        ),
+        ({"train.zero_stage": 4}, r"train.zero_stage: expected one of \[0, 1, 2, 3\], got 4"),
+        ({"optim.lr": -1.0}, r"optim.lr: expected a finite number > 0, got -1.0"),
+        ({"optim.lr": float("nan")}, r"optim.lr: expected a finite number > 0"),
+        ({"optim.betas": [0.9]}, r"optim.betas: expected two numbers in \[0, 1\)"),
+        ({"log.plot": "maybe"}, r"log.plot: expected true or false, got 'maybe'"),
+        ({"data.kind": "parquet"}, r"data.kind: expected one of"),
+        ({"data.kind": "csv"}, r"data.train: expected a path for data.kind='csv'"),
+        ({"data.train": "x.csv"}, r"synthetic dataset takes no paths"),
+        (
+            {"eval.templates": ["no placeholder"]},
+            r"eval.templates: expected a non-empty list of strings with '\{\}'",
+        ),
+        ({"model.overrides": "patch_size=8"}, r"model.overrides: expected a mapping"),
+    ],
+)
+def test_bad_configs(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_config(str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config section 'optimizer' \(did you mean 'optim'\?\)"):
+        load_config(str(unknown))
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match="train: expected a mapping of keys"):
+        load_config(str(flat))
+
+
+def test_batch_split_between_ranks():
+    cfg = load_config(None, {"train.batch_size": 64, "train.micro_batch_size": 8})
+    assert cfg.check_world(2) == (32, 8, 4)
+    assert cfg.check_world(1) == (64, 8, 8)
+    with pytest.raises(ConfigError, match="train.batch_size: expected a multiple of the world size 3"):
+        cfg.check_world(3)
+    cfg.set("train.micro_batch_size", 12)
+    with pytest.raises(
+        ConfigError, match="train.micro_batch_size: expected a divisor of the per-rank batch 32"
+    ):
+        cfg.check_world(2)
+
+
+def _parser():
+    from fastclip.train import cli
+
+    p = argparse.ArgumentParser(prog="fastclip train")
+    cli.add_arguments(p)
+    return p, cli
+
+
+def test_every_key_is_a_command_line_option():
+    p, cli = _parser()
+    argv = []
+    for key in all_keys():
+        if key != "output_dir":
+            argv += [f"--{key}", "none"]
+    args = p.parse_args(argv)
+    assert set(cli.overrides_from_args(args)) == set(all_keys()) - {"output_dir"}
+    args = p.parse_args(
+        [
+            "--optim.lr",
+            "1e-4",
+            "--train.batch-size",
+            "64",
+            "--model.overrides",
+            "{patch_size: 8}",
+            "--output-dir",
+            "d",
+        ]
+    )
+    cfg = load_config(None, cli.overrides_from_args(args))
+    assert cfg.optim.lr == 1e-4 and cfg.train.batch_size == 64 and cfg.output_dir == "d"
+    assert cfg.model.overrides == {"patch_size": 8}
+
+
+def test_help_reads_well(capsys):
+    p, _ = _parser()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for piece in (
+        "--output-dir DIR",
+        "--optim.lr V",
+        "Global batch",
+        "train options",
+        "examples:",
+        "torchrun",
+        "(default: 0.003)",
+    ):
+        assert piece in text, piece
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from fastclip.cli import main
+
+    with pytest.raises(SystemExit):  # argparse rejects unknown options itself
+        main(["train", "--optim.lrr", "1"])
+    assert "unrecognized arguments: --optim.lrr" in capsys.readouterr().err
+    assert main(["train", "--output-dir", str(tmp_path), "--train.steps", "0"]) == 2
+    assert "train.steps: expected an int >= 1, got 0" in capsys.readouterr().err
+    assert main(["train", "--print-config", "--train.steps", "7"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+    assert main(["train", "--train.steps", "3"]) == 2
+    assert "--output-dir DIR" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--output-dir",
+                str(tmp_path),
+                "--data.kind",
+                "csv",
+                "--data.train",
+                str(tmp_path / "nope.csv"),
+            ]
+        )
+        == 2
+    )
+    assert "data file not found" in capsys.readouterr().err
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "bad data paths must be reported before any process group starts"
+
+
+def test_config_object_api():
+    cfg = Config()
+    cfg.set("train.steps", 5)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        cfg.set("train", 5)
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        Config.from_dict([1, 2])
