@@ -185,3 +185,37 @@ def test_trainer_refuses_to_resume_from_a_corrupted_checkpoint(demo, tmp_path):
     assert p.returncode == 2, (p.stdout + p.stderr)[-3000:]
     assert "corrupted checkpoint, nothing loaded" in p.stderr
     assert open(os.path.join(out, "metrics.jsonl")).read() == before, "nothing was trained or logged"
+
+
+@pytest.mark.slow
+def test_siglip_bf16_zero1_clamps_the_fp32_master_logit_scale(tmp_path):
+    """bf16 at ZeRO 1 keeps fp32 masters in the optimizer: the clamp to [0, ln 100] must reach them
+    (the exported weights come from the fp32 master partitions of the checkpoint)."""
+    import math
+
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "siglip")
+    model = {**MODEL, "init_logit_scale": 5.0}  # above ln 100 = 4.605
+    args = [
+        "--output-dir",
+        out,
+        "--smoke",
+        "--train.steps",
+        "3",
+        "--train.batch_size",
+        "16",
+        "--train.threads",
+        "1",
+    ]
+    args += ["--model.name", "tiny-siglip", "--model.overrides", json.dumps(model)]
+    args += ["--train.precision", "bf16", "--train.zero_stage", "1", "--train.micro_batch_size", "8"]
+    p = _cli(args)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(r["logit_scale"] <= 100.0 * (1 + 1e-2) for r in rows), [r["logit_scale"] for r in rows]
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    assert weights["logit_scale"].dtype == torch.float32
+    assert float(weights["logit_scale"].reshape(())) <= math.log(100.0) + 1e-6
+    assert "logit_bias" in weights

@@ -132,7 +132,7 @@ def test_help_reads_well(capsys):
     text = capsys.readouterr().out
     for piece in (
         "--output-dir DIR",
-        "--optim.lr V",
+        "--optim.lr VALUE",
         "Global batch",
         "train options",
         "examples:",
@@ -181,3 +181,19 @@ def test_config_object_api():
         cfg.set("train", 5)
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         Config.from_dict([1, 2])
+
+
+def test_example_configs_load():
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert len(paths) >= 4
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.train.steps >= 1, path
+    demo = load_config(os.path.join(root, "tiny-synthetic.yaml"))
+    default = load_config()
+    default.model.overrides = {"patch_size": 8}  # what None resolves to for the tiny models
+    assert demo.to_dict() == default.to_dict(), "configs/tiny-synthetic.yaml must spell out the defaults"

@@ -88,6 +88,7 @@ def test_zero_kill_resume_matches_uninterrupted(tmp_path, stage):
     p = _torchrun([__file__, killed, ref, str(stage)])
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "resumed from" in p.stderr and "step 2" in p.stderr
+    assert "distributed loss not available" not in p.stderr, "the fastclip distributed loss must be used"
 
     ref_losses, resumed = _losses(ref), _losses(killed)
     assert sorted(ref_losses) == list(range(1, STEPS + 1))

@@ -7,7 +7,10 @@ data, webdataset/CSV data, zero-shot and retrieval evaluation and atomic checkpo
 Heavy imports (DeepSpeed) happen inside :func:`train`.
 """
 
+from fastclip.train.checkpoint import CheckpointError, export_safetensors
 from fastclip.train.config import Config, ConfigError, load_config
+from fastclip.train.data import DataError
+from fastclip.train.evaluate import evaluate
 from fastclip.train.gradcache import gradcache_step
 
 
@@ -18,4 +21,14 @@ def train(config=None, **kwargs):
     return _train(config, **kwargs)
 
 
-__all__ = ["Config", "ConfigError", "load_config", "gradcache_step", "train"]
+__all__ = [
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "evaluate",
+    "export_safetensors",
+    "gradcache_step",
+    "load_config",
+    "train",
+]

@@ -24,6 +24,7 @@ _PREFIX = "cfg__"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.usage = "%(prog)s [--config FILE] [--output-dir DIR] [--section.key VALUE ...] [--smoke] [--print-config]\n       %(prog)s --export CHECKPOINT OUT.safetensors"
     parser.description = (
         "Train a CLIP/SigLIP model with the fused loss, gradient caching and DeepSpeed ZeRO.\n"
         "With only --output-dir it trains the tiny model on the built-in synthetic shapes (a few\n"
@@ -59,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             names = [f"--{section}.{f.name}"]
             if "_" in f.name:
                 names.append(f"--{section}.{f.name.replace('_', '-')}")
-            text = field_help(section, f.name)
+            text = field_help(section, f.name).replace("``", "")
             group.add_argument(
-                *names, dest=f"{_PREFIX}{section}__{f.name}", metavar="V", default=argparse.SUPPRESS,
+                *names, dest=f"{_PREFIX}{section}__{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
                 help=f"{text} (default: {default!r})" if text else f"(default: {default!r})",
             )  # fmt: skip
 

@@ -551,6 +551,8 @@ def setup_distributed(tc) -> tuple[int, int, torch.device]:
     """Rank, world size and device; initialises torch.distributed (and DeepSpeed's comm) once.
 
     Without a launcher the rendezvous variables are set for a single process."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to CPU
     import deepspeed
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
