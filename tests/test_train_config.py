@@ -169,9 +169,18 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         == 2
     )
     assert "data file not found" in capsys.readouterr().err
+    if not torch_cuda():
+        assert main(["train", "--output-dir", str(tmp_path), "--train.precision", "fp16"]) == 2
+        assert "'fp16' needs a CUDA device" in capsys.readouterr().err
     import torch.distributed as dist
 
     assert not dist.is_initialized(), "bad data paths must be reported before any process group starts"
+
+
+def torch_cuda():
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def test_config_object_api():

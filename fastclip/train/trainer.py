@@ -70,6 +70,11 @@ class Trainer:
                 "output_dir: expected a directory for checkpoints and logs (--output-dir DIR), got None"
             )
         data_lib.check_paths(cfg.data, cfg.eval)
+        on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+        if on_cpu and cfg.train.precision == "fp16":
+            raise ConfigError(
+                "train.precision: 'fp16' needs a CUDA device (DeepSpeed has no fp16 on CPU); use 'bf16' or 'fp32'"
+            )
         self.cfg = cfg
         self.out = os.path.abspath(cfg.output_dir)
         self.ckpt_root = os.path.join(self.out, "checkpoints")
