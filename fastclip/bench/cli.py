@@ -59,7 +59,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_command", metavar="{loss,train}")
+    sub = parser.add_subparsers(dest="bench_command", metavar="{loss,train,report}")
     p = sub.add_parser("loss", help="loss forward/backward: time, memory, TFLOP/s per provider")
     p.add_argument("--providers", type=_str_list, help="comma list of fastclip-triton, fastclip-torch, reference, "
                    "open_clip, inf_cl (default: the machine's built-in set; unavailable ones are skipped)")  # fmt: skip
@@ -81,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-save", action="store_true", help="print only, write no files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    r = sub.add_parser("report", help="tables, Markdown and plots again from a loss result JSON file")
+    r.add_argument("path", help="a loss_*.json file written by 'fastclip bench loss'")
+    r.add_argument("--markdown", action="store_true", help="print the Markdown summary (README results)")
+    r.add_argument(
+        "--plot", action="store_true", help="redraw <stem>_time.png and <stem>_memory.png beside it"
+    )
+
     t = sub.add_parser("train", help="one training step of a model: samples/s, memory, largest batch")
     from fastclip.bench.train import add_train_arguments
 
@@ -91,11 +98,15 @@ def run(args: argparse.Namespace) -> int:
     cmd = getattr(args, "bench_command", None)
     if cmd == "loss":
         return run_loss(args)
+    if cmd == "report":
+        return run_report(args)
     if cmd == "train":
         from fastclip.bench.train import run_train
 
         return run_train(args)
-    print("usage: fastclip bench {loss,train} [options]  (fastclip bench loss --help)", file=sys.stderr)
+    print(
+        "usage: fastclip bench {loss,train,report} [options]  (fastclip bench loss --help)", file=sys.stderr
+    )
     return 2
 
 
@@ -166,3 +177,27 @@ def torch_current_device() -> int:
     import torch
 
     return torch.cuda.current_device()
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from fastclip.bench import report
+    from fastclip.bench.plot import plot_document
+
+    try:
+        doc = report.load_document(args.path)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"fastclip bench report: {args.path}: {exc}", file=sys.stderr)
+        return 2
+    print(report.records_table(doc["records"], doc["matmul_tflops"]))
+    ratios = report.ratio_table(doc["records"])
+    if ratios:
+        print("\n" + ratios)
+    checks = report.target_checks(doc["records"], doc["matmul_tflops"])
+    if checks:
+        print("\n" + "\n".join(checks))
+    if args.markdown:
+        print("\n" + report.markdown_summary(doc))
+    if args.plot:
+        stem = args.path[:-5] if args.path.endswith(".json") else args.path
+        print("\nwrote " + ", ".join(plot_document(doc, stem)))
+    return 0

@@ -24,6 +24,8 @@ from fastclip.bench.memory import peak_extra_bytes
 from fastclip.bench.providers import LOSSES, PROVIDERS, Provider, get_provider
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 RECORD_FIELDS = (
     "loss",
@@ -117,7 +119,8 @@ def default_sweep(device: torch.device) -> LossSweep:
     """The built-in run of ``fastclip bench loss``.
 
     CPU: issue 2's first benchmark — fastclip-torch vs reference, B ∈ {4096, 8192, 16384}, D ∈ {256,
-    512}, fp32, both losses; few repetitions at large B so it ends in about five minutes on 2 cores.
+    512}, fp32, both losses; 2 to 5 timed iterations (2 at large B) so it ends in about five minutes on
+    2 cores.
     GPU: the fused-kernel target set — bf16, D = 768, B from 4096 doubling to 1,048,576 for
     fastclip-triton (the others stop at 131072; the materialized ones run out of memory before).
     """
@@ -144,7 +147,7 @@ def default_sweep(device: torch.device) -> LossSweep:
         losses=list(LOSSES),
         device=str(device),
         warmup=0,  # the profiled (memory) iteration, which runs first on CPU, is the warm-up
-        min_repeats=1,
+        min_repeats=2,
         max_repeats=5,
         time_budget_s=4.0,
     )
@@ -193,84 +196,99 @@ def _record(loss, provider, batch, dim, dtype_name, status, message="") -> dict:
     return rec
 
 
-def bench_one(
-    fn: Callable,
-    loss: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    device: torch.device,
-    cfg: LossSweep,
-    matmul_tflops: float | None = None,
-    provider: str = "",
-) -> dict:
-    """Benchmark ``fn(loss, x, y, scale, bias)`` forward+backward; returns one record (status "ok")."""
-    batch, dim = x.shape
-    dtype_name = {v: k for k, v in DTYPES.items()}[x.dtype]
-    s_val, b_val = (CLIP_SCALE, 0.0) if loss == "clip" else (SIGLIP_SCALE, SIGLIP_BIAS)
-    scale = torch.tensor(s_val, device=device, requires_grad=True)
-    bias = torch.tensor(b_val, device=device, requires_grad=True)
-    leaves = (x, y, scale, bias)
+class ProviderRun:
+    """One provider on one configuration: :meth:`prepare` (warm-up, memory, number of repetitions),
+    timed iterations (:meth:`time_once` or :meth:`time_all`), then :meth:`record`."""
 
-    def reset():
-        for t in leaves:
+    def __init__(
+        self, fn: Callable, provider: str, loss: str, x, y, device, cfg: LossSweep, matmul_tflops=None
+    ):
+        self.fn, self.provider, self.loss, self.x, self.y = fn, provider, loss, x, y
+        self.device, self.cfg, self.matmul_tflops = device, cfg, matmul_tflops
+        s_val, b_val = (CLIP_SCALE, 0.0) if loss == "clip" else (SIGLIP_SCALE, SIGLIP_BIAS)
+        self.scale = torch.tensor(s_val, device=device, requires_grad=True)
+        self.bias = torch.tensor(b_val, device=device, requires_grad=True)
+        self.repeats = cfg.min_repeats
+        self.peak: int | None = None
+        self.samples: list[tuple[float, float, float]] = []
+
+    def reset(self) -> None:
+        for t in (self.x, self.y, self.scale, self.bias):
             t.grad = None
 
-    def fwd():
-        return fn(loss, x, y, scale, bias)
+    def fwd(self):
+        return self.fn(self.loss, self.x, self.y, self.scale, self.bias)
 
-    def bwd(out):
+    @staticmethod
+    def bwd(out) -> None:
         out.backward()
 
-    def step():
-        reset()
-        bwd(fwd())
+    def prepare(self) -> None:
+        cfg, device = self.cfg, self.device
+        # Warm-up: compilation, autotuning, allocator growth. One long iteration is warm-up enough.
+        t_iter = None
+        for _ in range(cfg.warmup):
+            self.reset()
+            t0 = time.perf_counter()
+            self.bwd(self.fwd())
+            timing.synchronize(device)
+            t_iter = time.perf_counter() - t0
+            if t_iter > cfg.time_budget_s:
+                break
+        if device.type == "cpu":
+            # The profiler's bookkeeping slows the iteration a little, so memory gets its own run.
+            self.reset()  # frees the last gradients outside the measured window
+            t0 = time.perf_counter()
+            self.peak, _ = peak_extra_bytes(lambda: self.bwd(self.fwd()), device)
+            dt = time.perf_counter() - t0
+            t_iter = dt if t_iter is None else min(t_iter, dt)
+        if t_iter is not None and t_iter > 0:
+            self.repeats = max(cfg.min_repeats, min(cfg.max_repeats, int(cfg.time_budget_s / t_iter)))
+        self.reset()
 
-    # Warm-up: compilation, autotuning, allocator growth. One long iteration is warm-up enough.
-    t_iter = None
-    for _ in range(cfg.warmup):
-        t0 = time.perf_counter()
-        step()
-        timing.synchronize(device)
-        t_iter = time.perf_counter() - t0
-        if t_iter > cfg.time_budget_s:
-            break
-    if device.type == "cpu":
-        # The profiler's bookkeeping slows the iteration a little, so memory gets its own run.
-        reset()  # frees the last gradients outside the measured window
-        t0 = time.perf_counter()
-        peak, _ = peak_extra_bytes(lambda: bwd(fwd()), device)
-        t_iter = time.perf_counter() - t0 if t_iter is None else min(t_iter, time.perf_counter() - t0)
-    repeats = cfg.min_repeats
-    if t_iter is not None and t_iter > 0:
-        repeats = max(cfg.min_repeats, min(cfg.max_repeats, int(cfg.time_budget_s / t_iter)))
-    if device.type == "cuda":
-        # CUDA memory statistics cost nothing: the timed iterations give the peak. The last warm-up's
-        # gradients are freed first so that each timed iteration allocates its own, as on CPU.
-        reset()
-        peak, samples = peak_extra_bytes(
-            lambda: timing.time_iterations(fwd, bwd, reset, device, repeats), device
+    def time_once(self) -> None:
+        """One timed iteration (CPU: the sweep interleaves the providers' iterations)."""
+        self.samples += timing.time_iterations(self.fwd, self.bwd, self.reset, self.device, 1)
+        self.reset()
+
+    def time_all(self) -> None:
+        """All timed iterations in a row; on CUDA they also give the peak memory (statistics are free).
+        The last warm-up's gradients are freed first so that each iteration allocates its own, as on CPU."""
+        self.reset()
+        run = lambda: timing.time_iterations(self.fwd, self.bwd, self.reset, self.device, self.repeats)
+        if self.device.type == "cuda":
+            self.peak, samples = peak_extra_bytes(run, self.device)
+        else:
+            samples = run()
+        self.samples += samples
+        self.reset()
+
+    def record(self) -> dict:
+        batch, dim = self.x.shape
+        total = [s[2] for s in self.samples]
+        fwd_bwd_ms = statistics.median(total)
+        tflops = flop_floor(self.loss, batch, dim) / (fwd_bwd_ms * 1e-3) / 1e12
+        rec = _record(self.loss, self.provider, batch, dim, DTYPE_NAMES[self.x.dtype], "ok")
+        rec.update(
+            fwd_ms=_sig(statistics.median(s[0] for s in self.samples)),
+            bwd_ms=_sig(statistics.median(s[1] for s in self.samples)),
+            fwd_bwd_ms=_sig(fwd_bwd_ms),
+            fwd_bwd_ms_min=_sig(min(total)),
+            fwd_bwd_ms_max=_sig(max(total)),
+            peak_mem_bytes=int(self.peak) if self.peak is not None else None,
+            tflops=_sig(tflops),
+            matmul_frac=_sig(tflops / self.matmul_tflops) if self.matmul_tflops else None,
+            repeats=len(self.samples),
         )
-    else:
-        samples = timing.time_iterations(fwd, bwd, reset, device, repeats)
-    reset()
-    fwd_ms = statistics.median(s[0] for s in samples)
-    bwd_ms = statistics.median(s[1] for s in samples)
-    total = [s[2] for s in samples]
-    fwd_bwd_ms = statistics.median(total)
-    tflops = flop_floor(loss, batch, dim) / (fwd_bwd_ms * 1e-3) / 1e12
-    rec = _record(loss, provider, batch, dim, dtype_name, "ok")
-    rec.update(
-        fwd_ms=_sig(fwd_ms),
-        bwd_ms=_sig(bwd_ms),
-        fwd_bwd_ms=_sig(fwd_bwd_ms),
-        fwd_bwd_ms_min=_sig(min(total)),
-        fwd_bwd_ms_max=_sig(max(total)),
-        peak_mem_bytes=int(peak),
-        tflops=_sig(tflops),
-        matmul_frac=_sig(tflops / matmul_tflops) if matmul_tflops else None,
-        repeats=len(samples),
-    )
-    return rec
+        return rec
+
+
+def bench_one(fn, loss, x, y, device, cfg: LossSweep, matmul_tflops=None, provider: str = "") -> dict:
+    """Benchmark ``fn(loss, x, y, scale, bias)`` forward+backward alone; returns one record."""
+    run = ProviderRun(fn, provider, loss, x, y, device, cfg, matmul_tflops)
+    run.prepare()
+    run.time_all()
+    return run.record()
 
 
 def _sig(v: float, digits: int = 6) -> float:
@@ -301,13 +319,18 @@ def run_loss_sweep(
     """Run the sweep; returns the result document ``{"device", "torch", "triton", "fastclip", "date",
     "matmul_tflops", "records"}`` (records in sweep order).
 
+    The providers of one configuration run on the same inputs. On CPU their timed iterations are
+    interleaved (A, B, A, B, ...) so that a machine shared with other work slows them alike; on GPU
+    each provider's iterations run back to back (the device is not shared, and CUDA's peak-memory
+    statistics then cover one provider at a time).
+
     ``extra_providers`` maps further names (listed in ``cfg.providers``) to :class:`Provider` objects,
     e.g. a variant under development; names from :data:`PROVIDERS` are looked up as usual.
     """
     extra_providers = dict(extra_providers or {})
     cfg.validate(extra_providers)
     device = timing.resolve_device(cfg.device)
-    providers, fns = [], {}
+    fns = {}
     for name in cfg.providers:
         if name in extra_providers:
             prov, reason = extra_providers[name], ""
@@ -316,7 +339,6 @@ def run_loss_sweep(
         if prov is None:
             log(f"skipping provider {name}: {reason}")
             continue
-        providers.append(name)
         fns[name] = prov
     mm = timing.matmul_tflops(device, n=cfg.matmul_size)
     mm_dtype = "bf16" if device.type == "cuda" else "fp32"
@@ -329,6 +351,9 @@ def run_loss_sweep(
         "records": [],
     }
     todo = [c for c in _configs(cfg) if c[4] in fns and c[0] in fns[c[4]].losses]
+    groups: dict[tuple, list[str]] = {}
+    for loss, dtype_name, dim, batch, pname in todo:
+        groups.setdefault((loss, dtype_name, dim, batch), []).append(pname)
     failed_at: dict[tuple, tuple[int, str]] = {}  # series -> (batch, status) of its first failure
     start = time.perf_counter()
     inputs = _InputCache(device)
@@ -338,37 +363,22 @@ def run_loss_sweep(
 
         bar = tqdm(total=len(todo), desc="bench loss", unit="run", dynamic_ncols=True)
     try:
-        for i, (loss, dtype_name, dim, batch, pname) in enumerate(todo):
+        for key, names in groups.items():
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
-                log(f"time limit of {cfg.max_seconds:.0f} s reached: {len(todo) - i} runs not done")
+                log(
+                    f"time limit of {cfg.max_seconds:.0f} s reached: {len(todo) - len(doc['records'])} runs not done"
+                )
                 break
+            loss, dtype_name, dim, batch = key
             if bar is not None:
-                bar.set_postfix_str(f"{loss} {dtype_name} D={dim} B={batch} {pname}")
-            series = (loss, dtype_name, dim, pname)
-            dtype = DTYPES[dtype_name]
-            if series in failed_at:
-                b0, st = failed_at[series]
-                rec = _record(loss, pname, batch, dim, dtype_name, st, f"not run: {st} at B={b0}")
-            else:
-                avail = timing.available_cpu_bytes() if device.type == "cpu" else None
-                need = _estimated_bytes(pname, batch, dim, dtype)
-                if avail is not None and need > 0.9 * avail:
-                    rec = _record(
-                        loss,
-                        pname,
-                        batch,
-                        dim,
-                        dtype_name,
-                        "oom",
-                        f"not run: needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available",
-                    )
-                else:
-                    rec = _run_guarded(fns[pname].fn, pname, loss, batch, dim, dtype, device, cfg, mm, inputs)
+                bar.set_postfix_str(f"{loss} {SHORT_DTYPE[dtype_name]} D={dim} B={batch}")
+            recs = _run_group(key, names, fns, device, cfg, mm, inputs, failed_at)
+            for pname, rec in zip(names, recs):
                 if rec["status"] != "ok":
-                    failed_at[series] = (batch, rec["status"])
-            doc["records"].append(rec)
+                    failed_at.setdefault((loss, dtype_name, dim, pname), (batch, rec["status"]))
+            doc["records"].extend(recs)
             if bar is not None:
-                bar.update(1)
+                bar.update(len(names))
     except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep what is done
         log(f"interrupted: {len(todo) - len(doc['records'])} runs not done")
     finally:
@@ -376,6 +386,79 @@ def run_loss_sweep(
             bar.close()
         inputs.drop()
     return doc
+
+
+def _guarded(call: Callable[[], None], device: torch.device) -> tuple[str, str] | None:
+    """Run ``call()``; None when it worked, else ("oom" | "error", message). Never raises."""
+    try:
+        call()
+        return None
+    except Exception as exc:  # recorded, never raised: one failure must not end the sweep
+        status = "oom" if _is_oom(exc) else "error"
+        text = str(exc).strip()
+        failure = (status, f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300])
+    # Out of the except block the traceback, and the tensors its frames hold, are gone.
+    _cleanup(device)
+    return failure
+
+
+def _run_group(key, names, fns, device, cfg, mm, inputs, failed_at) -> list[dict]:
+    """All providers of one (loss, dtype, dim, batch); one record each, in ``names`` order."""
+    loss, dtype_name, dim, batch = key
+    dtype = DTYPES[dtype_name]
+    out: dict[str, dict] = {}
+    runs: dict[str, ProviderRun] = {}
+    for pname in names:
+        if (loss, dtype_name, dim, pname) in failed_at:
+            b0, st = failed_at[(loss, dtype_name, dim, pname)]
+            out[pname] = _record(loss, pname, batch, dim, dtype_name, st, f"not run: {st} at B={b0}")
+            continue
+        avail = timing.available_cpu_bytes() if device.type == "cpu" else None
+        need = _estimated_bytes(pname, batch, dim, dtype)
+        if avail is not None and need > 0.9 * avail:
+            msg = f"not run: needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+            out[pname] = _record(loss, pname, batch, dim, dtype_name, "oom", msg)
+            continue
+        runs[pname] = None  # to run
+    if runs:
+        holder = {}
+        failure = _guarded(lambda: holder.update(xy=inputs.get(batch, dim, dtype)), device)
+        if failure is not None:
+            inputs.drop()
+            for pname in runs:
+                out[pname] = _record(loss, pname, batch, dim, dtype_name, *failure)
+            runs = {}
+        else:
+            x, y = holder.pop("xy")
+            for pname in runs:
+                runs[pname] = ProviderRun(fns[pname].fn, pname, loss, x, y, device, cfg, mm)
+            del x, y
+
+    def fail(pname, failure):
+        out[pname] = _record(loss, pname, batch, dim, dtype_name, *failure)
+        runs.pop(pname).reset()
+        _cleanup(device)
+
+    for pname in list(runs):
+        failure = _guarded(runs[pname].prepare, device)
+        if failure is not None:
+            fail(pname, failure)
+    if device.type == "cpu":
+        for r in range(max((run.repeats for run in runs.values()), default=0)):
+            for pname in list(runs):
+                if r < runs[pname].repeats:
+                    failure = _guarded(runs[pname].time_once, device)
+                    if failure is not None:
+                        fail(pname, failure)
+    else:
+        for pname in list(runs):
+            failure = _guarded(runs[pname].time_all, device)
+            if failure is not None:
+                fail(pname, failure)
+    for pname, run in runs.items():
+        out[pname] = run.record()
+    runs.clear()
+    return [out[p] for p in names]
 
 
 class _InputCache:
@@ -396,22 +479,3 @@ class _InputCache:
     def drop(self) -> None:
         self.key, self.tensors = None, None
         _cleanup(self.device)
-
-
-def _run_guarded(fn, pname, loss, batch, dim, dtype, device, cfg, mm, inputs: _InputCache) -> dict:
-    """One provider on one configuration; an OOM or an error becomes a record instead of an exception."""
-    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-    try:
-        x, y = inputs.get(batch, dim, dtype)
-        return bench_one(fn, loss, x, y, device, cfg, mm, provider=pname)
-    except Exception as exc:  # recorded, never raised: one failure must not end the sweep
-        status = "oom" if _is_oom(exc) else "error"
-        text = str(exc).strip()
-        msg = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-    # Out of the except block, the traceback (and the tensors its frames hold) is gone.
-    x = y = None
-    if status == "oom":
-        inputs.drop()
-    else:
-        _cleanup(device)
-    return _record(loss, pname, batch, dim, dtype_name, status, msg)

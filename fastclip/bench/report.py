@@ -202,3 +202,32 @@ def target_checks(records: list[dict], matmul_tflops: float | None = None) -> li
                 f"{speedup:.2f}x faster than inf_cl (target >= 2x)"
             )
     return lines
+
+
+def markdown_summary(doc: dict, baseline: str = "reference") -> str:
+    """A Markdown table of each provider against ``baseline`` (time, peak extra memory, ratios), with
+    the device and date, for a README results section."""
+    rows = ratio_rows(doc["records"], baseline)
+    lines = [
+        f"Device: {doc['device']}; torch {doc['torch']}, fastclip {doc['fastclip']}; {doc['date']}; "
+        f"matmul rate {doc['matmul_tflops']:.3g} TFLOP/s "
+        + ("(bf16)" if not str(doc["device"]).startswith("cpu") else "(fp32, CPU)"),
+        "",
+        f"| loss | dtype | D | B | provider | fwd+bwd ms | {baseline} ms | time ratio | peak extra MiB "
+        f"| {baseline} MiB | memory ratio |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for q in rows:
+        lines.append(
+            f"| {q['loss']} | {SHORT_DTYPE.get(q['dtype'], q['dtype'])} | {q['dim']} | {q['batch']} | {q['provider']} "
+            f"| {q['ms']:.0f} | {q['base_ms']:.0f} | {_fmt(q['time_ratio'], '.2f')}x | {_mib(q['mem'])} "
+            f"| {_mib(q['base_mem'])} | {_fmt(q['mem_ratio'], '.3f')}x |"
+        )
+    return "\n".join(lines)
+
+
+def load_document(path: str) -> dict:
+    with open(path) as f:
+        doc = json.load(f)
+    validate_document(doc)
+    return doc

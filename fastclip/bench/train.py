@@ -373,6 +373,11 @@ def run_train_bench(cfg: TrainBench, log: Callable[[str], None] = print) -> dict
             except Exception as exc:
                 entry.update(status="error", message=f"{type(exc).__name__}: {exc}"[:400])
                 log(f"  {entry['message']}")
+            except KeyboardInterrupt:  # e.g. the GPU suite's time limit: keep what is measured
+                entry.update(status="error", message="interrupted")
+                doc["max_batch"].append(entry)
+                log("  interrupted")
+                break
             optimizer.zero_grad(set_to_none=True)
             _cleanup(device)
             doc["max_batch"].append(entry)
