@@ -97,7 +97,8 @@ class TrainConfig:
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl on cuda, gloo on cpu), "gloo" or "nccl"."""
     threads: int | None = None
-    """torch intra-op threads per process on CPU (None: torch's default)."""
+    """torch intra-op threads per process on CPU (None: the cores the load average leaves idle, split
+    between this node's processes, at least 1)."""
 
 
 @dataclass

@@ -575,8 +575,7 @@ def setup_distributed(tc) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        torch.set_num_threads(tc.threads or cpu_threads())
     backend = tc.backend if tc.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if device.type == "cpu":
@@ -586,6 +585,19 @@ def setup_distributed(tc) -> tuple[int, int, torch.device]:
     else:
         deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def cpu_threads() -> int:
+    """Intra-op threads per process on CPU: the cores the 1-minute load average leaves idle, shared by
+    this node's processes (at least 1). Oversubscribed OpenMP threads spin against each other: on a
+    2-core machine busy with another job, 2 threads ran the demo ~10x slower than 1 thread."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, int(cores - busy + 0.5) // max(1, local))
 
 
 def _skip_shm_comm_op() -> None:
