@@ -36,7 +36,7 @@ def plot_document(doc: dict, stem: str, metrics: tuple[str, ...] = ("time", "mem
     paths = []
     for metric in metrics:
         key, ylabel = METRICS[metric]
-        ncols = min(len(panels), 4)
+        ncols = 2 if len(panels) == 4 else min(len(panels), 3)
         nrows = (len(panels) + ncols - 1) // ncols
         fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
         for ax, (loss, dtype, dim) in zip(axes.flat, panels):
