@@ -221,6 +221,29 @@ def test_ratios_and_targets():
     assert "1.20x" in report.ratio_table(recs)
 
 
+def test_inf_cl_wrapper_averages_the_two_directions():
+    # A stand-in with cal_inf_loss's contract (mean over rows of lse(scale * q k^T) - positive logit):
+    # the wrapper's two calls, averaged, must give the CLIP loss.
+    from fastclip.bench.providers import _inf_cl, _inf_cl_head_dim
+    from fastclip.reference import clip_loss_reference
+
+    seen = []
+
+    def cal_inf_loss(q, k, labels=None, scale=None, head_dim=256):
+        seen.append(head_dim)
+        logits = scale * q.double() @ k.double().T
+        return (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
+
+    x, y = torch.randn(12, 384, dtype=torch.float64), torch.randn(12, 384, dtype=torch.float64)
+    s = torch.tensor(3.0, dtype=torch.float64)
+    got = _inf_cl(cal_inf_loss)("clip", x, y, s, None)
+    torch.testing.assert_close(got, clip_loss_reference(x, y, s))
+    assert seen == [128, 128]  # 384 is not a multiple of 256
+    assert [_inf_cl_head_dim(d) for d in (512, 768, 1024, 1152)] == [256, 256, 256, 128]
+    with pytest.raises(ValueError, match="siglip"):
+        _inf_cl(cal_inf_loss)("siglip", x, y, s, None)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="providers"):
         tiny_sweep(providers=["nope"]).validate()

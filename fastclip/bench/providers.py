@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -84,12 +85,17 @@ def _inf_cl_head_dim(dim: int) -> int:
 
 
 def _inf_cl(cal_inf_loss) -> Callable:
+    try:  # releases differ in whether head_dim can be passed
+        takes_head_dim = "head_dim" in inspect.signature(cal_inf_loss).parameters
+    except (TypeError, ValueError):
+        takes_head_dim = False
+
     def fn(loss, x, y, scale, bias):
         if loss != "clip":
             raise ValueError(f"inf_cl: only the softmax (clip) loss exists, got loss={loss!r}")
-        h = _inf_cl_head_dim(x.shape[1])
+        kw = {"head_dim": _inf_cl_head_dim(x.shape[1])} if takes_head_dim else {}
         # As Inf-CLIP's own training loss does: one call per direction, averaged.
-        return (cal_inf_loss(x, y, scale=scale, head_dim=h) + cal_inf_loss(y, x, scale=scale, head_dim=h)) / 2
+        return (cal_inf_loss(x, y, scale=scale, **kw) + cal_inf_loss(y, x, scale=scale, **kw)) / 2
 
     return fn
 
