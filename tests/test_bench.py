@@ -345,3 +345,42 @@ def test_max_batch_with_gradient_caching_uses_less_memory():
     (p,), (c,) = plain["tried"], cached["tried"]
     # Activations of 8 samples at a time instead of 32: clearly less memory for the same step.
     assert c["mem_bytes"] < 0.8 * p["mem_bytes"], (c, p)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA paths (CUDA events, CUDA peak memory, the Triton provider); skipped without a GPU
+
+
+@pytest.mark.gpu
+def test_gpu_loss_sweep_records():
+    cfg = tiny_sweep(providers=["fastclip-triton", "fastclip-torch", "reference"], batches=[1024, 4096], dims=[256],
+                     dtypes=["bfloat16"], device="cuda", warmup=2, min_repeats=3, max_repeats=3)  # fmt: skip
+    doc = run_loss_sweep(cfg, progress=False, log=lambda s: None)
+    report.validate_document(doc)
+    by = {(r["loss"], r["batch"], r["provider"]): r for r in doc["records"]}
+    assert len(by) == 2 * 2 * 3
+    for (_loss, b, _provider), r in by.items():
+        assert r["status"] == "ok", r
+        assert r["repeats"] == 3 and 0 < r["fwd_bwd_ms_min"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_ms_max"]
+        assert r["peak_mem_bytes"] >= 2 * b * 256 * 2  # at least the two bf16 input gradients
+    for loss in ("clip", "siglip"):
+        # B×B bf16 logits are 32 MiB at 4096: the reference holds them, the fused kernels do not.
+        assert by[(loss, 4096, "reference")]["peak_mem_bytes"] > 4096**2 * 2
+        assert (
+            by[(loss, 4096, "fastclip-triton")]["peak_mem_bytes"]
+            < by[(loss, 4096, "reference")]["peak_mem_bytes"] / 4
+        )
+
+
+@pytest.mark.gpu
+def test_gpu_train_step_and_search():
+    from fastclip.bench.train import TrainBench, run_train_bench
+
+    cfg = TrainBench(model="tiny", device="cuda", batch=64, precision="bf16", warmup=1, steps=2, micro_batch=64,
+                     start_batch=128, max_batch=256, search_seconds=30)  # fmt: skip
+    doc = run_train_bench(cfg, log=lambda s: None)
+    assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in doc["records"]), doc["records"]
+    assert [(m["loss_impl"], m["grad_cache"]) for m in doc["max_batch"]] == [
+        ("fastclip", False), ("fastclip", True), ("reference", True)]  # fmt: skip
+    for m in doc["max_batch"]:
+        assert m["status"] == "ok" and m["max_batch"] == 256 and m["limit"] == "max_batch cap 256", m
