@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 OPEN_CLIP ?= open_clip_torch==3.3.0
 
-.PHONY: setup test test-interpreter test-gpu demo bench lint format
+.PHONY: setup test test-interpreter test-gpu demo bench bench-gpu lint format
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -30,10 +30,13 @@ test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu
 
 demo: setup
-	$(BIN)/fastclip bench loss
+	$(BIN)/fastclip train --output-dir runs/demo
 
 bench: setup
 	$(BIN)/fastclip bench loss
+
+bench-gpu: setup
+	bash benchmarks/gpu_suite.sh benchmarks/results/gpu_$$(date -u +%Y%m%d_%H%M)
 
 lint: setup
 	$(BIN)/ruff format --check fastclip kernels tests benchmarks
