@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -54,17 +51,8 @@ def assert_within_budget(name, got, ref_same_dtype, truth, dtype):
 
 
 def load_open_clip_loss():
-    """open_clip's ``loss.py`` as a module, without importing open_clip's package (it needs torchvision).
+    """open_clip's ``loss.py`` as a module (None when open_clip_torch is not installed); see
+    ``fastclip.bench.providers.load_open_clip_loss``."""
+    from fastclip.bench.providers import load_open_clip_loss as load
 
-    Returns None when open_clip_torch is not installed.
-    """
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    if not os.path.exists(path):
-        return None
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
+    return load()

@@ -22,30 +22,13 @@ import torch
 from fastclip.bench import timing
 from fastclip.bench.memory import peak_extra_bytes
 from fastclip.bench.providers import LOSSES, PROVIDERS, Provider, get_provider
+from fastclip.bench.report import REQUIRED_RECORD_KEYS, SHORT_DTYPE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-RECORD_FIELDS = (
-    "loss",
-    "provider",
-    "batch",
-    "dim",
-    "dtype",
-    "fwd_ms",
-    "bwd_ms",
-    "fwd_bwd_ms",
-    "fwd_bwd_ms_min",
-    "fwd_bwd_ms_max",
-    "peak_mem_bytes",
-    "tflops",
-    "status",
-    # beyond the required fields
-    "matmul_frac",
-    "repeats",
-    "message",
-)
+# The issue-7 schema's fields, then ours.
+RECORD_FIELDS = (*REQUIRED_RECORD_KEYS, "matmul_frac", "repeats", "message")
 # Values open_clip models start from: CLIP scale 1/0.07 (already exponentiated); SigLIP scale 10, bias -10.
 CLIP_SCALE = 1.0 / 0.07
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
