@@ -344,6 +344,25 @@ def _finite_flag(*tensors) -> torch.Tensor:
     return ok
 
 
+def _clip_grads_out(ctx, x, y, scale, dx, dy, ds):
+    """Backward return of the ClipLoss Functions: gradients in the inputs' dtypes, a zero bias
+    gradient (the softmax loss ignores a shared bias), None for the non-tensor arguments."""
+    need = ctx.needs_input_grad
+    db = None
+    if need[3]:
+        db = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=x.device)
+    return (
+        dx.to(x.dtype) if need[0] else None,
+        dy.to(y.dtype) if need[1] else None,
+        ds.to(scale.dtype).reshape(scale.shape) if need[2] else None,
+        db,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
 class _ClipGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, mode, group, impl, chunk_size):
@@ -399,19 +418,7 @@ class _ClipGather(torch.autograd.Function):
                 mult = g if mode == "global_nograd" else red[1]
                 dx, dy = dx * mult, dy * mult
         ds = ds * g
-        db = None
-        if ctx.needs_input_grad[3]:
-            db = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=x.device)
-        return (
-            dx.to(x.dtype) if ctx.needs_input_grad[0] else None,
-            dy.to(y.dtype) if ctx.needs_input_grad[1] else None,
-            ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None,
-            db,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _clip_grads_out(ctx, x, y, scale, dx, dy, ds)
 
 
 class _ClipGatherGlobal(torch.autograd.Function):
@@ -462,19 +469,7 @@ class _ClipGatherGlobal(torch.autograd.Function):
         # g_r times dL/d(features) without grad through the gather, (sum_q g_q) times it with it.
         mult = g if mode == "global_nograd" else red[1]
         ds = red[0] * g
-        db = None
-        if ctx.needs_input_grad[3]:
-            db = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=x.device)
-        return (
-            (gx * mult).to(x.dtype) if ctx.needs_input_grad[0] else None,
-            (gy * mult).to(y.dtype) if ctx.needs_input_grad[1] else None,
-            ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None,
-            db,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _clip_grads_out(ctx, x, y, scale, gx * mult, gy * mult, ds)
 
 
 class _ClipRing(torch.autograd.Function):
@@ -573,19 +568,7 @@ class _ClipRing(torch.autograd.Function):
             ds = red[0] * g
             mult = g if mode == "global_nograd" else red[1]
             dx, dy = dx * mult, dy * mult
-        db = None
-        if ctx.needs_input_grad[3]:
-            db = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=x.device)
-        return (
-            dx.to(x.dtype) if ctx.needs_input_grad[0] else None,
-            dy.to(y.dtype) if ctx.needs_input_grad[1] else None,
-            ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None,
-            db,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _clip_grads_out(ctx, x, y, scale, dx, dy, ds)
 
 
 # ----------------------------------------------------------------------------------------------------
