@@ -15,7 +15,10 @@ SUBCOMMANDS = {
         "fastclip.train.cli",
         "train a CLIP/SigLIP model (default: tiny model on built-in synthetic data)",
     ),
-    "bench": ("fastclip.bench.cli", "benchmark the losses ('loss'), a training step ('train'), or re-report a result file ('report')"),
+    "bench": (
+        "fastclip.bench.cli",
+        "benchmark the losses ('loss'), a training step ('train'), or re-report a result file ('report')",
+    ),
     "convert": (
         "fastclip.models.convert",
         "convert Hugging Face / open_clip weights to fastclip safetensors",
