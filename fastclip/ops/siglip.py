@@ -39,22 +39,22 @@ def siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size=None):
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         xc = x[i0:i1].detach().to(acc)
-        sim = xc @ y_acc.t()  # (c, N)
-        logits = (sim * s).add_(b)
+        logits = ((xc * s) @ y_acc.t()).add_(b)  # (c, N); the scale rides on the (c, D) rows
         # softplus(L) = -logsigmoid(-L): one fused, stable op without softplus's threshold switch.
-        total -= F.logsigmoid(logits.neg()).sum()
+        # Negating in place twice is exact and saves a (c, N) temporary.
+        total -= F.logsigmoid(logits.neg_()).sum()
         if not need_grad:
             continue
-        grad = logits.sigmoid_()  # reuses the logits buffer
+        grad = logits.neg_().sigmoid_()  # reuses the logits buffer
         del logits
         p0, p1 = max(i0, lo), min(i1, hi)
         if p1 > p0:
             rows = torch.arange(p0 - i0, p1 - i0, device=x.device)
             grad[rows, rows + i0 + offset] -= 1
-        ds += torch.vdot(grad.reshape(-1), sim.reshape(-1))
         db += grad.sum()
-        del sim
-        dx[i0:i1] = (grad @ y_acc).mul_(s)
+        gy = grad @ y_acc  # (c, D)
+        ds += torch.vdot(xc.reshape(-1), gy.reshape(-1))  # sum_ij G_ij x_i.y_j = sum_i x_i.(G y)_i
+        dx[i0:i1] = gy.mul_(s)
         dy.addmm_(grad.t(), xc, alpha=s)
     # Positives: softplus(-L) = softplus(L) - L.
     pos = positive_logits(x, y, scale, offset) + b
