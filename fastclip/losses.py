@@ -89,6 +89,26 @@ def _check_inputs(
     return logit_scale, logit_bias
 
 
+def _prepare_distributed(module, image_features, text_features, logit_scale, logit_bias, *, bias_required):
+    """Checks shared by both modules' multi-rank forward: the process group, the inputs, the
+    implementation and (unless turned off) equal local batch sizes. Returns (scale, bias, impl)."""
+    from fastclip import distributed
+
+    _check_world(module.group, module.rank, module.world_size)
+    logit_scale, logit_bias = _check_inputs(
+        image_features,
+        text_features,
+        logit_scale,
+        logit_bias,
+        bias_required=bias_required,
+        check_finite=module.check_finite,
+    )
+    impl = _resolve(module.impl, image_features)
+    if module.check_batch_sizes:
+        distributed.check_batch_sizes(image_features, module.group)
+    return logit_scale, logit_bias, impl
+
+
 class ClipLoss(nn.Module):
     """CLIP softmax contrastive loss (open_clip ``ClipLoss`` semantics), fused and memory-bounded.
 
@@ -171,18 +191,9 @@ class ClipLoss(nn.Module):
     def _forward_distributed(self, image_features, text_features, logit_scale, logit_bias):
         from fastclip import distributed
 
-        _check_world(self.group, self.rank, self.world_size)
-        logit_scale, logit_bias = _check_inputs(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            bias_required=False,
-            check_finite=self.check_finite,
+        logit_scale, logit_bias, impl = _prepare_distributed(
+            self, image_features, text_features, logit_scale, logit_bias, bias_required=False
         )
-        impl = _resolve(self.impl, image_features)
-        if self.check_batch_sizes:
-            distributed.check_batch_sizes(image_features, self.group)
         if impl == "reference":
             from fastclip.reference import clip_loss_distributed_reference
 
@@ -270,18 +281,9 @@ class SigLipLoss(nn.Module):
     def _forward_distributed(self, image_features, text_features, logit_scale, logit_bias):
         from fastclip import distributed
 
-        _check_world(self.group, self.rank, self.world_size)
-        logit_scale, logit_bias = _check_inputs(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            bias_required=True,
-            check_finite=self.check_finite,
+        logit_scale, logit_bias, impl = _prepare_distributed(
+            self, image_features, text_features, logit_scale, logit_bias, bias_required=True
         )
-        impl = _resolve(self.impl, image_features)
-        if self.check_batch_sizes:
-            distributed.check_batch_sizes(image_features, self.group)
         if impl == "reference":
             from fastclip.reference import siglip_loss_distributed_reference
 
