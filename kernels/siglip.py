@@ -84,7 +84,12 @@ def _siglip_tile_kernel(
     L = S * s
     if HAS_BIAS:
         L += tl.load(bias_ptr).to(tl.float32)
-    loss = tl.maximum(L, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(L)))
+    # softplus(L) = max(L, 0) + log1p(exp(-|L|)). Triton has no log1p; log(1 + z) loses z's low bits
+    # when z is small (|L| > ~5), so use log1p(z) = z * log(u) / (u - 1) with u = 1 + z (exact
+    # cancellation of u's rounding; Goldberg), and z itself where u rounds to 1.
+    z = tl.exp(-tl.abs(L))
+    u = 1.0 + z
+    loss = tl.maximum(L, 0.0) + tl.where(u == 1.0, z, z * tl.log(u) / tl.where(u == 1.0, 1.0, u - 1.0))
     G = tl.sigmoid(L)  # dead code (eliminated) when NEED_GRAD is False
     if HAS_POS:
         target = (rows.to(tl.int64) + row0) + offset  # global row + offset, int64
