@@ -7,6 +7,7 @@ Each subcommand lives in its own module, imported only when used; every module e
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -26,6 +27,16 @@ SUBCOMMANDS = {
 }
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of its nested subcommands."""
+    names = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                names |= _option_strings(child)
+    return names
+
+
 def build_parser(argv) -> tuple[argparse.ArgumentParser, object]:
     parser = argparse.ArgumentParser(
         prog="fastclip", description="fastclip: fused contrastive losses and training"
@@ -38,13 +49,26 @@ def build_parser(argv) -> tuple[argparse.ArgumentParser, object]:
         if name == chosen:  # import only the module that will run
             module = importlib.import_module(module_name)
             module.add_arguments(p)
+            parser.set_defaults(_subparser=p)
     return parser, module
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, module = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse (Python < 3.12) names an unknown option without suggesting the one meant.
+        target = getattr(args, "_subparser", parser)
+        known = sorted(_option_strings(target))
+        hints = []
+        for arg in unknown:
+            if arg.startswith("-"):
+                close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=3, cutoff=0.6)
+                hints.append(f"{arg} (did you mean {', '.join(close)}?)" if close else arg)
+            else:
+                hints.append(arg)
+        target.error("unrecognized arguments: " + " ".join(hints))
     if args.command is None:
         parser.print_help()
         return 2
