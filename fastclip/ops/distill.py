@@ -1,0 +1,341 @@
+"""Distillation CLIP loss (open_clip ``DistillClipLoss``): block primitives, autograd Function, functional.
+
+A student block ``Ls = s * x @ y.T`` (``n`` rows against ``N`` columns) and a teacher block
+``Lt = t * xt @ yt.T`` of the same shape (the teacher's feature dim may differ). For the row direction,
+with ``Ps``/``Pt`` the row softmaxes and ``m_i = sum_j Pt_ij Ls_ij`` (the student logit expected under
+the teacher)::
+
+    contrastive_i = lse(Ls)_i - Ls_{i, i+offset}          (cross-entropy with one positive)
+    distill_i     = -sum_j Pt_ij log Ps_ij = lse(Ls)_i - m_i
+
+and the same over columns for the column direction (open_clip's ``logits_per_text``). Two passes, each
+over ``chunk_rows`` rows at a time, so neither n×N matrix ever exists:
+
+* ``distill_stats``: student and teacher row (and column) log-sum-exps and ``m`` -- all a loss needs.
+  Column values are merged chunk by chunk (``m`` as a weighted mean under the merged teacher
+  normalizer), so one pass suffices.
+* ``distill_grad``: recomputes both tiles; with ``g_c``/``g_d`` the gradients flowing into the two
+  losses and ``cr``/``cc`` the weights of the directions (``1/(2n)`` each for the symmetric loss)::
+
+      dLoss/dLs = ar Ps_row + ac Ps_col - br Pt_row - bc Pt_col - p P
+      dLoss/dLt = -(br Pt_row * (Ls - m_row[:, None]) + bc Pt_col * (Ls - m_col[None, :]))
+
+  with ``ar = (g_c + g_d) cr``, ``ac = (g_c + g_d) cc``, ``br = g_d cr``, ``bc = g_d cc``,
+  ``p = g_c (cr + cc)`` and ``P`` the positives; then ``dx = s G y``, ``dy = s G^T x``,
+  ``ds = sum(G * x y^T)`` for both the student and (when it requires grad) the teacher.
+
+The coefficients travel as a 5-element tensor (``ar, ac, br, bc, p``), so no host sync is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch.autograd.function import once_differentiable
+
+from fastclip import _checks
+from fastclip.ops.amp import autocast_active, autocast_off, common_dtype, no_autocast
+from fastclip.ops.dispatch import acc_dtype, chunk_rows, resolve_impl
+from fastclip.ops.inputs import nan_if_not_finite
+from fastclip.ops.torch_impl import positive_logits, positive_rows
+
+# ----------------------------------------------------------------------------------------------------
+# "torch" implementation of the two passes
+
+
+def _merge_col(lse_acc, m_acc, lse_part, m_part):
+    """Merge column log-sum-exps and the weighted means ``m`` that they normalize."""
+    lse_new = torch.logaddexp(lse_acc, lse_part)
+    # -inf - (-inf) never happens here: lse_part is finite for every column of a non-empty chunk.
+    m_new = m_acc * torch.exp(lse_acc - lse_new) + m_part * torch.exp(lse_part - lse_new)
+    return lse_new, m_new
+
+
+def distill_stats_torch(x, y, s, xt, yt, t, both, chunk_size=None):
+    """Pass 1. Returns ``(lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col)``; the column
+    entries are None unless ``both``. At most four (c, N) buffers live per chunk."""
+    acc = acc_dtype(x.dtype)
+    n, N = x.shape[0], y.shape[0]
+    c = chunk_rows(n, N, chunk_size)
+    s = s.detach().to(acc).reshape(())
+    t = t.detach().to(acc).reshape(())
+    yT, ytT = y.detach().to(acc).t(), yt.detach().to(acc).t()
+    dev = x.device
+    lse_s_row, lse_t_row, m_row = (torch.empty(n, dtype=acc, device=dev) for _ in range(3))
+    lse_s_col = lse_t_col = m_col = None
+    if both:
+        lse_s_col = torch.full((N,), float("-inf"), dtype=acc, device=dev)
+        lse_t_col = torch.full((N,), float("-inf"), dtype=acc, device=dev)
+        m_col = torch.zeros(N, dtype=acc, device=dev)
+    for i0 in range(0, n, c):
+        i1 = min(n, i0 + c)
+        ls = (x[i0:i1].detach().to(acc) * s) @ yT  # (c, N) student logits
+        lt = (xt[i0:i1].detach().to(acc) * t) @ ytT  # (c, N) teacher logits
+        lse_s_row[i0:i1] = torch.logsumexp(ls, dim=1)
+        lse_t = torch.logsumexp(lt, dim=1)
+        lse_t_row[i0:i1] = lse_t
+        if both:
+            lse_s_col = torch.logaddexp(lse_s_col, torch.logsumexp(ls, dim=0))
+            lse_tc = torch.logsumexp(lt, dim=0)
+            w = (lt - lse_tc[None, :]).exp_().mul_(ls)  # teacher column softmax of this chunk times Ls
+            lse_t_col, m_col = _merge_col(lse_t_col, m_col, lse_tc, w.sum(0))
+            del w
+        # In place on the teacher logits: its row softmax, times Ls, summed per row.
+        m_row[i0:i1] = lt.sub_(lse_t[:, None]).exp_().mul_(ls).sum(1)
+    return lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col
+
+
+def distill_grad_torch(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, chunk_size=None):
+    """Pass 2: ``(dx, dy, ds, dxt, dyt, dt)`` in the accumulation dtype (None where not needed).
+    ``coefs`` = ``(ar, ac, br, bc, p)`` as a tensor. At most five (c, N) buffers live per chunk."""
+    acc = acc_dtype(x.dtype)
+    n, N = x.shape[0], y.shape[0]
+    c = chunk_rows(n, N, chunk_size)
+    dev = x.device
+    lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col = stats
+    both = lse_s_col is not None
+    s = s.detach().to(acc).reshape(())
+    t = t.detach().to(acc).reshape(())
+    ar, ac, br, bc, p = coefs.to(acc).unbind(0)
+    y_a, yt_a = y.detach().to(acc), yt.detach().to(acc)
+    dx = dy = ds = dxt = dyt = dt = None
+    if need_student:
+        dx = torch.empty(x.shape, dtype=acc, device=dev)
+        dy = torch.zeros(y.shape, dtype=acc, device=dev)
+        ds = torch.zeros((), dtype=acc, device=dev)
+    if need_teacher:
+        dxt = torch.empty(xt.shape, dtype=acc, device=dev)
+        dyt = torch.zeros(yt.shape, dtype=acc, device=dev)
+        dt = torch.zeros((), dtype=acc, device=dev)
+    lo, hi = positive_rows(n, N, offset)
+    for i0 in range(0, n, c):
+        i1 = min(n, i0 + c)
+        xc, xtc = x[i0:i1].detach().to(acc), xt[i0:i1].detach().to(acc)
+        ls = (xc * s) @ y_a.t()  # (c, N)
+        lt = (xtc * t) @ yt_a.t()  # (c, N)
+        pt = (lt - lse_t_row[i0:i1, None]).exp_()  # teacher row softmax
+        g = gt = None
+        if need_student:
+            g = (ls - lse_s_row[i0:i1, None]).exp_().mul_(ar)
+            g.sub_(pt * br)
+        if need_teacher:
+            gt = (ls - m_row[i0:i1, None]).mul_(pt).mul_(-br)
+        del pt
+        if both:
+            ptc = lt.sub_(lse_t_col[None, :]).exp_()  # teacher column softmax, in place on lt
+            if need_student:
+                g.add_((ls - lse_s_col[None, :]).exp_().mul_(ac))
+                g.sub_(ptc * bc)
+            if need_teacher:
+                gt.sub_(ls.sub_(m_col[None, :]).mul_(ptc).mul_(bc))
+        del ls, lt
+        if need_student:
+            p0, p1 = max(i0, lo), min(i1, hi)
+            if p1 > p0:
+                rows = torch.arange(p0 - i0, p1 - i0, device=dev)
+                g[rows, rows + i0 + offset] -= p
+            gy = g @ y_a  # (c, D)
+            ds += torch.vdot(xc.reshape(-1), gy.reshape(-1))  # sum(G * x y^T) = sum_i x_i.(G y)_i
+            dx[i0:i1] = gy.mul_(s)
+            dy.addmm_(g.t(), xc, alpha=s)
+            del g
+        if need_teacher:
+            gy = gt @ yt_a
+            dt += torch.vdot(xtc.reshape(-1), gy.reshape(-1))
+            dxt[i0:i1] = gy.mul_(t)
+            dyt.addmm_(gt.t(), xtc, alpha=t)
+    return dx, dy, ds, dxt, dyt, dt
+
+
+# ----------------------------------------------------------------------------------------------------
+# dispatch and the autograd Function
+
+
+def distill_stats(x, y, s, xt, yt, t, *, both, impl="torch", chunk_size=None):
+    """Pass 1 (see the module docstring); inputs are detached."""
+    args = (x.detach(), y.detach(), s.detach(), xt.detach(), yt.detach(), t.detach(), both)
+    if impl == "triton":
+        from fastclip.kernels.distill import distill_stats as launch
+
+        return launch(*args)
+    return distill_stats_torch(*args, chunk_size)
+
+
+def distill_grad(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, *, impl, chunk_size):
+    """Pass 2 (see the module docstring); inputs are detached."""
+    args = (x.detach(), y.detach(), s.detach(), xt.detach(), yt.detach(), t.detach(), stats, coefs.detach())
+    if impl == "triton":
+        from fastclip.kernels.distill import distill_grad as launch
+
+        return launch(*args, offset, need_student, need_teacher)
+    return distill_grad_torch(*args, offset, need_student, need_teacher, chunk_size)
+
+
+def _direction_weights(n: int, N: int, both: bool) -> tuple[float, float]:
+    return (1.0 / (2 * n), 1.0 / (2 * N)) if both else (1.0 / n, 0.0)
+
+
+class DistillLossFunction(torch.autograd.Function):
+    """(contrastive, distill) of a block; saves the inputs and O(n + N) statistics, nothing n×N.
+
+    ``both=True``: the symmetric loss of a square block (rows and columns, each direction weighted
+    1/2, as open_clip's single-process loss). ``both=False``: row direction only, mean over rows
+    (open_clip's ``local_loss`` blocks), positives at column ``i + offset``.
+    """
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, x, y, s, xt, yt, t, offset, both, impl, chunk_size):
+        n, N = x.shape[0], y.shape[0]
+        stats = distill_stats(x, y, s, xt, yt, t, both=both, impl=impl, chunk_size=chunk_size)
+        lse_s_row, _, m_row, lse_s_col, _, m_col = stats
+        acc = lse_s_row.dtype
+        pos = positive_logits(x, y, s, offset).to(acc).sum()
+        cr, cc = _direction_weights(n, N, both)
+        contrastive = lse_s_row.sum() * cr - pos * (cr + cc)
+        distill = (lse_s_row - m_row).sum() * cr
+        if both:
+            contrastive = contrastive + lse_s_col.sum() * cc
+            distill = distill + (lse_s_col - m_col).sum() * cc
+        contrastive = nan_if_not_finite(contrastive, x, y, s)
+        distill = nan_if_not_finite(distill, x, y, s, xt, yt, t)
+        ctx.save_for_backward(x, y, s, xt, yt, t, *(v for v in stats if v is not None))
+        ctx.cfg = (offset, both, impl, chunk_size, cr, cc)
+        return contrastive, distill
+
+    @staticmethod
+    @once_differentiable
+    @autocast_off
+    def backward(ctx, g_c, g_d):
+        x, y, s, xt, yt, t, *saved = ctx.saved_tensors
+        offset, both, impl, chunk_size, cr, cc = ctx.cfg
+        stats = tuple(saved) if both else (*saved, None, None, None)
+        need = ctx.needs_input_grad
+        need_student, need_teacher = any(need[:3]), any(need[3:6])
+        out = [None] * 10
+        if not (need_student or need_teacher):
+            return tuple(out)
+        acc = stats[0].dtype
+        g_c, g_d = g_c.to(acc).reshape(()), g_d.to(acc).reshape(())
+        g_sum = g_c + g_d
+        coefs = torch.stack([g_sum * cr, g_sum * cc, g_d * cr, g_d * cc, g_c * (cr + cc)])
+        grads = distill_grad(
+            x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher,
+            impl=impl, chunk_size=chunk_size,
+        )  # fmt: skip
+        for k, (inp, gr) in enumerate(zip((x, y, s, xt, yt, t), grads)):
+            if need[k]:
+                out[k] = gr.to(inp.dtype).reshape(inp.shape)
+        return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# input handling shared by the functional form and the module
+
+
+FEATURE_NAMES = ("image_features", "text_features", "dist_image_features", "dist_text_features")
+
+
+def settle_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str):
+    """One dtype for a feature pair. Mixed dtypes are accepted under autocast only (what models give
+    there) and cast as the materialized loss's matmul would (``fastclip.ops.amp.common_dtype``); the
+    differentiable cast returns each gradient in its input's dtype."""
+    _checks.check_features(a, b, same_dtype=False, name_a=name_a, name_b=name_b)
+    if a.dtype == b.dtype:
+        return a, b
+    if not autocast_active(a.device):
+        raise TypeError(
+            f"{name_b}: expected dtype {a.dtype} (as {name_a}), got {b.dtype} "
+            "(mixed dtypes are accepted under torch.autocast only)"
+        )
+    dtype = common_dtype(a, b)
+    return a.to(dtype), b.to(dtype)
+
+
+def check_distill_inputs(x, y, s, xt, yt, t, *, check_finite=False):
+    """Checks of the six inputs (messages name the argument); returns them with one dtype per pair and
+    the scales as tensors on the features' device. The teacher's feature dim may differ."""
+    x, y = settle_pair(x, y, *FEATURE_NAMES[:2])
+    xt, yt = settle_pair(xt, yt, *FEATURE_NAMES[2:])
+    if xt.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"dist_image_features: expected batch size {x.shape[0]} (as image_features), got {xt.shape[0]}"
+        )
+    if xt.device != x.device:
+        raise ValueError(f"dist_image_features: expected device {x.device} (as image_features), got {xt.device}")
+    s = _checks.check_scalar("logit_scale", s, device=x.device)
+    t = _checks.check_scalar("dist_logit_scale", t, device=x.device)
+    _checks.check_bool("check_finite", check_finite)
+    if check_finite:
+        for name, v in zip((*FEATURE_NAMES, "logit_scale", "dist_logit_scale"), (x, y, xt, yt, s, t)):
+            _checks.check_all_finite(name, v)
+    return x, y, s, xt, yt, t
+
+
+def resolve_distill_impl(impl, x, xt) -> str:
+    impl = _checks.check_impl(impl)
+    # float64 anywhere runs on the chunked PyTorch path (the kernels take 16/32-bit inputs).
+    dtype = torch.float64 if torch.float64 in (x.dtype, xt.dtype) else x.dtype
+    return resolve_impl(impl, x.device, dtype=dtype)
+
+
+def distill_block_loss(x, y, s, xt, yt, t, *, offset, both, impl, chunk_size):
+    """The Function under autocast disabled (checked inputs; ``impl`` resolved, never "reference")."""
+    with no_autocast(x.device):
+        return DistillLossFunction.apply(x, y, s, xt, yt, t, offset, both, impl, chunk_size)
+
+
+def distill_clip_loss_reference(x, y, s, xt, yt, t):
+    """open_clip's materialized formula (B×B matrices; for tests and ``impl="reference"``)."""
+    ls = s * x @ y.T
+    lt = t * xt @ yt.T
+    labels = torch.arange(x.shape[0], device=x.device)
+    ce = torch.nn.functional.cross_entropy
+    contrastive = (ce(ls, labels) + ce(ls.T, labels)) / 2
+
+    def kl(teacher, student):
+        return -(teacher.softmax(dim=1) * student.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    return contrastive, (kl(lt, ls) + kl(lt.T, ls.T)) / 2
+
+
+def distill_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    dist_image_features: torch.Tensor,
+    dist_text_features: torch.Tensor,
+    dist_logit_scale,
+    *,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``DistillClipLoss`` of one process's batch, without any B×B matrix.
+
+    Shapes: student ``image_features, text_features (B, D)``, teacher ``dist_image_features,
+    dist_text_features (B, Dt)`` (``Dt`` may differ from ``D``), scales 0-dim or 1-element (already
+    exponentiated). Returns ``(contrastive_loss, distill_loss)``, 0-dim float32 (float64 for float64
+    inputs). Equivalent to::
+
+        ls, lt = logit_scale * x @ y.T, dist_logit_scale * xt @ yt.T
+        contrastive = (F.cross_entropy(ls, arange(B)) + F.cross_entropy(ls.T, arange(B))) / 2
+        kl = lambda a, b: -(a.softmax(1) * b.log_softmax(1)).sum(1).mean()
+        distill = (kl(lt, ls) + kl(lt.T, ls.T)) / 2
+
+    Gradients reach every input that requires grad, the teacher's included (as open_clip's autograd
+    gives them; detach the teacher to skip that work). ``impl``, ``chunk_size`` and ``check_finite``
+    as :func:`fastclip.clip_loss`. Works under ``torch.autocast`` (computed with autocast off, fp32
+    accumulation; mixed feature dtypes, accepted under autocast only, are cast as the
+    materialized loss's matmul would cast them).
+    """
+    x, y, s, xt, yt, t = check_distill_inputs(
+        image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+        check_finite=check_finite,
+    )  # fmt: skip
+    impl = resolve_distill_impl(impl, x, xt)
+    chunk_size = _checks.check_chunk_size(chunk_size)
+    if impl == "reference":
+        with no_autocast(x.device):
+            return distill_clip_loss_reference(x, y, s, xt, yt, t)
+    return distill_block_loss(x, y, s, xt, yt, t, offset=0, both=True, impl=impl, chunk_size=chunk_size)
