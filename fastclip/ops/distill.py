@@ -262,7 +262,9 @@ def check_distill_inputs(x, y, s, xt, yt, t, *, check_finite=False):
             f"dist_image_features: expected batch size {x.shape[0]} (as image_features), got {xt.shape[0]}"
         )
     if xt.device != x.device:
-        raise ValueError(f"dist_image_features: expected device {x.device} (as image_features), got {xt.device}")
+        raise ValueError(
+            f"dist_image_features: expected device {x.device} (as image_features), got {xt.device}"
+        )
     s = _checks.check_scalar("logit_scale", s, device=x.device)
     t = _checks.check_scalar("dist_logit_scale", t, device=x.device)
     _checks.check_bool("check_finite", check_finite)
