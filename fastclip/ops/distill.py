@@ -30,7 +30,6 @@ The coefficients travel as a 5-element tensor (``ar, ac, br, bc, p``), so no hos
 from __future__ import annotations
 
 import torch
-
 from torch.autograd.function import once_differentiable
 
 from fastclip import _checks
