@@ -3,25 +3,29 @@
 A block is ``n`` rows ``x (n, D)`` against ``N`` columns ``y (N, D)`` with logits ``L = s * x @ y.T``
 (see ``fastclip/ops/clip.py``). The launchers never allocate anything of size ``n x N``.
 
-Design (DESIGN.md's "kernel design space"): **fused forward, chunk-materialized backward**.
+Design (docs/kernels.md; the design space in docs/design.md): **fused forward, chunk-materialized
+backward**.
 
 * Forward, ``clip_lse``: each program owns ``BM`` rows and walks a range of ``BN``-column tiles; a tile of
   ``L`` is recomputed from X and Y with ``tl.dot`` (fp32 accumulator, tensor cores for bf16/fp16, TF32
-  for fp32 when ``torch.backends.cuda.matmul.allow_tf32``) in steps of ``BK`` over D. Row statistics are
+  for fp32 when TF32 is enabled, see ``gemm.tf32_enabled``) in steps of ``BK`` over D. Row statistics are
   merged online inside the program; every tile writes its column log-sum-exp partial (max + log of the
   shifted sum: exact at any scale, no fixed shift) to a ``(row blocks, N)`` fp32 buffer, and when the
   columns of a row block are split between programs (to fill the GPU) each split writes its row
   partial. Partials are merged by ``torch.logsumexp`` in a fixed order: deterministic, no atomics.
-  Rows are processed in chunks so that the partial buffer stays under ``LSE_WORKSPACE_ELEMENTS``.
+  Rows are processed in chunks (``config.chunk_rows``) so that the partial buffer stays under
+  ``LSE_WORKSPACE_ELEMENTS``.
   FLOPs: ``2 n N D``; memory: the partials only.
 * Backward, ``clip_grad``: D is 512-1152 in this field, so a row block's ``BM x D`` fp32 accumulator for
-  dX does not fit in registers. Instead, for ``c`` rows at a time, a Triton kernel recomputes each tile
-  of L and writes the gradient tile ``G`` (in the input dtype, normalized to O(1) values so fp16 does not
-  underflow) into a ``c x N`` workspace, plus per-tile partials of ``ds = sum(G * x y^T)``; then two
-  cuBLAS GEMMs form ``dX_c = s G_c Y`` and ``dY += s G_c^T X_c`` with fp32 accumulation. ``c`` is set by
-  ``GRAD_WORKSPACE_ELEMENTS`` (bounded workspace whatever n and N). FLOPs: ``6 n N D`` (2 in Triton, 4
-  in cuBLAS at full matmul rate); deterministic (fixed reduction orders, no atomics). No atomics
-  variant exists yet: the GEMM path is deterministic at no cost in speed.
+  dX does not fit in registers. Instead, for ``c`` rows by ``nc`` columns at a time
+  (``config.grad_tiles``: full-width chunks of >= 2048 rows, column panels beyond), a Triton kernel
+  recomputes each tile of L and writes the gradient tile ``G`` (in the input dtype, normalized to O(1)
+  values so fp16 does not underflow) into a ``c x nc`` workspace, plus per-tile partials of
+  ``ds = sum(G * x y^T)``; then two cuBLAS GEMMs accumulate ``dX_c += G Y_p`` and ``dY_p += G^T X_c``
+  in fp32 (``gemm.accumulate``: one fp32-output GEMM each where torch has it). The tile programs run
+  in groups of ``GROUP_M`` row blocks sweeping the columns together, so each tile of Y is read from
+  memory once per group. FLOPs: ``6 n N D`` (2 in Triton, 4 in cuBLAS at full matmul rate);
+  deterministic (fixed reduction orders, no atomics).
 
 Why this design: the fully fused backward needs either atomics on dY (non-deterministic) or a second
 pass over S (10 nND FLOPs, Inf-CL's choice), and a register-resident dX accumulator is impossible at
@@ -31,8 +35,8 @@ few memory passes over a bounded chunk. Numbers: measured by the GPU tuning issu
 Limits: ``n, N >= 1``, any ``D >= 1`` (masked; no padding by the caller); inputs float32, bfloat16 or
 float16 (float64 runs on ``impl="torch"``); offsets and pointer arithmetic in int64.
 
-Under the Triton interpreter (CPU) bf16 arithmetic is broken (PLATFORM.md), so there, and only there,
-bf16 tiles are upcast to fp32 after loading (``UPCAST``); loads and stores of bf16 are exact there.
+Under the Triton interpreter (CPU) bf16 arithmetic is broken (docs/kernels.md, "Testing"), so there, and
+only there, bf16 tiles are upcast to fp32 after loading (``UPCAST``); loads and stores of bf16 are exact.
 """
 
 from __future__ import annotations
@@ -42,60 +46,17 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastclip.kernels import config
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# ----------------------------------------------------------------------------------------------------
-# shared device code
-
-
-@triton.jit
-def sim_tile(
-    # pointers
-    x_ptr,
-    y_ptr,
-    # indices and masks of the tile
-    rows,
-    cols,
-    row_mask,
-    col_mask,
-    # sizes
-    D,
-    # strides
-    stride_xm,
-    stride_xk,
-    stride_ym,
-    stride_yk,
-    # meta
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """``x[rows] @ y[cols].T`` as a (BM, BN) fp32 tile; masked rows, columns and the K tail read zeros."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    ks = tl.arange(0, BK)
-    # int64: rows * stride passes 2**31 for n * D >= 2**31 (e.g. B = 2**20, D = 2048).
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # (BM, 1)
-    y_cols = y_ptr + cols.to(tl.int64)[None, :] * stride_ym  # (1, BN)
-    for k0 in range(0, D, BK):
-        k = k0 + ks
-        k_mask = k < D
-        k64 = k.to(tl.int64)
-        a = tl.load(x_rows + k64[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(y_cols + k64[:, None] * stride_yk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-    return acc
-
+from fastclip.kernels import config, gemm
+from fastclip.kernels.common import (
+    check_block,
+    check_offset,
+    check_stat,
+    grouped_tile,
+    meta_flags,
+    positives_in,
+    scalar_f32,
+    sim_tile,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -171,11 +132,10 @@ def _clip_grad_kernel(
     lse_col_ptr,
     g_ptr,
     ds_part_ptr,
-    # sizes and coefficients
+    # sizes and coefficients (offset: column of row 0's positive in this chunk and panel)
     n,
     N,
     D,
-    row0,
     offset,
     coef_row,
     coef_col,
@@ -196,11 +156,10 @@ def _clip_grad_kernel(
     HAS_POS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    # Column tiles on grid axis 0 (up to 2**31 - 1 programs; axis 1 stops at 65535), so N may exceed
-    # 65535 * BN; consecutive programs share one row block of X, read once into L2.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(pid, n, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     row_mask = rows < n
@@ -220,109 +179,17 @@ def _clip_grad_kernel(
         lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0)
         G += coef_col * tl.exp(L - lse_c[None, :])
     if HAS_POS:
-        target = (rows.to(tl.int64) + row0) + offset  # global row + offset, int64
+        target = rows.to(tl.int64) + offset  # int64: offset may pass 2**31
         is_pos = cols.to(tl.int64)[None, :] == target[:, None]
         G = tl.where(is_pos, G - pos_coef, G)
     G = tl.where(valid, G, 0.0)
-    tl.store(ds_part_ptr + pid_m * tl.num_programs(0) + pid_n, tl.sum(tl.sum(G * S, 1), 0))
+    tl.store(ds_part_ptr + pid, tl.sum(tl.sum(G * S, 1), 0))
     g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
     tl.store(g_out, (G * g_mul).to(g_ptr.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
-
-
-def check_block(x, y, scale, *, name_x="x", name_y="y") -> None:
-    """Shapes, dtypes and devices of a kernel block; raises TypeError/ValueError naming the argument."""
-    for name, t in ((name_x, x), (name_y, y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
-            raise ValueError(
-                f"{name}: expected a non-empty 2-D (rows, dim) tensor, got shape {tuple(t.shape)}"
-            )
-        if t.dtype not in _KERNEL_DTYPES:
-            raise TypeError(
-                f"{name}: expected float32, bfloat16 or float16 for the Triton kernels, got {t.dtype} "
-                "(use impl='torch' for float64)"
-            )
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"{name_y}: expected feature dim {x.shape[1]} (as {name_x}), got {y.shape[1]}")
-    if x.dtype != y.dtype:
-        raise TypeError(f"{name_y}: expected dtype {x.dtype} (as {name_x}), got {y.dtype}")
-    if x.device != y.device:
-        raise ValueError(f"{name_y}: expected device {x.device} (as {name_x}), got {y.device}")
-    if x.device.type == "cpu":
-        if not config.interpreting():
-            raise ValueError(
-                f"{name_x}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-                f"imported for CPU tensors; got device {x.device}"
-            )
-    elif x.device.type != "cuda":
-        raise ValueError(f"{name_x}: expected a CUDA (or, interpreted, CPU) tensor, got device {x.device}")
-    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or scale.numel() != 1:
-        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
-        raise ValueError(f"scale: expected a 1-element floating tensor, got {got}")
-    if scale.device != x.device:
-        raise ValueError(f"scale: expected device {x.device} (as {name_x}), got {scale.device}")
-
-
-def check_offset(offset) -> None:
-    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
-        raise TypeError(f"offset: expected an int or None, got {type(offset).__name__}")
-
-
-def check_stat(name: str, t, length: int, device) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (length,):
-        got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name}: expected a float32 tensor of shape ({length},), got {got}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
-
-
-def scalar_f32(t: torch.Tensor) -> torch.Tensor:
-    """A 1-element fp32 copy on the same device (no host sync)."""
-    return t.detach().reshape(1).to(torch.float32)
-
-
-def meta_flags(dtype: torch.dtype) -> dict:
-    """``UPCAST`` (bf16 under the interpreter only) and ``IEEE`` (fp32 without TF32)."""
-    interp = config.interpreting()
-    return {
-        "UPCAST": interp and dtype == torch.bfloat16,
-        "IEEE": dtype == torch.float32 and (interp or not torch.backends.cuda.matmul.allow_tf32),
-    }
-
-
-_MM_OUT_DTYPE: dict = {}
-
-
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with fp32 accumulation *and* fp32 output (no rounding of the product to 16 bits)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.device.type == "cuda":
-        # torch.mm(..., out_dtype=) (CUDA, bf16/fp16 -> fp32) exists in recent torch; detect once.
-        ok = _MM_OUT_DTYPE.get(a.dtype)
-        if ok is None or ok:
-            try:
-                out = torch.mm(a, b, out_dtype=torch.float32)
-                _MM_OUT_DTYPE[a.dtype] = True
-                return out
-            except (TypeError, RuntimeError, NotImplementedError):
-                _MM_OUT_DTYPE[a.dtype] = False
-        return (a @ b).float()
-    return a.float() @ b.float()
-
-
-def chunk_rows(n: int, n_cols: int, budget: int, block_m: int) -> int:
-    """Rows per chunk: a multiple of ``block_m`` with ``rows * n_cols <= budget`` (at least one block)."""
-    c = max(block_m, (budget // max(1, n_cols)) // block_m * block_m)
-    # Row blocks of a chunk go on grid axis 1 of the tile kernels, which stops at 65535.
-    return min(n, c, 65535 * block_m)
 
 
 def clip_lse(
@@ -346,9 +213,12 @@ def clip_lse(
     n, D = x.shape
     N = y.shape[0]
     dev = x.device
-    cfg = config.tile_config("lse", dev, x.dtype)
+    cfg = config.tile_config("lse", dev, x.dtype, D)
     s = scalar_f32(scale)
-    c = rows_per_chunk or chunk_rows(n, N, config.LSE_WORKSPACE_ELEMENTS, cfg.block_m)
+    # The partial buffer holds one row of N column partials per row block of the chunk.
+    c = rows_per_chunk or config.chunk_rows(
+        n, N, config.LSE_WORKSPACE_ELEMENTS, cfg.block_m, rows_per_elem=cfg.block_m
+    )
     c = max(1, min(n, c))
     col_tiles = triton.cdiv(N, cfg.block_n)
     lse_row = torch.empty(n, dtype=torch.float32, device=dev)
@@ -359,7 +229,7 @@ def clip_lse(
         row_blocks = triton.cdiv(i1 - i0, cfg.block_m)
         if splits is None:
             want = config.PROGRAMS_PER_SM * config.num_sms(dev)
-            n_split = max(1, min(col_tiles, triton.cdiv(want, row_blocks)))
+            n_split = max(1, min(col_tiles, triton.cdiv(want, row_blocks), 65535))
         else:
             n_split = max(1, min(col_tiles, splits))
         cols_per_split = triton.cdiv(col_tiles, n_split) * cfg.block_n
@@ -392,6 +262,8 @@ def clip_grad(
     pos_coef: float,
     *,
     rows_per_chunk: int | None = None,
+    cols_per_panel: int | None = None,
+    timer: gemm.PhaseTimer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of a block: ``dx (n, D)``, ``dy (N, D)`` fp32 and ``ds`` (0-dim fp32). Equivalent to::
 
@@ -400,7 +272,9 @@ def clip_grad(
         dx, dy, ds = scale * G @ y, scale * G.T @ x, (G * S).sum()
 
     with ``P[i, j] = (j == i + offset)`` (no positives when ``offset`` is None) and a term dropped when
-    its ``lse`` is None. ``rows_per_chunk`` overrides the workspace-derived chunk (tests).
+    its ``lse`` is None. ``rows_per_chunk`` / ``cols_per_panel`` override the workspace-derived chunk
+    shape (tests); ``timer`` (a ``gemm.PhaseTimer``) collects the time of the tile kernel and of the
+    dX and dY GEMMs.
     """
     check_block(x, y, scale)
     check_offset(offset)
@@ -415,10 +289,7 @@ def clip_grad(
     x, y = x.detach().contiguous(), y.detach().contiguous()
     has_row = lse_row is not None and coef_row != 0
     has_col = lse_col is not None and coef_col != 0
-    lo = hi = 0
-    if offset is not None:
-        lo, hi = max(0, -offset), min(n, N - offset)
-    has_pos = hi > lo and pos_coef != 0
+    has_pos = positives_in(offset, 0, n, 0, N) and pos_coef != 0
     dx = torch.zeros((n, D), dtype=torch.float32, device=dev)
     dy = torch.zeros((N, D), dtype=torch.float32, device=dev)
     ds = torch.zeros((), dtype=torch.float32, device=dev)
@@ -431,45 +302,44 @@ def clip_grad(
         abs(coef_col) if has_col else 0.0,
         abs(pos_coef) if has_pos else 0.0,
     )
-    cfg = config.tile_config("tile", dev, x.dtype)
+    cfg = config.tile_config("tile", dev, x.dtype, D)
     s = scalar_f32(scale)
-    c = rows_per_chunk or chunk_rows(n, N, config.GRAD_WORKSPACE_ELEMENTS, cfg.block_m)
-    c = max(1, min(n, c))
-    workspace = torch.empty((c, N), dtype=x.dtype, device=dev)
+    c, nc = config.grad_tiles(n, N, config.GRAD_WORKSPACE_ELEMENTS, cfg.block_m, cfg.block_n)
+    c = max(1, min(n, rows_per_chunk or c))
+    nc = max(1, min(N, cols_per_panel or nc))
+    workspace = torch.empty(c * nc, dtype=x.dtype, device=dev)
     lse_r = lse_row.contiguous() if has_row else s  # a placeholder pointer when the term is absent
     lse_c = lse_col.contiguous() if has_col else s
-    col_blocks = triton.cdiv(N, cfg.block_n)
     flags = meta_flags(x.dtype)
+    timer = timer or gemm.PhaseTimer.disabled()
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
-        row_blocks = triton.cdiv(i1 - i0, cfg.block_m)
-        xc, g = x[i0:i1], workspace[: i1 - i0]
-        ds_part = torch.empty(row_blocks * col_blocks, dtype=torch.float32, device=dev)
-        _clip_grad_kernel[(col_blocks, row_blocks)](
-            xc, y, s, lse_r[i0:i1] if has_row else lse_r, lse_c, g, ds_part,
-            i1 - i0, N, D, i0, offset if has_pos else 0,
-            float(coef_row), float(coef_col), float(pos_coef), 1.0 / g_scale,
-            xc.stride(0), xc.stride(1), y.stride(0), y.stride(1), g.stride(0),
-            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, HAS_ROW=has_row, HAS_COL=has_col, HAS_POS=has_pos,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-        )  # fmt: skip
-        ds += ds_part.sum()
-        dx[i0:i1] = mm_f32(g, y)
-        accumulate_dy(dy, g, xc)
+        xc = x[i0:i1]
+        for j0 in range(0, N, nc):
+            j1 = min(N, j0 + nc)
+            yp = y[j0:j1]
+            g = workspace[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+            pos = has_pos and positives_in(offset, i0, i1, j0, j1)
+            grid = triton.cdiv(i1 - i0, cfg.block_m) * triton.cdiv(j1 - j0, cfg.block_n)
+            ds_part = torch.empty(grid, dtype=torch.float32, device=dev)
+            with timer.phase("tile kernel"):
+                _clip_grad_kernel[(grid,)](
+                    xc, yp, s, lse_r[i0:i1] if has_row else lse_r, lse_c[j0:j1] if has_col else lse_c,
+                    g, ds_part,
+                    i1 - i0, j1 - j0, D, offset + i0 - j0 if pos else 0,
+                    float(coef_row), float(coef_col), float(pos_coef), 1.0 / g_scale,
+                    xc.stride(0), xc.stride(1), yp.stride(0), yp.stride(1), g.stride(0),
+                    BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, HAS_ROW=has_row, HAS_COL=has_col,
+                    HAS_POS=pos, GROUP_M=config.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    **flags,
+                )  # fmt: skip
+                ds += ds_part.sum()
+            with timer.phase("dX GEMM"):
+                gemm.accumulate(dx[i0:i1], g, yp)
+            with timer.phase("dY GEMM"):
+                gemm.accumulate(dy[j0:j1], g.t(), xc)
     # Undo the normalization of G and apply s once, on the tensors (no host sync on s).
     mul = s.reshape(()) * g_scale
     dx.mul_(mul)
     dy.mul_(mul)
     return dx, dy, ds
-
-
-def accumulate_dy(dy: torch.Tensor, g: torch.Tensor, xc: torch.Tensor) -> None:
-    """``dy += g.T @ xc`` with fp32 accumulation: in place for fp32; for 16-bit inputs the fp32 product
-    is formed ``DY_PIECE_ELEMENTS`` at a time (by column pieces of ``g``), so the temporary stays bounded."""
-    if g.dtype == torch.float32:
-        dy.addmm_(g.t(), xc)
-        return
-    N, D = dy.shape
-    piece = max(1, config.DY_PIECE_ELEMENTS // max(1, D))
-    for j0 in range(0, N, piece):
-        dy[j0 : j0 + piece].add_(mm_f32(g[:, j0 : j0 + piece].t(), xc))

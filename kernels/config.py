@@ -12,6 +12,7 @@ the tile size, so the interpreter uses few, large tiles; only one configuration 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -56,25 +57,73 @@ _CONFIGS = {
     },
 }
 
-# Candidates for offline tuning on a GPU (not used at run time; see the module docstring).
+# Candidates for offline tuning on a GPU (not used at run time; see the module docstring). Shapes whose
+# compiled kernels spill registers on sm_90 (AOT, triton 3.6-3.9: 128x256, 256x128, and 128x128 on 4
+# warps) are left out, so ``python -m fastclip.kernels.tune`` fits in about five minutes on one GPU.
 AUTOTUNE_CANDIDATES = [
     TileConfig(bm, bn, bk, num_warps=w, num_stages=st)
-    for bm, bn in ((128, 128), (128, 64), (64, 128), (128, 256))
+    for bm, bn, w in ((128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4), (64, 64, 4))
     for bk in (32, 64)
-    for w in (4, 8)
     for st in (3, 4)
 ]
 
+# Tuned entries by (arch, kernel, dtype name, D bucket); ``tile_config`` looks here first, then in
+# ``_CONFIGS``. Empty until a GPU tuning run fills it (``fastclip.kernels.tune`` prints the keys).
+TUNED: dict[tuple[str, str, str, int], TileConfig] = {}
+# Upper edges of the D buckets of ``TUNED`` (feature dims above the last edge use the last bucket).
+D_BUCKETS = (256, 512, 768, 1024, 1152, 2048)
+
+# Programs of the tile kernels run in groups of GROUP_M row blocks that sweep the column tiles
+# together (grid order as in the Triton matmul tutorial): the group's rows of X stay in L2 while
+# each tile of Y is read once per group instead of once per row block.
+GROUP_M = 16
+
 # Workspace budgets, in elements. The CLIP backward and the SigLIP gradient materialize the gradient
-# tile G for ``c`` rows at a time (c x N, in the input dtype) so that cuBLAS GEMMs form dX and dY; the
-# forward keeps per-tile column log-sum-exp partials (c / BM) x N in fp32. Both bound ``c``.
-GRAD_WORKSPACE_ELEMENTS = 2**25  # 64 MiB of bf16 G per chunk (c = 1024 rows at N = 32768)
+# tile G for ``c`` rows x ``nc`` columns at a time (in the input dtype) so that cuBLAS GEMMs form dX
+# and dY; the forward keeps per-row-block column log-sum-exp partials (c / BM) x N in fp32. Both
+# bound their chunk through ``chunk_rows``.
+GRAD_WORKSPACE_ELEMENTS = 2**26  # 128 MiB of bf16 G per chunk (c = 2048 rows at N = 32768)
 LSE_WORKSPACE_ELEMENTS = 2**25  # 128 MiB of fp32 column partials
-# 16-bit inputs: dY += G_c^T X_c is formed in fp32 pieces of at most this many elements (64 MiB).
+# Gradient chunks keep at least this many rows (when n has them): with fewer, every chunk re-reads
+# and re-writes dY (N x D fp32), so for N > GRAD_WORKSPACE_ELEMENTS / MIN_GRAD_ROWS the columns are
+# cut into panels instead (B = 2**20: 512 chunks of 2048 rows x 32768-column panels).
+MIN_GRAD_ROWS = 2048
+# 16-bit inputs without an in-place fp32-output addmm: dY += G_c^T X_c is formed in fp32 pieces of
+# at most this many elements (64 MiB), each piece 128-row aligned.
 DY_PIECE_ELEMENTS = 2**24
 # Enough programs to fill the GPU: the forward splits the columns of a row block between programs
 # until about this many programs per SM are launched.
 PROGRAMS_PER_SM = 4
+
+
+def chunk_rows(
+    n: int, n_cols: int, budget: int, block_m: int, *, rows_per_elem: int = 1, cols_per_elem: int = 1
+) -> int:
+    """Rows per chunk, the one sizing rule of every launcher.
+
+    A chunk of ``c`` rows against ``n_cols`` columns holds ``ceil(c / rows_per_elem) *
+    ceil(n_cols / cols_per_elem)`` workspace elements: (1, 1) for a ``c x N`` gradient tile,
+    (BM, 1) for per-row-block column partials, (BM, BN) for per-tile partials. ``c`` is the largest
+    multiple of ``block_m`` that keeps this within ``budget`` (at least one block, at most ``n``).
+    """
+    per_row_group = max(1, -(-n_cols // cols_per_elem))
+    c = (budget // per_row_group) * rows_per_elem
+    c = max(block_m, c // block_m * block_m)
+    return max(1, min(n, c))
+
+
+def grad_tiles(n: int, n_cols: int, budget: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """``(rows, cols)`` of one gradient chunk: full-width chunks of ``chunk_rows`` rows while those
+    have at least ``MIN_GRAD_ROWS`` rows; otherwise ``MIN_GRAD_ROWS`` rows by column panels that keep
+    ``rows * cols <= budget`` (cols a multiple of 128 and of ``block_n``)."""
+    c = chunk_rows(n, n_cols, budget, block_m)
+    floor_rows = min(n, MIN_GRAD_ROWS)
+    if c >= floor_rows:
+        return c, n_cols
+    c = -(-floor_rows // block_m) * block_m if floor_rows < n else n
+    align = math.lcm(128, block_n)
+    nc = max(align, (budget // c) // align * align)
+    return c, min(n_cols, nc)
 
 
 def interpreting() -> bool:
@@ -101,14 +150,31 @@ def arch(device: torch.device) -> str:
     return "generic"
 
 
-def tile_config(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
-    """Configuration of ``kernel`` ("lse" or "tile") on ``device`` for inputs of ``dtype``.
+def d_bucket(dim: int) -> int:
+    """The ``D_BUCKETS`` edge that ``dim`` falls under (the last edge for larger dims)."""
+    for edge in D_BUCKETS:
+        if dim <= edge:
+            return edge
+    return D_BUCKETS[-1]
+
+
+def tile_config(
+    kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, dim: int | None = None
+) -> TileConfig:
+    """Configuration of ``kernel`` ("lse" or "tile") on ``device`` for inputs of ``dtype`` and
+    feature dim ``dim``: the ``TUNED`` entry of (arch, kernel, dtype, D bucket) if any, else the
+    architecture's default.
 
     fp32 operands take twice the shared memory per stage of 16-bit ones: their K step is capped at 32
     (a 128x128 tile with BK = 64 and 3 stages would need 192 KiB for fp32).
     """
-    cfg = _CONFIGS[arch(device)][kernel]
-    if dtype == torch.float32 and device.type == "cuda" and cfg.block_k > 32:
+    key = arch(device)
+    if dim is not None:
+        tuned = TUNED.get((key, kernel, str(dtype).split(".")[-1], d_bucket(dim)))
+        if tuned is not None:
+            return tuned
+    cfg = _CONFIGS[key][kernel]
+    if dtype == torch.float32 and key != "interpreter" and cfg.block_k > 32:
         cfg = TileConfig(cfg.block_m, cfg.block_n, 32, cfg.num_warps, cfg.num_stages)
     return cfg
 

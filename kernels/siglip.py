@@ -9,13 +9,16 @@ make the positives a correction on top of an all-negative block, applied inside 
 Design (same as the CLIP backward, see ``kernels/clip.py``): no normalizer couples the tiles, so one
 kernel recomputes each ``BM x BN`` tile of L (``tl.dot``, fp32 accumulator) and writes per-tile partials
 of the loss sum, ``ds = sum(G * x y^T)`` and ``db = sum(G)``; when gradients are needed it also writes
-the tile of ``G`` (input dtype; values in [-1, 1]) into a ``c x N`` workspace, and cuBLAS GEMMs form
-``dX_c = s G_c Y`` and ``dY += s G_c^T X_c``. Rows go in chunks of ``c`` (``GRAD_WORKSPACE_ELEMENTS``),
-so memory stays O((n + N) D) plus the bounded workspace. FLOPs ``2 nND`` (loss only) or ``6 nND``.
-Partials are summed in a fixed order: deterministic, no atomics.
+the tile of ``G`` (input dtype; values in [-1, 1]) into a ``c x nc`` workspace, and cuBLAS GEMMs
+accumulate ``dX_c += G Y_p`` and ``dY_p += G^T X_c`` (chunk shape from ``config.grad_tiles``, grouped
+grid order as in ``clip_grad``), so memory stays O((n + N) D) plus the bounded workspace. FLOPs
+``2 nND`` (loss only) or ``6 nND``. Partials are summed in a fixed order: deterministic, no atomics.
 
-softplus is evaluated as ``max(t, 0) + log(1 + exp(-|t|))``: no overflow for any t, and where
-``exp(-|t|)`` is below fp32 resolution the dropped term is below the sum's rounding anyway.
+Epilogue, one exponential per logit: with ``z = exp(-|L|)`` in (0, 1] and ``r = 1 / (1 + z)``,
+``sigmoid(L) = r`` for L >= 0 and ``z r`` otherwise, and ``softplus(L) = max(L, 0) + log1p(z)`` with
+``log1p(z) = 2 atanh(t)``, ``t = z / (2 + z)`` in (0, 1/3], summed as the odd series up to ``t**13``
+(truncation below 2e-8 relative; no libdevice ``logf``, no second ``exp`` for the sigmoid, no overflow
+for any L).
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastclip.kernels import config
-from fastclip.kernels.clip import (
-    accumulate_dy,
+from fastclip.kernels import config, gemm
+from fastclip.kernels.common import (
     check_block,
     check_offset,
-    chunk_rows,
+    grouped_tile,
     meta_flags,
-    mm_f32,
+    positives_in,
     scalar_f32,
     sim_tile,
 )
@@ -45,11 +47,10 @@ def _siglip_tile_kernel(
     bias_ptr,
     g_ptr,
     part_ptr,
-    # sizes
+    # sizes (offset: column of row 0's positive in this chunk and panel)
     n,
     N,
     D,
-    row0,
     offset,
     # strides
     stride_xm,
@@ -67,10 +68,10 @@ def _siglip_tile_kernel(
     NEED_GRAD: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # column tiles on axis 0, as in _clip_grad_kernel
-    pid_m = tl.program_id(1)
-    pid = pid_m * tl.num_programs(0) + pid_n
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(pid, n, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     row_mask = rows < n
@@ -84,15 +85,22 @@ def _siglip_tile_kernel(
     L = S * s
     if HAS_BIAS:
         L += tl.load(bias_ptr).to(tl.float32)
-    # softplus(L) = max(L, 0) + log1p(exp(-|L|)). Triton has no log1p; log(1 + z) loses z's low bits
-    # when z is small (|L| > ~5), so use log1p(z) = z * log(u) / (u - 1) with u = 1 + z (exact
-    # cancellation of u's rounding; Goldberg), and z itself where u rounds to 1.
+    # One exp per logit (see the module docstring): z = exp(-|L|), log1p(z) = 2 atanh(z / (2 + z)).
     z = tl.exp(-tl.abs(L))
-    u = 1.0 + z
-    loss = tl.maximum(L, 0.0) + tl.where(u == 1.0, z, z * tl.log(u) / tl.where(u == 1.0, 1.0, u - 1.0))
-    G = tl.sigmoid(L)  # dead code (eliminated) when NEED_GRAD is False
+    t = z / (2.0 + z)
+    t2 = t * t
+    p = 1.0 / 13.0
+    p = p * t2 + 1.0 / 11.0
+    p = p * t2 + 1.0 / 9.0
+    p = p * t2 + 1.0 / 7.0
+    p = p * t2 + 1.0 / 5.0
+    p = p * t2 + 1.0 / 3.0
+    p = p * t2 + 1.0
+    loss = tl.maximum(L, 0.0) + 2.0 * t * p
+    r = 1.0 / (1.0 + z)
+    G = tl.where(L >= 0.0, r, z * r)  # sigmoid(L); dead code (eliminated) when NEED_GRAD is False
     if HAS_POS:
-        target = (rows.to(tl.int64) + row0) + offset  # global row + offset, int64
+        target = rows.to(tl.int64) + offset  # int64: offset may pass 2**31
         is_pos = cols.to(tl.int64)[None, :] == target[:, None]
         loss = tl.where(is_pos, loss - L, loss)
         G = tl.where(is_pos, G - 1.0, G)
@@ -115,6 +123,8 @@ def siglip_block(
     need_grad: bool,
     *,
     rows_per_chunk: int | None = None,
+    cols_per_panel: int | None = None,
+    timer: gemm.PhaseTimer | None = None,
 ):
     """One block of the sigmoid loss. Returns ``(loss_sum, dx, dy, ds, db)``: fp32, ``dx (n, D)`` and
     ``dy (N, D)`` None unless ``need_grad``. Equivalent to::
@@ -124,7 +134,8 @@ def siglip_block(
         G = torch.sigmoid(L) - P
         dx, dy, ds, db = scale * G @ y, scale * G.T @ x, (G * S).sum(), G.sum()
 
-    ``rows_per_chunk`` overrides the workspace-derived chunk (tests).
+    ``rows_per_chunk`` / ``cols_per_panel`` override the workspace-derived chunk shape (tests);
+    ``timer`` (a ``gemm.PhaseTimer``) collects the time of the tile kernel and the two GEMMs.
     """
     check_block(x, y, scale)
     check_offset(offset)
@@ -141,44 +152,53 @@ def siglip_block(
     n, D = x.shape
     N = y.shape[0]
     dev = x.device
-    cfg = config.tile_config("tile", dev, x.dtype)
+    cfg = config.tile_config("tile", dev, x.dtype, D)
     s = scalar_f32(scale)
     b = scalar_f32(bias) if bias is not None else s  # placeholder pointer without bias
-    lo = hi = 0
-    if offset is not None:
-        lo, hi = max(0, -offset), min(n, N - offset)
-    has_pos = hi > lo
-    col_blocks = triton.cdiv(N, cfg.block_n)
     if need_grad:
-        budget = config.GRAD_WORKSPACE_ELEMENTS
+        c, nc = config.grad_tiles(n, N, config.GRAD_WORKSPACE_ELEMENTS, cfg.block_m, cfg.block_n)
     else:
-        # Only per-tile partials are written: (c / BM) x (N / BN) of them per chunk.
-        budget = config.LSE_WORKSPACE_ELEMENTS * cfg.block_n
-    c = rows_per_chunk or chunk_rows(n, N, budget, cfg.block_m)
-    c = max(1, min(n, c))
-    workspace = torch.empty((c, N), dtype=x.dtype, device=dev) if need_grad else None
+        # Only per-tile partials are written: 3 per (BM x BN) tile.
+        c = config.chunk_rows(
+            n, N, config.LSE_WORKSPACE_ELEMENTS // 3, cfg.block_m,
+            rows_per_elem=cfg.block_m, cols_per_elem=cfg.block_n,
+        )  # fmt: skip
+        nc = N
+    c = max(1, min(n, rows_per_chunk or c))
+    nc = max(1, min(N, cols_per_panel or nc))
+    workspace = torch.empty(c * nc, dtype=x.dtype, device=dev) if need_grad else None
     dx = torch.zeros((n, D), dtype=torch.float32, device=dev) if need_grad else None
     dy = torch.zeros((N, D), dtype=torch.float32, device=dev) if need_grad else None
     sums = torch.zeros(3, dtype=torch.float32, device=dev)  # loss, ds, db
     flags = meta_flags(x.dtype)
+    timer = timer or gemm.PhaseTimer.disabled()
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
-        row_blocks = triton.cdiv(i1 - i0, cfg.block_m)
         xc = x[i0:i1]
-        g = workspace[: i1 - i0] if need_grad else x  # placeholder pointer without gradients
-        part = torch.zeros((3, row_blocks * col_blocks), dtype=torch.float32, device=dev)
-        _siglip_tile_kernel[(col_blocks, row_blocks)](
-            xc, y, s, b, g, part,
-            i1 - i0, N, D, i0, offset if has_pos else 0,
-            xc.stride(0), xc.stride(1), y.stride(0), y.stride(1), g.stride(0), part.stride(0),
-            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-            HAS_BIAS=bias is not None, HAS_POS=has_pos, NEED_GRAD=need_grad,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-        )  # fmt: skip
-        sums += part.sum(dim=1)
-        if need_grad:
-            dx[i0:i1] = mm_f32(g, y)
-            accumulate_dy(dy, g, xc)
+        for j0 in range(0, N, nc):
+            j1 = min(N, j0 + nc)
+            yp = y[j0:j1]
+            # placeholder pointer without gradients
+            g = workspace[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0) if need_grad else xc
+            pos = positives_in(offset, i0, i1, j0, j1)
+            grid = triton.cdiv(i1 - i0, cfg.block_m) * triton.cdiv(j1 - j0, cfg.block_n)
+            # Without gradients the kernel writes only the loss row: the other two stay 0.
+            part = (torch.empty if need_grad else torch.zeros)((3, grid), dtype=torch.float32, device=dev)
+            with timer.phase("tile kernel"):
+                _siglip_tile_kernel[(grid,)](
+                    xc, yp, s, b, g, part,
+                    i1 - i0, j1 - j0, D, offset + i0 - j0 if pos else 0,
+                    xc.stride(0), xc.stride(1), yp.stride(0), yp.stride(1), g.stride(0), part.stride(0),
+                    BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+                    HAS_BIAS=bias is not None, HAS_POS=pos, NEED_GRAD=need_grad, GROUP_M=config.GROUP_M,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+                )  # fmt: skip
+                sums += part.sum(dim=1)
+            if need_grad:
+                with timer.phase("dX GEMM"):
+                    gemm.accumulate(dx[i0:i1], g, yp)
+                with timer.phase("dY GEMM"):
+                    gemm.accumulate(dy[j0:j1], g.t(), xc)
     if need_grad:
         dx.mul_(s.reshape(()))
         dy.mul_(s.reshape(()))

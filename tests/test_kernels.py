@@ -22,6 +22,9 @@ from fastclip.reference import clip_loss_reference, siglip_loss_reference
 
 kernels_clip = pytest.importorskip("fastclip.kernels.clip")
 kernels_siglip = pytest.importorskip("fastclip.kernels.siglip")
+kernels_common = pytest.importorskip("fastclip.kernels.common")
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 pytestmark = pytest.mark.interpreter
 
@@ -185,32 +188,208 @@ def test_chunked_and_split_paths_match_single_pass():
 
 
 def test_workspace_budget_drives_chunking(monkeypatch):
-    """Shrinking the workspace budgets chunks the rows automatically; results do not change."""
-    from fastclip.kernels import config
+    """Shrinking the workspace budgets chunks the rows (and, for gradients, the columns) automatically;
+    results do not change."""
+    from fastclip.kernels import config, gemm
 
     x, y = _inputs(150, 140, 24, torch.float32)
     s = torch.tensor(30.0)
     want_lse = kernels_clip.clip_lse(x, y, s)
     want_grad = kernels_clip.clip_grad(x, y, s, *want_lse, 0.1, 0.2, 0, 0.3)
-    monkeypatch.setattr(config, "LSE_WORKSPACE_ELEMENTS", 64 * 140)  # one row block per chunk
+    monkeypatch.setattr(config, "LSE_WORKSPACE_ELEMENTS", 140)  # one row block of partials per chunk
     monkeypatch.setattr(config, "GRAD_WORKSPACE_ELEMENTS", 64 * 140)
+    monkeypatch.setattr(config, "MIN_GRAD_ROWS", 64)
     calls = []
-    real = kernels_clip.mm_f32
-    monkeypatch.setattr(kernels_clip, "mm_f32", lambda a, b: calls.append(a.shape) or real(a, b))
+    real = gemm.accumulate
+    monkeypatch.setattr(gemm, "accumulate", lambda acc, a, b: calls.append(a.shape) or real(acc, a, b))
     got_lse = kernels_clip.clip_lse(x, y, s)
     got_grad = kernels_clip.clip_grad(x, y, s, *want_lse, 0.1, 0.2, 0, 0.3)
-    assert [c[0] for c in calls if c[1] == 140] == [64, 64, 22]  # three G chunks of <= 64 rows
+    assert [c[0] for c in calls if c[1] == 140] == [64, 64, 22]  # dX of three G chunks of <= 64 rows
     for g, w in zip(got_lse + got_grad, want_lse + want_grad):
         torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6)
-    # 16-bit inputs form dY in bounded fp32 pieces (column pieces of G).
-    xb, yb = x.bfloat16(), y.bfloat16()
-    want_b = kernels_clip.clip_grad(xb, yb, s, *want_lse, 0.1, 0.2, 0, 0.3)
-    monkeypatch.setattr(config, "DY_PIECE_ELEMENTS", 50 * 24)
+    # Fewer rows than MIN_GRAD_ROWS fit in the budget at full width: 128-row chunks by 64-column panels.
+    monkeypatch.setattr(config, "MIN_GRAD_ROWS", 128)
     calls.clear()
-    got_b = kernels_clip.clip_grad(xb, yb, s, *want_lse, 0.1, 0.2, 0, 0.3)
-    assert [c[0] for c in calls if c[1] == 64][:3] == [50, 50, 40]  # pieces of G^T for the first chunk
-    for g, w in zip(got_b, want_b):
+    got_grad = kernels_clip.clip_grad(x, y, s, *want_lse, 0.1, 0.2, 0, 0.3)
+    assert config.grad_tiles(150, 140, 64 * 140, 64, 64) == (128, 128)
+    assert [tuple(c) for c in calls[::2]] == [(128, 128), (128, 12), (22, 128), (22, 12)]
+    for g, w in zip(got_grad, want_grad):
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6)
+
+
+def test_forward_chunks_are_sized_by_their_partial_buffer(monkeypatch):
+    """The forward's buffer holds (rows / BM) x N column partials, so a budget of P partials allows
+    P * BM / N rows per chunk (not P / N), by the one rule ``config.chunk_rows`` both kernels use."""
+    from fastclip.kernels import config
+
+    assert config.chunk_rows(32768, 32768, 2**25, 128, rows_per_elem=128) == 32768  # one chunk
+    x, y = _inputs(300, 200, 8, torch.float32)
+    s = torch.tensor(10.0)
+    want = kernels_clip.clip_lse(x, y, s)
+    monkeypatch.setattr(config, "LSE_WORKSPACE_ELEMENTS", 3 * 200)  # three row blocks of partials
+    grids, used = [], []
+    real_rule = config.chunk_rows
+    monkeypatch.setattr(config, "chunk_rows", lambda *a, **k: used.append(a[:2]) or real_rule(*a, **k))
+    monkeypatch.setattr(kernels_clip, "_clip_lse_kernel", _GridSpy(kernels_clip._clip_lse_kernel, grids))
+    got = kernels_clip.clip_lse(x, y, s)
+    assert [g[0] for g in grids] == [3, 2]  # chunks of 192 and 108 rows in 64-row blocks
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6)
+    kernels_siglip.siglip_block(x, y, s, None, 0, False)
+    kernels_siglip.siglip_block(x, y, s, None, 0, True)
+    assert used == [(300, 200)] * 3  # clip_lse and both SigLIP modes size their chunks by the same rule
+
+
+def test_gradient_chunks_keep_many_rows_at_large_n():
+    """N > 2**18: chunks keep >= MIN_GRAD_ROWS rows and cut the columns into panels instead, so dY
+    (N x D fp32) is read and written (n / c) times with c >= 2048, not once per 128 rows."""
+    from fastclip.kernels import config
+
+    n = N = 2**20
+    c, nc = config.grad_tiles(n, N, config.GRAD_WORKSPACE_ELEMENTS, 128, 128)
+    assert c >= 2048 and c % 128 == 0 and nc % 128 == 0 and c * nc <= config.GRAD_WORKSPACE_ELEMENTS
+    dy_traffic = (n // c) * N * 768 * 8  # bytes: one read and one write of the fp32 dY per row chunk
+    assert dy_traffic <= 4e12, dy_traffic  # ~3.3 TB: under 1 s at H200 bandwidth, vs ~10 s of matmul
+    assert config.grad_tiles(32768, 32768, config.GRAD_WORKSPACE_ELEMENTS, 128, 128) == (2048, 32768)
+    assert config.grad_tiles(100, 70, 10**6, 64, 64) == (100, 70)  # small blocks: one chunk
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_column_panels_match_single_pass(loss_name):
+    """Row chunks x column panels, with the positives of a negative offset crossing panel edges."""
+    if loss_name == "clip":
+        _check_clip_block(
+            257, 230, 40, -3, torch.float32, grad_kw={"rows_per_chunk": 100, "cols_per_panel": 64}
+        )
+        _check_clip_block(130, 200, 24, 60, torch.bfloat16, grad_kw={"cols_per_panel": 128})
+    else:
+        _check_siglip_block(257, 230, 40, -3, torch.float32, rows_per_chunk=100, cols_per_panel=64)
+        _check_siglip_block(130, 200, 24, 60, torch.bfloat16, cols_per_panel=128)
+
+
+class _GridSpy:
+    """Stands in for a kernel: records each launch grid, then launches the real kernel."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def fp32_precision_restored():
+    """Puts torch's fp32 matmul precision settings back after a test that changes them."""
+    matmul = torch.backends.cuda.matmul
+    has_new = hasattr(matmul, "fp32_precision")
+    saved = (matmul.fp32_precision, torch.backends.fp32_precision) if has_new else matmul.allow_tf32
+    yield has_new
+    if has_new:
+        matmul.fp32_precision, torch.backends.fp32_precision = saved
+    else:
+        matmul.allow_tf32 = saved
+
+
+def test_tf32_setting_is_read_with_either_precision_api(monkeypatch, fp32_precision_restored):
+    """After ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (torch >= 2.9) reading the legacy
+    ``allow_tf32`` raises in torch 2.13; the kernels' flags must follow both APIs without raising."""
+    from fastclip.kernels import common, config, gemm
+
+    monkeypatch.setattr(config, "interpreting", lambda: False)  # the flags a GPU launch computes
+    matmul = torch.backends.cuda.matmul
+    if fp32_precision_restored:
+        matmul.fp32_precision = "tf32"
+        assert common.meta_flags(torch.float32)["IEEE"] is False
+        assert common.dot_path(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert common.meta_flags(torch.float32)["IEEE"] is True
+        matmul.fp32_precision = "none"  # inherit from the global setting
+        torch.backends.fp32_precision = "tf32"
+        assert gemm.tf32_enabled() is True
+        torch.backends.fp32_precision = "none"
+    # Neither new setting made (or torch < 2.9): the legacy flag decides.
+    monkeypatch.setattr(gemm, "_has_fp32_precision_api", lambda: False)
+    for flag in (True, False):
+        matmul.allow_tf32 = flag
+        assert gemm.tf32_enabled() is flag
+        assert common.dot_path(torch.float32) == ("tf32" if flag else "fp32-fma")
+    assert common.dot_path(torch.bfloat16) == "tensor-core-bf16"
+    assert common.dot_path(torch.float16) == "tensor-core-fp16"
+
+
+def test_fp32_output_gemm_is_chosen_by_schema_and_survives_an_oom(monkeypatch):
+    """The ``out_dtype`` capability comes from the operator schema, once; an out-of-memory error in a
+    real call propagates and does not switch later calls to bf16-rounded products."""
+    from fastclip.kernels import gemm
+
+    assert gemm.mm_out_dtype_schema() == ("dtype" in torch.ops.aten.mm.overloads())
+    assert gemm.fp32_out_mm(torch.device("cpu")) is False  # torch has no CPU kernel for mm.dtype
+    calls = []
+
+    def fake_mm(a, b, *, out_dtype=None):
+        calls.append(out_dtype)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
+        return a.float() @ b.float()
+
+    monkeypatch.setattr(gemm, "fp32_out_mm", lambda device: True)  # as on a CUDA device
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    a, b = torch.randn(4, 3).bfloat16(), torch.randn(3, 5).bfloat16()
+    with pytest.raises(torch.OutOfMemoryError):
+        gemm.mm_f32(a, b)
+    out = gemm.mm_f32(a, b)
+    assert calls == [torch.float32, torch.float32] and out.dtype == torch.float32
+
+
+def test_dy_pieces_start_on_128_row_boundaries(monkeypatch):
+    """Without an in-place fp32-output addmm, dY is accumulated in pieces of G's columns; every piece
+    starts on a 128-row (256-byte) boundary, whatever D makes DY_PIECE_ELEMENTS // D."""
+    from fastclip.kernels import config, gemm
+
+    monkeypatch.setattr(gemm, "addmm_f32_accumulates", lambda device: False)
+    x, y = _inputs(40, 300, 4, torch.bfloat16)
+    s = torch.tensor(5.0)
+    lse = kernels_clip.clip_lse(x, y, s)
+    want = kernels_clip.clip_grad(x, y, s, *lse, 0.1, 0.2, 0, 0.3)
+    monkeypatch.setattr(config, "DY_PIECE_ELEMENTS", 50 * 4)  # 50 rows of D = 4: rounded to 128
+    starts = []
+    real = gemm.mm_f32
+    monkeypatch.setattr(
+        gemm, "mm_f32", lambda a, b: starts.append((a.storage_offset(), a.shape)) or real(a, b)
+    )
+    got = kernels_clip.clip_grad(x, y, s, *lse, 0.1, 0.2, 0, 0.3)
+    dy_pieces = [(off, shape[0]) for off, shape in starts if shape[1] == 40]  # G^T pieces: (rows of dY, c)
+    assert dy_pieces == [(0, 128), (128, 128), (256, 44)]
+    for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@triton.jit
+def _order_kernel(out_ptr, n, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_m, pid_n = kernels_common.grouped_tile(pid, n, N, BM, BN, GROUP_M)
+    tl.store(out_ptr + 2 * pid, pid_m)
+    tl.store(out_ptr + 2 * pid + 1, pid_n)
+
+
+def test_grouped_grid_order_reads_each_column_tile_once_per_group():
+    """The tile kernels' program order: a bijection onto (row block, column tile) in which GROUP_M row
+    blocks sweep the columns together, so a column tile of Y is fetched once per group (an LRU cache
+    of GROUP_M + 1 tiles in the model below) instead of once per row block."""
+    num_m, num_n, group = 10, 7, 4
+    out = torch.full((num_m * num_n, 2), -1, dtype=torch.int32)
+    _order_kernel[(num_m * num_n,)](out, num_m * 16, num_n * 16, BM=16, BN=16, GROUP_M=group)
+    tiles = [tuple(t) for t in out.tolist()]
+    assert sorted(tiles) == [(m, j) for m in range(num_m) for j in range(num_n)]
+    loads, cache = 0, []
+    for _m, j in tiles:  # Y traffic of this order with a small LRU cache of column tiles
+        if j in cache:
+            cache.remove(j)
+        else:
+            loads += 1
+        cache = ([j] + cache)[: group + 1]
+    assert loads == -(-num_m // group) * num_n  # 21, against num_m * num_n = 70 column-fastest
 
 
 def test_large_scale_low_cosines_do_not_underflow():

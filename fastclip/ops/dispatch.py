@@ -18,11 +18,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def triton_available(device: torch.device) -> bool:
     """True when the Triton kernels can run on ``device``: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
-    try:
-        from fastclip.kernels import KERNELS_READY
-    except ImportError:
-        return False
-    if not KERNELS_READY or importlib.util.find_spec("triton") is None:
+    if importlib.util.find_spec("fastclip.kernels") is None or importlib.util.find_spec("triton") is None:
         return False
     if device.type == "cuda":
         return True
