@@ -1,4 +1,4 @@
-"""The ``fastclip`` command: ``fastclip {train,bench,convert} ...``.
+"""The ``fastclip`` command: ``fastclip {train,bench,convert,data} ...``.
 
 Each subcommand lives in its own module, imported only when used; every module exposes
 ``add_arguments(parser)`` and ``run(args) -> int``.
@@ -23,6 +23,10 @@ SUBCOMMANDS = {
     "convert": (
         "fastclip.models.convert",
         "convert Hugging Face / open_clip weights to fastclip safetensors",
+    ),
+    "data": (
+        "fastclip.data.cli",
+        "prepare training data: webdataset shards from an image-caption CSV ('shards')",
     ),
 }
 

@@ -1,5 +1,6 @@
-"""Data: synthetic shapes (held-out pairs, determinism, rank slices), CSV and webdataset streams
-(per-rank sharding, resume position, missing paths), and the evaluation metrics."""
+"""Data: synthetic shapes (held-out pairs, determinism, rank slices), CSV streams (per-rank
+sharding, resume position, missing paths), and the evaluation metrics. webdataset streams:
+tests/test_data_shards.py."""
 
 from __future__ import annotations
 
@@ -148,40 +149,6 @@ def test_load_image_resize_and_crop():
     img = data.load_image(_png((255, 0, 0), size=(40, 20)), 10, mean=(0, 0, 0), std=(1, 1, 1))
     assert img.shape == (3, 10, 10)
     assert torch.allclose(img[0], torch.ones(10, 10)) and torch.allclose(img[1:], torch.zeros(2, 10, 10))
-
-
-def test_webdataset_stream_sharding_and_resume(tmp_path):
-    import webdataset as wds
-
-    for shard in range(4):
-        with wds.TarWriter(str(tmp_path / f"shard-{shard:02d}.tar")) as sink:
-            for i in range(5):
-                sink.write(
-                    {
-                        "__key__": f"s{shard}_{i}",
-                        "png": _png((shard * 60, i * 40, 90)),
-                        "txt": f"shard {shard} item {i}",
-                    }
-                )
-    spec = str(tmp_path / "shard-{00..03}.tar")
-    cfg = _cfg()
-    r0 = data.WebDatasetStream(spec, cfg, 8, 6, 0, 2, seed=0)
-    r1 = data.WebDatasetStream(spec, cfg, 8, 6, 1, 2, seed=0)
-    caps0 = sum((r0.next_batch()[1] for _ in range(4)), [])
-    caps1 = r1.next_batch()[1]
-    assert {c.split()[1] for c in caps0} <= {"0", "2"} and {c.split()[1] for c in caps1} <= {"1", "3"}
-    assert len(set(caps0[:10])) == 10  # one epoch is 10 distinct samples per rank
-    ref = data.WebDatasetStream(spec, cfg, 8, 6, 0, 2, seed=0)
-    expected = [ref.next_batch() for _ in range(5)]
-    resumed = data.WebDatasetStream(spec, cfg, 8, 6, 0, 2, seed=0)
-    resumed.load_state_dict({"kind": "webdataset", "position": 3 * 3})
-    for want in expected[3:]:
-        got = resumed.next_batch()
-        assert got[1] == want[1] and torch.equal(got[0], want[0])
-    with pytest.raises(data.DataError, match="data shards not found"):
-        data.WebDatasetStream(str(tmp_path / "nope-{0..3}.tar"), cfg, 8, 6, 0, 2, seed=0)
-    with pytest.raises(data.DataError, match="cannot be split between 8 ranks"):
-        data.WebDatasetStream(spec, cfg, 8, 16, 0, 8, seed=0)
 
 
 # ---- metrics ---------------------------------------------------------------------------------

@@ -56,10 +56,24 @@ class DataConfig:
     """CSV column holding the class index of an evaluation row (zero-shot), if present."""
     delimiter: str | None = None
     """CSV delimiter (None: tab for .tsv files, comma otherwise)."""
-    workers: int = 0
-    """DataLoader worker processes for CSV data (0: load in the training process)."""
+    workers: int | None = None
+    """Loader worker processes per rank (0: load in the training process; None: the CPUs available to
+    this rank minus one, at least 1 on a multi-core machine)."""
+    prefetch: int = 2
+    """Batches each loader worker prepares ahead."""
     shuffle_buffer: int = 1000
-    """webdataset: sample shuffle buffer (0: no shuffling)."""
+    """webdataset: sample shuffle buffer, filled from one shard at a time (0: no shuffling)."""
+    resampled: bool = False
+    """webdataset: draw shards with replacement (runs measured in samples, not epochs)."""
+    root: str | None = None
+    """CSV: directory that relative image paths start from and that every image must lie inside
+    (None: relative to the CSV file, absolute paths anywhere allowed)."""
+    augment: bool = True
+    """Training images: random resized crop (data.crop_scale) instead of the eval resize + centre crop."""
+    crop_scale: list = field(default_factory=lambda: [0.9, 1.0])
+    """Area fraction range of the random resized crop (open_clip's default)."""
+    resize_mode: str = "shortest"
+    """Eval (and un-augmented training) resize: "shortest" + centre crop, "longest" + pad, "squash"."""
     eval_size: int = 1000
     """Synthetic data: number of held-out evaluation images (and of seen-combination images)."""
     tokenizer: str = "auto"
@@ -217,7 +231,18 @@ class Config:
                 "data.train/data.eval: the synthetic dataset takes no paths; "
                 f"set data.kind to 'csv' or 'webdataset' to use {d.train or d.eval!r}"
             )
-        _minimum("data.workers", d.workers, 0)
+        if d.workers is not None:
+            _minimum("data.workers", d.workers, 0)
+        _minimum("data.prefetch", d.prefetch, 1)
+        _choice("data.resize_mode", d.resize_mode, ("shortest", "longest", "squash"))
+        if (
+            len(d.crop_scale) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.crop_scale)
+            or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1
+        ):
+            raise ConfigError(
+                f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {d.crop_scale!r}"
+            )
         _minimum("data.shuffle_buffer", d.shuffle_buffer, 0)
         _minimum("data.eval_size", d.eval_size, 10)
         _positive_float("optim.lr", o.lr)

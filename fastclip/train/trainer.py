@@ -87,7 +87,9 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
         self._seed(cfg.train.seed)
         self.tokenizer, self.model = self._build_model(model, tokenizer)
-        self.stream, self.eval_sets = self._build_data()
+        self.stream, self.eval_sets = data_lib.build_data(
+            cfg, self.model, self.tokenizer, self.rank, self.world, self.device
+        )
         self.engine = self._build_engine()
         self.loss_fn = self._build_loss()
         self._seed(cfg.train.seed * 1000 + 1 + self.rank)  # per-rank randomness for dropout from here on
@@ -121,7 +123,7 @@ class Trainer:
                 tokenizer = WordTokenizer(self._synthetic_vocab(), context_length=context)
             elif dc.kind == "csv":
                 _, captions, _ = data_lib.read_table(
-                    dc.train, dc.image_key, dc.caption_key, None, dc.delimiter
+                    dc.train, dc.image_key, dc.caption_key, None, dc.delimiter, dc.root
                 )
                 extra = " ".join(
                     (self.cfg.eval.templates or [])
@@ -153,23 +155,6 @@ class Trainer:
 
     def _image_size(self) -> int:
         return int(self.model.config.vision.image_size)
-
-    def _build_data(self):
-        dc, seed = self.cfg.data, self.cfg.train.seed
-        size, gb = self._image_size(), self.cfg.train.batch_size
-        if dc.kind == "synthetic":
-            shapes = data_lib.SyntheticShapes(size, seed=seed)
-            stream = data_lib.SyntheticStream(shapes, gb, self.rank, self.world)
-            return stream, data_lib.synthetic_eval_sets(shapes, dc.eval_size)
-        if dc.kind == "csv":
-            stream = data_lib.CsvStream(dc.train, dc, size, gb, self.rank, self.world, seed)
-        else:
-            stream = data_lib.WebDatasetStream(dc.train, dc, size, gb, self.rank, self.world, seed)
-        sets = []
-        if dc.eval:
-            classnames = data_lib.read_classnames(self.cfg.eval.classnames)
-            sets.append(data_lib.table_eval_set(dc.eval, dc, size, classnames, self.cfg.eval.templates))
-        return stream, sets
 
     def _param_groups(self):
         decay, no_decay = [], []
@@ -268,12 +253,16 @@ class Trainer:
             self._write_run_files()
             self._open_tensorboard()
         bar = self._progress()
-        t_last, n_last = time.time(), 0
+        t_last, n_last, waited = time.time(), 0, 0.0
         final = {}
         while self.step < cfg.train.steps:
-            images, captions = self.stream.next_batch()
-            images = images.to(self.device, self.dtype)
-            texts = self.tokenizer(list(captions)).to(self.device)
+            t_wait = time.perf_counter()
+            images, texts = self.stream.next_batch()  # token ids when the loader workers tokenized
+            waited += time.perf_counter() - t_wait
+            images = images.to(self.device, self.dtype, non_blocking=True)
+            if not torch.is_tensor(texts):
+                texts = self.tokenizer(list(texts))
+            texts = texts.to(self.device, non_blocking=True)
             loss = self._train_step(images, texts)
             self.step += 1
             self._clamp_logit_scale()
@@ -289,6 +278,8 @@ class Trainer:
                     "lr": engine.get_lr()[0],
                     "logit_scale": self._logit_scale(),
                     "samples_per_s": n_last * cfg.train.batch_size / max(dt, 1e-9),
+                    "data_wait_frac": min(1.0, waited / max(dt, 1e-9)),  # rank 0's time in next_batch
+                    "data_skipped": int(getattr(self.stream, "skipped", 0)),
                 }
                 if not math.isfinite(loss):
                     raise FloatingPointError(
@@ -297,9 +288,10 @@ class Trainer:
                 self._log(row)
                 if bar is not None:
                     bar.set_postfix(
-                        loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", scale=f"{row['logit_scale']:.1f}"
+                        loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", scale=f"{row['logit_scale']:.1f}",
+                        data=f"{row['data_wait_frac']:.0%}",
                     )
-                t_last, n_last = time.time(), 0
+                t_last, n_last, waited = time.time(), 0, 0.0
             last = self.step == cfg.train.steps
             if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
                 final = self._evaluate(bar)
