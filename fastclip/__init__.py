@@ -14,6 +14,10 @@ _LAZY = {
     "create_model": "fastclip.models",
     "list_models": "fastclip.models",
     "load_pretrained": "fastclip.models",
+    "create_model_and_transforms": "fastclip.models",
+    "create_model_from_pretrained": "fastclip.models",
+    "get_tokenizer": "fastclip.models",
+    "list_pretrained": "fastclip.models",
     "clip_loss_distributed": "fastclip.distributed",
     "siglip_loss_distributed": "fastclip.distributed",
 }

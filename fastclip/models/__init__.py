@@ -4,6 +4,8 @@ named configs, local weight loading.
     from fastclip.models import create_model, list_models, load_pretrained
     model = create_model("tiny")                    # or "ViT-B-16", "ViT-B-16-SigLIP", ... (list_models())
     model = load_pretrained("path/to/hf_clip_dir")  # Hugging Face CLIPModel / SiglipModel save_pretrained dir
+    model, preprocess_train, preprocess_val = create_model_and_transforms("hf-hub:org/name")
+    tokenizer = get_tokenizer("hf-hub:org/name")
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from fastclip.models.configs import (
     get_config,
     list_models,
 )
+from fastclip.models.factory import (
+    create_model_and_transforms,
+    create_model_from_pretrained,
+    get_tokenizer,
+    list_pretrained,
+)
+from fastclip.models.hub import HubError
 from fastclip.models.model import CLIP
+from fastclip.models.openclip_format import save_open_clip
 from fastclip.models.pretrained import WeightLoadError, load_state_dict_checked, save_fastclip
 from fastclip.models.text import TextTransformer
 from fastclip.models.tokenizer import WordTokenizer, load_tokenizer
@@ -36,7 +46,8 @@ def create_model(name: str, **overrides) -> CLIP:
 
 
 def load_pretrained(path, model_name=None, **kwargs) -> CLIP:
-    """Build and load a model from local weights (see :func:`fastclip.models.pretrained.load_pretrained`)."""
+    """Build and load a model from local weights or a hub id "hf-hub:org/name" (see
+    :func:`fastclip.models.pretrained.load_pretrained`)."""
     from fastclip.models.pretrained import load_pretrained as _load
 
     return _load(path, model_name=model_name, **kwargs)
@@ -58,6 +69,12 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "save_fastclip",
+    "save_open_clip",
+    "create_model_and_transforms",
+    "create_model_from_pretrained",
+    "get_tokenizer",
+    "list_pretrained",
+    "HubError",
     "load_state_dict_checked",
     "WeightLoadError",
 ]

@@ -28,6 +28,10 @@ TEXT_POOLS = ("argmax", "eos", "last", "first")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+# The preprocessing choices of fastclip.transforms.image_transform (kept here so that configs do not import PIL).
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box")
+TOKENIZER_CLEAN = ("none", "whitespace", "lower", "canonicalize")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -70,9 +74,13 @@ class VisionConfig:
     ls_init: float | None = None
     patch_dropout: float = 0.0
     dynamic_size: bool = False
-    # Pixel normalization the weights expect (applied by the data pipeline, not by the model).
+    # Preprocessing the weights expect (applied by the data pipeline / fastclip.transforms, not by the
+    # model): pixel statistics, eval-time resize ("shortest": resize + centre crop, "squash", "longest")
+    # and the resampling filter.
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
 
     def __post_init__(self):
         for k in ("image_size", "patch_size", "width", "depth", "heads", "in_channels"):
@@ -83,6 +91,8 @@ class VisionConfig:
         _check_width_heads("vision", self.width, self.heads)
         _choice("vision.act", self.act, ACTS)
         _choice("vision.pool", self.pool, VISION_POOLS)
+        _choice("vision.resize_mode", self.resize_mode, RESIZE_MODES)
+        _choice("vision.interpolation", self.interpolation, INTERPOLATIONS)
         if self.pool == "tok" and not self.class_token:
             raise ValueError("vision.pool: 'tok' needs class_token=True, got class_token=False")
         if self.image_size % self.patch_size:
@@ -127,6 +137,10 @@ class TextConfig:
     proj: bool = True
     proj_bias: bool = False
     ls_init: float | None = None
+    # Where the tokenizer files live (a Hugging Face Hub repo id, resolved through the local cache) and
+    # the text cleaning applied before tokenizing (open_clip's "clean" option); see get_tokenizer.
+    tokenizer: str | None = None
+    tokenizer_clean: str = "none"
 
     def __post_init__(self):
         for k in ("context_length", "vocab_size", "width", "depth", "heads"):
@@ -137,6 +151,9 @@ class TextConfig:
         _check_width_heads("text", self.width, self.heads)
         _choice("text.act", self.act, ACTS)
         _choice("text.pool", self.pool, TEXT_POOLS)
+        _choice("text.tokenizer_clean", self.tokenizer_clean, TOKENIZER_CLEAN)
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            raise TypeError(f"text.tokenizer: expected a hub repo id (str) or None, got {self.tokenizer!r}")
         if self.pool == "eos" and self.eos_id is None:
             raise ValueError("text.eos_id: pool='eos' needs an eos_id, got None")
 
@@ -215,22 +232,29 @@ def _clip(embed, v_width, v_depth, v_heads, patch, t_width, t_depth, t_heads, im
         vision=VisionConfig(
             image_size=image, patch_size=patch, width=v_width, depth=v_depth, heads=v_heads, act=act
         ),
-        text=TextConfig(width=t_width, depth=t_depth, heads=t_heads, act=act),
-    )
+        # Every OpenAI-vocabulary CLIP shares this BPE tokenizer (49408 tokens, context 77).
+        text=TextConfig(
+            width=t_width, depth=t_depth, heads=t_heads, act=act,
+            tokenizer="openai/clip-vit-base-patch32", tokenizer_clean="whitespace",
+        ),
+    )  # fmt: skip
 
 
 def _siglip_vision(image, patch, width, depth, heads, mlp_dim=None):
     return VisionConfig(
         image_size=image, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
         act="gelu_tanh", norm_eps=1e-6, class_token=False, pre_norm=False, patch_bias=True, pool="map", proj=False,
-        mean=SIGLIP_MEAN, std=SIGLIP_STD,
+        mean=SIGLIP_MEAN, std=SIGLIP_STD, resize_mode="squash",
     )  # fmt: skip
 
 
-def _siglip_text(context, vocab, width, depth, heads, mlp_dim=None):
+def _siglip_text(context, vocab, width, depth, heads, mlp_dim=None, tokenizer="timm/ViT-B-16-SigLIP"):
+    # The tokenizer files as open_clip publishes them (SentencePiece vocabulary in tokenizer.json);
+    # open_clip canonicalizes the text first (lower case, punctuation removed), as big_vision does.
     return TextConfig(
         context_length=context, vocab_size=vocab, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
         act="gelu_tanh", norm_eps=1e-6, causal=False, pool="last", proj=True, proj_bias=True,
+        tokenizer=tokenizer, tokenizer_clean="canonicalize",
     )  # fmt: skip
 
 
@@ -238,7 +262,7 @@ def _tiny(siglip: bool) -> ModelConfig:
     # Small enough to train a few hundred steps a minute on 2 CPU cores at 32x32 (65 tokens per image).
     if siglip:
         vision = _siglip_vision(32, 4, 96, 2, 4)
-        text = _siglip_text(16, 512, 96, 2, 4)
+        text = _siglip_text(16, 512, 96, 2, 4, tokenizer=None)
         text.pool = "argmax"  # synthetic captions are padded; EOT pooling keeps padding out of the feature
         return ModelConfig(embed_dim=96, vision=vision, text=text, siglip=True)
     return ModelConfig(
@@ -279,7 +303,7 @@ MODEL_CONFIGS: dict[str, Any] = {
     "ViT-SO400M-14-SigLIP": lambda: ModelConfig(
         embed_dim=1152,
         vision=_siglip_vision(224, 14, 1152, 27, 16, mlp_dim=4304),
-        text=_siglip_text(16, 32000, 1152, 27, 16, mlp_dim=4304),
+        text=_siglip_text(16, 32000, 1152, 27, 16, mlp_dim=4304, tokenizer="timm/ViT-SO400M-14-SigLIP"),
         siglip=True,
     ),
 }

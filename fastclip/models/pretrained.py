@@ -444,6 +444,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         proj=not siglip,
         mean=SIGLIP_MEAN if siglip else CLIP_MEAN,
         std=SIGLIP_STD if siglip else CLIP_STD,
+        resize_mode="squash" if siglip else "shortest",  # SiglipImageProcessor resizes to the square size
     )
     if siglip and not v.get("vision_use_head", True):
         raise ValueError(
@@ -475,6 +476,28 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             f"config.json: text projection_size {t.get('projection_size')} must equal the vision width {vw}"
         )
     return ModelConfig(embed_dim=embed, vision=vision, text=text, siglip=siglip)
+
+
+# PIL resampling codes as preprocessor_config.json stores them ("resample")
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}
+
+
+def preprocess_from_hf(proc: dict) -> dict:
+    """VisionConfig fields (mean, std, resize_mode, interpolation) of a Hugging Face image processor
+    config: ``size: {"shortest_edge"}`` resizes the shorter side (then centre-crops), ``size:
+    {"height", "width"}`` squashes to the size."""
+    out: dict = {}
+    if "image_mean" in proc and "image_std" in proc:
+        out["mean"], out["std"] = tuple(proc["image_mean"]), tuple(proc["image_std"])
+    size = proc.get("size")
+    if isinstance(size, dict):
+        if "shortest_edge" in size:
+            out["resize_mode"] = "shortest"
+        elif "height" in size and "width" in size:
+            out["resize_mode"] = "squash"
+    if proc.get("resample") in _PIL_RESAMPLE:
+        out["interpolation"] = _PIL_RESAMPLE[proc["resample"]]
+    return out
 
 
 def infer_open_clip_config(sd: dict) -> ModelConfig:
@@ -626,7 +649,17 @@ def load_pretrained(path, model_name: str | None = None, **overrides) -> CLIP:
     path = os.fspath(path)
     if model_name is not None and not isinstance(model_name, str):
         raise TypeError(f"model_name: expected a model name (str) or None, got {type(model_name).__name__}")
-    if os.path.isdir(path):
+    from fastclip.models.hub import parse_hub_id, resolve_repo
+
+    hub = parse_hub_id(path)
+    if hub is not None:  # "hf-hub:org/name" (or an "org/name" that is no local path): the cached snapshot
+        path = resolve_repo(hub, tokenizer=False)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "open_clip_config.json")):
+        from fastclip.models.openclip_format import read_open_clip_dir
+
+        oc_config, sd = read_open_clip_dir(path)
+        config = get_config(model_name) if model_name is not None else oc_config
+    elif os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise ValueError(
@@ -640,10 +673,7 @@ def load_pretrained(path, model_name: str | None = None, **overrides) -> CLIP:
         if model_name is None and os.path.isfile(pre):  # the pixel statistics the processor uses
             with open(pre) as f:
                 proc = json.load(f)
-            if "image_mean" in proc and "image_std" in proc:
-                config = apply_overrides(
-                    config, vision={"mean": proc["image_mean"], "std": proc["image_std"]}
-                )
+            config = apply_overrides(config, vision=preprocess_from_hf(proc))
     else:
         sd, meta = read_state_dict(path)
         config = None

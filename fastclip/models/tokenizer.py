@@ -12,8 +12,11 @@ fit is truncated: the row keeps start, the first ``context_length - 2`` words an
 
 from __future__ import annotations
 
+import html
+import json
 import os
 import re
+import string
 from typing import Iterable, Sequence
 
 import torch
@@ -74,16 +77,40 @@ class WordTokenizer:
         return " ".join(words)
 
 
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def clean_text(text: str, mode: str) -> str:
+    """open_clip's text cleaning before tokenizing: "none"; "whitespace" (HTML entities unescaped, runs of
+    whitespace collapsed); "lower" (and lower-cased); "canonicalize" (and punctuation removed, "_" read as a
+    space, as big_vision and open_clip's SigLIP tokenizers do). open_clip also runs ``ftfy`` when
+    installed; fastclip does not."""
+    if mode == "none":
+        return text
+    text = html.unescape(html.unescape(text)).strip()
+    if mode == "canonicalize":
+        text = text.replace("_", " ").translate(_PUNCT)
+    if mode in ("lower", "canonicalize"):
+        text = text.lower()
+    return " ".join(text.split())
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer from a local directory, called like WordTokenizer: list[str] -> (B, context_length)
-    LongTensor, padded to the context length and truncated (the tokenizer's own truncation keeps its
-    special tokens)."""
+    LongTensor, padded to the context length with the tokenizer's pad id (else 0) and truncated (the
+    tokenizer's own truncation keeps its special tokens, so the end token stays the last id). ``clean``:
+    see :func:`clean_text`."""
 
-    def __init__(self, path: str, context_length: int):
+    def __init__(self, path: str, context_length: int, clean: str = "none"):
         if not os.path.isdir(path) and not os.path.isfile(path):
             raise ValueError(
                 f"path: expected a local tokenizer directory or tokenizer.json, got {path!r} (not found)"
             )
+        if clean not in ("none", "whitespace", "lower", "canonicalize"):
+            raise ValueError(
+                f"clean: expected 'none', 'whitespace', 'lower' or 'canonicalize', got {clean!r}"
+            )
+        self.clean = clean
         self.context_length = context_length
         self._hf = None
         self._tok = None
@@ -101,13 +128,16 @@ class HFTokenizer:
 
             self._tok = Tokenizer.from_file(tok_json)
             self._tok.enable_truncation(context_length)
-            pad = self._tok.token_to_id("<pad>")
+            pad = self._tok.token_to_id(_pad_token(os.path.dirname(tok_json)) or "<pad>")
             self._tok.enable_padding(length=context_length, pad_id=0 if pad is None else pad)
         self.vocab_size = len(self._hf) if self._hf is not None else self._tok.get_vocab_size()
 
     def __call__(self, texts) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts: expected a str or a list of str, got {type(texts).__name__}")
+        texts = [clean_text(t, self.clean) for t in texts]
         if self._hf is not None:
             rows = self._hf(list(texts), truncation=True, max_length=self.context_length)["input_ids"]
             pad = self._hf.pad_token_id if self._hf.pad_token_id is not None else 0
@@ -116,6 +146,21 @@ class HFTokenizer:
                 out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             return out
         return torch.tensor([e.ids for e in self._tok.encode_batch(list(texts))], dtype=torch.long)
+
+
+def _pad_token(directory: str) -> str | None:
+    """The pad token named by a saved tokenizer's special_tokens_map.json / tokenizer_config.json."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                pad = json.load(f).get("pad_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if isinstance(pad, str):
+            return pad
+    return None
 
 
 def load_tokenizer(path: str, context_length: int = 77) -> HFTokenizer:
