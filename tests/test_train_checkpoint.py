@@ -129,8 +129,8 @@ def test_corrupted_checkpoints_are_refused(demo, tmp_path, damage):
         open(os.path.join(step, "MANIFEST.json"), "w").write("{not json")
         match = "unreadable manifest"
     else:
-        os.remove(os.path.join(step, "rank_00000.pt"))
-        match = "rank_00000.pt: missing"
+        os.remove(os.path.join(step, "rank_00000.safetensors"))
+        match = "rank_00000.safetensors: missing"
     with pytest.raises(ckpt.CheckpointError, match=match):
         ckpt.verify(step)
     with pytest.raises(ckpt.CheckpointError, match=match):

@@ -2,41 +2,55 @@
 
 Layout of ``OUTPUT_DIR/checkpoints``::
 
-    latest                  one line: the name of the newest *complete* checkpoint
+    latest                  one line: the name of the newest *complete* checkpoint (a sibling step_ dir)
     step_00000100/
         ds/...              DeepSpeed's files (model, optimizer and scheduler states, all ZeRO stages)
-        rank_00000.pt       per-rank state: RNG states, data position
+        rank_00000.safetensors   per-rank state: RNG states (tensors), data position (JSON metadata)
         trainer.json        step, world size, ZeRO stage, config
-        MANIFEST.json       every file above with its size and SHA-256, written last
+        MANIFEST.json       every other file of the directory with its size and SHA-256, written last
 
 A checkpoint is written into ``step_XXXXXXXX.partial`` and renamed when every rank has finished
 and the manifest is written; ``latest`` is then replaced atomically (write + ``os.replace``). A run
 killed while saving leaves a ``.partial`` directory that nothing reads. Loading checks the manifest
-first: a missing, truncated or altered file raises :class:`CheckpointError` and nothing is loaded.
+first: a missing, truncated, altered or unlisted file, or an entry that is not a plain name inside
+the step directory, raises :class:`CheckpointError` and nothing is loaded. What is and is not trusted
+is in docs/training.md ("What is trusted"): the manifest detects damage, not a deliberate forger, so
+no file is read in a way that can run code (safetensors, JSON, ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import random
+import re
 import shutil
 
-import numpy as np
 import torch
+
+from fastclip.train.rank_state import RankStateError, load_rank_state, rank_file, save_rank_state
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+TRAINER = "trainer.json"
 DS_TAG = "ds"
+STEP_RE = re.compile(r"step_\d{8}")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupted; nothing was loaded from it."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (e.g. a full disk); the previous checkpoint is kept."""
+
+
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+# ---- manifest ------------------------------------------------------------------------------------
 
 
 def _sha256(path: str) -> str:
@@ -48,101 +62,192 @@ def _sha256(path: str) -> str:
 
 
 def _files(root: str) -> list[str]:
+    """Every non-directory entry under ``root`` (symlinks included, not followed), as "a/b" names."""
     out = []
-    for dirpath, _, names in os.walk(root):
+    for dirpath, dirnames, names in os.walk(root):
+        names = names + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         for n in names:
-            rel = os.path.relpath(os.path.join(dirpath, n), root)
+            rel = os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/")
             if rel != MANIFEST:
                 out.append(rel)
     return sorted(out)
 
 
 def write_manifest(ckpt_dir: str) -> None:
-    entries = {rel: {"size": os.path.getsize(os.path.join(ckpt_dir, rel)), "sha256": _sha256(os.path.join(ckpt_dir, rel))} for rel in _files(ckpt_dir)}  # fmt: skip
+    entries = {}
+    for rel in _files(ckpt_dir):
+        full = os.path.join(ckpt_dir, rel)
+        entries[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
     _atomic_write(os.path.join(ckpt_dir, MANIFEST), json.dumps({"files": entries}, indent=1))
 
 
-def verify(ckpt_dir: str) -> dict:
-    """Check every file of the manifest (size and SHA-256); returns trainer.json. Raises CheckpointError."""
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"checkpoint not found: {ckpt_dir!r}")
+def _check_entry(manifest: str, rel, meta) -> None:
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if (
+        not parts
+        or rel.startswith("/")
+        or "\\" in rel
+        or "\0" in rel
+        or any(p in ("", ".", "..") for p in parts)
+        or re.match(r"^[A-Za-z]:", rel)
+    ):
+        raise CheckpointError(
+            f"{manifest}: entry {rel!r}: expected a plain relative name inside the step directory "
+            "(no '..', no absolute path)"
+        )
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{manifest}: entry {rel!r}: expected {{'size': int, 'sha256': hex}}, got {meta!r}"
+        )
+    size, digest = meta.get("size"), meta.get("sha256")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise CheckpointError(f"{manifest}: entry {rel!r}: key 'size': expected an int >= 0, got {size!r}")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise CheckpointError(
+            f"{manifest}: entry {rel!r}: key 'sha256': expected 64 hex digits, got {digest!r}"
+        )
+
+
+def _read_manifest(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, MANIFEST)
     if not os.path.isfile(path):
         raise CheckpointError(
             f"{ckpt_dir}: no {MANIFEST}; the checkpoint is incomplete (a save was interrupted?)"
         )
     try:
-        with open(path) as f:
-            entries = json.load(f)["files"]
-    except (ValueError, KeyError, TypeError) as exc:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        got = type(data.get("files")).__name__ if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(
+            f"{path}: unreadable manifest (expected an object with key 'files' mapping names to "
+            f"{{size, sha256}}, got {got})"
+        )
+    for rel, meta in data["files"].items():
+        _check_entry(path, rel, meta)
+    return data["files"]
+
+
+def verify(ckpt_dir: str) -> dict:
+    """Check the manifest and every file (size and SHA-256); returns trainer.json. Raises CheckpointError.
+
+    The manifest must list exactly the files of the directory, each a plain name inside it; the files
+    the loader reads (trainer.json, one rank state per rank, DeepSpeed's files) must be among them."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint not found: {ckpt_dir!r}")
+    entries = _read_manifest(ckpt_dir)
+    real_root = os.path.realpath(ckpt_dir)
     problems = []
     for rel, meta in entries.items():
         full = os.path.join(ckpt_dir, rel)
-        if not os.path.isfile(full):
+        if os.path.islink(full) or os.path.realpath(full) != os.path.join(real_root, *rel.split("/")):
+            problems.append(f"{rel}: a link; expected a regular file inside the step directory")
+        elif not os.path.isfile(full):
             problems.append(f"{rel}: missing")
         elif os.path.getsize(full) != meta["size"]:
             problems.append(f"{rel}: {os.path.getsize(full)} bytes, expected {meta['size']}")
         elif _sha256(full) != meta["sha256"]:
             problems.append(f"{rel}: content differs from the manifest (SHA-256)")
+    unlisted = [rel for rel in _files(ckpt_dir) if rel not in entries]
+    if unlisted:
+        problems.append(f"files not listed in {MANIFEST}: {', '.join(unlisted[:5])}")
     if problems:
         raise CheckpointError(f"{ckpt_dir}: corrupted checkpoint, nothing loaded: " + "; ".join(problems))
-    with open(os.path.join(ckpt_dir, "trainer.json")) as f:
-        return json.load(f)
+    meta = _read_trainer_json(ckpt_dir, TRAINER in entries)
+    needed = [TRAINER] + [os.path.basename(rank_file(ckpt_dir, r)) for r in range(meta["world_size"])]
+    missing = [n for n in needed if n not in entries]
+    if not any(rel.startswith(DS_TAG + "/") for rel in entries):
+        missing.append(f"{DS_TAG}/ (DeepSpeed's files)")
+    if missing:
+        old = " (written by an older fastclip with pickled rank state?)" if "rank_00000.pt" in entries else ""
+        raise CheckpointError(
+            f"{ckpt_dir}: corrupted checkpoint, nothing loaded: the manifest lacks {', '.join(missing)}{old}"
+        )
+    return meta
+
+
+def _read_trainer_json(ckpt_dir: str, listed: bool) -> dict:
+    path = os.path.join(ckpt_dir, TRAINER)
+    if not listed or not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt_dir}: corrupted checkpoint, nothing loaded: {TRAINER}: missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected an object, got {type(meta).__name__}")
+    for key, lo in (("step", 0), ("world_size", 1), ("zero_stage", 0)):
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise CheckpointError(f"{path}: key {key!r}: expected an int >= {lo}, got {v!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(
+            f"{path}: key 'config': expected the run's config (an object), got {meta.get('config')!r}"
+        )
+    return meta
+
+
+# ---- finding checkpoints -------------------------------------------------------------------------
 
 
 def resolve(path: str) -> str:
     """A checkpoint directory, or a checkpoints root with a ``latest`` marker -> the checkpoint directory."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path!r}")
-    marker = os.path.join(path, LATEST)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            name = f.read().strip()
-        target = os.path.join(path, name)
-        if not name or not os.path.isdir(target):
-            raise CheckpointError(f"{marker} points at {name!r}, which does not exist")
-        return target
-    if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, "trainer.json")):
+    if os.path.isfile(os.path.join(path, LATEST)):
+        return _read_latest(path)
+    if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, TRAINER)):
         return path
     raise CheckpointError(
         f"{path!r} is neither a checkpoint (no {MANIFEST}) nor a directory with a {LATEST!r} marker"
     )
 
 
+def _read_latest(root: str) -> str:
+    marker = os.path.join(root, LATEST)
+    with open(marker, "rb") as f:
+        raw = f.read(256)
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = repr(raw[:40])
+    if not STEP_RE.fullmatch(name):
+        raise CheckpointError(
+            f"{marker}: names {name!r}; expected the name of a step directory next to it (step_XXXXXXXX)"
+        )
+    target = os.path.join(root, name)
+    if os.path.islink(target) or not os.path.isdir(target):
+        raise CheckpointError(f"{marker} points at {name!r}, which does not exist")
+    return target
+
+
 def find_latest(root: str) -> str | None:
     """The checkpoint ``root/latest`` names, or None when there is no marker (a fresh run)."""
     if not os.path.isfile(os.path.join(root, LATEST)):
         return None
-    return resolve(root)
+    return _read_latest(root)
 
 
-# ---- per-rank state -------------------------------------------------------------------------
+def step_dirs(root: str) -> dict[int, str]:
+    """Complete step directories of ``root`` by step number."""
+    if not os.path.isdir(root):
+        return {}
+    return {int(n[5:]): os.path.join(root, n) for n in os.listdir(root) if STEP_RE.fullmatch(n)}
 
 
-def rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+# ---- save / load ---------------------------------------------------------------------------------
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def save(engine, root, step, rank, world_size, data_state, meta, *, barrier, any_rank, keep) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
 
-
-def save(
-    engine, root: str, step: int, rank: int, world_size: int, data_state: dict, meta: dict, barrier, keep: int
-) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    ``barrier()`` synchronises the ranks, ``any_rank(flag) -> bool`` is True on every rank when any
+    rank passed True. A write that fails (full disk, I/O error) on any rank removes the partial
+    directory and raises :class:`CheckpointWriteError` on every rank; ``latest`` still names the
+    previous checkpoint."""
     final = os.path.join(root, step_name(step))
     partial = final + ".partial"
     if rank == 0:
@@ -150,15 +255,26 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     barrier()
-    engine.save_checkpoint(partial, tag=DS_TAG, save_latest=False)
-    torch.save(
-        {"rng": rng_state(), "data": data_state, "step": step}, os.path.join(partial, f"rank_{rank:05d}.pt")
-    )
+    failure = None
+    try:
+        engine.save_checkpoint(partial, tag=DS_TAG, save_latest=False)
+        save_rank_state(rank_file(partial, rank), step=step, data=data_state)
+    except (OSError, RuntimeError) as exc:
+        if not _is_write_failure(exc):
+            raise
+        failure = _describe_write_failure(exc, root)
+    if any_rank(failure is not None):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = find_latest(root) if os.path.isfile(os.path.join(root, LATEST)) else None
+        kept = f"previous checkpoint kept ({previous})" if previous else "no earlier checkpoint exists"
+        what = failure or "another rank could not write its files"
+        raise CheckpointWriteError(f"{what} while saving checkpoint at step {step}; {kept}")
     barrier()
     _fault_point("during_checkpoint", step)
     if rank == 0:
         _atomic_write(
-            os.path.join(partial, "trainer.json"),
+            os.path.join(partial, TRAINER),
             json.dumps({**meta, "step": step, "world_size": world_size}, indent=1),
         )
         write_manifest(partial)
@@ -166,25 +282,35 @@ def save(
             shutil.rmtree(final)
         os.replace(partial, final)
         _atomic_write(os.path.join(root, LATEST), step_name(step) + "\n")
-        _prune(root, keep)
+        _prune(root, keep, step)
     barrier()
     return final
 
 
-def load(engine, ckpt_dir: str, rank: int, world_size: int, zero_stage: int) -> tuple[dict, dict]:
-    """Verify, then load model, optimizer and scheduler into ``engine``; returns (trainer.json, rank state)."""
-    meta = verify(ckpt_dir)
-    if meta.get("world_size") != world_size:
+def load(engine, ckpt_dir: str, rank: int, world_size: int, zero_stage: int, meta: dict | None = None):
+    """Verify (unless ``meta`` from :func:`verify` is given), then load model, optimizer and scheduler
+    into ``engine``; returns (trainer.json, rank state)."""
+    meta = verify(ckpt_dir) if meta is None else meta
+    if meta["world_size"] != world_size:
         raise CheckpointError(
-            f"{ckpt_dir}: saved with world size {meta.get('world_size')}, resuming with {world_size}; "
+            f"{ckpt_dir}: saved with world size {meta['world_size']}, resuming with {world_size}; "
             "resume with the same number of processes (or export the weights and start a new run)"
         )
-    if meta.get("zero_stage") != zero_stage:
+    if meta["zero_stage"] != zero_stage:
         raise CheckpointError(
-            f"{ckpt_dir}: saved with ZeRO stage {meta.get('zero_stage')}, resuming with stage {zero_stage}"
+            f"{ckpt_dir}: saved with ZeRO stage {meta['zero_stage']}, resuming with stage {zero_stage}"
         )
-    rank_file = os.path.join(ckpt_dir, f"rank_{rank:05d}.pt")
-    state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    try:
+        state = load_rank_state(rank_file(ckpt_dir, rank))
+    except RankStateError as exc:
+        raise CheckpointError(str(exc)) from None
+    if state["step"] != meta["step"]:
+        raise CheckpointError(
+            f"{ckpt_dir}: rank {rank} state is for step {state['step']}, not {meta['step']}"
+        )
+    from fastclip.train.safe_load import make_engine_loads_safe
+
+    make_engine_loads_safe(engine)
     path, _ = engine.load_checkpoint(
         ckpt_dir,
         tag=DS_TAG,
@@ -201,6 +327,8 @@ def export_safetensors(ckpt_dir: str, out_path: str) -> str:
     """Plain fp32 weights of a checkpoint (any ZeRO stage) -> a safetensors file. Works offline, one process."""
     from safetensors.torch import save_file
 
+    from fastclip.train.safe_load import load_pickle, safe_zero_to_fp32
+
     ckpt_dir = resolve(ckpt_dir)
     verify(ckpt_dir)
     ds_dir = os.path.join(ckpt_dir, DS_TAG)
@@ -210,18 +338,24 @@ def export_safetensors(ckpt_dir: str, out_path: str) -> str:
     if zero_files:
         import contextlib
 
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         with (
             open(os.devnull, "w") as null,
             contextlib.redirect_stdout(null),
             contextlib.redirect_stderr(null),
+            safe_zero_to_fp32() as z,
         ):
-            state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG)  # chatty: prints progress
+            state = z.get_fp32_state_dict_from_zero_checkpoint(
+                ckpt_dir, tag=DS_TAG
+            )  # chatty: prints progress
     else:  # ZeRO stage 0: DeepSpeed stores the module's state dict as it is
         model_file = os.path.join(ds_dir, "mp_rank_00_model_states.pt")
-        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    state = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+        loaded = load_pickle(model_file)
+        if not isinstance(loaded, dict) or not isinstance(loaded.get("module"), dict):
+            raise CheckpointError(f"{model_file}: key 'module': expected the model's state dict")
+        state = loaded["module"]
+    state = {
+        k: v.detach().float().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)
+    }
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
     save_file(state, tmp, metadata={"format": "pt", "source": os.path.abspath(ckpt_dir)})
@@ -241,10 +375,42 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: str, keep: int) -> None:
-    done = sorted(n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".partial"))
-    for name in done[:-keep]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+# Messages of torch's file writer (used by DeepSpeed's torch.save) when a write fails: its C++
+# stream reports no errno.
+_TORCH_WRITE_ERRORS = (
+    "basic_ios::clear",
+    "PytorchStreamWriter failed",
+    "unexpected pos",
+    "file write failed",
+)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    return any(s in str(exc) for s in _TORCH_WRITE_ERRORS)
+
+
+def _free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _describe_write_failure(exc: BaseException, root: str) -> str:
+    err = getattr(exc, "errno", None)
+    full = err in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+    if not full and not isinstance(exc, OSError):  # torch's writer: judge by the space left
+        full = _free_bytes(root) < 64 * 2**20
+    if full:
+        return "disk full"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"write error ({first})"
+
+
+def _prune(root: str, keep: int, current: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``current`` (the one just written)."""
+    older = sorted(s for s in step_dirs(root) if s <= current)
+    for s in older[:-keep]:
+        shutil.rmtree(os.path.join(root, step_name(s)), ignore_errors=True)
 
 
 def _fault_point(phase: str, step: int) -> None:

@@ -84,6 +84,8 @@ def run(args) -> int:
     from fastclip.train.checkpoint import CheckpointError
     from fastclip.train.config import ConfigError, load_config
     from fastclip.train.data import DataError
+    from fastclip.train.parallel import DistributedTimeoutError
+    from fastclip.train.safe_load import UnsafeCheckpointError
 
     try:
         if args.export:
@@ -110,9 +112,12 @@ def run(args) -> int:
         t0 = time.time()
         metrics = train(cfg)
         elapsed = time.time() - t0
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, UnsafeCheckpointError, FileNotFoundError) as exc:
         print(f"fastclip train: error: {exc}", file=sys.stderr)
         return 2
+    except (FloatingPointError, DistributedTimeoutError) as exc:  # a diverged run, a stopped rank
+        print(f"fastclip train: error: {exc}", file=sys.stderr)
+        return 1
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -1,7 +1,7 @@
 """Training configuration: dataclasses, YAML/JSON files, command-line overrides.
 
-A run is described by one :class:`Config` with seven sections (``model``, ``data``, ``optim``,
-``train``, ``eval``, ``checkpoint``, ``log``) plus ``output_dir``. Files (YAML or JSON) hold a
+A run is described by one :class:`Config` with eight sections (``model``, ``data``, ``optim``,
+``train``, ``dist``, ``eval``, ``checkpoint``, ``log``) plus ``output_dir``. Files (YAML or JSON) hold a
 subset of the keys; every key can also be set on the command line as ``--section.key VALUE``.
 Unknown keys are rejected with the closest known key in the message; :meth:`Config.validate`
 checks every value and names the key, the expected and the received value.
@@ -116,6 +116,13 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: int = 600
+    """Seconds a collective may wait for the other ranks before the run stops with an error naming the
+    ranks that did not respond (passed to the process-group creation)."""
+
+
+@dataclass
 class EvalConfig:
     every: int = 250
     """Evaluate every this many steps (0: only at the end)."""
@@ -136,6 +143,9 @@ class CheckpointConfig:
     """"auto" (the latest checkpoint in output_dir, if any), "never", or a checkpoint directory."""
     export: bool = True
     """Write plain weights to output_dir/model.safetensors at the end."""
+    allow_config_change: list | str | None = None
+    """Config keys that may differ from the checkpoint's on resume (e.g. [train.steps]); any other
+    change that breaks exact resume is refused."""
 
 
 @dataclass
@@ -152,6 +162,7 @@ SECTIONS = {
     "data": DataConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "dist": DistConfig,
     "eval": EvalConfig,
     "checkpoint": CheckpointConfig,
     "log": LogConfig,
@@ -164,6 +175,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -223,6 +235,8 @@ class Config:
         _choice("model.loss_impl", m.loss_impl, ("auto", "triton", "torch", "reference"))
         if not m.name:
             raise ConfigError("model.name: expected a model name such as 'tiny', got an empty string")
+        if m.dist_impl is not None:
+            check_dist_impl(m.loss, m.dist_impl)
         _choice("data.kind", d.kind, ("synthetic", "webdataset", "csv"))
         if d.kind != "synthetic" and not d.train:
             raise ConfigError(f"data.train: expected a path for data.kind={d.kind!r}, got {d.train!r}")
@@ -264,6 +278,7 @@ class Config:
         _choice("train.backend", t.backend, ("auto", "gloo", "nccl"))
         if t.threads is not None:
             _minimum("train.threads", t.threads, 1)
+        _minimum("dist.timeout_s", self.dist.timeout_s, 1)
         _minimum("eval.every", e.every, 0)
         _minimum("eval.batch_size", e.batch_size, 1)
         if e.templates is not None:
@@ -275,6 +290,7 @@ class Config:
         _minimum("checkpoint.keep", c.keep, 1)
         if not c.resume:
             raise ConfigError("checkpoint.resume: expected 'auto', 'never' or a checkpoint path, got ''")
+        c.allow_config_change = _key_list("checkpoint.allow_config_change", c.allow_config_change)
         _minimum("log.every", lg.every, 1)
         return self
 
@@ -293,6 +309,25 @@ class Config:
                 f"(train.batch_size {t.batch_size} / {world_size} ranks), got {micro}"
             )
         return local, micro, local // micro
+
+
+def check_dist_impl(loss: str, dist_impl: str) -> None:
+    """``model.dist_impl`` must be a strategy of the loss ``model.loss`` names ("auto": of either loss).
+
+    The losses' own constructors are the authority on the names (the public ``ClipLoss``/``SigLipLoss``)."""
+    from fastclip import ClipLoss, SigLipLoss
+
+    kinds = {"clip": [ClipLoss], "siglip": [SigLipLoss], "auto": [ClipLoss, SigLipLoss]}[loss]
+    reasons = []
+    for cls in kinds:
+        try:
+            cls(dist_impl=dist_impl)
+            return
+        except ValueError as exc:  # the constructor's message lists the strategies it knows
+            reasons.append(f"{cls.__name__}: {exc}")
+    raise ConfigError(
+        f"model.dist_impl: {dist_impl!r} is not a strategy of model.loss={loss!r} ({'; '.join(reasons)})"
+    )
 
 
 def all_keys() -> list[str]:
@@ -420,6 +455,20 @@ def _coerce(name: str, value: Any, tp) -> Any:
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)
     raise AssertionError(f"unsupported config type {tp!r} for {name}")
+
+
+def _key_list(name: str, value) -> list[str] | None:
+    """None, "a.b", "a.b,c.d" or ["a.b", ...] -> a list of known config keys (or ConfigError)."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+        raise ConfigError(f"{name}: expected a list of config keys such as [train.steps], got {value!r}")
+    known = all_keys()
+    for key in items:
+        if key not in known:
+            raise ConfigError(f"{name}: {_unknown('key', key, known)}")
+    return items
 
 
 def _tname(tp) -> str:

@@ -117,3 +117,15 @@ def _unique_groups(captions):
     for c in captions:
         groups.append(index.setdefault(c, len(index)))
     return index, torch.tensor(groups)
+
+
+def evaluate_sets(model, tokenizer, eval_sets, *, batch_size: int, device, dtype) -> dict:
+    """:func:`evaluate` over every set, merged, plus ``eval_seconds``."""
+    import time
+
+    t0 = time.time()
+    metrics = {}
+    for s in eval_sets:
+        metrics.update(evaluate(model, tokenizer, s, batch_size=batch_size, device=device, dtype=dtype))
+    metrics["eval_seconds"] = time.time() - t0
+    return metrics

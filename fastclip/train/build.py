@@ -1,0 +1,116 @@
+"""The model, its tokenizer and the loss, from the run's config.
+
+tokenizer, model = build_model(cfg, out_dir, rank)          # or the caller's model/tokenizer
+loss_fn = build_loss(cfg, model, rank, world)              # fastclip.ClipLoss / SigLipLoss
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+
+from fastclip.train import data as data_lib
+from fastclip.train.config import ConfigError, check_dist_impl
+
+
+def resolved_overrides(mc) -> dict:
+    """``model.overrides``, with None resolved: the demo's patch size for the tiny models, else nothing."""
+    if mc.overrides is not None:
+        return mc.overrides
+    return {"patch_size": 8} if mc.name in ("tiny", "tiny-siglip") else {}
+
+
+def check_model_name(name: str) -> None:
+    from fastclip.models import list_models
+
+    names = list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ConfigError(
+            f"model.name: unknown model {name!r}{hint}; fastclip.models.list_models() has {len(names)} names"
+        )
+
+
+def build_model(cfg, out_dir: str, rank: int, model=None, tokenizer=None):
+    """(tokenizer, model). The model's vocab_size follows the tokenizer unless overridden."""
+    from fastclip.models import WordTokenizer, create_model, get_config, load_tokenizer
+
+    mc, dc = cfg.model, cfg.data
+    overrides = dict(resolved_overrides(mc))
+    if model is not None:
+        context = model.config.text.context_length
+    else:
+        check_model_name(mc.name)
+        context = _model_call("model.overrides", get_config, mc.name, **overrides).text.context_length
+    if tokenizer is None:
+        if dc.tokenizer not in ("auto", "words"):
+            tokenizer = load_tokenizer(dc.tokenizer, context_length=context)
+        elif dc.kind == "synthetic":
+            tokenizer = WordTokenizer(data_lib.SyntheticShapes(8).vocabulary(), context_length=context)
+        elif dc.kind == "csv":
+            _, captions, _ = data_lib.read_table(dc.train, dc.image_key, dc.caption_key, None, dc.delimiter)
+            extra = " ".join(
+                (cfg.eval.templates or []) + (data_lib.read_classnames(cfg.eval.classnames) or [])
+            )
+            tokenizer = WordTokenizer(_words(captions + [extra]), context_length=context)
+        else:
+            raise ConfigError(
+                "data.tokenizer: webdataset data needs a tokenizer: expected the path of a Hugging Face "
+                f"tokenizer directory or tokenizer.json, got {dc.tokenizer!r}"
+            )
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if model is None:
+        if vocab is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = int(vocab)
+        model = _model_call("model.overrides", create_model, mc.name, **overrides)
+    if vocab is not None and vocab > model.config.text.vocab_size:
+        raise ConfigError(
+            f"model.overrides.vocab_size: expected >= the tokenizer's {vocab} tokens, "
+            f"got {model.config.text.vocab_size}"
+        )
+    if isinstance(tokenizer, WordTokenizer) and rank == 0:
+        with open(os.path.join(out_dir, "vocab.txt"), "w") as f:
+            f.write("\n".join(tokenizer.vocab) + "\n")
+    return tokenizer, model
+
+
+def _model_call(key: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:  # fastclip.models validates names and override keys with ValueError
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def build_loss(cfg, model, rank: int, world: int):
+    """(loss module, kind): ``fastclip.ClipLoss``/``SigLipLoss``; across ranks with ``model.dist_impl``."""
+    from fastclip import ClipLoss, SigLipLoss
+
+    kind = cfg.model.loss
+    siglip = getattr(model, "logit_bias", None) is not None
+    if kind == "auto":
+        kind = "siglip" if siglip else "clip"
+    if kind == "siglip" and not siglip:
+        raise ConfigError(
+            f"model.loss: 'siglip' needs a model with a logit_bias ({cfg.model.name!r} has none)"
+        )
+    impl, dist_impl = cfg.model.loss_impl, cfg.model.dist_impl
+    if dist_impl is not None:
+        check_dist_impl(kind, dist_impl)  # also with one process, where no strategy is used
+    if world == 1:
+        return (ClipLoss(impl=impl) if kind == "clip" else SigLipLoss(impl=impl)), kind
+    kw = {"dist_impl": dist_impl} if dist_impl else {}
+    if kind == "clip":
+        loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, impl=impl, **kw)
+    else:
+        loss = SigLipLoss(rank=rank, world_size=world, impl=impl, **kw)
+    return loss, kind
+
+
+def _words(texts) -> list[str]:
+    seen = {}
+    for t in texts:
+        for w in re.findall(r"[a-z0-9']+|[^\sa-z0-9']", t.lower()):
+            seen[w] = seen.get(w, 0) + 1
+    return sorted(seen, key=lambda w: (-seen[w], w))
