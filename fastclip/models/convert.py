@@ -3,6 +3,7 @@
     fastclip convert ./clip-vit-base-patch32 b32.safetensors                  # HF save_pretrained directory
     fastclip convert open_clip_b32.bin b32.safetensors --model ViT-B-32-quickgelu
     fastclip convert b32.safetensors b32_openclip.safetensors --to open_clip    # back to open_clip names
+    fastclip convert hf-hub:org/name b32_repo --to open_clip    # a directory: open_clip's hub repo layout
 
 The written file holds fastclip's tensor names and the model config (JSON metadata), so
 ``load_pretrained(DST)`` needs no model name. The conversion is checked: the model is built and
@@ -18,9 +19,15 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "src", help="HF CLIPModel/SiglipModel directory, or a .safetensors/.bin/.pt/.pth state dict"
+        "src",
+        help="HF CLIPModel/SiglipModel or open_clip directory, a .safetensors/.bin/.pt/.pth state dict, "
+        "or a hub id hf-hub:org/name (through the local Hugging Face cache)",
     )
-    parser.add_argument("dst", help="output .safetensors file")
+    parser.add_argument(
+        "dst",
+        help="output .safetensors file; with --to open_clip, a path without .safetensors is written as an "
+        "open_clip hub directory (open_clip_config.json + open_clip_model.safetensors)",
+    )
     parser.add_argument(
         "--model",
         default=None,
@@ -43,7 +50,8 @@ def run(args) -> int:
 
     from fastclip.models.pretrained import WeightLoadError, load_pretrained, save_fastclip, to_open_clip
 
-    if not str(args.dst).endswith(".safetensors"):
+    to_dir = args.to == "open_clip" and not str(args.dst).endswith(".safetensors")
+    if not str(args.dst).endswith(".safetensors") and not to_dir:
         print(f"fastclip convert: DST must end with .safetensors, got {args.dst!r}", file=sys.stderr)
         return 2
     if os.path.exists(args.dst) and not args.force:
@@ -59,6 +67,10 @@ def run(args) -> int:
         model = model.to(getattr(torch, args.dtype))
     if args.to == "fastclip":
         save_fastclip(model, args.dst)
+    elif to_dir:
+        from fastclip.models.openclip_format import save_open_clip
+
+        save_open_clip(model, args.dst)
     else:
         from safetensors.torch import save_file
 
