@@ -26,7 +26,7 @@ from fastclip.train import checkpoint as ckpt
 from fastclip.train import data as data_lib
 from fastclip.train import engine as engine_lib
 from fastclip.train import rundir
-from fastclip.train.build import build_loss, build_model, resolved_overrides  # noqa: F401 (re-export)
+from fastclip.train.build import build_loss, build_model, check_model_name, resolved_overrides  # noqa: F401
 from fastclip.train.config import Config, ConfigError, load_config
 from fastclip.train.evaluate import evaluate_sets
 from fastclip.train.gradcache import gradcache_step
@@ -75,9 +75,13 @@ class Trainer:
             raise ConfigError(
                 "train.precision: 'fp16' needs a CUDA device (DeepSpeed has no fp16 on CPU); use 'bf16' or 'fp32'"
             )
+        if model is None:
+            check_model_name(cfg.model.name)
         self.cfg = cfg
         self.out = os.path.abspath(cfg.output_dir)
         self.ckpt_root = os.path.join(self.out, "checkpoints")
+        # checked before any process group starts: the checkpoint to resume from and the config's changes
+        self.resume_from, self.resume_meta = self._find_resume()
         self.comm = Comm.setup(cfg.train, cfg.dist)
         self.rank, self.world, self.device = self.comm.rank, self.comm.world, self.comm.device
         self.local_batch, self.micro, self.chunks = cfg.check_world(self.world)
@@ -86,7 +90,7 @@ class Trainer:
         ]
         self.step = 0
         self.metrics = MetricsLog(self.out, self.rank, cfg.log.tensorboard)
-        self.resume_from, self.resume_meta = self._plan_resume()
+        self._prepare_output_dir()
         self.complete = self.resume_meta is not None and self.resume_meta["step"] >= cfg.train.steps
         if self.complete:
             return
@@ -110,33 +114,37 @@ class Trainer:
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
 
-    def _plan_resume(self):
-        """Which checkpoint to resume from (verified, config compared), and the output directory made
-        ready: a fresh run in a used directory moves the old run's files aside first."""
+    def _find_resume(self):
+        """(checkpoint directory, its verified trainer.json) to resume from, or (None, None). A config
+        that differs from the checkpoint's in a key that changes training is refused here."""
         how = self.cfg.checkpoint.resume
-        path = None
-        if how == "auto":
-            path = ckpt.find_latest(self.ckpt_root)
-        elif how != "never":
-            path = ckpt.resolve(how)
-        meta = None
-        if path is not None:
-            meta = ckpt.verify(path)
-            changed = rundir.check_config_change(
-                meta["config"], self.cfg.to_dict(), self.cfg.checkpoint.allow_config_change, path
-            )
-            if changed and self.rank == 0:
-                print(f"fastclip: resuming with changed config: {'; '.join(changed)}", file=sys.stderr)
+        if how == "never":
+            return None, None
+        path = ckpt.find_latest(self.ckpt_root) if how == "auto" else ckpt.resolve(how)
+        if path is None:
+            return None, None
+        meta = ckpt.verify(path)
+        self.config_changes = rundir.check_config_change(
+            meta["config"], self.cfg.to_dict(), self.cfg.checkpoint.allow_config_change, path
+        )
+        return path, meta
+
+    def _prepare_output_dir(self) -> None:
+        """A fresh run in a directory holding an earlier run moves that run's files aside first."""
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
-            if path is None and rundir.has_run(self.out):
+            if self.resume_from is None and rundir.has_run(self.out):
                 moved = rundir.set_aside(self.out)
                 print(
                     f"fastclip: starting a new run; the earlier run's files were moved to {moved}",
                     file=sys.stderr,
                 )
+            if self.resume_from is not None and self.config_changes:
+                print(
+                    f"fastclip: resuming with changed config: {'; '.join(self.config_changes)}",
+                    file=sys.stderr,
+                )
         self.comm.barrier()
-        return path, meta
 
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> dict:
