@@ -197,6 +197,10 @@ def test_transformers_repo(tmp_path, hub, kind):
     assert int(ids[2, -1]) == 99 and int(ids[0, 2 if kind == "clip" else 1]) != 0
     # the model's features equal transformers' on the same pixels and ids
     _check_features(hf, model, want, ids)
+    # the README's end-to-end call: preprocessed image + tokenized text through the model
+    with torch.no_grad():
+        out = model(pre_val(images[0]).unsqueeze(0), tok(["a photo of a cat"]))
+    assert out["image_features"].shape == out["text_features"].shape == (1, model.config.embed_dim)
     # load_pretrained takes the hub id as well
     again = fastclip.load_pretrained(name).eval()
     with torch.no_grad():
@@ -307,6 +311,22 @@ def test_named_config_tokenizer(tmp_path, hub):
     tok = fastclip.get_tokenizer("ViT-B-32")
     assert torch.equal(tok(["a   photo"]), _repo_ids(snap, ["a photo"], 77))
     assert fastclip.get_tokenizer("ViT-B-32", context_length=5)([LONG]).tolist() == [[98, 2, 7, 5, 99]]
+    # open_clip repos without tokenizer files: the repo text_cfg.hf_tokenizer_name names, else (OpenAI's
+    # 49408-token vocabulary, open_clip's built-in tokenizer) the OpenAI CLIP tokenizer files
+    for repo, text_cfg in (
+        ("org/oc-openai-vocab", {"context_length": 77, "vocab_size": 49408}),
+        ("org/oc-named-tok", {"context_length": 12, "vocab_size": 100, "hf_tokenizer_name": "org/tok"}),
+    ):
+        d = tmp_path / repo.replace("/", "_")
+        d.mkdir()
+        (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": text_cfg}}))
+        hub(repo, d)
+    with pytest.raises(HubError, match="hf-hub:org/tok: not in the Hugging Face cache"):
+        fastclip.get_tokenizer("hf-hub:org/oc-named-tok")
+    hub("org/tok", src)
+    for repo, ctx in (("org/oc-openai-vocab", 77), ("org/oc-named-tok", 12)):
+        got = fastclip.get_tokenizer(f"hf-hub:{repo}")(["a  photo"])
+        assert torch.equal(got, _repo_ids(snap, ["a photo"], ctx)), repo
     # SigLIP configs canonicalize (lower case, punctuation removed) as open_clip does
     hub("timm/ViT-B-16-SigLIP", src)
     sig = fastclip.get_tokenizer("ViT-B-16-SigLIP")

@@ -24,6 +24,8 @@ from fastclip.models.configs import ModelConfig, apply_overrides
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 FASTCLIP_KEY = "fastclip_config"
+OPENAI_VOCAB_SIZE = 49408
+OPENAI_TOKENIZER_REPO = "openai/clip-vit-base-patch32"
 
 # timm SigLIP towers named in open_clip configs: heads per size (the widths and depths come from the shapes).
 _TIMM_HEADS = {"base": 12, "large": 16, "so400m": 16}
@@ -166,9 +168,13 @@ def text_settings(oc: dict) -> dict:
         }
     tc = oc["model_cfg"].get("text_cfg") or {}
     clean = (tc.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
+    tokenizer = tc.get("hf_tokenizer_name") or None
+    if tokenizer is None and int(tc.get("vocab_size", 49408)) == OPENAI_VOCAB_SIZE:
+        # open_clip's built-in tokenizer: OpenAI CLIP's BPE vocabulary, published with the OpenAI weights
+        tokenizer = OPENAI_TOKENIZER_REPO
     return {
         "context_length": int(tc.get("context_length", 77)),
-        "tokenizer": tc.get("hf_tokenizer_name") or None,
+        "tokenizer": tokenizer,
         "tokenizer_clean": clean,
     }
 
