@@ -59,7 +59,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_command", metavar="{loss,train,report}")
+    sub = parser.add_subparsers(dest="bench_command", metavar="{loss,train,report,data}")
     p = sub.add_parser("loss", help="loss forward/backward: time, memory, TFLOP/s per provider")
     p.add_argument("--providers", type=_str_list, help="comma list of fastclip-triton, fastclip-torch, reference, "
                    "open_clip, inf_cl (default: the machine's built-in set; unavailable ones are skipped)")  # fmt: skip
@@ -93,6 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_train_arguments(t)
 
+    d = sub.add_parser("data", help="training data loader: images/s per worker count, step images/s, data wait")
+    from fastclip.bench.data import add_data_arguments
+
+    add_data_arguments(d)
+
 
 def run(args: argparse.Namespace) -> int:
     cmd = getattr(args, "bench_command", None)
@@ -104,8 +109,12 @@ def run(args: argparse.Namespace) -> int:
         from fastclip.bench.train import run_train
 
         return run_train(args)
+    if cmd == "data":
+        from fastclip.bench.data import run_data
+
+        return run_data(args)
     print(
-        "usage: fastclip bench {loss,train,report} [options]  (fastclip bench loss --help)", file=sys.stderr
+        "usage: fastclip bench {loss,train,report,data} [options]  (fastclip bench loss --help)", file=sys.stderr
     )
     return 2
 

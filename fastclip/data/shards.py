@@ -30,7 +30,15 @@ import tarfile
 
 import torch
 
-from fastclip.data.common import DataError, SkipLog, collate, decode_image, sample_generator, seed_of
+from fastclip.data.common import (
+    DataError,
+    SkipLog,
+    collate,
+    decode_image,
+    draft_size,
+    sample_generator,
+    seed_of,
+)
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: "C:\..." is a path
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -124,6 +132,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         self.image_exts = _exts(getattr(cfg, "image_key", "image"), IMAGE_EXTS, "image")
         self.caption_exts = _exts(getattr(cfg, "caption_key", "caption"), CAPTION_EXTS, "caption")
         self.buffer = int(getattr(cfg, "shuffle_buffer", 0) or 0)
+        self.draft = draft_size(transform) if getattr(cfg, "fast_decode", True) else None
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -155,7 +164,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             samples = _shuffle(samples, self.buffer, self.buffer, rng=rng)
         for j, sample in enumerate(samples):
             if j >= skip:
-                yield j, name, sample
+                yield j, sample
 
     def _samples(self, reader, pos, skips):
         epoch, slot, skip = pos["epoch"], pos["slot"], pos["sample"]
@@ -164,16 +173,15 @@ class ShardReader(torch.utils.data.IterableDataset):
             n_slots = self.plan.slots(reader, epoch)
             while n_slots < 0 or slot < n_slots:
                 good = 0
+                name = self.shards[self.plan.shard(reader, epoch, slot)]
                 raw = self._raw(reader, epoch, slot, skip)
                 while True:
                     try:
-                        j, name, sample = next(raw)
+                        j, sample = next(raw)
                     except StopIteration:
                         break
                     except SHARD_ERRORS as exc:  # unreadable tar: the rest of this shard is dropped, counted
-                        skips.add(
-                            self.shards[self.plan.shard(reader, epoch, slot)], f"unreadable shard ({exc})"
-                        )
+                        skips.add(name, f"unreadable shard ({type(exc).__name__}: {exc})")
                         break
                     item = self._decode(sample, name, epoch, skips)
                     if item is not None:
@@ -204,7 +212,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             skips.add(where, "empty caption")
             return None
         try:
-            img = decode_image(image)
+            img = decode_image(image, self.draft)
         except DECODE_ERRORS as exc:
             skips.add(where, f"unreadable image ({type(exc).__name__}: {exc})")
             return None

@@ -104,7 +104,8 @@ class CsvStream(_LoaderStream):
         )
         if len(images) < global_batch:
             raise DataError(f"{path}: {len(images)} rows is fewer than one global batch ({global_batch})")
-        self.dataset = TableDataset(images, captions, train_transform(cfg, image_size, mean, std), seed)
+        transform = train_transform(cfg, image_size, mean, std)
+        self.dataset = TableDataset(images, captions, transform, seed, getattr(cfg, "fast_decode", True))
         self.global_batch, self.world_size, self.seed = global_batch, world_size, seed
         self.tokenizer = tokenizer
         self._init_loader(cfg, rank, pin_memory)

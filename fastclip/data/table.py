@@ -14,7 +14,14 @@ import os
 
 import torch
 
-from fastclip.data.common import DataError, SkipLog, _decode_errors, decode_image, sample_generator
+from fastclip.data.common import (
+    DataError,
+    SkipLog,
+    _decode_errors,
+    decode_image,
+    draft_size,
+    sample_generator,
+)
 from fastclip.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_transform
 
 TEMPLATES = ("a photo of a {}", "a {}", "an image of a {}")
@@ -87,8 +94,9 @@ class TableDataset(torch.utils.data.Dataset):
 
     MAX_SKIP = 64
 
-    def __init__(self, images, captions, transform, seed=0):
+    def __init__(self, images, captions, transform, seed=0, fast_decode=True):
         self.images, self.captions, self.transform, self.seed = images, captions, transform, seed
+        self.draft = draft_size(transform) if fast_decode else None
 
     def __len__(self):
         return len(self.images)
@@ -99,7 +107,7 @@ class TableDataset(torch.utils.data.Dataset):
         for k in range(self.MAX_SKIP):
             i = (row + k) % len(self.images)
             try:
-                img = decode_image(self.images[i])
+                img = decode_image(self.images[i], self.draft)
             except _DECODE_ERRORS as exc:
                 skips.add(self.images[i], f"unreadable image ({type(exc).__name__}: {exc})")
                 continue

@@ -74,6 +74,8 @@ class DataConfig:
     """Area fraction range of the random resized crop (open_clip's default)."""
     resize_mode: str = "shortest"
     """Eval (and un-augmented training) resize: "shortest" + centre crop, "longest" + pad, "squash"."""
+    fast_decode: bool = True
+    """Decode large JPEGs at 1/2, 1/4 or 1/8 scale when the output still has full resolution (faster)."""
     eval_size: int = 1000
     """Synthetic data: number of held-out evaluation images (and of seen-combination images)."""
     tokenizer: str = "auto"
