@@ -4,8 +4,8 @@ from fastclip import ClipLoss, SigLipLoss      # drop-in for open_clip's classes
 from fastclip import clip_loss, siglip_loss    # functional forms
 """
 
+from fastclip.functional import clip_loss, siglip_loss
 from fastclip.losses import ClipLoss, SigLipLoss
-from fastclip.ops import clip_loss, siglip_loss
 
 __version__ = "0.1.0"
 

@@ -30,9 +30,16 @@ def check_tensor(name: str, value, *, ndim: int | None = None) -> torch.Tensor:
 
 
 def check_features(
-    image_features, text_features, *, same_batch: bool = True, name_a="image_features", name_b="text_features"
+    image_features,
+    text_features,
+    *,
+    same_batch: bool = True,
+    same_dtype: bool = True,
+    name_a="image_features",
+    name_b="text_features",
 ) -> None:
-    """Both 2-D, same feature dim, same dtype and device, non-empty; same batch when ``same_batch``."""
+    """Both 2-D, same feature dim and device, non-empty, holding data (not ``meta``); same batch when
+    ``same_batch``; same dtype when ``same_dtype``."""
     check_tensor(name_a, image_features, ndim=2)
     check_tensor(name_b, text_features, ndim=2)
     (n, d), (m, e) = image_features.shape, text_features.shape
@@ -44,7 +51,7 @@ def check_features(
         raise ValueError(f"{name_b}: expected feature dim {d} (as {name_a}), got {e}")
     if same_batch and n != m:
         raise ValueError(f"{name_b}: expected batch size {n} (as {name_a}), got {m}")
-    if image_features.dtype != text_features.dtype:
+    if same_dtype and image_features.dtype != text_features.dtype:
         raise TypeError(
             f"{name_b}: expected dtype {image_features.dtype} (as {name_a}), got {text_features.dtype}"
         )
@@ -52,10 +59,19 @@ def check_features(
         raise ValueError(
             f"{name_b}: expected device {image_features.device} (as {name_a}), got {text_features.device}"
         )
+    if image_features.device.type == "meta":
+        raise ValueError(
+            f"{name_a}: expected a tensor holding data (e.g. on cpu or cuda), got one on the meta device "
+            "(meta tensors have shapes but no values, so no loss can be computed from them)"
+        )
 
 
 def check_scalar(name: str, value, *, device: torch.device | None = None) -> torch.Tensor:
-    """A 0-dim or 1-element floating tensor with a finite value, on ``device``; python numbers are wrapped."""
+    """A 0-dim or 1-element floating tensor on ``device``; python numbers are wrapped.
+
+    The value is not read (no host sync on the hot path): a NaN/Inf scale or bias gives a NaN loss,
+    as in open_clip; ``check_all_finite`` is the opt-in check that raises instead.
+    """
     if isinstance(value, bool):
         raise TypeError(f"{name}: expected a scalar tensor or float, got bool")
     if isinstance(value, (int, float)):
@@ -70,9 +86,6 @@ def check_scalar(name: str, value, *, device: torch.device | None = None) -> tor
         raise ValueError(f"{name}: expected a 0-dim or 1-element tensor, got shape {tuple(value.shape)}")
     if device is not None and value.device != device:
         raise ValueError(f"{name}: expected device {device} (as the features), got {value.device}")
-    # One host sync per call; skipped while torch.compile traces (data-dependent branch).
-    if not _is_compiling() and not bool(torch.isfinite(value.detach()).all()):
-        raise ValueError(f"{name}: expected a finite value, got {value.detach().reshape(()).item()}")
     return value
 
 
@@ -95,6 +108,8 @@ def check_chunk_size(chunk_size) -> int | None:
 def check_all_finite(name: str, value: torch.Tensor) -> None:
     """The opt-in NaN/Inf check (``check_finite=True``): one reduction and one host sync."""
     if not bool(torch.isfinite(value.detach()).all()):
+        if value.numel() == 1:
+            raise ValueError(f"{name}: expected a finite value, got {value.detach().reshape(()).item()}")
         bad = (~torch.isfinite(value.detach())).nonzero()[0].tolist()
         raise ValueError(f"{name}: expected finite values, got NaN or Inf (first at index {tuple(bad)})")
 

@@ -1,21 +1,23 @@
 """Drop-in replacements for open_clip's ``ClipLoss`` and ``SigLipLoss``.
 
-Same constructor arguments, same ``forward`` signature, same return conventions; fastclip-only
-options are keyword-only and come after open_clip's. The modules are thin shells: argument checks
-here, the math in ``fastclip.ops``.
+Same constructor arguments, same ``forward`` signature, same return conventions, same helper
+methods (``get_logits``, ``get_ground_truth``); fastclip-only options are keyword-only and come
+after open_clip's. The modules are thin shells: flags and process-group checks here, inputs checked
+by ``fastclip.ops.inputs.prepare``, the math in ``fastclip.ops`` / ``fastclip.distributed``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fastclip import _checks
-from fastclip.ops.clip import clip_loss
-from fastclip.ops.dispatch import resolve_impl
-from fastclip.ops.siglip import siglip_loss
-
-CLIP_DIST_IMPLS = ("gather", "ring")
-SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+from fastclip.distributed.clip import CLIP_DIST_IMPLS, clip_loss_distributed_fused
+from fastclip.distributed.siglip import SIGLIP_DIST_IMPLS, siglip_loss_distributed_fused
+from fastclip.functional import clip_loss, siglip_loss
+from fastclip.ops.amp import no_autocast
+from fastclip.ops.inputs import nan_if_not_finite, prepare
+from fastclip.reference import clip_loss_distributed_reference, siglip_loss_distributed_reference
 
 
 def _check_rank(rank, world_size) -> None:
@@ -69,47 +71,42 @@ def _check_world(group, rank: int, world_size: int) -> None:
         )
 
 
-def _resolve(impl: str, features) -> str:
-    return resolve_impl(impl, features.device, dtype=features.dtype)
+class _LossBase(nn.Module):
+    """What both modules share: fastclip's keyword options and the multi-rank prologue."""
+
+    def _init_options(self, impl, group, chunk_size, check_finite, check_batch_sizes, rank, world_size):
+        _checks.check_bool("check_finite", check_finite)
+        _checks.check_bool("check_batch_sizes", check_batch_sizes)
+        _check_rank(rank, world_size)
+        _checks.check_impl(impl)
+        self.rank, self.world_size = _resolve_group(group, rank, world_size)
+        self.impl = impl
+        self.group = group
+        self.chunk_size = _checks.check_chunk_size(chunk_size)
+        self.check_finite = check_finite
+        self.check_batch_sizes = check_batch_sizes
+
+    def _prepare_distributed(self, image_features, text_features, logit_scale, logit_bias):
+        """The process group, the inputs, the implementation and (unless turned off) equal local
+        batches, dtypes and devices on every rank."""
+        from fastclip import comm
+
+        _check_world(self.group, self.rank, self.world_size)
+        a = prepare(
+            image_features, text_features, logit_scale, logit_bias,
+            impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite,
+        )  # fmt: skip
+        if self.check_batch_sizes:
+            comm.check_batch_sizes(a.x, self.group)
+        return a
+
+    def _gather(self, t: torch.Tensor, with_grad: bool) -> torch.Tensor:
+        from fastclip import comm
+
+        return comm.all_gather_with_grad(t, self.group) if with_grad else comm.all_gather_rows(t, self.group)
 
 
-def _check_inputs(
-    image_features, text_features, logit_scale, logit_bias, *, bias_required: bool, check_finite
-):
-    _checks.check_features(image_features, text_features)
-    device = image_features.device
-    logit_scale = _checks.check_scalar("logit_scale", logit_scale, device=device)
-    if logit_bias is None and bias_required:
-        raise ValueError("logit_bias: expected a 0-dim or 1-element tensor (SigLIP needs a bias), got None")
-    if logit_bias is not None:
-        logit_bias = _checks.check_scalar("logit_bias", logit_bias, device=device)
-    if check_finite:
-        _checks.check_all_finite("image_features", image_features)
-        _checks.check_all_finite("text_features", text_features)
-    return logit_scale, logit_bias
-
-
-def _prepare_distributed(module, image_features, text_features, logit_scale, logit_bias, *, bias_required):
-    """Checks shared by both modules' multi-rank forward: the process group, the inputs, the
-    implementation and (unless turned off) equal local batch sizes. Returns (scale, bias, impl)."""
-    from fastclip import distributed
-
-    _check_world(module.group, module.rank, module.world_size)
-    logit_scale, logit_bias = _check_inputs(
-        image_features,
-        text_features,
-        logit_scale,
-        logit_bias,
-        bias_required=bias_required,
-        check_finite=module.check_finite,
-    )
-    impl = _resolve(module.impl, image_features)
-    if module.check_batch_sizes:
-        distributed.check_batch_sizes(image_features, module.group)
-    return logit_scale, logit_bias, impl
-
-
-class ClipLoss(nn.Module):
+class ClipLoss(_LossBase):
     """CLIP softmax contrastive loss (open_clip ``ClipLoss`` semantics), fused and memory-bounded.
 
     ``forward(image_features (n, D), text_features (n, D), logit_scale, logit_bias=None, output_dict=False)``
@@ -118,13 +115,14 @@ class ClipLoss(nn.Module):
     fastclip-only keywords: ``impl`` ("auto" | "triton" | "torch" | "reference"), ``dist_impl``
     ("gather" | "ring"), ``group`` (a process group; rank and world size then come from it),
     ``chunk_size`` (rows per chunk of the "torch" implementation), ``check_finite`` (raise on NaN/Inf
-    features instead of returning a NaN loss), ``check_batch_sizes`` (with more than one rank: one
-    all-gather of the local (n, D) per call, so that unequal batches raise instead of hanging).
+    inputs instead of returning a NaN loss), ``check_batch_sizes`` (with more than one rank: one
+    all-gather of four integers per call, so that unequal batches or dtypes raise instead of hanging).
 
     With ``world_size > 1`` (or a group of several ranks) each rank's loss and gradients equal
     open_clip's with the same ``local_loss``/``gather_with_grad`` (quirks included, see
     docs/distributed.md); no rank builds an n×N matrix. ``dist_impl="gather"`` all-gathers the
     features (memory O(N·D)); ``"ring"`` passes them around the ring by P2P (memory O(n·D)).
+    Works under ``torch.autocast`` (computes in float32 inside; see docs/design.md).
     """
 
     def __init__(
@@ -149,85 +147,94 @@ class ClipLoss(nn.Module):
             ("gather_with_grad", gather_with_grad),
             ("cache_labels", cache_labels),
             ("use_horovod", use_horovod),
-            ("check_finite", check_finite),
-            ("check_batch_sizes", check_batch_sizes),
         ):
             _checks.check_bool(name, value)
         if use_horovod:
             raise ValueError("use_horovod: expected False (fastclip uses torch.distributed), got True")
-        _check_rank(rank, world_size)
-        _checks.check_impl(impl)
         if dist_impl not in CLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl: expected one of {CLIP_DIST_IMPLS}, got {dist_impl!r}")
-        rank, world_size = _resolve_group(group, rank, world_size)
+        self._init_options(impl, group, chunk_size, check_finite, check_batch_sizes, rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels  # accepted for compatibility: fastclip builds no label tensor
-        self.rank = rank
-        self.world_size = world_size
+        self.cache_labels = cache_labels  # accepted for compatibility: the loss path builds no labels
         self.use_horovod = use_horovod
-        self.impl = impl
         self.dist_impl = dist_impl
-        self.group = group
-        self.chunk_size = _checks.check_chunk_size(chunk_size)
-        self.check_finite = check_finite
-        self.check_batch_sizes = check_batch_sizes
+        self.prev_num_logits = 0
+        self.labels = {}
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         if self.world_size > 1:
             loss = self._forward_distributed(image_features, text_features, logit_scale, logit_bias)
-            return {"contrastive_loss": loss} if output_dict else loss
-        loss = clip_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
-            check_finite=self.check_finite,
-        )
+        else:
+            loss = clip_loss(
+                image_features, text_features, logit_scale, logit_bias,
+                impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite,
+            )  # fmt: skip
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _forward_distributed(self, image_features, text_features, logit_scale, logit_bias):
-        from fastclip import distributed
+        a = self._prepare_distributed(image_features, text_features, logit_scale, logit_bias)
+        flags = dict(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, group=self.group)
+        if a.impl == "reference":
+            with no_autocast(a.x.device):
+                loss = clip_loss_distributed_reference(a.x, a.y, a.scale, a.bias, **flags)
+                return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
+        return clip_loss_distributed_fused(a, dist_impl=self.dist_impl, **flags)
 
-        logit_scale, logit_bias, impl = _prepare_distributed(
-            self, image_features, text_features, logit_scale, logit_bias, bias_required=False
-        )
-        if impl == "reference":
-            from fastclip.reference import clip_loss_distributed_reference
+    def get_ground_truth(self, device, num_logits) -> torch.Tensor:
+        """open_clip's labels: ``arange(num_logits)`` (+ ``num_logits * rank`` with ``local_loss`` on
+        several ranks). For logging and metrics; the loss path never builds them."""
+        labels = torch.arange(num_logits, device=device, dtype=torch.long)
+        if self.world_size > 1 and self.local_loss:
+            labels = labels + num_logits * self.rank
+        if self.cache_labels:
+            self.labels[device] = labels
+            self.prev_num_logits = num_logits
+        return labels
 
-            return clip_loss_distributed_reference(
-                image_features,
-                text_features,
-                logit_scale,
-                logit_bias,
-                local_loss=self.local_loss,
-                gather_with_grad=self.gather_with_grad,
-                group=self.group,
-            )
-        return distributed._apply_clip(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            self.local_loss,
-            self.gather_with_grad,
-            self.dist_impl,
-            self.group,
-            impl,
-            self.chunk_size,
-        )
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's ``(logits_per_image, logits_per_text)``, gathered across ranks as its flags say.
+
+        **Materializes** the n×N (or N×N) matrices by nature: for logging and retrieval metrics,
+        never called by the loss.
+        """
+        a = prepare(image_features, text_features, logit_scale, logit_bias, impl="reference",
+                    chunk_size=None, check_finite=False)  # fmt: skip
+        x, y = a.x, a.y
+        if self.world_size > 1:
+            _check_world(self.group, self.rank, self.world_size)
+            all_x = self._gather(x, self.gather_with_grad)
+            all_y = self._gather(y, self.gather_with_grad)
+            if not self.gather_with_grad and not self.local_loss:
+                n, r = x.shape[0], self.rank
+                all_x = torch.cat([all_x[: r * n], x, all_x[(r + 1) * n :]])
+                all_y = torch.cat([all_y[: r * n], y, all_y[(r + 1) * n :]])
+            if self.local_loss:
+                logits_per_image = a.scale * x @ all_y.T
+                logits_per_text = a.scale * y @ all_x.T
+            else:
+                logits_per_image = a.scale * all_x @ all_y.T
+                logits_per_text = logits_per_image.T
+        else:
+            logits_per_image = a.scale * x @ y.T
+            logits_per_text = a.scale * y @ x.T
+        if a.bias is not None:
+            logits_per_image = logits_per_image + a.bias
+            logits_per_text = logits_per_text + a.bias
+        return logits_per_image, logits_per_text
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_LossBase):
     """SigLIP sigmoid loss (open_clip ``SigLipLoss`` semantics), fused and memory-bounded.
 
-    ``forward(image_features (n, D), text_features (n, D), logit_scale, logit_bias, output_dict=False)``;
-    ``logit_bias`` is required. Keywords as :class:`ClipLoss`; ``dist_impl`` is one of
-    "bidir" (default, as open_clip), "shift", "reduce", "gather": all give open_clip's numbers;
-    "bidir"/"shift" pass text chunks by P2P (memory O(n·D)), "gather"/"reduce" share one all-gather
-    path (memory O(N·D)). ``check_batch_sizes`` as :class:`ClipLoss`.
+    ``SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None, chunk_size=None, *, ...)``:
+    open_clip's arguments in open_clip's order; ``chunk_size`` (open_clip's fifth argument) is the
+    number of rows computed at a time, ``0`` or None for fastclip's default budget — the numbers do
+    not depend on it. ``forward(image_features (n, D), text_features (n, D), logit_scale,
+    logit_bias=None, output_dict=False)``; ``logit_bias=None`` computes without a bias (no bias
+    gradient). ``dist_impl``: "bidir" (default, as open_clip), "shift", "reduce", "gather": all give
+    open_clip's numbers; "bidir"/"shift" pass text chunks by P2P (memory O(n·D)), "gather"/"reduce"
+    share one all-gather path (memory O(N·D)). Other keywords as :class:`ClipLoss`.
     """
 
     def __init__(
@@ -236,70 +243,59 @@ class SigLipLoss(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         dist_impl: str | None = None,
+        chunk_size: int | None = None,
         *,
         impl: str = "auto",
         group=None,
-        chunk_size: int | None = None,
         check_finite: bool = False,
         check_batch_sizes: bool = True,
     ):
         super().__init__()
         _checks.check_bool("cache_labels", cache_labels)
-        _checks.check_bool("check_finite", check_finite)
-        _checks.check_bool("check_batch_sizes", check_batch_sizes)
-        _check_rank(rank, world_size)
-        _checks.check_impl(impl)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl: expected one of {SIGLIP_DIST_IMPLS} or None, got {dist_impl!r}")
-        rank, world_size = _resolve_group(group, rank, world_size)
+        if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size == 0:
+            chunk_size = None  # open_clip's "no chunking": fastclip's default budget, same numbers
+        self._init_options(impl, group, chunk_size, check_finite, check_batch_sizes, rank, world_size)
         self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.dist_impl = dist_impl
-        self.impl = impl
-        self.group = group
-        self.chunk_size = _checks.check_chunk_size(chunk_size)
-        self.check_finite = check_finite
-        self.check_batch_sizes = check_batch_sizes
+        self.prev_num_logits = 0
+        self.labels = {}
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         if self.world_size > 1:
             loss = self._forward_distributed(image_features, text_features, logit_scale, logit_bias)
-            return {"contrastive_loss": loss} if output_dict else loss
-        loss = siglip_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
-            check_finite=self.check_finite,
-        )
+        else:
+            loss = siglip_loss(
+                image_features, text_features, logit_scale, logit_bias,
+                impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite,
+            )  # fmt: skip
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _forward_distributed(self, image_features, text_features, logit_scale, logit_bias):
-        from fastclip import distributed
+        a = self._prepare_distributed(image_features, text_features, logit_scale, logit_bias)
+        if a.impl == "reference":
+            with no_autocast(a.x.device):
+                loss = siglip_loss_distributed_reference(a.x, a.y, a.scale, a.bias, group=self.group)
+                return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
+        return siglip_loss_distributed_fused(a, dist_impl=self.dist_impl, group=self.group)
 
-        logit_scale, logit_bias, impl = _prepare_distributed(
-            self, image_features, text_features, logit_scale, logit_bias, bias_required=True
-        )
-        if impl == "reference":
-            from fastclip.reference import siglip_loss_distributed_reference
+    def get_ground_truth(self, device, dtype, num_logits, negative_only=False) -> torch.Tensor:
+        """open_clip's ``(num_logits, num_logits)`` labels: +1 on the diagonal, -1 elsewhere (all -1
+        with ``negative_only``). **Materializes** a B×B matrix: for metrics, never used by the loss."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, device=device, dtype=dtype) + labels
+        return labels
 
-            return siglip_loss_distributed_reference(
-                image_features, text_features, logit_scale, logit_bias, group=self.group
-            )
-        return distributed._apply_siglip(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            self.dist_impl,
-            self.group,
-            impl,
-            self.chunk_size,
-        )
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's local ``logit_scale * image_features @ text_features.T (+ logit_bias)``.
+        **Materializes** the n×n matrix: for logging and metrics, never called by the loss."""
+        a = prepare(image_features, text_features, logit_scale, logit_bias, impl="reference",
+                    chunk_size=None, check_finite=False)  # fmt: skip
+        logits = a.scale * a.x @ a.y.T
+        return logits if a.bias is None else logits + a.bias
 
 
 __all__ = ["ClipLoss", "SigLipLoss"]

@@ -3,12 +3,53 @@
 These build the full logit matrix on purpose. They compute in the input dtype, exactly as open_clip's
 ``ClipLoss``/``SigLipLoss`` do, so that "error of the reference in dtype X against float64" is the
 yardstick for the error budgets of the fused implementations (tests use ``err <= 2 * err_ref + eps``).
+
+They are the raw open_clip math: infinite features can give an infinite loss here, where the public
+API (``fastclip.clip_loss(..., impl="reference")``) turns any non-finite input into a NaN loss.
+
+The distributed references use ``torch.distributed`` directly (``all_gather`` into a list; where
+gradients flow through the gather, as in open_clip, an ``all_reduce`` of the gradient) and nothing
+of fastclip: the ground truth shares no code with what it verifies.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+
+def _gather(t: torch.Tensor, group) -> torch.Tensor:
+    """All ranks' ``t`` stacked along dim 0 in group-rank order, as constants (no gradient)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient (an all-reduce) and keeps the own block.
+
+    Deliberately not the reduce-scatter of ``fastclip.comm``: same mathematics, independent code.
+    (``torch.distributed.nn.functional.all_gather`` would do, but its backward fails on subgroups in
+    torch 2.13: it passes a global rank where ``scatter`` expects a group rank.)
+    """
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        ctx.rank, ctx.n = dist.get_rank(group), t.shape[0]
+        return _gather(t, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None
+
+
+def _gather_with_grad(t: torch.Tensor, group) -> torch.Tensor:
+    """All ranks' ``t`` stacked along dim 0; the gradient of each block goes back to its owner (summed)."""
+    return _GatherWithGrad.apply(t, group)
 
 
 def clip_loss_reference(
@@ -68,10 +109,6 @@ def clip_loss_distributed_reference(
     """open_clip ``ClipLoss`` with ``world_size > 1`` over ``group``: gathers the features and builds
     ``(n, N)`` (``local_loss``) or ``(N, N)`` logits on every rank. Reproduces each quirk below.
     """
-    import torch.distributed as dist
-
-    from fastclip.distributed import all_gather_rows, all_gather_with_grad
-
     rank = dist.get_rank(group)
     n = image_features.shape[0]
     if gather_with_grad:
@@ -79,11 +116,11 @@ def clip_loss_distributed_reference(
         # so every rank's loss sends gradient to every rank's features. With local_loss=False each
         # rank's loss is the global loss, and its features receive the sum of W identical
         # gradients: W times the gradient of the global loss (logit_scale keeps 1x).
-        all_x = all_gather_with_grad(image_features, group)
-        all_y = all_gather_with_grad(text_features, group)
+        all_x = _gather_with_grad(image_features, group)
+        all_y = _gather_with_grad(text_features, group)
     else:
-        all_x = all_gather_rows(image_features, group)  # constants: no gradient to anyone
-        all_y = all_gather_rows(text_features, group)
+        all_x = _gather(image_features, group)  # constants: no gradient to anyone
+        all_y = _gather(text_features, group)
         if not local_loss:
             # Quirk: open_clip puts the local tensors back in their slot so that the local rows keep a
             # gradient; the gradient a rank gets is then exactly d(global loss)/d(own features).
@@ -122,16 +159,12 @@ def siglip_loss_distributed_reference(
     """open_clip ``SigLipLoss`` with ``world_size > 1`` over ``group`` (every ``dist_impl`` gives these
     numbers: "bidir", "shift", "reduce" and "gather" differ only in how the texts travel).
     """
-    import torch.distributed as dist
-
-    from fastclip.distributed import all_gather_with_grad
-
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     n = image_features.shape[0]
     # Quirk: the exchanged texts carry gradients back to their owner, so a rank's text features get
     # the gradient of every rank's loss (the sum over ranks), while image features, logit_scale and
     # logit_bias get only the local loss's gradient.
-    all_y = all_gather_with_grad(text_features, group)
+    all_y = _gather_with_grad(text_features, group)
     loss = siglip_loss_reference(image_features, text_features, logit_scale, logit_bias)
     for q in range(world):
         if q != rank:

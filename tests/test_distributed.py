@@ -278,7 +278,21 @@ def _error_cases(rank, world, failures, counter):
         lambda: siglip_loss_distributed(x, y, s, b, dist_impl="ring"),
         "dist_impl",
     )
-    expect("functional no bias", ValueError, lambda: siglip_loss_distributed(x, y, s, None), "logit_bias")
+    # open_clip computes SigLIP without a bias when logit_bias is None: so does every dist_impl.
+    for dist_impl in SIGLIP_IMPLS:
+        counter[0] += 1
+        got = siglip_loss_distributed(x, y, s, None, dist_impl=dist_impl)
+        want = SigLipLoss(rank=rank, world_size=world, impl="reference")(x, y, s, None)
+        if not torch.allclose(got, want, rtol=1e-10, atol=1e-12):
+            failures.append(f"siglip no bias {dist_impl}: {float(got)} != reference {float(want)}")
+    # Features of another dtype on one rank: a ValueError on every rank, not an abort inside gloo.
+    mixed = x.float() if rank == world - 1 else x
+    expect(
+        "dtype differs across ranks",
+        ValueError,
+        lambda: ClipLoss(rank=rank, world_size=world)(mixed, mixed, s),
+        "same dtype and device type on every rank",
+    )
     expect(
         "functional bad flag", TypeError, lambda: clip_loss_distributed(x, y, s, local_loss=1), "local_loss"
     )
@@ -596,7 +610,7 @@ def test_bad_input_raises_on_every_rank(world, worlds):
     """Unequal local batches: ValueError on every rank for every strategy (the test would hang or
     crash otherwise); rank/world_size inconsistent with the process group: ValueError; NaN features
     on one rank: NaN loss on every rank that sees them."""
-    _assert_clean(worlds(world), "errors", min_checks=26)
+    _assert_clean(worlds(world), "errors", min_checks=30)
 
 
 @pytest.mark.slow
@@ -614,7 +628,7 @@ def expected_bytes(key: str, world: int, n: int, d: int, e: int = 4, a: int = 4)
     def all_reduce(nbytes):
         return 2 * w1 * nbytes // world
 
-    check = w1 * 16  # check_batch_sizes: all-gather of (n, D) as two int64
+    check = w1 * 32  # check_batch_sizes: all-gather of (n, D, dtype code, device code) as four int64
     kind, *rest = key.split("/")
     if kind == "siglip":
         # gather/reduce: all-gather y, reduce-scatter dY; shift/bidir: y travels W-1 hops forward and

@@ -193,11 +193,8 @@ GOOD = dict(x=features(4, 3), y=features(4, 3, seed=1), s=torch.tensor(2.0), b=t
             ValueError,
             r"logit_scale: expected a 0-dim or 1-element tensor, got shape \(2,\)",
         ),
-        (dict(s=torch.tensor(float("nan"))), ValueError, r"logit_scale: expected a finite value, got nan"),
-        (dict(s=torch.tensor(float("inf"))), ValueError, r"logit_scale: expected a finite value, got inf"),
         (dict(s="10"), TypeError, r"logit_scale: expected a 0-dim or 1-element tensor \(or float\), got str"),
         (dict(s=torch.tensor(1)), TypeError, r"logit_scale: expected a floating tensor"),
-        (dict(b=torch.tensor(float("nan"))), ValueError, r"logit_bias: expected a finite value"),
         (dict(b=torch.ones(1, 2)), ValueError, r"logit_bias: expected a 0-dim or 1-element"),
     ],
 )
@@ -221,12 +218,44 @@ def test_bad_impl_and_chunk_size():
         SigLipLoss(impl=None)
 
 
-def test_siglip_requires_bias():
-    x, y, s = GOOD["x"], GOOD["y"], GOOD["s"]
-    with pytest.raises(ValueError, match=r"logit_bias: expected .*SigLIP needs a bias.*got None"):
-        siglip_loss(x, y, s, None)
-    with pytest.raises(ValueError, match=r"logit_bias"):
-        SigLipLoss()(x, y, s, None)
+@pytest.mark.parametrize("fn", [clip_loss, siglip_loss])
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        (dict(s=torch.tensor(float("nan"))), r"logit_scale: expected a finite value, got nan"),
+        (dict(s=torch.tensor(float("inf"))), r"logit_scale: expected a finite value, got inf"),
+        (dict(b=torch.tensor(float("nan"))), r"logit_bias: expected a finite value, got nan"),
+        (dict(b=torch.tensor([float("-inf")])), r"logit_bias: expected a finite value, got -inf"),
+    ],
+)
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_non_finite_scale_or_bias_gives_nan_or_raises(fn, change, pattern, impl):
+    """As open_clip: a NaN loss by default (no host sync on the hot path); ``check_finite`` raises."""
+    a = {**GOOD, **change}
+    loss = fn(a["x"], a["y"], a["s"], a["b"], impl=impl)
+    assert torch.isnan(loss), loss
+    with pytest.raises(ValueError, match=pattern):
+        fn(a["x"], a["y"], a["s"], a["b"], impl=impl, check_finite=True)
+
+
+def test_non_finite_bias_gives_nan_for_the_softmax_loss_too():
+    loss = clip_loss(GOOD["x"], GOOD["y"], GOOD["s"], torch.tensor(float("nan")), impl="torch")
+    assert torch.isnan(loss)
+    with pytest.raises(ValueError, match=r"logit_bias: expected a finite value, got nan"):
+        ClipLoss(impl="torch", check_finite=True)(GOOD["x"], GOOD["y"], GOOD["s"], torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_siglip_without_bias_is_open_clips_loss_without_bias(impl):
+    """open_clip computes ``-logsigmoid(z * s x y^T).sum() / n`` when ``logit_bias`` is None."""
+    x, y, s, _ = _inputs(11, 5, torch.float64, seed=4)
+    s = s.double().detach().requires_grad_()
+    got, got_g = loss_and_grads(lambda *a: SigLipLoss(impl=impl)(*a, logit_bias=None), x, y, s, None)
+    want, want_g = loss_and_grads(siglip_loss_reference, x, y, s, None)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_g[:3], want_g[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(siglip_loss(x, y, s, impl=impl), want)
 
 
 def test_device_mismatch_of_scale_is_reported():

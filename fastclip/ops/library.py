@@ -1,8 +1,8 @@
 """The block primitives as ``torch.library`` custom ops, so ``torch.compile`` treats them as opaque calls.
 
 ``torch.ops.fastclip.clip_lse``, ``.clip_grad`` and ``.siglip_block`` run one implementation ("torch" or
-"triton", chosen by the ``impl`` string argument) of the functions in ``fastclip.ops.clip`` /
-``fastclip.ops.siglip``. Each has a fake (meta) implementation giving output shapes and dtypes, so
+"triton", chosen by the ``impl`` string argument) of the block primitives: ``fastclip.ops.torch_impl``
+or the Triton launchers of ``fastclip.kernels``. Each has a fake (meta) implementation giving output shapes and dtypes, so
 Dynamo and Inductor trace a training step that calls ``fastclip.clip_loss``/``siglip_loss`` without
 stepping into Python chunk loops or Triton launchers. The autograd ``Function``s call these ops with
 detached inputs; gradients are formed explicitly by ``clip_grad``/``siglip_block``.
@@ -14,6 +14,7 @@ Custom ops cannot return None: ``siglip_block`` returns empty ``(0,)`` tensors f
 import torch
 from torch.library import custom_op
 
+from fastclip.ops import torch_impl
 from fastclip.ops.dispatch import acc_dtype
 
 
@@ -23,9 +24,7 @@ def clip_lse_impl(x, y, scale, impl, chunk_size):
         from fastclip.kernels.clip import clip_lse
 
         return clip_lse(x, y, scale)
-    from fastclip.ops.clip import clip_lse_torch
-
-    return clip_lse_torch(x, y, scale, chunk_size)
+    return torch_impl.clip_lse_torch(x, y, scale, chunk_size)
 
 
 def clip_grad_impl(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, impl, chunk_size):
@@ -34,9 +33,9 @@ def clip_grad_impl(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, po
         from fastclip.kernels.clip import clip_grad
 
         return clip_grad(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef)
-    from fastclip.ops.clip import clip_grad_torch
-
-    return clip_grad_torch(x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, chunk_size)
+    return torch_impl.clip_grad_torch(
+        x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, chunk_size
+    )
 
 
 def siglip_block_impl(x, y, scale, bias, offset, need_grad, impl, chunk_size):
@@ -45,9 +44,7 @@ def siglip_block_impl(x, y, scale, bias, offset, need_grad, impl, chunk_size):
         from fastclip.kernels.siglip import siglip_block
 
         return siglip_block(x, y, scale, bias, offset, need_grad)
-    from fastclip.ops.siglip import siglip_block_torch
-
-    return siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size)
+    return torch_impl.siglip_block_torch(x, y, scale, bias, offset, need_grad, chunk_size)
 
 
 def _own(inputs, outputs):

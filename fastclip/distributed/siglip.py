@@ -1,0 +1,189 @@
+"""SigLIP (sigmoid) loss across processes, with open_clip's semantics for every ``dist_impl``.
+
+open_clip, rank r: ``L_r = 1/n [block(x_r, y_r, positives) + sum_{q != r} block(x_r, y_q, negatives only)]``;
+the exchanges carry gradients back, so rank q's text gradient is ``sum_r g_r dL_r/dy_q``, while image
+features, scale and bias get ``g_r dL_r/d(.)``. "gather"/"reduce" all-gather the texts (memory
+O(N·D)); "bidir"/"shift" pass them around the ring by P2P (memory O(n·D)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastclip import _checks, comm
+from fastclip.comm import (
+    all_gather_rows,
+    group_rank_and_size,
+    reduce_scatter_rows,
+    ring_exchange,
+    stream_hops,
+)
+from fastclip.ops.amp import autocast_off, first_order, no_autocast
+from fastclip.ops.blocks import siglip_block
+from fastclip.ops.dispatch import acc_dtype
+from fastclip.ops.inputs import LossInputs, all_finite, nan_if_not_finite, prepare
+
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip, rank r: L_r = 1/n [block(x_r, y_r, positives) + sum_{q != r} block(x_r, y_q, negatives only)]
+# for every dist_impl; the exchanges carry gradients back, so rank q's text gradient is
+# sum_r g_r dL_r/dy_q, while image features, scale and bias get g_r dL_r/d(.) (local).
+
+
+class _SigLipGather(torch.autograd.Function):
+    @staticmethod
+    @autocast_off
+    def forward(ctx, x, y, scale, bias, group, impl, chunk_size):
+        rank = dist.get_rank(group)
+        n = x.shape[0]
+        y_all = all_gather_rows(y, group)  # (N, D)
+        need_grad = any(ctx.needs_input_grad[:4])
+        total, gx, gy_all, gs, gb = siglip_block(
+            x, y_all, scale, bias, rank * n, need_grad, impl=impl, chunk_size=chunk_size
+        )
+        loss = nan_if_not_finite(total / n, x, y_all, scale, bias)
+        if need_grad:
+            ctx.save_for_backward(gx / n, gy_all / n, gs / n, gb / n)
+        ctx.meta = (
+            group,
+            x.dtype,
+            scale.dtype,
+            scale.shape,
+            None if bias is None else (bias.dtype, bias.shape),
+        )
+        return loss
+
+    @staticmethod
+    @first_order
+    @autocast_off
+    def backward(ctx, grad_out):
+        gx, gy_all, gs, gb = ctx.saved_tensors
+        group, dtype, s_dtype, s_shape, b_meta = ctx.meta
+        g = grad_out.to(gx.dtype)
+        dy = reduce_scatter_rows(gy_all * g, group)
+        need = ctx.needs_input_grad
+        return (
+            (gx * g).to(dtype) if need[0] else None,
+            dy.to(dtype) if need[1] else None,
+            (gs * g).to(s_dtype).reshape(s_shape) if need[2] else None,
+            (gb * g).to(b_meta[0]).reshape(b_meta[1]) if need[3] else None,
+            None,
+            None,
+            None,
+        )
+
+
+class _SigLipRing(torch.autograd.Function):
+    @staticmethod
+    @autocast_off
+    def forward(ctx, x, y, scale, bias, dist_impl, group, impl, chunk_size):
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        n = x.shape[0]
+        x_d, y_d = x.detach(), y.detach()
+        hr, hl = stream_hops(dist_impl, world)
+        state = {
+            "total": torch.zeros((), dtype=acc_dtype(x.dtype), device=x.device),
+            "ok": all_finite(x_d, y_d, scale, bias),
+        }
+
+        def compute(owner, payload):
+            (yq,) = payload
+            if owner != rank:
+                state["ok"] = state["ok"] & torch.isfinite(yq).all()
+            offset = 0 if owner == rank else None
+            total, *_ = siglip_block(x_d, yq, scale, bias, offset, False, impl=impl, chunk_size=chunk_size)
+            state["total"] = state["total"] + total
+            return None
+
+        ring_exchange([y_d], compute, group=group, hops_right=hr, hops_left=hl)
+        loss = state["total"] / n
+        loss = torch.where(state["ok"], loss, torch.full_like(loss, float("nan")))
+        ctx.save_for_backward(x, y, scale, *(() if bias is None else (bias,)))
+        ctx.cfg = (dist_impl, group, impl, chunk_size, rank, world, bias is not None)
+        return loss
+
+    @staticmethod
+    @first_order
+    @autocast_off
+    def backward(ctx, grad_out):
+        dist_impl, group, impl, chunk_size, rank, world, has_bias = ctx.cfg
+        x, y, scale, *rest = ctx.saved_tensors
+        bias = rest[0] if has_bias else None
+        n, d = x.shape
+        accd = acc_dtype(x.dtype)
+        g = grad_out.to(accd).reshape(()) / n
+        hr, hl = stream_hops(dist_impl, world)
+        x_d, y_d = x.detach(), y.detach()
+        zero = torch.zeros((), dtype=accd, device=x.device)
+        state = {"dx": torch.zeros((n, d), dtype=accd, device=x.device), "ds": zero, "db": zero}
+
+        def compute(owner, payload):
+            # Recompute the block with gradients; the text gradient is weighted by this rank's g and
+            # travels with the chunk back to its owner (open_clip sends it back through the exchanges).
+            (yq,) = payload
+            offset = 0 if owner == rank else None
+            _, gx, gy, gs, gb = siglip_block(
+                x_d, yq, scale, bias, offset, True, impl=impl, chunk_size=chunk_size
+            )
+            state["dx"] = state["dx"] + gx * g
+            state["ds"] = state["ds"] + gs * g
+            state["db"] = state["db"] + gb * g
+            return gy * g
+
+        own, arrived = ring_exchange([y_d], compute, group=group, hops_right=hr, hops_left=hl)
+        dy = own
+        for a in arrived:
+            dy = dy + a
+        need = ctx.needs_input_grad
+        return (
+            state["dx"].to(x.dtype) if need[0] else None,
+            dy.to(y.dtype) if need[1] else None,
+            state["ds"].to(scale.dtype).reshape(scale.shape) if need[2] else None,
+            state["db"].to(bias.dtype).reshape(bias.shape) if (need[3] and bias is not None) else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def siglip_loss_distributed_fused(inputs: LossInputs, *, dist_impl: str, group) -> torch.Tensor:
+    """The fused distributed loss of checked inputs (``fastclip.ops.inputs.prepare``), autocast off."""
+    a = inputs
+    with no_autocast(a.x.device):
+        if dist_impl in ("gather", "reduce"):
+            return _SigLipGather.apply(a.x, a.y, a.scale, a.bias, group, a.impl, a.chunk_size)
+        return _SigLipRing.apply(a.x, a.y, a.scale, a.bias, dist_impl, group, a.impl, a.chunk_size)
+
+
+def siglip_loss_distributed(
+    image_features,
+    text_features,
+    logit_scale,
+    logit_bias=None,
+    *,
+    dist_impl: str = "bidir",
+    group=None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    check_finite: bool = False,
+    check_batch_sizes: bool = True,
+):
+    """open_clip ``SigLipLoss(rank, world_size, dist_impl)`` over ``group``: this rank's loss with
+    open_clip's gradients. "gather" and "reduce" share the all-gather code (same numbers as open_clip's
+    per-rank all-reduce loop at 1/W of its traffic); "bidir" and "shift" pass text chunks around the
+    ring (both directions, or to the right only). Shapes as ``clip_loss_distributed``;
+    ``logit_bias=None`` computes without a bias."""
+    _checks.check_bool("check_batch_sizes", check_batch_sizes)
+    if dist_impl not in SIGLIP_DIST_IMPLS:
+        raise ValueError(f"dist_impl: expected one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
+    a = prepare(
+        image_features, text_features, logit_scale, logit_bias, impl=impl, chunk_size=chunk_size,
+        check_finite=check_finite, allow_reference=False,
+    )  # fmt: skip
+    group_rank_and_size(group)
+    if check_batch_sizes:
+        comm.check_batch_sizes(a.x, group)
+    return siglip_loss_distributed_fused(a, dist_impl=dist_impl, group=group)

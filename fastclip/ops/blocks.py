@@ -1,0 +1,94 @@
+"""The block primitives every loss is built from, behind one switch (``impl="torch" | "triton"``).
+
+A *block* is a rectangular problem: ``n`` query rows ``x`` against ``N`` columns ``y``, logits
+``L = s * x @ y.T`` (+ ``b``), and optionally one positive per row at column ``i + offset``
+(``offset=None``: a negative-only block). The single-process Functions and every distributed
+strategy call these three primitives:
+
+* ``clip_lse(x, y, s)`` -> (row log-sum-exp ``(n,)``, column log-sum-exp ``(N,)``).
+* ``clip_grad(x, y, s, lse_row, lse_col, coef_row, coef_col, offset, pos_coef)`` -> ``dx, dy, ds`` for
+  ``G = coef_row * exp(L - lse_row[:, None]) + coef_col * exp(L - lse_col[None, :]) - pos_coef * P``
+  where ``P`` marks the positives: ``dx = s G y``, ``dy = s G^T x``, ``ds = sum(G * x y^T)``.
+* ``siglip_block(x, y, s, b, offset, need_grad)`` -> ``sum(softplus(-z L))`` and, with ``need_grad``,
+  ``dx, dy, ds, db`` for ``G = sigmoid(L) - P`` (``z = +1`` on positives, ``-1`` elsewhere).
+
+Results are in the accumulation dtype (float32; float64 for float64 inputs). None of them holds
+more than a bounded chunk of the n×N logits. Under ``torch.compile`` they run as the custom ops of
+``fastclip/ops/library.py``; in eager mode they run directly, so that tools watching ATen ops
+(memory tests, profilers) see inside them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastclip import _checks
+from fastclip.ops import library
+from fastclip.ops.torch_impl import positive_logits, positive_rows
+
+__all__ = ["bias_zero_grad", "clip_grad", "clip_lse", "positive_logits", "positive_rows", "siglip_block"]
+
+
+def _block_impl(impl: str) -> str:
+    # "auto" is resolved by the callers; only "triton" selects the kernels.
+    return "triton" if impl == "triton" else "torch"
+
+
+def _run_block(op, direct, *args):
+    if _checks._is_compiling():
+        return op(*args)
+    return direct(*args)
+
+
+def clip_lse(x, y, scale, *, impl="torch", chunk_size=None):
+    """Row and column log-sum-exp of the block ``s * x @ y.T``: ``(n,)`` and ``(N,)``. Inputs are detached."""
+    args = (x.detach(), y.detach(), scale.detach(), _block_impl(impl), chunk_size)
+    return _run_block(library.clip_lse_op, library.clip_lse_impl, *args)
+
+
+def clip_grad(
+    x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, *, impl="torch", chunk_size=None
+):
+    """Gradients of a softmax block (see the module docstring): ``dx, dy, ds``. Inputs are detached."""
+    args = (
+        x.detach(),
+        y.detach(),
+        scale.detach(),
+        None if lse_row is None else lse_row.detach(),
+        None if lse_col is None else lse_col.detach(),
+        float(coef_row),
+        float(coef_col),
+        offset,
+        float(pos_coef),
+        _block_impl(impl),
+        chunk_size,
+    )
+    return _run_block(library.clip_grad_op, library.clip_grad_impl, *args)
+
+
+def siglip_block(x, y, scale, bias, offset, need_grad, *, impl="torch", chunk_size=None):
+    """One block of the sigmoid loss: ``(loss_sum, dx, dy, ds, db)``, ``dx, dy`` None without
+    ``need_grad`` (see the module docstring). Inputs are detached."""
+    total, dx, dy, ds, db = _run_block(
+        library.siglip_block_op,
+        library.siglip_block_impl,
+        x.detach(),
+        y.detach(),
+        scale.detach(),
+        None if bias is None else bias.detach(),
+        offset,
+        bool(need_grad),
+        _block_impl(impl),
+        chunk_size,
+    )
+    if not need_grad:
+        dx = dy = None
+    return total, dx, dy, ds, db
+
+
+def bias_zero_grad(bias_meta, device) -> torch.Tensor | None:
+    """The softmax loss is invariant to a bias shared by all logits: its gradient is exactly zero."""
+    if bias_meta is None:
+        return None
+    shape, dtype = bias_meta
+    return torch.zeros(shape, dtype=dtype, device=device)

@@ -1,0 +1,96 @@
+"""The one input-validation path of every loss entry point (functional, module, distributed).
+
+``prepare`` checks the public arguments (names, expected and received values in every message),
+settles the feature dtype (mixed dtypes only under autocast, cast as the materialized loss's matmul
+would) and resolves ``impl``. It never reads a tensor's values unless ``check_finite=True``: no host
+synchronisation on the default path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastclip import _checks
+from fastclip.ops.amp import autocast_active, common_dtype
+from fastclip.ops.dispatch import resolve_impl
+
+
+@dataclass
+class LossInputs:
+    """Checked inputs: features of one dtype, scale and bias as tensors on their device."""
+
+    x: torch.Tensor  # (n, D) image features
+    y: torch.Tensor  # (N, D) text features
+    scale: torch.Tensor  # 0-dim or (1,)
+    bias: torch.Tensor | None
+    impl: str
+    chunk_size: int | None
+
+
+def prepare(
+    image_features,
+    text_features,
+    logit_scale,
+    logit_bias,
+    *,
+    impl: str,
+    chunk_size,
+    check_finite,
+    bias_required: bool = False,
+    same_batch: bool = True,
+    allow_reference: bool = True,
+) -> LossInputs:
+    _checks.check_bool("check_finite", check_finite)
+    _checks.check_features(image_features, text_features, same_batch=same_batch, same_dtype=False)
+    x, y = image_features, text_features
+    if x.dtype != y.dtype:
+        # Outside autocast the materialized loss would fail on the matmul, so a mismatch is a mistake
+        # worth naming; under autocast it is what models produce (e.g. a bf16 tower and an fp32 one).
+        if not autocast_active(x.device):
+            raise TypeError(
+                f"text_features: expected dtype {x.dtype} (as image_features), got {y.dtype} "
+                "(mixed dtypes are accepted under torch.autocast only)"
+            )
+        dtype = common_dtype(x, y)
+        x, y = x.to(dtype), y.to(dtype)
+    device = x.device
+    scale = _checks.check_scalar("logit_scale", logit_scale, device=device)
+    if logit_bias is None and bias_required:
+        raise ValueError("logit_bias: expected a 0-dim or 1-element tensor (SigLIP needs a bias), got None")
+    bias = None if logit_bias is None else _checks.check_scalar("logit_bias", logit_bias, device=device)
+    _checks.check_impl(impl)
+    if impl == "reference" and not allow_reference:
+        raise ValueError(
+            "impl: expected 'auto', 'triton' or 'torch' here, got 'reference' "
+            "(the materialized losses are in fastclip.reference)"
+        )
+    impl = resolve_impl(impl, device, dtype=x.dtype)
+    chunk_size = _checks.check_chunk_size(chunk_size)
+    if check_finite:
+        _checks.check_all_finite("image_features", image_features)
+        _checks.check_all_finite("text_features", text_features)
+        _checks.check_all_finite("logit_scale", scale)
+        if bias is not None:
+            _checks.check_all_finite("logit_bias", bias)
+    return LossInputs(x, y, scale, bias, impl, chunk_size)
+
+
+def nan_if_not_finite(loss: torch.Tensor, *tensors) -> torch.Tensor:
+    """Turn ``loss`` into NaN when any input holds NaN/Inf (no host sync; O(n·D) reads).
+
+    The fused paths take maxima over tiles, and a maximum can step over a NaN; a non-finite scale
+    can turn into an infinite rather than a NaN loss. This makes "non-finite inputs give a NaN loss,
+    never a finite or infinite wrong number" hold for every implementation.
+    """
+    return torch.where(all_finite(*tensors), loss, torch.full_like(loss, float("nan")))
+
+
+def all_finite(*tensors) -> torch.Tensor:
+    """A 0-dim bool tensor: every element of every given tensor (None skipped) is finite. No host sync."""
+    present = [t for t in tensors if t is not None]
+    ok = torch.ones((), dtype=torch.bool, device=present[0].device)
+    for t in present:
+        ok = ok & torch.isfinite(t.detach()).all()
+    return ok
