@@ -6,6 +6,7 @@ huggingface_hub: create_model_and_transforms, get_tokenizer, load_pretrained, li
 import hashlib
 import json
 import os
+import sys
 import types
 
 import numpy as np
@@ -412,7 +413,6 @@ def open_clip_model(monkeypatch):
     import importlib
     import importlib.machinery
     import importlib.util
-    import sys
 
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
@@ -464,3 +464,32 @@ def test_open_clip_builds_fastclip_written_repo(tmp_path, open_clip_model, varia
         got = (ref.encode_image(images, normalize=False), ref.encode_text(ids, normalize=False))
     for name, g, r, t in zip(("image", "text"), got, ref_oc, truth):
         assert_within_budget(f"open_clip {name}", g, r, t, torch.float32)
+
+
+def test_tokenizer_without_transformers(tmp_path, hub, monkeypatch):
+    # the `tokenizers` fallback (transformers not importable) gives the same ids, pad id from the
+    # special tokens map, the end token kept on truncation
+    _, src = _hf_repo(tmp_path, "clip")
+    snap = hub("org/tiny-clip", src)
+    want = _repo_ids(snap, ["a photo", LONG], 8)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    tok = fastclip.get_tokenizer("hf-hub:org/tiny-clip")
+    assert tok._hf is None and tok._tok is not None
+    assert torch.equal(tok(["a photo", LONG]), want)
+
+
+def test_preprocess_settings_from_hf_processor_configs():
+    from fastclip.models.pretrained import preprocess_from_hf
+
+    assert preprocess_from_hf({"size": {"shortest_edge": 224}, "resample": 3}) == {
+        "resize_mode": "shortest",
+        "interpolation": "bicubic",
+    }
+    assert (
+        preprocess_from_hf({"size": {"height": 384, "width": 384}, "resample": 2})["resize_mode"] == "squash"
+    )
+    # older CLIPFeatureExtractor files: an int size with a centre crop resizes the shorter side
+    assert preprocess_from_hf({"size": 224, "do_center_crop": True})["resize_mode"] == "shortest"
+    assert preprocess_from_hf({"size": 224})["resize_mode"] == "squash"
+    got = preprocess_from_hf({"image_mean": [0.1, 0.2, 0.3], "image_std": [1, 2, 3], "resample": 0})
+    assert got == {"mean": (0.1, 0.2, 0.3), "std": (1, 2, 3), "interpolation": "nearest"}

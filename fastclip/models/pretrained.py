@@ -1,5 +1,9 @@
-"""Local weight loading (nothing is downloaded): Hugging Face ``CLIPModel`` / ``SiglipModel``
-``save_pretrained`` directories, OpenAI / open_clip state dicts, and fastclip's own safetensors.
+"""Weight loading: Hugging Face ``CLIPModel`` / ``SiglipModel`` ``save_pretrained`` directories, open_clip
+hub directories, OpenAI / open_clip state dicts, fastclip's own safetensors, and hub ids (fetched into the
+Hugging Face cache by :mod:`fastclip.models.hub`; nothing else here downloads).
+
+This file is longer than the house limit (~700 lines) because it keeps the three layouts' key converters
+and config builders next to the one strict loader that uses them.
 
     model = load_pretrained("hf_clip_dir")                           # config.json + safetensors / bin
     model = load_pretrained("open_clip.safetensors", "ViT-B-32-quickgelu")
@@ -495,6 +499,8 @@ def preprocess_from_hf(proc: dict) -> dict:
             out["resize_mode"] = "shortest"
         elif "height" in size and "width" in size:
             out["resize_mode"] = "squash"
+    elif isinstance(size, int) and not isinstance(size, bool):  # older feature extractors: one int
+        out["resize_mode"] = "shortest" if proc.get("do_center_crop", False) else "squash"
     if proc.get("resample") in _PIL_RESAMPLE:
         out["interpolation"] = _PIL_RESAMPLE[proc["resample"]]
     return out
@@ -636,9 +642,12 @@ def load_state_dict_checked(model: CLIP, sd: dict, unconverted=(), source: str =
 
 
 def load_pretrained(path, model_name: str | None = None, **overrides) -> CLIP:
-    """Build a fastclip model from local weights and load them (strict, all-or-nothing).
+    """Build a fastclip model from local weights or a hub id and load them (strict, all-or-nothing).
 
-    ``path``: a Hugging Face CLIPModel/SiglipModel ``save_pretrained`` directory (its config.json
+    ``path``: a hub id ``"hf-hub:org/name[@rev]"`` (or a plain ``"org/name"`` that is no local path;
+    resolved through the local Hugging Face cache, see :mod:`fastclip.models.hub`), an open_clip hub
+    directory (open_clip_config.json + open_clip_model.safetensors / open_clip_pytorch_model.bin), a
+    Hugging Face CLIPModel/SiglipModel ``save_pretrained`` directory (its config.json
     decides the architecture), a fastclip safetensors file (config in its metadata), or an
     OpenAI/open_clip state dict (.safetensors/.bin/.pt/.pth) loaded into ``model_name``'s config or,
     without a name, a config inferred from the tensor shapes. ``overrides`` (e.g. ``attn_impl="sdpa"``,
