@@ -219,3 +219,113 @@ def test_siglip_bf16_zero1_clamps_the_fp32_master_logit_scale(tmp_path):
     assert weights["logit_scale"].dtype == torch.float32
     assert float(weights["logit_scale"].reshape(())) <= math.log(100.0) + 1e-6
     assert "logit_bias" in weights
+
+
+# ---- runs never mixed, metrics never lost ---------------------------------------------------------
+
+SMALL = [
+    "--smoke",
+    "--train.batch_size",
+    "32",
+    "--train.threads",
+    "1",
+    "--model.overrides",
+    json.dumps(MODEL),
+]
+SMALL += ["--log.progress", "false", "--log.plot", "false"]
+
+
+def _train_rows(out):
+    return [r["step"] for r in _rows(out) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_a_new_run_moves_an_earlier_longer_run_aside(demo, tmp_path):
+    out, _ = _copy(demo, tmp_path)
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    p = _cli(
+        [
+            "--output-dir",
+            out,
+            *SMALL,
+            "--train.steps",
+            "2",
+            "--checkpoint.every",
+            "1",
+            "--checkpoint.resume",
+            "never",
+        ]
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    (prev,) = [n for n in os.listdir(out) if n.startswith("previous-")]
+    assert "earlier run's files were moved to" in p.stderr and prev in p.stderr
+    assert open(os.path.join(out, prev, "metrics.jsonl")).read() == before, "the earlier run is kept whole"
+    assert sorted(os.listdir(os.path.join(out, prev, "checkpoints"))) == [
+        "latest",
+        "step_00000003",
+        "step_00000006",
+    ]
+    assert _train_rows(out) == [1, 2], "metrics of the two runs are not interleaved"
+    root = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]
+    assert ckpt.verify(ckpt.find_latest(root))["step"] == 2
+
+
+@pytest.mark.slow
+def test_torn_metrics_line_and_an_explicit_earlier_resume(demo, tmp_path):
+    out, _ = _copy(demo, tmp_path)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 7, "loss": 2.')  # a disk that filled during an append
+    step3 = os.path.join(out, "checkpoints", "step_00000003")
+    p = _cli(["--output-dir", out, *SMALL, "--checkpoint.every", "3", "--checkpoint.resume", step3])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "resumed from" in p.stderr and "at step 3" in p.stderr
+    # rows of steps 4-6 and the step-6 evaluation row, and the torn line
+    assert "moved 4 row(s) after step 3 and 1 unreadable line(s)" in p.stderr, p.stderr[-2000:]
+    assert _train_rows(out) == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in _rows(out) if "zeroshot_top1" in r] == [6]
+    with open(os.path.join(out, "metrics.jsonl.bak")) as f:
+        bak = f.read().splitlines()
+    assert [json.loads(b)["step"] for b in bak[:-1]] == [4, 5, 6, 6] and bak[-1] == '{"step": 7, "loss": 2.'
+    # the abandoned step-6 checkpoint is set aside, not overwritten or pruned
+    (prev,) = [n for n in os.listdir(out) if n.startswith("previous-")]
+    assert os.listdir(os.path.join(out, prev, "checkpoints")) == ["step_00000006"]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [
+        "latest",
+        "step_00000003",
+        "step_00000006",
+    ]
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_is_a_no_op(demo, tmp_path):
+    out, _ = _copy(demo, tmp_path)
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    p = _cli(["--output-dir", out, *SMALL, "--checkpoint.every", "3"])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "is complete (checkpoint at step 6, train.steps 6); nothing to do" in p.stderr
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before, "no second evaluation row"
+    assert "zero-shot top-1 on held-out colour-shape pairs" in p.stdout  # the final numbers, from the log
+
+
+@pytest.mark.slow
+def test_allowed_config_change_extends_a_run(demo, tmp_path):
+    out, _ = _copy(demo, tmp_path)
+    args = ["--output-dir", out, *SMALL, "--checkpoint.every", "3", "--train.steps", "7"]
+    p = _cli(args)
+    assert p.returncode == 2 and "--checkpoint.allow_config_change train.steps" in p.stderr
+    p = _cli([*args, "--checkpoint.allow_config_change", "train.steps"])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "resuming with changed config: train.steps: 6 -> 7" in p.stderr
+    assert _train_rows(out) == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_the_step(tmp_path):
+    p = _cli(
+        ["--output-dir", str(tmp_path / "div"), *SMALL, "--optim.lr", "1e6", "--optim.warmup_steps", "0"]
+    )
+    assert p.returncode == 1, (p.stdout + p.stderr)[-3000:]
+    assert "Traceback" not in p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("fastclip train: error:")]
+    assert "fastclip train: error: step " in line and "diverged" in line and "lower optim.lr" in line

@@ -124,6 +124,20 @@ def test_zero_kill_resume_matches_uninterrupted(tmp_path, stage):
     )
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_after_dist_timeout(tmp_path):
+    """Rank 1 stops answering at step 2: rank 0 gives up after dist.timeout_s (not DeepSpeed's 30
+    minutes) with one line naming rank 1."""
+    ov = {**overrides(str(tmp_path / "hang"), 0), "checkpoint.every": 0, "dist.timeout_s": 5}
+    p = _torchrun(["-m", "fastclip.cli", "train", *_cli_args(ov)], {"FASTCLIP_TEST_HANG": "2:1"}, timeout=180)
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if "fastclip train: error: rank 0:" in x]
+    assert len(lines) == 1, p.stderr[-4000:]
+    assert "a collective at step 2 did not complete within dist.timeout_s=5 s" in lines[0]
+    assert "rank(s) 1 did not respond" in lines[0], lines[0]
+
+
 def _worker(killed, ref, stage):
     import torch.distributed as dist
 
