@@ -153,9 +153,12 @@ def test_dtypes_within_error_budget(impl, dtype, scale):
         assert_within_budget(f"d_{name}", g, lo, tr, dtype)
 
 
+@pytest.mark.parametrize(
+    "impl", ["torch", pytest.param("triton", marks=[pytest.mark.interpreter, needs_triton])]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_autocast_forward_and_backward_inside_the_block(dtype, mixed):
+def test_autocast_forward_and_backward_inside_the_block(impl, dtype, mixed):
     """Under CPU autocast (fp32 model outputs, or one tower already in 16 bits), forward and backward
     inside the block: no crash, gradients in each input's dtype, error vs float64 within the budget
     of open_clip's loss under the same autocast."""
@@ -164,7 +167,7 @@ def test_autocast_forward_and_backward_inside_the_block(dtype, mixed):
         inputs[0] = inputs[0].detach().to(dtype).requires_grad_()
         inputs[4] = inputs[4].detach().to(dtype).requires_grad_()
     with torch.autocast("cpu", dtype=dtype):
-        got = _run(distill_clip_loss, inputs, impl="torch", chunk_size=8)
+        got = _run(distill_clip_loss, inputs, impl=impl, chunk_size=8)
         oc = _run(distill_clip_loss_reference, inputs)
     truth = _run(distill_clip_loss_reference, _as64(inputs))
     for name, g, lo, tr in zip(("contrastive", "distill"), got[0], oc[0], truth[0]):

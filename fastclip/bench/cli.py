@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dim", type=_int_list, help="feature dims, comma list (e.g. 512,768,1024,1152)")
     p.add_argument("--dtype", type=_str_list, help="float32,bfloat16,float16 (or fp32,bf16,fp16)")
-    p.add_argument("--loss", type=_str_list, help="clip,siglip")
+    p.add_argument("--loss", type=_str_list, help="clip,siglip; or distill (DistillClipLoss vs open_clip's, fastclip.bench.distill)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--warmup", type=int, help="warm-up iterations per run (one long iteration suffices)")
     p.add_argument("--min-repeats", type=int, help="fewest timed iterations per run")
@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_loss(args: argparse.Namespace) -> int:
+    if args.loss and "distill" in args.loss:  # the distillation loss has its own runner (other inputs)
+        from fastclip.bench.distill import run_from_loss_args
+
+        return run_from_loss_args(args)
     from fastclip.bench import report
     from fastclip.bench.loss import default_sweep, run_loss_sweep
     from fastclip.bench.plot import plot_document

@@ -50,9 +50,21 @@ def _merge_col(lse_acc, m_acc, lse_part, m_part):
     return lse_new, m_new
 
 
+def _weighted_lse(lt, ls, dim, inplace):
+    """``(logsumexp(lt, dim), sum(softmax(lt, dim) * ls, dim))`` with one exp over ``lt`` (in place on
+    ``lt`` when ``inplace``). An all -inf line (none here: every row and column has a logit) would be NaN."""
+    mx = lt.amax(dim, keepdim=True)
+    e = lt.sub_(mx) if inplace else lt - mx
+    e = e.exp_()
+    total = e.sum(dim)
+    m = e.mul_(ls).sum(dim) / total
+    return mx.squeeze(dim) + torch.log(total), m
+
+
 def distill_stats_torch(x, y, s, xt, yt, t, both, chunk_size=None):
     """Pass 1. Returns ``(lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col)``; the column
-    entries are None unless ``both``. At most four (c, N) buffers live per chunk."""
+    entries are None unless ``both``. At most four (c, N) buffers live per chunk (two logit tiles, one
+    exp, one temporary inside ``logsumexp``)."""
     acc = acc_dtype(x.dtype)
     n, N = x.shape[0], y.shape[0]
     c = chunk_rows(n, N, chunk_size)
@@ -71,22 +83,21 @@ def distill_stats_torch(x, y, s, xt, yt, t, both, chunk_size=None):
         ls = (x[i0:i1].detach().to(acc) * s) @ yT  # (c, N) student logits
         lt = (xt[i0:i1].detach().to(acc) * t) @ ytT  # (c, N) teacher logits
         lse_s_row[i0:i1] = torch.logsumexp(ls, dim=1)
-        lse_t = torch.logsumexp(lt, dim=1)
-        lse_t_row[i0:i1] = lse_t
         if both:
             lse_s_col = torch.logaddexp(lse_s_col, torch.logsumexp(ls, dim=0))
-            lse_tc = torch.logsumexp(lt, dim=0)
-            w = (lt - lse_tc[None, :]).exp_().mul_(ls)  # teacher column softmax of this chunk times Ls
-            lse_t_col, m_col = _merge_col(lse_t_col, m_col, lse_tc, w.sum(0))
-            del w
-        # In place on the teacher logits: its row softmax, times Ls, summed per row.
-        m_row[i0:i1] = lt.sub_(lse_t[:, None]).exp_().mul_(ls).sum(1)
+        # Teacher: one exp per direction gives both its log-sum-exp and the weights of m.
+        lse_t, m = _weighted_lse(lt, ls, dim=1, inplace=not both)
+        lse_t_row[i0:i1], m_row[i0:i1] = lse_t, m
+        if both:
+            lse_t_col, m_col = _merge_col(lse_t_col, m_col, *_weighted_lse(lt, ls, dim=0, inplace=True))
+        del ls, lt
     return lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col
 
 
 def distill_grad_torch(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, chunk_size=None):
     """Pass 2: ``(dx, dy, ds, dxt, dyt, dt)`` in the accumulation dtype (None where not needed).
-    ``coefs`` = ``(ar, ac, br, bc, p)`` as a tensor. At most five (c, N) buffers live per chunk."""
+    ``coefs`` = ``(ar, ac, br, bc, p)`` as a tensor. At most four (c, N) buffers live per chunk (five
+    when the teacher needs gradients)."""
     acc = acc_dtype(x.dtype)
     n, N = x.shape[0], y.shape[0]
     c = chunk_rows(n, N, chunk_size)
@@ -114,19 +125,20 @@ def distill_grad_torch(x, y, s, xt, yt, t, stats, coefs, offset, need_student, n
         lt = (xtc * t) @ yt_a.t()  # (c, N)
         pt = (lt - lse_t_row[i0:i1, None]).exp_()  # teacher row softmax
         g = gt = None
-        if need_student:
-            g = (ls - lse_s_row[i0:i1, None]).exp_().mul_(ar)
-            g.sub_(pt * br)
         if need_teacher:
             gt = (ls - m_row[i0:i1, None]).mul_(pt).mul_(-br)
+        if need_student:
+            g = (ls - lse_s_row[i0:i1, None]).exp_().mul_(ar)
+            g.sub_(pt.mul_(br))
         del pt
         if both:
             ptc = lt.sub_(lse_t_col[None, :]).exp_()  # teacher column softmax, in place on lt
-            if need_student:
-                g.add_((ls - lse_s_col[None, :]).exp_().mul_(ac))
-                g.sub_(ptc * bc)
             if need_teacher:
-                gt.sub_(ls.sub_(m_col[None, :]).mul_(ptc).mul_(bc))
+                gt.sub_((ls - m_col[None, :]).mul_(ptc).mul_(bc))
+            if need_student:
+                # In place on ptc and ls: both are dead after this.
+                g.sub_(ptc.mul_(bc))
+                g.add_(ls.sub_(lse_s_col[None, :]).exp_().mul_(ac))
         del ls, lt
         if need_student:
             p0, p1 = max(i0, lo), min(i1, hi)
