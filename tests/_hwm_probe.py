@@ -1,7 +1,7 @@
 """Run by test_memory.py in a fresh process: extra peak RSS (bytes) of one forward+backward.
 
 Usage: python _hwm_probe.py {clip,siglip} IMPL B D. Needs MALLOC_MMAP_THRESHOLD_ set so that freed
-large buffers leave the RSS (PLATFORM.md).
+large buffers leave the RSS (docs/design.md, "Platform facts").
 """
 
 import sys

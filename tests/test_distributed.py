@@ -359,7 +359,7 @@ def _comm_counts(rank, world, out):
 
 def _peak_bytes(fn):
     """Peak of live CPU memory during ``fn()``: every allocation and free the profiler records
-    (PLATFORM.md), replayed in time order, including frees that happen between ops."""
+    (docs/design.md, "Platform facts"), replayed in time order, including frees that happen between ops."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 

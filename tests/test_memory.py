@@ -65,7 +65,7 @@ def _peak_bytes(loss, impl, b, d):
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_peak_memory_is_a_small_fraction_of_the_reference(loss):
-    """Peak RSS above the inputs (VmHWM after clear_refs, PLATFORM.md) at B=4096, chunks of 128 rows."""
+    """Peak RSS above the inputs (VmHWM after clear_refs, docs/design.md "Platform facts") at B=4096, chunks of 128 rows."""
     b, d = 4096, 16
     ours = _peak_bytes(loss, "torch", b, d)
     ref = _peak_bytes(loss, "reference", b, d)
