@@ -17,7 +17,7 @@ from utils import assert_within_budget
 import fastclip
 from fastclip.cli import main as cli_main
 from fastclip.models import HubError, create_model, save_open_clip
-from fastclip.models.hub import HubId, parse_hub_id
+from fastclip.models.hub import TOKENIZER_FILES, HubId, parse_hub_id
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -493,3 +493,92 @@ def test_preprocess_settings_from_hf_processor_configs():
     assert preprocess_from_hf({"size": 224})["resize_mode"] == "squash"
     got = preprocess_from_hf({"image_mean": [0.1, 0.2, 0.3], "image_std": [1, 2, 3], "resample": 0})
     assert got == {"mean": (0.1, 0.2, 0.3), "std": (1, 2, 3), "interpolation": "nearest"}
+
+
+@pytest.fixture
+def fake_hub(hub, monkeypatch):
+    """A local HTTP server answering huggingface_hub's file requests (HEAD/GET /{repo}/resolve/{rev}/{file})
+    from in-memory repos, with the Hub's headers and error codes; records every request. The cache of
+    ``hub`` is used and offline mode is switched off."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    repos, log = {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, body: bool):
+            log.append((self.command, self.path))
+            parts = self.path.split("/")  # "", org, name, "resolve", rev, file
+            files = repos.get(f"{parts[1]}/{parts[2]}") if len(parts) == 6 and parts[3] == "resolve" else None
+            if files is None or parts[5] not in files:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "RepoNotFound" if files is None else "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = files[parts[5]]
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", hashlib.sha1(parts[2].encode()).hexdigest())
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def do_GET(self):
+            self._answer(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    yield repos, log
+    server.shutdown()
+    server.server_close()
+
+
+def test_online_download_fetches_only_what_is_needed(tmp_path, fake_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    repos, log = fake_hub
+    hf, src = _hf_repo(tmp_path, "clip")
+    files = {name: (src / name).read_bytes() for name in os.listdir(src)}
+    files["tf_model.h5"] = b"not needed"  # other frameworks' weights in the same repo are left alone
+    files["pytorch_model.bin"] = b"not needed either: the safetensors file comes first"
+    repos["org/online-clip"] = files
+
+    def fetched():
+        return sorted({p.rsplit("/", 1)[1] for m, p in log if m == "GET" and "/resolve/" in p})
+
+    model, _, _ = fastclip.create_model_and_transforms("hf-hub:org/online-clip")
+    assert fetched() == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    ids = fastclip.get_tokenizer("hf-hub:org/online-clip")(["a photo"])  # adds the tokenizer files only
+    tokenizer_files = [n for n in files if n in TOKENIZER_FILES]
+    assert "tokenizer.json" in tokenizer_files
+    assert fetched() == sorted(
+        ["config.json", "model.safetensors", "preprocessor_config.json", *tokenizer_files]
+    )
+    _check_features(hf, model.eval(), torch.randn(2, 3, 16, 16), ids)
+    # the files are now in the standard cache: offline, the same id resolves without a request
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    n = len(log)
+    assert "hf-hub:org/online-clip" in fastclip.list_pretrained()
+    fastclip.create_model_and_transforms("hf-hub:org/online-clip")
+    assert len(log) == n
+    # the Hub answers that a repo does not exist: a different message from "not cached"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HubError, match="no such model repo"):
+        fastclip.load_pretrained("hf-hub:org/nothing-here")
