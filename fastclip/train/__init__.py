@@ -7,7 +7,8 @@ data, webdataset/CSV data, zero-shot and retrieval evaluation and atomic checkpo
 Heavy imports (DeepSpeed) happen inside :func:`train`.
 """
 
-from fastclip.train.checkpoint import CheckpointError, export_safetensors
+from fastclip.train.checkpoint import CheckpointError
+from fastclip.train.export import export_safetensors
 from fastclip.train.config import Config, ConfigError, load_config
 from fastclip.train.data import DataError
 from fastclip.train.evaluate import evaluate

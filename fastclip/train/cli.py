@@ -89,7 +89,7 @@ def run(args) -> int:
 
     try:
         if args.export:
-            from fastclip.train.checkpoint import export_safetensors
+            from fastclip.train.export import export_safetensors
 
             path = export_safetensors(args.export[0], args.export[1])
             print(f"wrote {path}")

@@ -12,17 +12,22 @@ checks every value and names the key, the expected and the received value.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+from fastclip.train.config_values import (  # noqa: F401 (parse_value, read_file: re-exported)
+    ConfigError,
+    choice,
+    coerce,
+    key_list,
+    minimum,
+    nonneg_float,
+    parse_value,
+    positive_float,
+    read_file,
+    unknown,
+)
 
 
 @dataclass
@@ -195,10 +200,10 @@ class Config:
         cfg = cls()
         for section, values in data.items():
             if section == "output_dir":
-                cfg.output_dir = _coerce("output_dir", values, str | None)
+                cfg.output_dir = coerce("output_dir", values, str | None)
                 continue
             if section not in SECTIONS:
-                raise ConfigError(_unknown("section", section, [*SECTIONS, "output_dir"]))
+                raise ConfigError(unknown("section", section, [*SECTIONS, "output_dir"]))
             if values is None:
                 continue
             if not isinstance(values, dict):
@@ -210,16 +215,16 @@ class Config:
     def set(self, dotted: str, value: Any) -> None:
         """Set one key, e.g. ``cfg.set("optim.lr", 1e-3)``; the value is converted to the field's type."""
         if dotted == "output_dir":
-            self.output_dir = _coerce(dotted, value, str | None)
+            self.output_dir = coerce(dotted, value, str | None)
             return
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
-            raise ConfigError(_unknown("key", dotted, all_keys()))
+            raise ConfigError(unknown("key", dotted, all_keys()))
         obj = getattr(self, section)
         hints = _hints(SECTIONS[section])
         if key not in hints:
-            raise ConfigError(_unknown("key", dotted, all_keys()))
-        setattr(obj, key, _coerce(dotted, value, hints[key]))
+            raise ConfigError(unknown("key", dotted, all_keys()))
+        setattr(obj, key, coerce(dotted, value, hints[key]))
 
     # ---- validation ------------------------------------------------------------------------
     def validate(self) -> Config:
@@ -233,13 +238,13 @@ class Config:
             self.checkpoint,
             self.log,
         )
-        _choice("model.loss", m.loss, ("auto", "clip", "siglip"))
-        _choice("model.loss_impl", m.loss_impl, ("auto", "triton", "torch", "reference"))
+        choice("model.loss", m.loss, ("auto", "clip", "siglip"))
+        choice("model.loss_impl", m.loss_impl, ("auto", "triton", "torch", "reference"))
         if not m.name:
             raise ConfigError("model.name: expected a model name such as 'tiny', got an empty string")
         if m.dist_impl is not None:
             check_dist_impl(m.loss, m.dist_impl)
-        _choice("data.kind", d.kind, ("synthetic", "webdataset", "csv"))
+        choice("data.kind", d.kind, ("synthetic", "webdataset", "csv"))
         if d.kind != "synthetic" and not d.train:
             raise ConfigError(f"data.train: expected a path for data.kind={d.kind!r}, got {d.train!r}")
         if d.kind == "synthetic" and (d.train or d.eval):
@@ -248,9 +253,9 @@ class Config:
                 f"set data.kind to 'csv' or 'webdataset' to use {d.train or d.eval!r}"
             )
         if d.workers is not None:
-            _minimum("data.workers", d.workers, 0)
-        _minimum("data.prefetch", d.prefetch, 1)
-        _choice("data.resize_mode", d.resize_mode, ("shortest", "longest", "squash"))
+            minimum("data.workers", d.workers, 0)
+        minimum("data.prefetch", d.prefetch, 1)
+        choice("data.resize_mode", d.resize_mode, ("shortest", "longest", "squash"))
         if (
             len(d.crop_scale) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.crop_scale)
@@ -259,41 +264,41 @@ class Config:
             raise ConfigError(
                 f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {d.crop_scale!r}"
             )
-        _minimum("data.shuffle_buffer", d.shuffle_buffer, 0)
-        _minimum("data.eval_size", d.eval_size, 10)
-        _positive_float("optim.lr", o.lr)
-        _nonneg_float("optim.weight_decay", o.weight_decay)
+        minimum("data.shuffle_buffer", d.shuffle_buffer, 0)
+        minimum("data.eval_size", d.eval_size, 10)
+        positive_float("optim.lr", o.lr)
+        nonneg_float("optim.weight_decay", o.weight_decay)
         if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
-        _positive_float("optim.eps", o.eps)
-        _minimum("optim.warmup_steps", o.warmup_steps, 0)
+        positive_float("optim.eps", o.eps)
+        minimum("optim.warmup_steps", o.warmup_steps, 0)
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio: expected a number in [0, 1], got {o.min_lr_ratio!r}")
-        _nonneg_float("optim.grad_clip", o.grad_clip)
-        _minimum("train.steps", t.steps, 1)
-        _minimum("train.batch_size", t.batch_size, 2)
+        nonneg_float("optim.grad_clip", o.grad_clip)
+        minimum("train.steps", t.steps, 1)
+        minimum("train.batch_size", t.batch_size, 2)
         if t.micro_batch_size is not None:
-            _minimum("train.micro_batch_size", t.micro_batch_size, 1)
-        _choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
-        _choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
-        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-        _choice("train.backend", t.backend, ("auto", "gloo", "nccl"))
+            minimum("train.micro_batch_size", t.micro_batch_size, 1)
+        choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
+        choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
+        choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        choice("train.backend", t.backend, ("auto", "gloo", "nccl"))
         if t.threads is not None:
-            _minimum("train.threads", t.threads, 1)
-        _minimum("dist.timeout_s", self.dist.timeout_s, 1)
-        _minimum("eval.every", e.every, 0)
-        _minimum("eval.batch_size", e.batch_size, 1)
+            minimum("train.threads", t.threads, 1)
+        minimum("dist.timeout_s", self.dist.timeout_s, 1)
+        minimum("eval.every", e.every, 0)
+        minimum("eval.batch_size", e.batch_size, 1)
         if e.templates is not None:
             if not e.templates or not all(isinstance(s, str) and "{}" in s for s in e.templates):
                 raise ConfigError(
                     f"eval.templates: expected a non-empty list of strings with '{{}}', got {e.templates!r}"
                 )
-        _minimum("checkpoint.every", c.every, 0)
-        _minimum("checkpoint.keep", c.keep, 1)
+        minimum("checkpoint.every", c.every, 0)
+        minimum("checkpoint.keep", c.keep, 1)
         if not c.resume:
             raise ConfigError("checkpoint.resume: expected 'auto', 'never' or a checkpoint path, got ''")
-        c.allow_config_change = _key_list("checkpoint.allow_config_change", c.allow_config_change)
-        _minimum("log.every", lg.every, 1)
+        c.allow_config_change = key_list("checkpoint.allow_config_change", c.allow_config_change, all_keys())
+        minimum("log.every", lg.every, 1)
         return self
 
     def check_world(self, world_size: int) -> tuple[int, int, int]:
@@ -352,152 +357,11 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
     return cfg.validate()
 
 
-def read_file(path: str) -> dict:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if str(path).endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # the parser's message says where
-        raise ConfigError(f"config file {path!r} does not parse: {exc}") from exc
-    return {} if data is None else data
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: YAML scalars/lists/maps ("1e-3", "true", "[0.9, 0.95]", "none")."""
-    import yaml
-
-    if text.strip().lower() in ("none", "null", "~"):
-        return None
-    try:
-        return yaml.safe_load(text)
-    except Exception:
-        return text
-
-
 # ---- internals ------------------------------------------------------------------------------
 
 
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
-
-
-def _unknown(what: str, name: str, known) -> str:
-    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
-    if not close and "." in str(name):  # compare the key part alone ("train.stepz" -> "train.steps")
-        tail = str(name).split(".", 1)[1]
-        tails = {k.split(".", 1)[-1]: k for k in known}
-        close = [tails[m] for m in difflib.get_close_matches(tail, list(tails), n=1, cutoff=0.6)]
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown config {what} {name!r}{hint}"
-
-
-def _coerce(name: str, value: Any, tp) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(name, value, arg)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{name}: expected one of {_tname(tp)}, got {value!r}"
-        )
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{name}: expected an int, got {value!r}")
-        try:
-            out = int(value) if not isinstance(value, float) else None
-        except ValueError:
-            out = None
-        if out is None and isinstance(value, float) and value.is_integer():
-            out = int(value)
-        if out is None:
-            raise ConfigError(f"{name}: expected an int, got {value!r}")
-        return out
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    if tp is list or origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    raise AssertionError(f"unsupported config type {tp!r} for {name}")
-
-
-def _key_list(name: str, value) -> list[str] | None:
-    """None, "a.b", "a.b,c.d" or ["a.b", ...] -> a list of known config keys (or ConfigError)."""
-    if value is None:
-        return None
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
-        raise ConfigError(f"{name}: expected a list of config keys such as [train.steps], got {value!r}")
-    known = all_keys()
-    for key in items:
-        if key not in known:
-            raise ConfigError(f"{name}: {_unknown('key', key, known)}")
-    return items
-
-
-def _tname(tp) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return " or ".join(getattr(a, "__name__", str(a)) for a in args) + " or none"
-
-
-def _choice(name, value, choices) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{name}: expected one of {list(choices)}, got {value!r}{hint}")
-
-
-def _minimum(name, value, lo) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{name}: expected an int >= {lo}, got {value!r}")
-
-
-def _positive_float(name, value) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
-        raise ConfigError(f"{name}: expected a finite number > 0, got {value!r}")
-
-
-def _nonneg_float(name, value) -> None:
-    if not (isinstance(value, (int, float)) and value >= 0 and value != float("inf")):
-        raise ConfigError(f"{name}: expected a finite number >= 0, got {value!r}")
 
 
 def _read_field_docs() -> dict:
