@@ -8,10 +8,10 @@ Heavy imports (DeepSpeed) happen inside :func:`train`.
 """
 
 from fastclip.train.checkpoint import CheckpointError
-from fastclip.train.export import export_safetensors
 from fastclip.train.config import Config, ConfigError, load_config
 from fastclip.train.data import DataError
 from fastclip.train.evaluate import evaluate
+from fastclip.train.export import export_safetensors
 from fastclip.train.gradcache import gradcache_step
 
 
