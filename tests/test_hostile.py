@@ -317,3 +317,74 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(run4, tmp_path, mon
     assert sorted(os.listdir(root)) == ["latest", "step_00000002"], "the partial save is removed"
     assert ckpt.find_latest(root).endswith("step_00000002")
     ckpt.verify(ckpt.find_latest(root))
+
+
+# ---- data: shard names, CSV paths, empty captions, corrupt images ---------------------------------
+
+
+def _data_table(folder, n=16, bad_caption_row=None, corrupt=None):
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    rows = ["image,caption"]
+    for i in range(n):
+        path = folder / f"{i}.png"
+        if i == corrupt:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then garbage
+        else:
+            Image.new("RGB", (20, 16), (15 * i % 256, 90, 200)).save(path)
+        rows.append(f"{i}.png,{'' if i == bad_caption_row else f'a picture number {i}'}")
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    return str(folder / "train.csv")
+
+
+def test_shard_named_like_a_pipe_url_is_only_read(tmp_path, monkeypatch):
+    """A glob match named 'pipe:touch MARK;cat shard1.tar;#.tar' is a local file, never a command."""
+    from fastclip.data import WebDatasetStream, expand_shards
+    from fastclip.data.write import write_shards
+    from fastclip.train.data import check_paths
+
+    table = _data_table(tmp_path / "src", n=8)
+    write_shards(table, str(tmp_path / "shards"), 4)
+    shards = tmp_path / "shards"
+    os.rename(shards / "00000.tar", shards / "shard1.tar")
+    os.rename(shards / "00001.tar", shards / "pipe:touch MARK;cat shard1.tar;#.tar")
+    monkeypatch.chdir(shards)  # where the command would have written MARK
+    names = expand_shards("*.tar")
+    assert names == sorted(str(p) for p in shards.iterdir()) and all(os.path.isabs(n) for n in names)
+    dc = type("DC", (), {"kind": "webdataset", "train": "*.tar", "eval": None, "root": None})()
+    check_paths(dc)
+    cfg = type("C", (), {"image_key": "image", "caption_key": "caption", "workers": 0, "shuffle_buffer": 0})()
+    stream = WebDatasetStream("*.tar", cfg, 8, 4, 0, 1, seed=0)
+    captions = sum((stream.next_batch()[1] for _ in range(2)), [])
+    assert sorted(captions) == sorted(f"a picture number {i}" for i in range(8))  # both shards were read
+    assert not (shards / "MARK").exists() and not (tmp_path / "MARK").exists()
+
+
+def test_csv_paths_confined_by_data_root(tmp_path):
+    from fastclip.data import CsvStream, DataError
+
+    table = _data_table(tmp_path / "d", n=4)
+    with open(table, "a") as f:
+        f.write("/etc/passwd,an absolute path\n../d/0.png,fine: resolves inside\n")
+    cfg = type("C", (), {"image_key": "image", "caption_key": "caption", "delimiter": None, "workers": 0})()
+    cfg.root = str(tmp_path / "d")
+    with pytest.raises(DataError, match=r"train.csv: row 6: image '/etc/passwd' lies outside data.root"):
+        CsvStream(table, cfg, 8, 4, 0, 1, seed=0)
+
+
+def test_empty_caption_is_a_one_line_error(tmp_path):
+    table = _data_table(tmp_path / "d", bad_caption_row=1)
+    p = _cli(["--output-dir", str(tmp_path / "run"), *BASE, "--data.kind", "csv", "--data.train", table])
+    line = _one_line_error(p)
+    assert "train.csv: row 3: empty 'caption' (caption)" in line, line
+
+
+def test_corrupt_image_mid_run_is_skipped_and_counted(tmp_path):
+    table = _data_table(tmp_path / "d", corrupt=5)  # 16 rows = the batch: every step meets it
+    out = tmp_path / "run"
+    p = _cli(["--output-dir", str(out), *BASE, "--data.kind", "csv", "--data.train", table])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "5.png: unreadable image" in p.stderr and "Traceback" not in p.stderr
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert rows and rows[-1]["data_skipped"] >= 6  # counted in the logs, one per step here
