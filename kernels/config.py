@@ -32,30 +32,37 @@ class TileConfig:
 
 # Tile kernels: one BM x BN tile of logits per program, recomputed from X and Y in steps of BK over D.
 # "lse" walks a range of column tiles per program (row statistics online, column partials per tile);
-# "tile" forms the gradient tile (CLIP backward, SigLIP loss + gradient).
+# "tile" forms the CLIP gradient tile; "siglip" the SigLIP loss and gradient tile.
 _CONFIGS = {
-    # H100 / H200 (sm_90): 128x128 fp32 accumulator over 8 warps, 3-4 stage pipelined K loop.
+    # H100 / H200 (sm_90): 128x128 fp32 accumulator over 8 warps, 3-stage pipelined K loop (98 KiB of
+    # shared memory). The SigLIP tile keeps more values alive per logit (S, L, exp(-|L|), G): at
+    # 128x128 it spills (25 spill stores on sm_90, 50 on sm_80 in the AOT build), at 128x64 it does not.
     "hopper": {
         "lse": TileConfig(128, 128, 64, num_warps=8, num_stages=3),
         "tile": TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+        "siglip": TileConfig(128, 64, 64, num_warps=8, num_stages=3),
     },
     # A100 / sm_8x: less shared memory per SM than Hopper.
     "ampere": {
         "lse": TileConfig(128, 128, 32, num_warps=8, num_stages=3),
         "tile": TileConfig(128, 128, 32, num_warps=8, num_stages=3),
+        "siglip": TileConfig(128, 64, 32, num_warps=8, num_stages=3),
     },
     # Anything older or unknown: small, safe tiles.
     "generic": {
         "lse": TileConfig(64, 64, 32, num_warps=4, num_stages=2),
         "tile": TileConfig(64, 64, 32, num_warps=4, num_stages=2),
+        "siglip": TileConfig(64, 64, 32, num_warps=4, num_stages=2),
     },
     # CPU interpreter: cost is per program step, so few large tiles; BK < 200 so that the tests'
     # D = 200 crosses a masked K tail.
     "interpreter": {
         "lse": TileConfig(64, 64, 128, num_warps=4, num_stages=1),
         "tile": TileConfig(64, 64, 128, num_warps=4, num_stages=1),
+        "siglip": TileConfig(64, 64, 128, num_warps=4, num_stages=1),
     },
 }
+KERNELS = ("lse", "tile", "siglip")
 
 # Candidates for offline tuning on a GPU (not used at run time; see the module docstring). Shapes whose
 # compiled kernels spill registers on sm_90 (AOT, triton 3.6-3.9: 128x256, 256x128, and 128x128 on 4
@@ -161,13 +168,15 @@ def d_bucket(dim: int) -> int:
 def tile_config(
     kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, dim: int | None = None
 ) -> TileConfig:
-    """Configuration of ``kernel`` ("lse" or "tile") on ``device`` for inputs of ``dtype`` and
+    """Configuration of ``kernel`` ("lse", "tile" or "siglip") on ``device`` for inputs of ``dtype`` and
     feature dim ``dim``: the ``TUNED`` entry of (arch, kernel, dtype, D bucket) if any, else the
     architecture's default.
 
     fp32 operands take twice the shared memory per stage of 16-bit ones: their K step is capped at 32
     (a 128x128 tile with BK = 64 and 3 stages would need 192 KiB for fp32).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     key = arch(device)
     if dim is not None:
         tuned = TUNED.get((key, kernel, str(dtype).split(".")[-1], d_bucket(dim)))

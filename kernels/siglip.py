@@ -87,6 +87,20 @@ def _siglip_tile_kernel(
         L += tl.load(bias_ptr).to(tl.float32)
     # One exp per logit (see the module docstring): z = exp(-|L|), log1p(z) = 2 atanh(z / (2 + z)).
     z = tl.exp(-tl.abs(L))
+    if HAS_POS:
+        target = rows.to(tl.int64) + offset  # int64: offset may pass 2**31
+        is_pos = cols.to(tl.int64)[None, :] == target[:, None]
+    if NEED_GRAD:
+        # The gradient first: once it is stored and reduced, S is dead before the loss needs registers.
+        r = 1.0 / (1.0 + z)
+        G = tl.where(L >= 0.0, r, z * r)  # sigmoid(L)
+        if HAS_POS:
+            G = tl.where(is_pos, G - 1.0, G)
+        G = tl.where(valid, G, 0.0)
+        g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+        tl.store(g_out, G.to(g_ptr.dtype.element_ty), mask=valid)
+        tl.store(part_ptr + stride_part + pid, tl.sum(tl.sum(G * S, 1), 0))
+        tl.store(part_ptr + 2 * stride_part + pid, tl.sum(tl.sum(G, 1), 0))
     t = z / (2.0 + z)
     t2 = t * t
     p = 1.0 / 13.0
@@ -97,21 +111,10 @@ def _siglip_tile_kernel(
     p = p * t2 + 1.0 / 3.0
     p = p * t2 + 1.0
     loss = tl.maximum(L, 0.0) + 2.0 * t * p
-    r = 1.0 / (1.0 + z)
-    G = tl.where(L >= 0.0, r, z * r)  # sigmoid(L); dead code (eliminated) when NEED_GRAD is False
     if HAS_POS:
-        target = rows.to(tl.int64) + offset  # int64: offset may pass 2**31
-        is_pos = cols.to(tl.int64)[None, :] == target[:, None]
         loss = tl.where(is_pos, loss - L, loss)
-        G = tl.where(is_pos, G - 1.0, G)
     loss = tl.where(valid, loss, 0.0)
     tl.store(part_ptr + pid, tl.sum(tl.sum(loss, 1), 0))
-    if NEED_GRAD:
-        G = tl.where(valid, G, 0.0)
-        tl.store(part_ptr + stride_part + pid, tl.sum(tl.sum(G * S, 1), 0))
-        tl.store(part_ptr + 2 * stride_part + pid, tl.sum(tl.sum(G, 1), 0))
-        g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
-        tl.store(g_out, G.to(g_ptr.dtype.element_ty), mask=valid)
 
 
 def siglip_block(
@@ -152,7 +155,7 @@ def siglip_block(
     n, D = x.shape
     N = y.shape[0]
     dev = x.device
-    cfg = config.tile_config("tile", dev, x.dtype, D)
+    cfg = config.tile_config("siglip", dev, x.dtype, D)
     s = scalar_f32(scale)
     b = scalar_f32(bias) if bias is not None else s  # placeholder pointer without bias
     if need_grad:
