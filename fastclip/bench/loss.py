@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 # The issue-7 schema's fields, then ours.
-RECORD_FIELDS = (*REQUIRED_RECORD_KEYS, "matmul_frac", "repeats", "message")
+RECORD_FIELDS = (*REQUIRED_RECORD_KEYS, "matmul_frac", "repeats", "message", "kernel_path")
 # Values open_clip models start from: CLIP scale 1/0.07 (already exponentiated); SigLIP scale 10, bias -10.
 CLIP_SCALE = 1.0 / 0.07
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
@@ -184,10 +184,21 @@ class ProviderRun:
     timed iterations (:meth:`time_once` or :meth:`time_all`), then :meth:`record`."""
 
     def __init__(
-        self, fn: Callable, provider: str, loss: str, x, y, device, cfg: LossSweep, matmul_tflops=None
+        self,
+        fn: Callable,
+        provider: str,
+        loss: str,
+        x,
+        y,
+        device,
+        cfg: LossSweep,
+        matmul_tflops=None,
+        deadline: float | None = None,
     ):
         self.fn, self.provider, self.loss, self.x, self.y = fn, provider, loss, x, y
         self.device, self.cfg, self.matmul_tflops = device, cfg, matmul_tflops
+        self.deadline = deadline  # time.perf_counter() value after which no iteration starts
+        self.cut_short = False
         s_val, b_val = (CLIP_SCALE, 0.0) if loss == "clip" else (SIGLIP_SCALE, SIGLIP_BIAS)
         self.scale = torch.tensor(s_val, device=device, requires_grad=True)
         self.bias = torch.tensor(b_val, device=device, requires_grad=True)
@@ -198,6 +209,9 @@ class ProviderRun:
     def reset(self) -> None:
         for t in (self.x, self.y, self.scale, self.bias):
             t.grad = None
+
+    def time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
 
     def fwd(self):
         return self.fn(self.loss, self.x, self.y, self.scale, self.bias)
@@ -210,7 +224,9 @@ class ProviderRun:
         cfg, device = self.cfg, self.device
         # Warm-up: compilation, autotuning, allocator growth. One long iteration is warm-up enough.
         t_iter = None
-        for _ in range(cfg.warmup):
+        for i in range(cfg.warmup):
+            if i > 0 and t_iter is not None and self.time_left() < t_iter:
+                break  # one warm-up is done; the time limit would not allow another
             self.reset()
             t0 = time.perf_counter()
             self.bwd(self.fwd())
@@ -227,18 +243,37 @@ class ProviderRun:
             t_iter = dt if t_iter is None else min(t_iter, dt)
         if t_iter is not None and t_iter > 0:
             self.repeats = max(cfg.min_repeats, min(cfg.max_repeats, int(cfg.time_budget_s / t_iter)))
+            # The sweep's time limit holds inside a configuration too: no more repetitions than fit.
+            fit = int(self.time_left() / t_iter) if self.deadline is not None else self.repeats
+            if fit < self.repeats:
+                self.repeats, self.cut_short = max(1, fit), True
         self.reset()
 
     def time_once(self) -> None:
-        """One timed iteration (CPU: the sweep interleaves the providers' iterations)."""
+        """One timed iteration (CPU: the sweep interleaves the providers' iterations); none once the
+        time limit has passed and at least one sample exists."""
+        if self.samples and self.time_left() <= 0:
+            self.cut_short = True
+            return
         self.samples += timing.time_iterations(self.fwd, self.bwd, self.reset, self.device, 1)
         self.reset()
+
+    def _timed_repeats(self) -> list:
+        if self.deadline is None:
+            return timing.time_iterations(self.fwd, self.bwd, self.reset, self.device, self.repeats)
+        out = []  # one at a time (each synchronized), so the limit is checked between iterations
+        while len(out) < self.repeats:
+            if out and self.time_left() <= 0:
+                self.cut_short = True
+                break
+            out += timing.time_iterations(self.fwd, self.bwd, self.reset, self.device, 1)
+        return out
 
     def time_all(self) -> None:
         """All timed iterations in a row; on CUDA they also give the peak memory (statistics are free).
         The last warm-up's gradients are freed first so that each iteration allocates its own, as on CPU."""
         self.reset()
-        run = lambda: timing.time_iterations(self.fwd, self.bwd, self.reset, self.device, self.repeats)
+        run = self._timed_repeats
         if self.device.type == "cuda":
             self.peak, samples = peak_extra_bytes(run, self.device)
         else:
@@ -262,8 +297,22 @@ class ProviderRun:
             tflops=_sig(tflops),
             matmul_frac=_sig(tflops / self.matmul_tflops) if self.matmul_tflops else None,
             repeats=len(self.samples),
+            kernel_path=kernel_path(self.provider, self.x.dtype, self.device),
         )
+        if self.cut_short:
+            rec["message"] = f"time limit: {len(self.samples)} of {self.repeats} planned repetitions"
         return rec
+
+
+def kernel_path(provider: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """What the fused kernels' products ran on (fastclip-triton on CUDA): "tensor-core-bf16",
+    "tf32" or "fp32-fma" (fp32 with TF32 off, PyTorch's default), plus the GEMM path of the
+    gradients; None for other providers."""
+    if provider != "fastclip-triton" or device.type != "cuda":
+        return None
+    from fastclip.kernels import common, gemm
+
+    return f"{common.dot_path(dtype)}; gemm {gemm.gemm_path(device, dtype)}"
 
 
 def bench_one(fn, loss, x, y, device, cfg: LossSweep, matmul_tflops=None, provider: str = "") -> dict:
@@ -355,10 +404,11 @@ def run_loss_sweep(
             loss, dtype_name, dim, batch = key
             if bar is not None:
                 bar.set_postfix_str(f"{loss} {SHORT_DTYPE[dtype_name]} D={dim} B={batch}")
-            recs = _run_group(key, names, fns, device, cfg, mm, inputs, failed_at)
-            for pname, rec in zip(names, recs):
+            deadline = None if cfg.max_seconds is None else start + cfg.max_seconds
+            recs = _run_group(key, names, fns, device, cfg, mm, inputs, failed_at, deadline)
+            for rec in recs:
                 if rec["status"] != "ok":
-                    failed_at.setdefault((loss, dtype_name, dim, pname), (batch, rec["status"]))
+                    failed_at.setdefault((loss, dtype_name, dim, rec["provider"]), (batch, rec["status"]))
             doc["records"].extend(recs)
             if bar is not None:
                 bar.update(len(names))
@@ -385,8 +435,10 @@ def _guarded(call: Callable[[], None], device: torch.device) -> tuple[str, str] 
     return failure
 
 
-def _run_group(key, names, fns, device, cfg, mm, inputs, failed_at) -> list[dict]:
-    """All providers of one (loss, dtype, dim, batch); one record each, in ``names`` order."""
+def _run_group(key, names, fns, device, cfg, mm, inputs, failed_at, deadline=None) -> list[dict]:
+    """All providers of one (loss, dtype, dim, batch); one record each, in ``names`` order.
+    ``deadline`` (a ``time.perf_counter()`` value): no iteration starts after it once every provider
+    has one timed sample; providers whose warm-up would start after it are left out."""
     loss, dtype_name, dim, batch = key
     dtype = DTYPES[dtype_name]
     out: dict[str, dict] = {}
@@ -414,7 +466,7 @@ def _run_group(key, names, fns, device, cfg, mm, inputs, failed_at) -> list[dict
         else:
             x, y = holder.pop("xy")
             for pname in runs:
-                runs[pname] = ProviderRun(fns[pname].fn, pname, loss, x, y, device, cfg, mm)
+                runs[pname] = ProviderRun(fns[pname].fn, pname, loss, x, y, device, cfg, mm, deadline)
             del x, y
 
     def fail(pname, failure):
@@ -423,6 +475,9 @@ def _run_group(key, names, fns, device, cfg, mm, inputs, failed_at) -> list[dict
         _cleanup(device)
 
     for pname in list(runs):
+        if deadline is not None and time.perf_counter() > deadline:
+            runs.pop(pname).reset()  # not started: no record, as for configurations after the limit
+            continue
         failure = _guarded(runs[pname].prepare, device)
         if failure is not None:
             fail(pname, failure)
@@ -441,7 +496,7 @@ def _run_group(key, names, fns, device, cfg, mm, inputs, failed_at) -> list[dict
     for pname, run in runs.items():
         out[pname] = run.record()
     runs.clear()
-    return [out[p] for p in names]
+    return [out[p] for p in names if p in out]
 
 
 class _InputCache:

@@ -116,6 +116,55 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None, n: int
     return 2.0 * n**3 / statistics.median(times) / 1e12
 
 
+def gemm_tflops(
+    device: torch.device, m: int, n: int, k: int, dtype: torch.dtype | None = None, reps: int | None = None
+) -> float:
+    """Rate of ``(m, k) @ (k, n)`` in TFLOP/s measured now (median): e.g. the B x B x D product of a
+    loss at its own shape, beside the square ``matmul_tflops``. bf16 on GPU, fp32 on CPU by default."""
+    for name, v in (("m", m), ("n", n), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    a @ b
+    reps = reps or (10 if device.type == "cuda" else 3)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            a @ b
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return 2.0 * m * n * k / statistics.median(times) / 1e12
+
+
+def gpu_clocks() -> dict[str, str] | None:
+    """Name, SM/memory clocks (current and max), power limit and temperature from ``nvidia-smi``;
+    None where it is not available."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    fields = "name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.splitlines()[0]  # fmt: skip
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+    return dict(zip(fields.split(","), (v.strip() for v in out.split(","))))
+
+
 def time_iterations(
     fwd: Callable[[], Any],
     bwd: Callable[[Any], None],
