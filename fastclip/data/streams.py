@@ -18,6 +18,7 @@ shard). Random crops are seeded per sample, so augmentation is reproduced too.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -36,6 +37,9 @@ def train_transform(cfg, image_size, mean, std):
     return image_transform(image_size, is_train=augment, mean=mean, std=std, resize_mode=mode, scale=scale)
 
 
+REPORT_LIMIT = 20  # skipped samples listed on stderr per rank; all are counted
+
+
 class _LoaderStream:
     kind = ""
 
@@ -43,7 +47,7 @@ class _LoaderStream:
         self.rank, self.pin_memory = rank, bool(pin_memory)
         self.workers = resolve_workers(getattr(cfg, "workers", 0))
         self.prefetch = int(getattr(cfg, "prefetch", 2) or 2)
-        self.skipped = 0
+        self.skipped, self._reported = 0, 0
         self._iter = None
 
     def _dataloader(self, dataset, **kw):
@@ -58,7 +62,16 @@ class _LoaderStream:
             raise DataError(item["error"])
         if item["skipped"]:
             self.skipped += int(item["skipped"])
-            report_skips(item["reasons"], self.skipped, self.rank)
+            if self._reported < REPORT_LIMIT:
+                reasons = item["reasons"][: REPORT_LIMIT - self._reported]
+                self._reported += len(reasons)
+                report_skips(reasons, self.skipped, self.rank)
+                if self._reported >= REPORT_LIMIT:
+                    print(
+                        f"fastclip data (rank {self.rank}): further skipped samples are counted "
+                        "(data_skipped in metrics.jsonl), not listed",
+                        file=sys.stderr,
+                    )
 
     def close(self) -> None:
         """Stop the worker processes (a later next_batch starts them again)."""
