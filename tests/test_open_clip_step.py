@@ -69,17 +69,18 @@ def get_autocast(precision, device_type="cpu"):
     return partial(torch.amp.autocast, device_type=device_type, dtype=amp_dtype)
 
 
-def create_loss(module, kind, rank, world, local_loss=False, gather_with_grad=False, dist_impl=None):
-    """open_clip.factory.create_loss, for the module (open_clip's loss.py or fastclip.loss)."""
+def create_loss(
+    module, kind, rank, world, local_loss=False, gather_with_grad=False, dist_impl=None, fastclip_ring=False
+):
+    """open_clip.factory.create_loss, for the module (open_clip's loss.py or fastclip.loss);
+    ``fastclip_ring``: fastclip's ClipLoss passes features around the ring instead of gathering."""
     if kind == "siglip":
         return module.SigLipLoss(rank=rank, world_size=world, dist_impl=dist_impl)
+    extra = {"dist_impl": "ring"} if fastclip_ring and module.__name__ == "fastclip.loss" else {}
     return module.ClipLoss(
-        local_loss=local_loss,
-        gather_with_grad=gather_with_grad,
-        cache_labels=True,
-        rank=rank,
-        world_size=world,
-    )
+        local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True, rank=rank, world_size=world,
+        **extra,
+    )  # fmt: skip
 
 
 def _train_step(model, images, texts, loss, optimizer, autocast):
@@ -145,6 +146,7 @@ def test_one_process_steps_equal_open_clip(kind, flags, precision):
 WORLD_CASES = [
     ("clip", {"local_loss": False, "gather_with_grad": False}),
     ("clip", {"local_loss": True, "gather_with_grad": True}),
+    ("clip", {"local_loss": True, "gather_with_grad": False, "fastclip_ring": True}),
     ("siglip", {"dist_impl": "bidir"}),
     ("siglip", {"dist_impl": "gather"}),
 ]
