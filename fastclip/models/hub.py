@@ -103,11 +103,22 @@ def is_offline() -> bool:
 
 class _Fetcher:
     """hf_hub_download of single files; remembers whether a miss was "not cached" (offline or
-    unreachable) or "not in the repo" (the Hub answered 404)."""
+    unreachable) or "not in the repo" (the Hub answered 404). Once the Hub proved unreachable, later
+    files are looked up in the cache only: huggingface_hub retries each unreachable request for ~20 s."""
 
     def __init__(self, hub: HubId):
         self.hub = hub
         self.unreachable = False
+
+    def cached_first(self, names) -> list[str]:
+        """``names`` with the ones already in the cache first (so that an unreachable Hub costs no retries
+        for a repo that is cached), otherwise in the given order of preference."""
+        from huggingface_hub import try_to_load_from_cache
+
+        def cached(name):
+            return isinstance(try_to_load_from_cache(self.hub.repo_id, name, revision=self.hub.revision), str)
+
+        return sorted(names, key=lambda n: not cached(n))
 
     def __call__(self, filename: str) -> str | None:
         from huggingface_hub import hf_hub_download
@@ -121,7 +132,9 @@ class _Fetcher:
         if not _FILE_RE.fullmatch(filename) or ".." in filename:
             raise HubError(f"{self.hub}: refusing the file name {filename!r} (expected a plain file name)")
         try:
-            return hf_hub_download(self.hub.repo_id, filename, revision=self.hub.revision)
+            return hf_hub_download(
+                self.hub.repo_id, filename, revision=self.hub.revision, local_files_only=self.unreachable
+            )
         except LocalEntryNotFoundError:
             self.unreachable = True
             return None
@@ -163,15 +176,16 @@ def resolve_repo(hub: HubId, *, weights: bool = True, tokenizer: bool = True) ->
     if not isinstance(hub, HubId):
         raise TypeError(f"hub: expected a HubId (see parse_hub_id), got {type(hub).__name__}")
     fetch = _Fetcher(hub)
-    config = fetch(OPEN_CLIP_CONFIG)
-    kind = "open_clip"
-    if config is None:
-        config, kind = fetch(HF_CONFIG), "transformers"
+    config = None
+    for name in fetch.cached_first([OPEN_CLIP_CONFIG, HF_CONFIG]):
+        config, kind = fetch(name), ("open_clip" if name == OPEN_CLIP_CONFIG else "transformers")
+        if config is not None:
+            break
     if config is None:
         raise fetch.missing(_MODEL_NEEDED if weights else f"{OPEN_CLIP_CONFIG} or {HF_CONFIG}")
     directory = os.path.dirname(config)
     if weights:
-        for name in OPEN_CLIP_WEIGHTS if kind == "open_clip" else HF_WEIGHTS:
+        for name in fetch.cached_first(OPEN_CLIP_WEIGHTS if kind == "open_clip" else HF_WEIGHTS):
             path = fetch(name)
             if path is None:
                 continue
@@ -187,7 +201,7 @@ def resolve_repo(hub: HubId, *, weights: bool = True, tokenizer: bool = True) ->
     if kind == "transformers":
         fetch(PREPROCESSOR_CONFIG)
     if tokenizer:
-        for name in TOKENIZER_FILES:
+        for name in fetch.cached_first(TOKENIZER_FILES):
             fetch(name)
     return directory
 
@@ -196,7 +210,7 @@ def resolve_tokenizer_repo(hub: HubId) -> str:
     """Fetch (or find in the cache) a repo's tokenizer files; returns the snapshot directory.
     Needs ``tokenizer.json``, or ``vocab.json`` + ``merges.txt``, or ``spiece.model``."""
     fetch = _Fetcher(hub)
-    got = {name: fetch(name) for name in TOKENIZER_FILES}
+    got = {name: fetch(name) for name in fetch.cached_first(TOKENIZER_FILES)}
     usable = got["tokenizer.json"] or (got["vocab.json"] and got["merges.txt"]) or got["spiece.model"]
     if not usable:
         raise fetch.missing(
