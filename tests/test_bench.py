@@ -305,7 +305,7 @@ def test_max_batch_search(monkeypatch):
 
     limit = 1000
     monkeypatch.setattr(train, "fits", lambda step, model, opt, b, dev, cap, dtype: (b <= limit, b, ""))
-    monkeypatch.setattr(train, "_cleanup", lambda device: None)
+    monkeypatch.setattr(train, "cleanup", lambda device: None)
     cfg = train.TrainBench(model="tiny", start_batch=64, max_batch=10**6, search_seconds=60)
     res = train.find_max_batch(None, None, None, torch.device("cpu"), cfg, log=lambda s: None)
     assert limit - limit // 8 <= res["max_batch"] <= limit < res["first_failing"]

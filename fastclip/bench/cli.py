@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     t = sub.add_parser("train", help="one training step of a model: samples/s, memory, largest batch")
-    from fastclip.bench.train import add_train_arguments
+    from fastclip.bench.train_cli import add_train_arguments
 
     add_train_arguments(t)
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "report":
         return run_report(args)
     if cmd == "train":
-        from fastclip.bench.train import run_train
+        from fastclip.bench.train_cli import run_train
 
         return run_train(args)
     if cmd == "data":

@@ -15,12 +15,9 @@ inputs and the step's peak extra memory — stays under ``--mem-cap``. The searc
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +26,7 @@ import torch
 
 from fastclip.bench import timing
 from fastclip.bench.memory import peak_extra_bytes
+from fastclip.bench.oom import cleanup, is_oom
 
 LOSS_IMPLS = ("fastclip", "reference")
 
@@ -97,12 +95,8 @@ SEARCHES = (("fastclip", False), ("fastclip", True), ("reference", True))
 
 def build(name: str, device: torch.device, seed: int = 0):
     """``(model, optimizer)`` for a named config; clear errors when the model API is not there."""
-    try:
-        from fastclip.models import create_model, list_models
-    except ImportError as exc:
-        raise RuntimeError(
-            f"fastclip bench train needs fastclip.models.create_model, which does not import: {exc}"
-        ) from None
+    from fastclip.models import create_model, list_models
+
     if name not in list_models():
         raise ValueError(f"model: expected one of {list_models()}, got {name!r}")
     torch.manual_seed(seed)
@@ -155,13 +149,7 @@ def plain_step(model, optimizer, loss_fn, device, precision) -> Callable:
 def gradcache_step(model, optimizer, loss_fn, device, precision, micro_batch: int) -> Callable:
     """One step with gradient caching (``fastclip.train.gradcache.gradcache_step``), ``micro_batch``
     samples per forward/backward chunk, then the optimizer step."""
-    try:
-        from fastclip.train.gradcache import gradcache_step as cached_step
-    except ImportError as exc:
-        raise RuntimeError(
-            "gradient caching is not available: fastclip.train.gradcache.gradcache_step does not import "
-            f"({type(exc).__name__}: {exc})"
-        ) from None
+    from fastclip.train.gradcache import gradcache_step as cached_step
 
     def step(images, texts):
         optimizer.zero_grad(set_to_none=True)
@@ -171,19 +159,6 @@ def gradcache_step(model, optimizer, loss_fn, device, precision, micro_batch: in
         return loss.detach()
 
     return step
-
-
-def _cleanup(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError)
-        and ("out of memory" in str(exc).lower() or "can't allocate" in str(exc))
-    )
 
 
 def state_bytes(model, optimizer) -> int:
@@ -246,10 +221,10 @@ def fits(
             return False, used, f"needs {used / 2**20:.0f} MiB > cap {mem_cap / 2**20:.0f} MiB"
         return True, used, ""
     except Exception as exc:
-        if not _is_oom(exc):
+        if not is_oom(exc):
             raise
         msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-    _cleanup(device)
+    cleanup(device)
     optimizer.zero_grad(set_to_none=True)
     return False, None, msg
 
@@ -267,7 +242,7 @@ def find_max_batch(step, model, optimizer, device, cfg: TrainBench, granule: int
                       **({"message": msg} if msg else {})})  # fmt: skip
         log(f"  batch {b}: {'fits' if ok else 'does not fit'}" + (f" ({used / 2**20:.0f} MiB)" if used else "")
             + (f" {msg}" if msg else ""))  # fmt: skip
-        _cleanup(device)
+        cleanup(device)
         return ok
 
     def out_of_time(next_factor: float = 0.0):
@@ -340,11 +315,9 @@ def run_train_bench(cfg: TrainBench, log: Callable[[str], None] = print) -> dict
                 status="ok",
             )
         except Exception as exc:
-            rec.update(
-                status="oom" if _is_oom(exc) else "error", message=f"{type(exc).__name__}: {exc}"[:300]
-            )
+            rec.update(status="oom" if is_oom(exc) else "error", message=f"{type(exc).__name__}: {exc}"[:300])
         optimizer.zero_grad(set_to_none=True)
-        _cleanup(device)
+        cleanup(device)
         doc["records"].append(rec)
         log(f"{impl} loss: " + (f"{rec['samples_per_s']:.1f} samples/s, step {rec['step_ms']:.1f} ms, peak "
             f"{rec['peak_mem_bytes'] / 2**20:.1f} MiB" if rec["status"] == "ok" else rec["message"]))  # fmt: skip
@@ -379,7 +352,7 @@ def run_train_bench(cfg: TrainBench, log: Callable[[str], None] = print) -> dict
                 log("  interrupted")
                 break
             optimizer.zero_grad(set_to_none=True)
-            _cleanup(device)
+            cleanup(device)
             doc["max_batch"].append(entry)
     return doc
 
@@ -404,79 +377,3 @@ def train_table(doc: dict) -> str:
             rows, ["loss", "grad cache", "micro-batch", "largest batch", "limited by"]
         )
     return text
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", help="model name (fastclip.models.list_models(); default: tiny on CPU, ViT-B-16 on GPU)"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--batch", type=int, help="batch of the samples/s measurement")
-    p.add_argument(
-        "--precision", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default: bf16 on GPU)"
-    )
-    p.add_argument("--warmup", type=int, help="warm-up steps")
-    p.add_argument("--steps", type=int, help="timed steps")
-    p.add_argument("--loss-impls", help="comma list of fastclip,reference")
-    p.add_argument("--micro-batch", type=int, help="gradient caching: samples per chunk")
-    p.add_argument(
-        "--mem-cap", type=float, help="CPU: memory budget in GiB that decides what fits (default 1)"
-    )
-    p.add_argument("--start-batch", type=int, help="first batch of the largest-batch search")
-    p.add_argument("--max-batch", type=int, help="stop the largest-batch search here")
-    p.add_argument("--search-seconds", type=float, help="time limit of each largest-batch search")
-    p.add_argument("--max-seconds", type=float, help="time limit of all largest-batch searches together")
-    p.add_argument("--no-search", action="store_true", help="skip the largest-batch search")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="results folder")
-    p.add_argument("--name", help="file stem (default train_<date>_<time>_<device>)")
-    p.add_argument("--no-save", action="store_true", help="print only")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    import json
-
-    from fastclip.bench.report import result_stem
-
-    try:
-        device = timing.resolve_device(args.device)
-        cfg = default_train_bench(device)
-        cfg.device = str(device)
-        if args.model is not None:
-            cfg.model = args.model
-        for key, attr in (("batch", "batch"), ("precision", "precision"), ("warmup", "warmup"), ("steps", "steps"),
-                          ("micro_batch", "micro_batch"), ("start_batch", "start_batch"), ("max_batch", "max_batch"),
-                          ("search_seconds", "search_seconds")):  # fmt: skip
-            if getattr(args, key) is not None:
-                setattr(cfg, attr, getattr(args, key))
-        if args.mem_cap is not None:
-            cfg.mem_cap_bytes = int(args.mem_cap * 2**30)
-        if args.loss_impls:
-            cfg.loss_impls = [s.strip() for s in args.loss_impls.split(",") if s.strip()]
-        cfg.find_max_batch = not args.no_search
-        if args.max_seconds is not None:
-            n = sum(1 for impl, _ in SEARCHES if impl in cfg.loss_impls) or 1
-            cfg.search_seconds = args.max_seconds / n
-        cfg.validate()
-    except (TypeError, ValueError) as exc:
-        print(f"fastclip bench train: {exc}", file=sys.stderr)
-        return 2
-    try:
-        doc = run_train_bench(cfg)
-    except (RuntimeError, ValueError) as exc:
-        print(f"fastclip bench train: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(train_table(doc))
-    if not args.no_save:
-        stem = os.path.join(
-            args.out, args.name or result_stem("train", timing.device_tag(device), doc["date"])
-        )
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        with open(stem + ".json", "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        print(f"\nwrote {stem}.json")
-    failed = [r for r in doc["records"] if r["status"] != "ok"] + [
-        m for m in doc["max_batch"] if m["status"] != "ok"
-    ]
-    return 1 if failed else 0
