@@ -219,6 +219,28 @@ def test_siglip_bf16_zero1_clamps_the_fp32_master_logit_scale(tmp_path):
     assert weights["logit_scale"].dtype == torch.float32
     assert float(weights["logit_scale"].reshape(())) <= math.log(100.0) + 1e-6
     assert "logit_bias" in weights
+    # resuming this ZeRO checkpoint goes through DeepSpeed's engine loader: a planted pickle payload in
+    # its optimizer partition is refused (restricted unpickling), the marker never appears
+    step = os.path.join(out, "checkpoints", "step_00000003")
+    (optim,) = [n for n in os.listdir(os.path.join(step, "ds")) if n.endswith("optim_states.pt")]
+    marker = str(tmp_path / "MARK")
+    state = torch.load(os.path.join(step, "ds", optim), weights_only=False)
+    state["optimizer_state_dict"]["extra"] = _OpenOnUnpickle(marker)
+    torch.save(state, os.path.join(step, "ds", optim))
+    ckpt.write_manifest(step)
+    extend = ["--train.steps", "4", "--checkpoint.allow_config_change", "train.steps"]
+    p = _cli(args + extend)
+    assert p.returncode == 2, (p.stdout + p.stderr)[-3000:]
+    assert f"{optim}: refused to load" in p.stderr and "Unsupported global" in p.stderr
+    assert not os.path.exists(marker)
+
+
+class _OpenOnUnpickle:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 # ---- runs never mixed, metrics never lost ---------------------------------------------------------

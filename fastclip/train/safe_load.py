@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pickle
+import re
 
 import torch
 
@@ -52,11 +53,18 @@ def load_pickle(path, map_location="cpu", mmap: bool | None = None):
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsafeCheckpointError(
                 f"{path}: refused to load: the file needs Python objects beyond tensors and the allowed "
-                f"DeepSpeed classes ({first})"
+                f"DeepSpeed classes ({_reason(exc)})"
             ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The unpickler's own reason (e.g. "Unsupported global: GLOBAL os.system"), without torch's advice."""
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
+    text = found.group(1) if found else type(exc).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return text.split(" was not an allowed global")[0].strip()[:200]
 
 
 def make_engine_loads_safe(engine) -> None:
