@@ -128,3 +128,18 @@ def test_encoded_image_in_memory_decodes_like_a_file(tmp_path):
     assert a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(Exception, match="not an image"):
         decode_image(b"hello")
+
+
+def test_trainer_tokenizer_reads_the_table_under_data_root(tmp_path):
+    """With data.root, relative paths start at the root also where the trainer builds its vocabulary."""
+    from fastclip.train.build import build_model
+    from fastclip.train.config import Config
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "lists").mkdir()
+    _write_png(tmp_path / "imgs" / "a.png", 0)
+    (tmp_path / "lists" / "t.csv").write_text("image,caption\na.png,zebra crossing\n")
+    cfg = Config.from_dict({"data": {"kind": "csv", "train": str(tmp_path / "lists" / "t.csv"),
+                                     "root": str(tmp_path / "imgs")}})  # fmt: skip
+    tokenizer, _ = build_model(cfg, str(tmp_path), rank=1)
+    assert "zebra" in tokenizer.vocab

@@ -50,7 +50,9 @@ def build_model(cfg, out_dir: str, rank: int, model=None, tokenizer=None):
         elif dc.kind == "synthetic":
             tokenizer = WordTokenizer(data_lib.SyntheticShapes(8).vocabulary(), context_length=context)
         elif dc.kind == "csv":
-            _, captions, _ = data_lib.read_table(dc.train, dc.image_key, dc.caption_key, None, dc.delimiter)
+            _, captions, _ = data_lib.read_table(
+                dc.train, dc.image_key, dc.caption_key, None, dc.delimiter, dc.root
+            )
             extra = " ".join(
                 (cfg.eval.templates or []) + (data_lib.read_classnames(cfg.eval.classnames) or [])
             )
