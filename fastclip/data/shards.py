@@ -183,7 +183,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                     except SHARD_ERRORS as exc:  # unreadable tar: the rest of this shard is dropped, counted
                         skips.add(name, f"unreadable shard ({type(exc).__name__}: {exc})")
                         break
-                    item = self._decode(sample, name, epoch, skips)
+                    item = self._decode(sample, name, (epoch, slot), skips)
                     if item is not None:
                         good += 1
                         yield item, {"epoch": epoch, "slot": slot, "sample": j + 1}
@@ -196,7 +196,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                 slot, skip = slot + 1, 0
             epoch, slot = epoch + 1, 0
 
-    def _decode(self, sample, name, epoch, skips):
+    def _decode(self, sample, name, where_in_run, skips):
         where = f"{name}:{sample.get('__key__')}"
         image = next((sample[e] for e in self.image_exts if e in sample), None)
         caption = next((sample[e] for e in self.caption_exts if e in sample), None)
@@ -216,7 +216,8 @@ class ShardReader(torch.utils.data.IterableDataset):
         except DECODE_ERRORS as exc:
             skips.add(where, f"unreadable image ({type(exc).__name__}: {exc})")
             return None
-        g = sample_generator(self.seed, "aug", epoch, name, sample["__key__"])
+        # (epoch, slot): a shard drawn twice by a resampled reader gets new crops the second time
+        g = sample_generator(self.seed, "aug", *where_in_run, name, sample["__key__"])
         return self.transform(img, generator=g), caption
 
 
