@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Build the folder of wheels that benchmarks/device_check.sh --wheels DIR installs on a GPU machine
+# without internet: fastclip itself (this checkout) and the pure-Python packages the GPU image lacks.
+#
+#   bash benchmarks/build_wheels.sh DIR
+set -eu -o pipefail
+[ $# -eq 1 ] || { echo "usage: bash benchmarks/build_wheels.sh DIR" >&2; exit 2; }
+DIR="$1"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python}"
+mkdir -p "$DIR"
+"$PY" -m pip download --no-deps inf-cl open_clip_torch -d "$DIR"
+"$PY" -m pip wheel --no-deps "$ROOT" -w "$DIR"
+ls -l "$DIR"

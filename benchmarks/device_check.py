@@ -1,0 +1,464 @@
+"""The parts of ``benchmarks/device_check.sh``, one per call: ``python benchmarks/device_check.py PART OUT``.
+
+PART is one of ``env``, ``correctness``, ``target``, ``phases``, ``million``, ``summary``. Each part
+writes ``OUT/part_<PART>.json`` (rewritten as it goes, so a part stopped by its time limit still
+leaves what it measured) and stops starting new work ``--seconds`` after it began. ``target`` also
+writes ``OUT/results.json`` in the result-file schema of ``fastclip.bench.report`` (plus a CSV).
+``summary`` prints one line per target and writes ``OUT/device_check.json``.
+
+``--dry-run``: the same code on CPU with the Triton interpreter and tiny sizes (CI runs it), so the
+GPU time goes to measuring. Sizes on a GPU: the issue's targets (B = 32768 and 2**20, D = 768, bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTS = ("env", "correctness", "target", "phases", "million", "summary")
+# Sizes: (GPU, dry run on CPU).
+SIZES = {
+    "target": ((32768, 768), (256, 32)),
+    "phases": ((32768, 768), (256, 32)),
+    "million": ((2**20, 768), (1024, 16)),
+    "repeat": ((16387, 768), (130, 33)),
+    "matmul": (8192, 256),
+}
+GOAL_MATMUL_FRACTION = 0.60  # fwd+bwd of the fused CLIP loss against the bf16 matmul rate at B x B x D
+
+
+def _sizes(name: str, dry: bool):
+    return SIZES[name][1 if dry else 0]
+
+
+class Part:
+    """Writes ``part_<name>.json`` after every step; knows how much of its time is left."""
+
+    def __init__(self, name: str, out: str, seconds: float, dry: bool):
+        self.name, self.out, self.dry = name, out, dry
+        self.start = time.perf_counter()
+        self.deadline = self.start + seconds
+        self.data: dict = {"part": name, "dry_run": dry, "status": "running", "limit_s": seconds}
+        self.save()
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def save(self, **update) -> None:
+        self.data.update(update, seconds=round(time.perf_counter() - self.start, 2))
+        path = os.path.join(self.out, f"part_{self.name}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def _device(dry: bool):
+    import torch
+
+    if dry:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run on a machine without a GPU")
+    return torch.device("cuda")
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 on or off for fp32 matmuls through whichever precision API this torch has."""
+    import torch
+
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parts
+
+
+def part_env(p: Part) -> None:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+    from fastclip.kernels import common, config, gemm
+
+    from fastclip.bench import timing
+
+    device = _device(p.dry)
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "triton", "numpy", "fastclip", "inf-cl", "open_clip_torch", "pytest"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    info = {"versions": versions, "device": timing.device_description(device), "clocks": timing.gpu_clocks()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            capability=list(torch.cuda.get_device_capability(device)), sms=props.multi_processor_count
+        )
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    info["kernel_arch"] = config.arch(device)
+    info["interpreter"] = config.interpreting()
+    info["paths"] = {
+        str(dt).split(".")[-1]: {"dot": common.dot_path(dt), "gemm": gemm.gemm_path(device, dt)}
+        for dt in (torch.bfloat16, torch.float16, torch.float32)
+    }
+    p.save(status="ok", **info)
+
+
+def part_correctness(p: Part) -> None:
+    """Every kernel against float64 (error budgets of tests/test_kernels.py), compiled on the GPU."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import test_kernels as tk  # noqa: E402  (the test helpers: same budgets as the test suite)
+
+    device = _device(p.dry)
+    precisions = [("float32", False), ("float32", True), ("bfloat16", False), ("float16", False)]
+    blocks = tk.BLOCKS if not p.dry else [(7, 7, 3, 0), (70, 130, 33, 5), (130, 70, 33, -3)]
+    cases = []
+    for dname, tf in precisions:
+        for block in blocks:
+            cases.append(("clip", block, dname, tf, {}))
+            cases.append(("siglip", block, dname, tf, {}))
+    # Forced row chunks x column panels and column splits (merge paths).
+    cases.append(("clip", (257, 230, 40, -3), "float32", False, {"rows_per_chunk": 100, "splits": 2}))
+    cases.append(
+        ("siglip", (257, 230, 40, -3), "bfloat16", False, {"rows_per_chunk": 100, "cols_per_panel": 128})
+    )
+    results = []
+    p.save(cases=len(cases), results=results)
+    for loss, block, dname, tf, kw in cases:
+        rec = {"loss": loss, "block": list(block), "dtype": dname, "tf32": tf, "options": kw}
+        if p.left() <= 0:
+            rec.update(ok=None, error="not run: time limit")
+            results.append(rec)
+            continue
+        t0 = time.perf_counter()
+        try:
+            with tf32(tf):
+                dtype = getattr(torch, dname)
+                if loss == "clip":
+                    grad_kw = {"rows_per_chunk": kw["rows_per_chunk"]} if kw else None
+                    lse_kw = kw if kw else {}
+                    tk._check_clip_block(*block, dtype, device=device, grad_kw=grad_kw, **lse_kw)
+                else:
+                    tk._check_siglip_block(*block, dtype, device=device, **kw)
+                    tk._check_siglip_block(*block, dtype, device=device, need_grad=False, bias=None, **kw)
+            rec["ok"] = True
+        except AssertionError as exc:
+            rec.update(ok=False, error=str(exc)[:400])
+        except Exception as exc:  # a crash is a failed case, recorded; the other cases still run
+            rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:400])
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        results.append(rec)
+        p.save(results=results)
+    # Determinism: the fused losses twice on the same inputs, bitwise.
+    rep = {"check": "repeat"}
+    if p.left() > 0:
+        import fastclip
+        from fastclip.bench.loss import make_inputs
+
+        b, d = _sizes("repeat", p.dry)
+        x, y = make_inputs(b, d, torch.bfloat16, device, seed=3)
+        s = torch.tensor(50.0, device=device, requires_grad=True)
+        bias = torch.tensor(-10.0, device=device, requires_grad=True)
+        outs = []
+        for _ in range(2):
+            for t in (x, y, s, bias):
+                t.grad = None
+            c = fastclip.clip_loss(x, y, s, impl="triton")
+            g = fastclip.siglip_loss(x, y, s, bias, impl="triton")
+            (c + g).backward()
+            outs.append(
+                [c.detach(), g.detach(), x.grad.clone(), y.grad.clone(), s.grad.clone(), bias.grad.clone()]
+            )
+        rep.update(batch=b, dim=d, ok=all(torch.equal(a, c) for a, c in zip(*outs)))
+    else:
+        rep.update(ok=None, error="not run: time limit")
+    failed = [r for r in results if r.get("ok") is False] + ([rep] if rep.get("ok") is False else [])
+    skipped = [r for r in results if r.get("ok") is None]
+    p.save(
+        status="ok" if not failed and not skipped else "failed",
+        repeat=rep,
+        failed=len(failed),
+        not_run=len(skipped),
+    )
+
+
+def part_target(p: Part) -> None:
+    """B = 32768, D = 768, bf16, both losses: fused vs materialized reference vs Inf-CL."""
+    from fastclip.bench import report, timing
+    from fastclip.bench.loss import LossSweep, run_loss_sweep
+    from fastclip.bench.providers import Provider
+
+    device = _device(p.dry)
+    b, d = _sizes("target", p.dry)
+    t0 = time.perf_counter()
+    rates = {"bxbxd": timing.gemm_tflops(device, b, b, d)}
+    p.save(matmul_tflops=rates, batch=b, dim=d)
+    cfg = LossSweep(
+        providers=["fastclip-triton", "reference", "inf_cl"], batches=[b], dims=[d], dtypes=["bfloat16"],
+        losses=["clip", "siglip"], device=str(device), warmup=2, min_repeats=5, max_repeats=20,
+        time_budget_s=3.0 if not p.dry else 0.5,
+        max_seconds=max(5.0, p.left() - 2 * (time.perf_counter() - t0) - 5.0),
+        matmul_size=_sizes("matmul", p.dry),
+    )  # fmt: skip
+    extra = {}
+    if p.dry:  # the bench refuses to time the interpreter; the dry run only exercises the code path
+        extra["fastclip-triton"] = Provider("fastclip-triton", _fused_triton)
+    doc = run_loss_sweep(cfg, progress=False, log=lambda m: print(m, flush=True), extra_providers=extra)
+    rates["square"] = doc["matmul_tflops"]
+    report.write_json(doc, os.path.join(p.out, "results.json"))
+    report.write_csv(doc["records"], os.path.join(p.out, "results.csv"), {"device": doc["device"]})
+    rows = []
+    for r in doc["records"]:
+        row = {k: r.get(k) for k in ("loss", "provider", "status", "fwd_bwd_ms", "tflops", "peak_mem_bytes")}
+        row.update(repeats=r.get("repeats"), message=r.get("message"), kernel_path=r.get("kernel_path"))
+        if r.get("tflops"):
+            row["fraction_of_bxbxd_matmul"] = round(r["tflops"] / rates["bxbxd"], 4)
+        rows.append(row)
+    p.save(status="ok", matmul_tflops=rates, rows=rows, goal_fraction=GOAL_MATMUL_FRACTION)
+
+
+def _fused_triton(loss, x, y, scale, bias):
+    import fastclip
+
+    if loss == "clip":
+        return fastclip.clip_loss(x, y, scale, impl="triton")
+    return fastclip.siglip_loss(x, y, scale, bias, impl="triton")
+
+
+def part_phases(p: Part) -> None:
+    """Per-phase times of the backward (tile kernel, dX GEMM, dY GEMM) and of the forward."""
+    import torch
+    from fastclip.kernels import clip, config, gemm, siglip
+
+    from fastclip.bench.loss import make_inputs
+
+    device = _device(p.dry)
+    b, d = _sizes("phases", p.dry)
+    x, y = make_inputs(b, d, torch.bfloat16, device)
+    x, y = x.detach(), y.detach()
+    s, bias = torch.tensor(1 / 0.07, device=device), torch.tensor(-10.0, device=device)
+    coef = 1.0 / (2 * b)
+    cfg = config.tile_config("tile", device, x.dtype, d)
+    out = {
+        "batch": b,
+        "dim": d,
+        "chunk": list(config.grad_tiles(b, b, config.GRAD_WORKSPACE_ELEMENTS, cfg.block_m, cfg.block_n)),
+    }
+    out["gemm_path"] = gemm.gemm_path(device, x.dtype)
+    runs = {
+        "clip_lse": lambda t: clip.clip_lse(x, y, s),
+        "clip_grad": lambda t: clip.clip_grad(x, y, s, *lse, coef, coef, 0, 2 * coef, timer=t),
+        "siglip_grad": lambda t: siglip.siglip_block(x, y, s, bias, 0, True, timer=t),
+    }
+    lse = clip.clip_lse(x, y, s)
+    for name, fn in runs.items():
+        if p.left() <= 0:
+            out[name] = {"error": "not run: time limit"}
+            continue
+        fn(gemm.PhaseTimer.disabled())  # warm-up: compilation, cuBLAS heuristics
+        _sync(device)
+        timer = gemm.PhaseTimer(device)
+        t0 = time.perf_counter()
+        fn(timer)
+        _sync(device)
+        total = (time.perf_counter() - t0) * 1e3
+        out[name] = {"total_ms": round(total, 3), **{k: round(v, 3) for k, v in timer.totals_ms().items()}}
+        p.save(**out)
+    p.save(status="ok", **out)
+
+
+def part_million(p: Part) -> None:
+    """B = 2**20, D = 768, bf16: the fused losses complete (time, memory above the inputs)."""
+    import torch
+
+    import fastclip
+    from fastclip.bench.loss import make_inputs
+
+    device = _device(p.dry)
+    b, d = _sizes("million", p.dry)
+    x, y = make_inputs(b, d, torch.bfloat16, device, seed=5)
+    s = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    rows = []
+    for loss in ("clip", "siglip"):
+        if p.left() <= 0:
+            rows.append({"loss": loss, "error": "not run: time limit"})
+            continue
+        for t in (x, y, s, bias):
+            t.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        if loss == "clip":
+            out = fastclip.clip_loss(x, y, s, impl="triton")
+        else:
+            out = fastclip.siglip_loss(x, y, s, bias, impl="triton")
+        out.backward()
+        _sync(device)
+        row = {"loss": loss, "batch": b, "dim": d, "seconds": round(time.perf_counter() - t0, 3)}
+        row["finite"] = bool(torch.isfinite(out).item() and torch.isfinite(x.grad).all().item())
+        if device.type == "cuda":
+            row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+        rows.append(row)
+        p.save(rows=rows)
+    ok = all(r.get("finite") for r in rows)
+    p.save(status="ok" if ok else "failed", rows=rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# summary
+
+
+def _load(out: str, name: str) -> dict:
+    try:
+        with open(os.path.join(out, f"part_{name}.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def summary_lines(out: str) -> list[str]:
+    lines = []
+    env = _load(out, "env")
+    lines.append(
+        f"device: {env.get('device', '?')}; clocks {env.get('clocks')}; versions {env.get('versions')}"
+    )
+    c = _load(out, "correctness")
+    results = c.get("results", [])
+    ok = sum(1 for r in results if r.get("ok"))
+    rep = c.get("repeat", {})
+    lines.append(
+        f"correctness: {ok} of {len(results)} kernel cases within the float64 error budgets, "
+        f"{c.get('not_run', '?')} not run; bitwise repeat {'same' if rep.get('ok') else 'DIFFERENT' if rep.get('ok') is False else 'not run'}; "
+        f"{c.get('seconds', '?')} s incl. compilation [{c.get('status', 'missing')}]"
+    )
+    t = _load(out, "target")
+    rates = t.get("matmul_tflops", {})
+    for loss in ("clip", "siglip"):
+        parts = []
+        for r in t.get("rows", []):
+            if r["loss"] != loss:
+                continue
+            if r["status"] == "ok":
+                frac = r.get("fraction_of_bxbxd_matmul")
+                mem = r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else float("nan")
+                parts.append(
+                    f"{r['provider']} {r['fwd_bwd_ms']:.4g} ms ({r['tflops']:.3g} TFLOP/s = {frac} of the BxBxD "
+                    f"matmul rate, {mem:.3g} GiB above inputs)"
+                )
+            else:
+                parts.append(f"{r['provider']} {r['status']}")
+        lines.append(
+            f"target {loss} bf16 B={t.get('batch')} D={t.get('dim')}: "
+            + ("; ".join(parts) or "no result")
+            + f" | matmul {rates.get('bxbxd', float('nan')):.3g} TFLOP/s at BxBxD, {rates.get('square', float('nan')):.3g} square"
+            + (f" (goal fastclip >= {GOAL_MATMUL_FRACTION} of BxBxD)" if loss == "clip" else "")
+        )
+    ph = _load(out, "phases")
+    for name in ("clip_lse", "clip_grad", "siglip_grad"):
+        if name in ph:
+            lines.append(
+                f"phases {name} B={ph.get('batch')} chunk {ph.get('chunk')} gemm {ph.get('gemm_path')}: {ph[name]}"
+            )
+    m = _load(out, "million")
+    for r in m.get("rows", []):
+        if "error" in r:
+            lines.append(f"million {r['loss']}: {r['error']}")
+        else:
+            peak = r.get("peak_extra_bytes")
+            lines.append(
+                f"million {r['loss']} B={r['batch']} D={r['dim']}: {r['seconds']} s, "
+                f"{'finite' if r['finite'] else 'NOT finite'}"
+                + (f", {peak / 2**30:.2f} GiB above inputs" if peak else "")
+            )
+    lines.append(f"pytest -m gpu: {_pytest_result(out)}")
+    return lines
+
+
+def _pytest_result(out: str) -> str:
+    try:
+        with open(os.path.join(out, "pytest_gpu.log")) as f:
+            tail = [ln for ln in f.read().splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    for ln in reversed(tail):
+        if " in " in ln and any(w in ln for w in ("passed", "failed", "skipped", "error", "deselected")):
+            return ln.strip("= ")
+    return tail[-1] if tail else "empty log"
+
+
+def part_summary(out: str) -> None:
+    lines = summary_lines(out)
+    status = {}
+    try:
+        with open(os.path.join(out, "status.txt")) as f:
+            status = dict(ln.split() for ln in f if ln.strip())
+    except (OSError, ValueError):
+        pass
+    doc = {name: _load(out, name) for name in PARTS[:-1]}
+    doc.update(exit_status=status, summary=lines)
+    with open(os.path.join(out, "device_check.json"), "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    for ln in lines:
+        print(ln)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=PARTS)
+    ap.add_argument("out")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--seconds", type=float, default=60.0, help="stop starting new work after this")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.part == "summary":
+        part_summary(args.out)
+        return 0
+    p = Part(args.part, args.out, args.seconds, args.dry_run)
+    try:
+        globals()[f"part_{args.part}"](p)
+    except Exception as exc:
+        p.save(
+            status="error",
+            error=f"{type(exc).__name__}: {exc}"[:1000],
+            traceback=traceback.format_exc()[-3000:],
+        )
+        raise
+    return 0 if p.data.get("status") == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

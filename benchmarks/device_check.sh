@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The prepared device check: one command, about 8 minutes on one H200 (each part has its own limit).
+#
+#   bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR]
+#
+#   --wheels DIR  install the wheels in DIR first (pip --no-deps --no-index): fastclip itself and what
+#                 the GPU image lacks (inf-cl, open_clip_torch). Build DIR with benchmarks/build_wheels.sh.
+#   --dry-run     the same parts on CPU with the Triton interpreter and tiny sizes (CI runs this);
+#                 with --wheels, pip only resolves the install (pip install --dry-run).
+#
+# Parts, in priority order, each stopped at its own limit so a slow part never starts the next late:
+#   env (20 s), correctness (90 s: every kernel against float64, compile warm-up included),
+#   target (150 s: B=32768 D=768 bf16, fused vs materialized vs Inf-CL, matmul rate at BxBxD and 8192^3),
+#   phases (45 s: tile kernel / dX GEMM / dY GEMM), million (100 s: B=2^20 completes),
+#   pytest_gpu (what is left of 470 s: pytest -m gpu).
+# Writes into OUT: results.json/.csv (the result-file schema of fastclip.bench.report), part_*.json,
+# device_check.json (everything, plus the summary), versions.txt, <part>.log, status.txt, and
+# device_check.log (the raw log of the whole run). Prints one summary line per target at the end.
+set -u -o pipefail
+
+usage() { echo "usage: bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR]" >&2; exit 2; }
+OUT="" DRY=0 WHEELS=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --wheels) [ $# -ge 2 ] || usage; WHEELS="$2"; shift ;;
+        -*) usage ;;
+        *) [ -z "$OUT" ] || usage; OUT="$1" ;;
+    esac
+    shift
+done
+[ -n "$OUT" ] || usage
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python}"
+TOTAL=470
+START=$(date +%s)
+FAILED=0
+DRYFLAG=""
+if [ "$DRY" = 1 ]; then
+    DRYFLAG="--dry-run"
+    export TRITON_INTERPRET=1  # before triton is imported: kernels run through the interpreter on CPU
+    TOTAL=270
+fi
+exec > >(tee -a "$OUT/device_check.log") 2>&1
+
+echo "== device check $( [ "$DRY" = 1 ] && echo '(dry run: CPU, Triton interpreter, tiny sizes)') into $OUT"
+if [ -n "$WHEELS" ]; then
+    shopt -s nullglob
+    whls=("$WHEELS"/*.whl)
+    shopt -u nullglob
+    [ ${#whls[@]} -gt 0 ] || { echo "no wheels in $WHEELS" >&2; exit 2; }
+    if [ "$DRY" = 1 ]; then
+        "$PY" -m pip install --dry-run --no-deps --no-index --force-reinstall "${whls[@]}" || FAILED=1
+    else
+        "$PY" -m pip install --no-deps --no-index --force-reinstall "${whls[@]}" || FAILED=1
+    fi
+elif ! "$PY" -c "import fastclip.kernels.clip" 2>/dev/null; then
+    echo "fastclip is not importable: installing this checkout (--no-deps --no-build-isolation)"
+    "$PY" -m pip install --no-deps --no-build-isolation -e . || FAILED=1
+fi
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi 2>&1 || echo "nvidia-smi not available"
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu \
+        --format=csv 2>&1 || true
+    "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|fastclip|inf.cl|open.clip.torch|pytest) " || true
+} > "$OUT/versions.txt"
+cat "$OUT/versions.txt"
+
+: > "$OUT/status.txt"
+part() {  # part NAME SECONDS COMMAND...: run with a hard time limit, log, record the exit status
+    local name="$1" secs="$2"
+    shift 2
+    echo "== $name (limit ${secs} s, $(( $(date +%s) - START )) s elapsed)"
+    timeout --signal=INT --kill-after=10 "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$name $rc" >> "$OUT/status.txt"
+    [ "$rc" -ne 0 ] && FAILED=1
+    echo "== $name exit $rc"
+}
+dc() {  # dc PART SECONDS: a part of benchmarks/device_check.py; it stops new work 5 s before the limit
+    part "$1" "$2" "$PY" benchmarks/device_check.py "$1" "$OUT" $DRYFLAG --seconds $(( $2 - 5 ))
+}
+
+dc env 20
+dc correctness 90
+dc target 150
+dc phases 45
+dc million 100
+LEFT=$(( TOTAL - ( $(date +%s) - START ) ))
+[ "$LEFT" -lt 30 ] && LEFT=30
+if [ "$DRY" = 1 ]; then
+    # On CPU every gpu test is skipped: this exercises the command, its log and the summary line.
+    part pytest_gpu "$LEFT" "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu_kernels.py
+else
+    part pytest_gpu "$LEFT" "$PY" -m pytest -q -m gpu -rs -x --durations=10 -p no:cacheprovider tests
+fi
+
+echo "== summary ($(( $(date +%s) - START )) s)"
+"$PY" benchmarks/device_check.py summary "$OUT" || FAILED=1
+exit $FAILED
