@@ -229,10 +229,10 @@ class Trainer:
             else:
 
                 def backward(surrogate):
-                    engine.backward(
-                        surrogate, scale_wrt_gas=False
-                    )  # the cached gradients are already the mean's
-                    engine.step()  # DeepSpeed steps the optimizer only at the last micro-batch
+                    # the cached gradients already are the mean's; DeepSpeed steps the optimizer only
+                    # at the last micro-batch (its gradient-accumulation boundary)
+                    engine.backward(surrogate, scale_wrt_gas=False)
+                    engine.step()
 
                 loss = gradcache_step(engine, loss_fn, images, texts, self.micro, backward=backward)
         except FloatingPointError as exc:  # gradcache's non-finite-loss check: add the step
