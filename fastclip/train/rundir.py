@@ -27,11 +27,11 @@ RUN_FILES = (
     "tensorboard",
 )
 
-# Keys that do not change what is trained (logging, evaluation, checkpoint cadence, process set-up):
-# they may differ on resume. Every other key must match the checkpoint's, or be named in
-# checkpoint.allow_config_change.
+# Keys that do not change what is trained (logging, evaluation, checkpoint cadence, process set-up,
+# loader prefetch): they may differ on resume. Every other key must match the checkpoint's, or be
+# named in checkpoint.allow_config_change (data.workers too: the loader's reader plan may depend on it).
 FREE_SECTIONS = ("log.", "eval.", "checkpoint.", "dist.")
-FREE_KEYS = {"output_dir", "train.threads", "train.backend", "data.workers", "data.eval", "data.eval_size",
+FREE_KEYS = {"output_dir", "train.threads", "train.backend", "data.prefetch", "data.eval", "data.eval_size",
              "data.label_key"}  # fmt: skip
 
 
