@@ -1,21 +1,32 @@
 """Offline tuning of the tile configurations on a GPU: ``python -m fastclip.kernels.tune``.
 
-Times ``clip_lse``, ``clip_grad`` and ``siglip_block`` for every entry of
-``config.AUTOTUNE_CANDIDATES`` (plus the current table entry) at one problem size, checks each result
-against the current configuration, and prints one JSON line per (kernel, candidate) with the median
-time in ms and TFLOP/s. Copy the winners into ``config._CONFIGS`` (run-time autotuning is off on
-purpose: see config.py). Needs CUDA; not run under the interpreter.
+For each (dtype, D bucket) asked for, times ``clip_lse`` ("lse"), ``clip_grad`` ("tile") and
+``siglip_block`` ("siglip") with every entry of ``config.AUTOTUNE_CANDIDATES`` (and the current
+table entry), skips candidates whose compiled kernel spills registers (``n_spills`` of the compiled
+binary) or does not match the current configuration's result, and prints one JSON line per
+(kernel, candidate) with the median time and TFLOP/s. The last line is the winners as ``config.TUNED``
+entries keyed by (arch, kernel, dtype, D bucket): paste them into ``kernels/config.py`` (run-time
+autotuning is off on purpose, see config.py). ``--max-seconds`` bounds the whole run (default 280).
+Needs CUDA; not run under the interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import time
 
 import torch
 from fastclip.kernels import clip, config, siglip
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# kernel key -> (Triton kernel whose binaries are checked for spills, FLOPs per B*B*D)
+_KERNELS = {
+    "lse": (clip._clip_lse_kernel, 2),
+    "tile": (clip._clip_grad_kernel, 6),
+    "siglip": (siglip._siglip_tile_kernel, 6),
+}
 
 
 def _problem(b: int, d: int, dtype: torch.dtype):
@@ -25,13 +36,26 @@ def _problem(b: int, d: int, dtype: torch.dtype):
     return x, y, torch.tensor(30.0, device="cuda"), torch.tensor(-10.0, device="cuda")
 
 
-def _runs(x, y, s, bias, lse):
+def _call(kernel: str, x, y, s, bias, lse):
     coef = 1.0 / (2 * x.shape[0])
-    return {
-        "clip_lse": (lambda: clip.clip_lse(x, y, s), 2),
-        "clip_grad": (lambda: clip.clip_grad(x, y, s, *lse, coef, coef, 0, 2 * coef), 6),
-        "siglip_block": (lambda: siglip.siglip_block(x, y, s, bias, 0, True), 6),
-    }
+    if kernel == "lse":
+        return clip.clip_lse(x, y, s)
+    if kernel == "tile":
+        return clip.clip_grad(x, y, s, *lse, coef, coef, 0, 2 * coef)
+    return siglip.siglip_block(x, y, s, bias, 0, True)
+
+
+def _max_spills(jit_fn) -> int:
+    """Largest spill count over the binaries compiled so far for ``jit_fn`` on this device."""
+    caches = getattr(jit_fn, "device_caches", {})
+    spills = [getattr(k, "n_spills", 0) or 0 for cache in caches.values() for k in cache[0].values()]
+    return max(spills, default=0)
+
+
+def _matches(out, ref) -> bool:
+    return all(
+        torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3) for a, b in zip(out, ref) if a is not None
+    )
 
 
 def main(argv=None) -> None:
@@ -39,40 +63,59 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32768)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    p.add_argument("--dims", type=int, nargs="+", default=[768])
+    p.add_argument("--dtypes", nargs="+", choices=sorted(_DTYPES), default=["bfloat16"])
+    p.add_argument("--kernels", nargs="+", choices=sorted(_KERNELS), default=sorted(_KERNELS))
+    p.add_argument("--max-seconds", type=float, default=280.0)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fastclip.kernels.tune needs a CUDA GPU")
     dev = torch.device("cuda")
-    x, y, s, bias = _problem(args.batch, args.dim, _DTYPES[args.dtype])
-    lse = clip.clip_lse(x, y, s)
-    reference = {name: fn() for name, (fn, _) in _runs(x, y, s, bias, lse).items()}
-    table = config._CONFIGS[config.arch(dev)]
-    saved = dict(table)
-    candidates = [saved["tile"]] + list(config.AUTOTUNE_CANDIDATES)
-    try:
-        for cand in candidates:
-            table["lse"] = table["tile"] = cand
-            for name, (fn, flop_factor) in _runs(x, y, s, bias, lse).items():
-                row = {"kernel": name, "config": cand.__dict__, "batch": args.batch, "dim": args.dim}
-                row.update(dtype=args.dtype, device=torch.cuda.get_device_name(dev))
-                try:
-                    out = fn()
-                    ok = all(
-                        torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)
-                        for a, b in zip(out, reference[name])
-                        if a is not None
-                    )
-                    ms = triton.testing.do_bench(fn, quantiles=[0.5])
-                    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-                    flops = flop_factor * args.batch * args.batch * args.dim
-                    row.update(ms=ms, tflops=flops / ms / 1e9, matches=ok)
-                except Exception as exc:  # a candidate may not fit (shared memory, registers)
-                    row.update(error=f"{type(exc).__name__}: {exc}"[:200])
-                print(json.dumps(row), flush=True)
-    finally:
-        table.update(saved)
+    arch = config.arch(dev)
+    start = time.perf_counter()
+    winners = {}
+    for dname in args.dtypes:
+        for dim in args.dims:
+            x, y, s, bias = _problem(args.batch, dim, _DTYPES[dname])
+            lse = clip.clip_lse(x, y, s)
+            for kernel in args.kernels:
+                key = (arch, kernel, dname, config.d_bucket(dim))
+                jit_fn, flop_factor = _KERNELS[kernel]
+                config.TUNED.pop(key, None)
+                default = config.tile_config(kernel, dev, _DTYPES[dname], dim)
+                ref = _call(kernel, x, y, s, bias, lse)
+                best = None
+                for cand in [default] + [c for c in config.AUTOTUNE_CANDIDATES if c != default]:
+                    if time.perf_counter() - start > args.max_seconds:
+                        print(json.dumps({"stopped": "max-seconds reached", "key": list(key)}), flush=True)
+                        break
+                    row = {"key": list(key), "config": cand.__dict__, "batch": args.batch}
+                    config.TUNED[key] = cand
+                    try:
+                        out = _call(kernel, x, y, s, bias, lse)
+                        torch.cuda.synchronize()
+                        spills = _max_spills(jit_fn)
+                        if spills:
+                            row.update(skipped=f"{spills} register spills")
+                        elif not _matches(out, ref):
+                            row.update(skipped="result differs from the default configuration")
+                        else:
+                            fn = functools.partial(_call, kernel, x, y, s, bias, lse)
+                            ms = triton.testing.do_bench(fn, quantiles=[0.5])
+                            ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+                            row.update(ms=ms, tflops=flop_factor * args.batch**2 * dim / ms / 1e9)
+                            if best is None or ms < best[0]:
+                                best = (ms, cand)
+                    except Exception as exc:  # a candidate may not fit (shared memory, registers)
+                        row.update(error=f"{type(exc).__name__}: {exc}"[:200])
+                    finally:
+                        config.TUNED.pop(key, None)
+                        for cache in getattr(jit_fn, "device_caches", {}).values():
+                            cache[0].clear()  # spills are read per candidate
+                    print(json.dumps(row), flush=True)
+                if best is not None:
+                    winners[key] = best[1]
+    print("TUNED = " + repr({k: v for k, v in winners.items()}), flush=True)
 
 
 if __name__ == "__main__":
