@@ -351,3 +351,35 @@ def test_a_diverging_run_stops_with_the_step(tmp_path):
     assert "Traceback" not in p.stderr
     (line,) = [x for x in p.stderr.splitlines() if x.startswith("fastclip train: error:")]
     assert "fastclip train: error: step " in line and "diverged" in line and "lower optim.lr" in line
+
+
+def test_rank_state_round_trip(tmp_path):
+    """RNG states (torch, numpy, python) and the data position survive the safetensors file exactly."""
+    import random
+
+    import numpy as np
+
+    from fastclip.train.rank_state import RankStateError, load_rank_state, save_rank_state, set_rng_state
+
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    np.random.normal()  # a cached gaussian in numpy's state
+    path = str(tmp_path / "rank_00000.safetensors")
+    save_rank_state(path, step=7, data={"kind": "synthetic", "position": 7})
+    expected = (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random(), np.random.normal())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    state = load_rank_state(path)
+    assert state["step"] == 7 and state["data"] == {"kind": "synthetic", "position": 7}
+    set_rng_state(state["rng"])
+    assert (
+        torch.rand(3).tolist(),
+        np.random.rand(3).tolist(),
+        random.random(),
+        np.random.normal(),
+    ) == expected
+    with pytest.raises(TypeError, match="data: expected a JSON-serialisable data-stream state"):
+        save_rank_state(path, step=1, data={"position": object()})
+    from safetensors.torch import save_file
+
+    save_file({"rng.torch": torch.zeros(3, dtype=torch.uint8)}, path, metadata={"fastclip": '{"step": 1}'})
+    with pytest.raises(RankStateError, match="key 'data': expected the data stream's state"):
+        load_rank_state(path)

@@ -206,3 +206,40 @@ def test_example_configs_load():
     default = load_config()
     default.model.overrides = {"patch_size": 8}  # what None resolves to for the tiny models
     assert demo.to_dict() == default.to_dict(), "configs/tiny-synthetic.yaml must spell out the defaults"
+
+
+def test_weight_decay_groups_follow_the_model():
+    """Parameter groups come from model.no_weight_decay(): the patch-embedding conv and the token
+    embedding are decayed; biases, norms, position embeddings and logit scale/bias are not."""
+    import torch
+
+    from fastclip.models import create_model
+    from fastclip.train.optim import param_groups
+
+    model = create_model("tiny-siglip", patch_size=8, vision_depth=1, text_depth=1)
+    decay, exempt = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and exempt["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in exempt["params"]}
+    assert decayed | skipped == set(names.values()) and not decayed & skipped
+    assert {"visual.patch_embed.weight", "text.token_embed.weight"} <= decayed
+    assert {
+        "logit_scale",
+        "logit_bias",
+        "visual.pos_embed",
+        "text.pos_embed",
+        "visual.norm.weight",
+    } <= skipped
+    assert all(p.ndim >= 2 for p in decay["params"])
+
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))  # no no_weight_decay()
+    decay, exempt = param_groups(plain, 0.1)
+    assert [p.shape for p in decay["params"]] == [(4, 3)] and len(exempt["params"]) == 3
+
+
+def test_lr_schedule():
+    from fastclip.train.optim import lr_factor
+
+    assert [lr_factor(s, 4, 10, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 10, 0.0) == 1.0 and abs(lr_factor(10, 4, 10, 0.1) - 0.1) < 1e-12
