@@ -41,6 +41,17 @@ from fastclip.ops.torch_impl import positive_logits, positive_rows
 # ----------------------------------------------------------------------------------------------------
 # "torch" implementation of the two passes
 
+# Default logits per chunk (each of the student and teacher tiles): twice the CLIP loss's budget
+# (fastclip.ops.dispatch.CHUNK_ELEMENTS). Measured on the 2-core CPU machine at B = 16384, D = 256
+# (interleaved, loaded machine): 512-row chunks beat 256 and 1024 rows; fewer chunks also means
+# fewer small ops, which matters when the cores are shared. Four to five fp32 buffers of this size
+# live at once: ~160 MiB, against several GiB for the materialized loss at that batch.
+CHUNK_ELEMENTS = 2**23
+
+
+def _rows(n: int, N: int, chunk_size: int | None) -> int:
+    return chunk_rows(n, N, chunk_size if chunk_size is not None else max(1, CHUNK_ELEMENTS // max(1, N)))
+
 
 def _merge_col(lse_acc, m_acc, lse_part, m_part):
     """Merge column log-sum-exps and the weighted means ``m`` that they normalize."""
@@ -67,7 +78,7 @@ def distill_stats_torch(x, y, s, xt, yt, t, both, chunk_size=None):
     exp, one temporary inside ``logsumexp``)."""
     acc = acc_dtype(x.dtype)
     n, N = x.shape[0], y.shape[0]
-    c = chunk_rows(n, N, chunk_size)
+    c = _rows(n, N, chunk_size)
     s = s.detach().to(acc).reshape(())
     t = t.detach().to(acc).reshape(())
     yT, ytT = y.detach().to(acc).t(), yt.detach().to(acc).t()
@@ -100,7 +111,7 @@ def distill_grad_torch(x, y, s, xt, yt, t, stats, coefs, offset, need_student, n
     when the teacher needs gradients)."""
     acc = acc_dtype(x.dtype)
     n, N = x.shape[0], y.shape[0]
-    c = chunk_rows(n, N, chunk_size)
+    c = _rows(n, N, chunk_size)
     dev = x.device
     lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col = stats
     both = lse_s_col is not None
