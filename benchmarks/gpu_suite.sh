@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# The long GPU run (for the short, prepared check with its JSON summary see benchmarks/device_check.sh).
 # One command for a GPU machine: the GPU tests, the loss sweep and the training-step benchmark,
 # everything written into one results folder. Finishes within 10 minutes: each part has its own
 # time limit (tests 240 s, loss sweep 270 s, train bench 75 s) and a part that fails or times

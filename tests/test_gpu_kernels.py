@@ -27,12 +27,22 @@ CUDA = "cuda"
 
 @contextlib.contextmanager
 def _tf32(enabled: bool):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    """TF32 for fp32 matmuls on or off, through the fp32_precision API where torch has it (reading
+    the legacy flag after the new API was used raises in recent torch)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        old = matmul.allow_tf32
+        matmul.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = old
+        else:
+            matmul.allow_tf32 = old
 
 
 # (dtype, tf32) pairs: fp32 with and without TF32, and the 16-bit types.
@@ -57,6 +67,41 @@ def test_blocks_compiled(case, prec):
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_losses_compiled(loss_name, n, d, dtype):
     _check_loss(loss_name, n, d, dtype, device=CUDA)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("force_pieces", [False, True], ids=["auto-path", "pieces"])
+def test_fp32_output_accumulation(dtype, force_pieces, monkeypatch):
+    """``gemm.accumulate`` keeps fp32 products of 16-bit inputs on whichever path this torch offers
+    (in-place fp32-output addmm, or 128-row-aligned pieces of fp32-output mm)."""
+    from fastclip.kernels import config, gemm
+
+    if force_pieces:
+        monkeypatch.setattr(gemm, "addmm_f32_accumulates", lambda device: False)
+        monkeypatch.setattr(config, "DY_PIECE_ELEMENTS", 1000 * 64)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    a = torch.randn(3000, 512, device=CUDA, generator=g).to(dtype)
+    b = torch.randn(512, 64, device=CUDA, generator=g).to(dtype)
+    acc = torch.randn(3000, 64, device=CUDA, generator=g)
+    want = acc.double() + a.double() @ b.double()
+    gemm.accumulate(acc, a, b)
+    err = (acc.double() - want).abs().max().item()
+    assert err < 1e-3, (gemm.gemm_path(torch.device(CUDA), dtype), err)  # rounded products: ~1e-1
+
+
+def test_phase_timer_on_cuda():
+    from fastclip.kernels import clip, gemm
+
+    x, y = (
+        features(4096, 768, torch.bfloat16, device=CUDA),
+        features(4096, 768, torch.bfloat16, seed=1, device=CUDA),
+    )
+    s = scalar(30.0, device=CUDA)
+    lse = clip.clip_lse(x, y, s)
+    timer = gemm.PhaseTimer(torch.device(CUDA))
+    clip.clip_grad(x, y, s, *lse, 1e-4, 1e-4, 0, 2e-4, timer=timer)
+    phases = timer.totals_ms()
+    assert set(phases) == {"tile kernel", "dX GEMM", "dY GEMM"} and all(v > 0 for v in phases.values())
 
 
 def test_auto_picks_triton_on_cuda():
@@ -140,7 +185,8 @@ def test_memory_contract(loss_name):
     loss, grads = loss_and_grads(fn, x, y, s, bb, impl="triton")
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    # fp32 dx, dy (4 bytes), their casts (2 bytes), the G workspace, dY pieces, the LSE partials.
+    # fp32 dx, dy (4 bytes), their casts (2 bytes), the G workspace, dY pieces (only without an
+    # in-place fp32-output addmm), the LSE partials.
     linear = 2 * b * d * (4 + 2)
     workspace = (
         config.GRAD_WORKSPACE_ELEMENTS * 2 + config.DY_PIECE_ELEMENTS * 4 + config.LSE_WORKSPACE_ELEMENTS * 4

@@ -6,6 +6,11 @@ iterations (medians with min and max) and one measurement of its peak extra memo
 TFLOP/s count the FLOP floor of a fused forward+backward (DESIGN.md): 8·B²·D for the softmax loss,
 6·B²·D for the sigmoid loss. An out-of-memory case becomes a record with status "oom", any other
 failure one with status "error" and the message; larger batches of the same series are then not run.
+``max_seconds`` is checked between configurations and inside them (warm-ups and repetitions stop at the
+limit once a sample exists; the record's message says how many repetitions ran).
+
+(About 500 lines: the sweep, one provider's run and the failure handling share the record format and
+are read together; splitting them would scatter one procedure over three files.)
 """
 
 from __future__ import annotations
