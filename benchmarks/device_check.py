@@ -7,7 +7,7 @@ writes ``OUT/results.json`` in the result-file schema of ``fastclip.bench.report
 ``summary`` prints one line per target and writes ``OUT/device_check.json``.
 
 ``--dry-run``: the same code on CPU with the Triton interpreter and tiny sizes (CI runs it), so the
-GPU time goes to measuring. Sizes on a GPU: the issue's targets (B = 32768 and 2**20, D = 768, bf16).
+GPU time goes to measuring. Sizes on a GPU: the targets of docs/kernels.md (B = 32768 and 2**20, D = 768, bf16).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ backward**.
 Why this design: the fully fused backward needs either atomics on dY (non-deterministic) or a second
 pass over S (10 nND FLOPs, Inf-CL's choice), and a register-resident dX accumulator is impossible at
 these D; the chunk-materialized backward keeps 2/3 of its FLOPs in cuBLAS at the matmul rate and pays a
-few memory passes over a bounded chunk. Numbers: measured by the GPU tuning issue (not yet measured).
+few memory passes over a bounded chunk. Speed: not yet measured on a GPU (benchmarks/device_check.sh
+measures it; docs/kernels.md lists the expected effects as estimates).
 
 Limits: ``n, N >= 1``, any ``D >= 1`` (masked; no padding by the caller); inputs float32, bfloat16 or
 float16 (float64 runs on ``impl="torch"``); offsets and pointer arithmetic in int64.

@@ -3,7 +3,7 @@
 Configurations are *fixed per architecture* rather than picked by ``@triton.autotune`` at run time:
 the tile shape decides the order of every floating-point reduction, and a timing-based choice could
 differ between processes, which would break the bitwise determinism the losses promise. To tune,
-edit the tables below after measuring with ``AUTOTUNE_CANDIDATES`` (the GPU tuning issue does this).
+edit the tables below after measuring with ``AUTOTUNE_CANDIDATES`` on a GPU (``fastclip.kernels.tune``).
 
 Under the Triton interpreter (CPU, ``TRITON_INTERPRET=1``) a program step costs ~1.5-2 ms whatever
 the tile size, so the interpreter uses few, large tiles; only one configuration exists there

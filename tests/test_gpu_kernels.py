@@ -6,7 +6,7 @@ against the chunked float64 path; a repeat test for determinism (bitwise) and ra
 contract with ``torch.cuda.max_memory_allocated``.
 
 Tolerances at large B (no materialized same-dtype reference fits there) are relative to the largest
-true value and were set from the dtype's rounding, not yet measured on a GPU (issue 8 tunes them).
+true value and were set from the dtype's rounding, not yet measured on a GPU.
 """
 
 from __future__ import annotations
