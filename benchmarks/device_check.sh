@@ -98,7 +98,7 @@ if [ "$DRY" = 1 ]; then
     # On CPU every gpu test is skipped: this exercises the command, its log and the summary line.
     part pytest_gpu "$LEFT" "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu_kernels.py
 else
-    part pytest_gpu "$LEFT" "$PY" -m pytest -q -m gpu -rs -x --durations=10 -p no:cacheprovider tests
+    part pytest_gpu "$LEFT" "$PY" -m pytest -q -m gpu -rs --durations=10 -p no:cacheprovider tests
 fi
 
 echo "== summary ($(( $(date +%s) - START )) s)"
