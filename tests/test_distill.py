@@ -422,3 +422,19 @@ def test_two_processes_match_open_clip(tmp_path):
             res = json.load(f)
         assert not res["failures"], "\n".join(res["failures"][:15])
         assert res["checks"] >= 4 * 2 * 8, f"rank {r} ran only {res['checks']} checks"
+
+
+@needs_open_clip
+def test_benchmark_runner_writes_a_valid_document(tmp_path):
+    from fastclip.bench import report
+    from fastclip.bench.distill import ratio_lines, run_distill_bench
+
+    doc = run_distill_bench(["fastclip-torch", "open_clip"], 64, 8, "float32", torch.device("cpu"), repeats=1,
+                            log=lambda *_: None)  # fmt: skip
+    assert [r["provider"] for r in doc["records"]] == ["fastclip-torch", "open_clip"]
+    assert all(
+        r["status"] == "ok" and r["peak_mem_bytes"] > 0 and r["fwd_bwd_ms"] > 0 for r in doc["records"]
+    )
+    report.write_json(doc, str(tmp_path / "d.json"))  # validates the schema
+    (line,) = ratio_lines(doc["records"])
+    assert line.startswith("fastclip-torch / open_clip: time ")

@@ -187,6 +187,6 @@ def run_from_loss_args(args: argparse.Namespace) -> int:
     if not args.no_save:
         tag = timing.device_tag(timing.resolve_device(args.device))
         ns.out = os.path.join(
-            args.out, args.name or report.result_stem("distill", tag, timing.utc_now()) + ".json"
+            args.out, (args.name or report.result_stem("distill", tag, timing.utc_now())) + ".json"
         )
     return run_from_args(ns)
