@@ -251,6 +251,24 @@ def test_triton_impl_matches_float64(n, d, dt, teacher_grad):
     _assert_close64(got, want, tol=5e-6)
 
 
+@pytest.mark.parametrize(
+    "impl", ["torch", pytest.param("triton", marks=[pytest.mark.interpreter, needs_triton])]
+)
+def test_teacher_in_another_dtype_than_the_student(impl):
+    """A bf16 teacher with an fp32 student (each pair one dtype): within the bf16 budget of float64."""
+    inputs = list(_inputs(20, 6, 10, seed=9))
+    inputs[3] = inputs[3].detach().bfloat16().requires_grad_()
+    inputs[4] = inputs[4].detach().bfloat16().requires_grad_()
+    got = _run(distill_clip_loss, inputs, impl=impl)
+    low = _run(distill_clip_loss_reference, [v.detach().bfloat16().requires_grad_() for v in inputs])
+    truth = _run(distill_clip_loss_reference, _as64(inputs))
+    for name, g, lo, tr, inp in zip(NAMES, got[1], low[1], truth[1], inputs):
+        assert g.dtype == inp.dtype
+        assert_within_budget(f"d_{name}", g, lo, tr, torch.bfloat16)
+    for name, g, lo, tr in zip(("contrastive", "distill"), got[0], low[0], truth[0]):
+        assert_within_budget(name, g, lo, tr, torch.bfloat16)
+
+
 @pytest.mark.interpreter
 @needs_triton
 @pytest.mark.parametrize("both,offset", [(True, 0), (False, 70), (False, -3)])
@@ -375,6 +393,8 @@ def _dist_cases(rank, world, failures, counter):
                         failures.append(
                             f"{impl} {dtype} ll={ll} gg={gg} w={weight} {label}: |diff| {err:.3e}"
                         )
+        if impl == "torch":
+            _dist_autocast_cases(rank, world, oc, failures, counter)
         # CoCa: contrastive part through fastclip's distributed ClipLoss, caption CE as open_clip's.
         if impl == "torch":
             g = torch.Generator().manual_seed(rank)
@@ -390,6 +410,34 @@ def _dist_cases(rank, world, failures, counter):
                     counter[0] += 1
                     if not float((u - v).abs()) <= tol:
                         failures.append(f"coca ll={ll} gg={gg}: {float(u)} vs {float(v)}")
+
+
+def _dist_autocast_cases(rank, world, oc, failures, counter):
+    """fp32 features under bf16 autocast, forward and backward inside the block: each rank's losses and
+    gradients within 2x open_clip's error under the same autocast (+ the bf16 floor) of float64 open_clip."""
+    inputs = _rank_inputs(rank, world, 3, torch.float32)
+    for ll, gg in COMBOS:
+        flags = dict(local_loss=ll, gather_with_grad=gg, rank=rank, world_size=world)
+        results = []
+        for mod, inp, amp in (
+            (DistillClipLoss(**flags, impl="torch"), inputs, True),
+            (oc.DistillClipLoss(**flags), inputs, True),
+            (oc.DistillClipLoss(**flags), [v.detach().double() for v in inputs], False),
+        ):
+            leaf = [v.detach().clone().requires_grad_() for v in inp]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                c, d = mod(*leaf)
+                (WEIGHTS[0] * c + WEIGHTS[1] * d).backward()
+            results.append([c.detach(), d.detach(), *(v.grad for v in leaf)])
+        ours, theirs, truth = results
+        for label, a, b, tr in zip(("contrastive", "distill", *NAMES), ours, theirs, truth):
+            counter[0] += 1
+            err = float((a.double() - tr).abs().max())
+            budget = 2 * float((b.double() - tr).abs().max()) + 2e-2 * max(1.0, float(tr.abs().max()))
+            if not err <= budget or (label not in ("contrastive", "distill") and a.dtype != torch.float32):
+                failures.append(
+                    f"autocast ll={ll} gg={gg} {label}: err {err:.3e} > {budget:.3e} or {a.dtype}"
+                )
 
 
 def _worker(rank, world, tmpdir):
@@ -421,7 +469,7 @@ def test_two_processes_match_open_clip(tmp_path):
         with open(tmp_path / f"rank{r}.json") as f:
             res = json.load(f)
         assert not res["failures"], "\n".join(res["failures"][:15])
-        assert res["checks"] >= 4 * 2 * 8, f"rank {r} ran only {res['checks']} checks"
+        assert res["checks"] >= 4 * 2 * 8 * 2 + 4 * 8, f"rank {r} ran only {res['checks']} checks"
 
 
 @needs_open_clip
