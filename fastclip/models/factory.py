@@ -160,7 +160,7 @@ def _text_settings(directory: str) -> dict:
     import json
 
     from fastclip.models.openclip_format import read_open_clip_json, text_settings
-    from fastclip.models.pretrained import config_from_hf
+    from fastclip.models.layouts import config_from_hf
 
     if os.path.isfile(os.path.join(directory, OPEN_CLIP_CONFIG)):
         return text_settings(read_open_clip_json(os.path.join(directory, OPEN_CLIP_CONFIG)))

@@ -124,7 +124,7 @@ def save_open_clip(model, directory, *, safetensors: bool = True) -> None:
     from safetensors.torch import save_file
 
     from fastclip.models.model import CLIP
-    from fastclip.models.pretrained import to_open_clip
+    from fastclip.models.layouts import to_open_clip
 
     if not isinstance(model, CLIP):
         raise TypeError(f"model: expected a fastclip CLIP model, got {type(model).__name__}")
@@ -181,7 +181,7 @@ def text_settings(oc: dict) -> dict:
 
 def config_from_open_clip(oc: dict, sd: dict) -> ModelConfig:
     """ModelConfig of an open_clip_config.json (``oc``) and its open_clip-named tensors ``sd``."""
-    from fastclip.models.pretrained import infer_open_clip_config
+    from fastclip.models.layouts import infer_open_clip_config
 
     if FASTCLIP_KEY in oc:
         return ModelConfig.from_dict(oc[FASTCLIP_KEY])
@@ -239,7 +239,7 @@ def config_from_open_clip(oc: dict, sd: dict) -> ModelConfig:
 
 def read_open_clip_dir(directory: str) -> tuple[ModelConfig, dict]:
     """(config, open_clip-named tensors) of an open_clip hub directory."""
-    from fastclip.models.pretrained import read_state_dict
+    from fastclip.models.weights import read_state_dict
 
     oc = read_open_clip_json(os.path.join(directory, OPEN_CLIP_CONFIG))
     for name in OPEN_CLIP_WEIGHTS:

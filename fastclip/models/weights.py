@@ -1,0 +1,160 @@
+"""Weight files and strict loading: read a state dict from safetensors / torch files (``weights_only``)
+or a Hugging Face directory, write fastclip's safetensors, and copy converted tensors into a model
+all-or-nothing (names and shapes checked first; :class:`WeightLoadError` lists what does not fit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from fastclip.models.model import CLIP
+
+FORMAT_KEY = "fastclip_config"
+TORCH_EXTS = (".bin", ".pt", ".pth")
+
+
+class WeightLoadError(ValueError):
+    """The weights do not fit the model: carries ``missing``, ``unexpected`` and ``mismatched`` keys."""
+
+    def __init__(self, message, missing=(), unexpected=(), mismatched=()):
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def read_state_dict(path) -> tuple[dict, dict]:
+    """(tensors, metadata) from a .safetensors or a torch file (weights_only), or a Hugging Face
+    directory's weights (single or sharded). Training checkpoints {"state_dict": ...} and DDP
+    ``module.`` prefixes are unwrapped."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_hf_dir_weights(path), {}
+    if not os.path.isfile(path):
+        raise ValueError(f"path: expected an existing file or directory, got {path!r}")
+    meta: dict = {}
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        sd = {}
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                for k in f.keys():
+                    sd[k] = f.get_tensor(k)
+        except Exception as exc:  # safetensors raises its own error type for corrupt files
+            raise ValueError(f"path: {path!r} is not a readable safetensors file ({exc})") from exc
+    elif path.endswith(TORCH_EXTS):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"path: {path!r} could not be read with torch.load(weights_only=True) ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Only plain tensor state dicts are accepted; "
+                "TorchScript archives (OpenAI's original .pt) must be converted to a state dict first."
+            ) from exc
+        sd = obj
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise ValueError(
+                f"path: expected a state dict (dict of tensors) in {path!r}, got {type(sd).__name__}"
+            )
+    else:
+        raise ValueError(
+            f"path: expected a .safetensors, .bin, .pt or .pth file or a directory, got {path!r}"
+        )
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    # OpenAI state dicts carry three python ints (input_resolution, context_length, vocab_size): drop them.
+    for k in bad:
+        if k in ("input_resolution", "context_length", "vocab_size"):
+            sd.pop(k)
+        else:
+            raise ValueError(
+                f"path: expected only tensors in the state dict, key {k!r} holds {type(sd[k]).__name__}"
+            )
+    return sd, meta
+
+
+def _read_hf_dir_weights(path: str) -> dict:
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            sd = {}
+            for name in files:
+                sd.update(read_state_dict(os.path.join(path, name))[0])
+            return sd
+        if os.path.isfile(os.path.join(path, single)):
+            return read_state_dict(os.path.join(path, single))[0]
+    raise ValueError(
+        f"path: no weights in directory {path!r} (expected model.safetensors, pytorch_model.bin or a sharded index)"
+    )
+
+
+def save_fastclip(model: CLIP, path) -> None:
+    """Write the model's weights as safetensors, with its config (JSON) in the file's metadata."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, CLIP):
+        raise TypeError(f"model: expected a fastclip CLIP model, got {type(model).__name__}")
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, os.fspath(path), metadata={"format": "pt", FORMAT_KEY: json.dumps(model.config.to_dict())})
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _fix_scalars(sd: dict) -> dict:
+    for k in ("logit_scale", "logit_bias"):
+        if k in sd and sd[k].dim() == 0:
+            sd[k] = sd[k].reshape(1)
+    return sd
+
+
+def load_state_dict_checked(model: CLIP, sd: dict, unconverted=(), source: str = "weights") -> None:
+    """Copy ``sd`` (fastclip names) into ``model`` after checking every name and shape; raises
+    :class:`WeightLoadError` (and copies nothing) on any mismatch."""
+    sd = _fix_scalars(dict(sd))
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(set(k for k in sd if k not in own) | set(unconverted))
+    mismatched = sorted(
+        f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
+        for k in own
+        if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)
+    )
+    if missing or unexpected or mismatched:
+
+        def block(title, items):
+            if not items:
+                return ""
+            shown = "\n    ".join(items[:25])
+            more = f"\n    ... and {len(items) - 25} more" if len(items) > 25 else ""
+            return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+        raise WeightLoadError(
+            f"{source}: the weights do not match the model; nothing was loaded."
+            + block("missing keys (in the model, not in the file)", missing)
+            + block("unexpected keys (in the file, not in the model)", unexpected)
+            + block("shape mismatches", mismatched),
+            missing,
+            unexpected,
+            mismatched,
+        )
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightLoadError(f"{source}: non-finite values (NaN/Inf) in {bad[:10]}; nothing was loaded.")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(sd[k].to(dtype=v.dtype))
