@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastclip.train import checkpoint as ckpt
+from fastclip.train.export import export_safetensors
 
 MODEL = {"patch_size": 8, "vision_depth": 1, "text_depth": 1}
 
@@ -134,7 +135,7 @@ def test_corrupted_checkpoints_are_refused(demo, tmp_path, damage):
     with pytest.raises(ckpt.CheckpointError, match=match):
         ckpt.verify(step)
     with pytest.raises(ckpt.CheckpointError, match=match):
-        ckpt.export_safetensors(os.path.join(out, "checkpoints"), str(tmp_path / "w.safetensors"))
+        export_safetensors(os.path.join(out, "checkpoints"), str(tmp_path / "w.safetensors"))
     assert not os.path.exists(tmp_path / "w.safetensors")
 
 

@@ -321,13 +321,6 @@ def load(engine, ckpt_dir: str, rank: int, world_size: int, zero_stage: int, met
     return meta, state
 
 
-def export_safetensors(ckpt_dir: str, out_path: str) -> str:
-    """See :func:`fastclip.train.export.export_safetensors`."""
-    from fastclip.train.export import export_safetensors as export
-
-    return export(ckpt_dir, out_path)
-
-
 # ---- internals ------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from fastclip.train import rundir
 from fastclip.train.build import build_loss, build_model, check_model_name, resolved_overrides  # noqa: F401
 from fastclip.train.config import Config, ConfigError, load_config
 from fastclip.train.evaluate import evaluate_sets
+from fastclip.train.export import export_safetensors
 from fastclip.train.gradcache import gradcache_step
 from fastclip.train.metrics import MetricsLog, progress_bar
 from fastclip.train.optim import param_groups
@@ -307,7 +308,7 @@ class Trainer:
         if self.cfg.checkpoint.export:
             latest = ckpt.find_latest(self.ckpt_root)
             if latest is not None:
-                ckpt.export_safetensors(latest, os.path.join(self.out, "model.safetensors"))
+                export_safetensors(latest, os.path.join(self.out, "model.safetensors"))
         if self.cfg.log.plot:
             plot_metrics(self.metrics.path, os.path.join(self.out, "curves.png"))
         self.metrics.close()
