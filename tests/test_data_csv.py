@@ -143,3 +143,26 @@ def test_trainer_tokenizer_reads_the_table_under_data_root(tmp_path):
                                      "root": str(tmp_path / "imgs")}})  # fmt: skip
     tokenizer, _ = build_model(cfg, str(tmp_path), rank=1)
     assert "zebra" in tokenizer.vocab
+
+
+def test_build_data_uses_the_models_preprocessing(table):
+    """Normalisation, eval resize and filter come from the model config (SigLIP: 0.5/0.5)."""
+    from fastclip.models import create_model
+    from fastclip.train.config import Config
+    from fastclip.train.data import build_data
+    from fastclip.transforms import SIGLIP_MEAN, SIGLIP_STD
+
+    cfg = Config.from_dict({"data": {"kind": "csv", "train": table, "eval": table, "workers": 0},
+                            "train": {"batch_size": 4}})  # fmt: skip
+    model = create_model("tiny-siglip")
+    model.config.vision.resize_mode, model.config.vision.interpolation = "squash", "bilinear"
+    stream, (evalset,) = build_data(cfg, model, None, 0, 1)
+    tf = stream.dataset.transform
+    assert (tf.mean, tf.std, tf.interpolation, tf.is_train) == (SIGLIP_MEAN, SIGLIP_STD, "bilinear", True)
+    cfg.data.augment = False
+    stream, _ = build_data(cfg, model, None, 0, 1)
+    assert stream.dataset.transform.resize_mode == "squash" and not stream.dataset.transform.is_train
+    cfg.data.resize_mode = "longest"  # the data config overrides the model's
+    stream, _ = build_data(cfg, model, None, 0, 1)
+    assert stream.dataset.transform.resize_mode == "longest"
+    assert evalset.images.shape[-1] == model.config.vision.image_size

@@ -28,13 +28,21 @@ from fastclip.data.table import TableDataset, collate_rows, read_table
 from fastclip.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_transform
 
 
-def train_transform(cfg, image_size, mean, std):
+def train_transform(cfg, image_size, mean, std, *, resize_mode="shortest", interpolation="bicubic"):
     """The training transform a data config asks for: random resized crop (``data.augment``, with
-    ``data.crop_scale``) or the eval resize (``data.resize_mode``)."""
+    ``data.crop_scale``) or the eval resize (``data.resize_mode``, else ``resize_mode``: the model's)."""
     augment = bool(getattr(cfg, "augment", True))
     scale = tuple(getattr(cfg, "crop_scale", (0.9, 1.0)))
-    mode = getattr(cfg, "resize_mode", "shortest")
-    return image_transform(image_size, is_train=augment, mean=mean, std=std, resize_mode=mode, scale=scale)
+    mode = getattr(cfg, "resize_mode", None) or resize_mode
+    return image_transform(
+        image_size,
+        is_train=augment,
+        mean=mean,
+        std=std,
+        resize_mode=mode,
+        scale=scale,
+        interpolation=interpolation,
+    )
 
 
 REPORT_LIMIT = 20  # skipped samples listed on stderr per rank; all are counted
@@ -111,13 +119,16 @@ class CsvStream(_LoaderStream):
     def __init__(
         self, path, cfg, image_size, global_batch, rank, world_size, seed,
         mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, *, tokenizer=None, pin_memory=False,
+        resize_mode="shortest", interpolation="bicubic",
     ):  # fmt: skip
         images, captions, _ = read_table(
             path, cfg.image_key, cfg.caption_key, None, cfg.delimiter, getattr(cfg, "root", None)
         )
         if len(images) < global_batch:
             raise DataError(f"{path}: {len(images)} rows is fewer than one global batch ({global_batch})")
-        transform = train_transform(cfg, image_size, mean, std)
+        transform = train_transform(
+            cfg, image_size, mean, std, resize_mode=resize_mode, interpolation=interpolation
+        )
         self.dataset = TableDataset(images, captions, transform, seed, getattr(cfg, "fast_decode", True))
         self.global_batch, self.world_size, self.seed = global_batch, world_size, seed
         self.tokenizer = tokenizer
@@ -158,6 +169,7 @@ class WebDatasetStream(_LoaderStream):
     def __init__(
         self, spec, cfg, image_size, global_batch, rank, world_size, seed,
         mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, *, tokenizer=None, pin_memory=False,
+        resize_mode="shortest", interpolation="bicubic",
     ):  # fmt: skip
         self.shards = expand_shards(spec)
         self._init_loader(cfg, rank, pin_memory)
@@ -173,7 +185,9 @@ class WebDatasetStream(_LoaderStream):
         self.plan = ShardPlan(len(self.shards), total, seed, self.resampled)
         self.cfg, self.seed, self.tokenizer = cfg, seed, tokenizer
         self.local = global_batch // world_size
-        self.transform = train_transform(cfg, image_size, mean, std)
+        self.transform = train_transform(
+            cfg, image_size, mean, std, resize_mode=resize_mode, interpolation=interpolation
+        )
         self.batches = 0
         self.positions = [{"epoch": 0, "slot": 0, "sample": 0} for _ in range(self.readers)]
 

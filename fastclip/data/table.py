@@ -138,10 +138,15 @@ class EvalSet:
         return len(self.captions)
 
 
-def table_eval_set(path, cfg, image_size, classnames, templates, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
-    """A CSV/TSV evaluation set through the eval transform; unreadable images are errors here."""
+def table_eval_set(
+    path, cfg, image_size, classnames, templates, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+    *, resize_mode="shortest", interpolation="bicubic",
+):  # fmt: skip
+    """A CSV/TSV evaluation set through the eval transform (``data.resize_mode``, else ``resize_mode``:
+    the model's); unreadable images are errors here."""
+    mode = getattr(cfg, "resize_mode", None) or resize_mode
     transform = image_transform(
-        image_size, is_train=False, mean=mean, std=std, resize_mode=getattr(cfg, "resize_mode", "shortest")
+        image_size, is_train=False, mean=mean, std=std, resize_mode=mode, interpolation=interpolation
     )
     paths, captions, labels = read_table(
         path, cfg.image_key, cfg.caption_key, cfg.label_key, cfg.delimiter, getattr(cfg, "root", None)

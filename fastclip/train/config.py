@@ -77,8 +77,9 @@ class DataConfig:
     """Training images: random resized crop (data.crop_scale) instead of the eval resize + centre crop."""
     crop_scale: list = field(default_factory=lambda: [0.9, 1.0])
     """Area fraction range of the random resized crop (open_clip's default)."""
-    resize_mode: str = "shortest"
-    """Eval (and un-augmented training) resize: "shortest" + centre crop, "longest" + pad, "squash"."""
+    resize_mode: str | None = None
+    """Eval (and un-augmented training) resize: "shortest" + centre crop, "longest" + pad, "squash"
+    (None: the model config's vision.resize_mode)."""
     fast_decode: bool = True
     """Decode large JPEGs at 1/2, 1/4 or 1/8 scale when the output still has full resolution (faster)."""
     eval_size: int = 1000
@@ -255,7 +256,8 @@ class Config:
         if d.workers is not None:
             minimum("data.workers", d.workers, 0)
         minimum("data.prefetch", d.prefetch, 1)
-        choice("data.resize_mode", d.resize_mode, ("shortest", "longest", "squash"))
+        if d.resize_mode is not None:
+            choice("data.resize_mode", d.resize_mode, ("shortest", "longest", "squash"))
         if (
             len(d.crop_scale) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.crop_scale)

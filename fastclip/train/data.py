@@ -48,11 +48,17 @@ def build_data(cfg, model, tokenizer, rank: int, world: int, device=None):
         return SyntheticStream(shapes, gb, rank, world), synthetic_eval_sets(shapes, dc.eval_size)
     pin = device is not None and getattr(device, "type", str(device)) == "cuda"
     kind = CsvStream if dc.kind == "csv" else WebDatasetStream
-    stream = kind(dc.train, dc, size, gb, rank, world, seed, mean, std, tokenizer=tokenizer, pin_memory=pin)
+    view = {  # the model's preprocessing: eval resize and resampling filter
+        "resize_mode": getattr(vision, "resize_mode", "shortest"),
+        "interpolation": getattr(vision, "interpolation", "bicubic"),
+    }
+    stream = kind(
+        dc.train, dc, size, gb, rank, world, seed, mean, std, tokenizer=tokenizer, pin_memory=pin, **view
+    )
     sets = []
     if dc.eval:
         classnames = read_classnames(cfg.eval.classnames)
-        sets.append(table_eval_set(dc.eval, dc, size, classnames, cfg.eval.templates, mean, std))
+        sets.append(table_eval_set(dc.eval, dc, size, classnames, cfg.eval.templates, mean, std, **view))
     return stream, sets
 
 
