@@ -22,6 +22,7 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("env", "correctness", "target", "phases", "million", "summary")
+WORKER_PARTS = ("cases",)  # started by "correctness", one process per precision
 # Sizes: (GPU, dry run on CPU).
 SIZES = {
     "target": ((32768, 768), (256, 32)),
@@ -133,26 +134,35 @@ def part_env(p: Part) -> None:
     p.save(status="ok", **info)
 
 
-def part_correctness(p: Part) -> None:
-    """Every kernel against float64 (error budgets of tests/test_kernels.py), compiled on the GPU."""
-    import torch
+PRECISIONS = [("float32", False), ("float32", True), ("bfloat16", False), ("float16", False)]
 
+
+def _correctness_cases(group: int, dry: bool) -> list:
+    """The kernel cases of one precision (``PRECISIONS[group]``); they compile in their own process."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import test_kernels as tk  # noqa: E402  (the test helpers: same budgets as the test suite)
 
+    dname, tf = PRECISIONS[group]
+    blocks = tk.BLOCKS if not dry else [(7, 7, 3, 0), (70, 130, 33, 5), (130, 70, 33, -3)]
+    cases = [(loss, block, dname, tf, {}) for block in blocks for loss in ("clip", "siglip")]
+    # Forced row chunks x column panels and column splits (the merge paths).
+    if dname == "float32" and not tf:
+        cases.append(("clip", (257, 230, 40, -3), dname, tf, {"rows_per_chunk": 100, "splits": 2}))
+    if dname == "bfloat16":
+        cases.append(
+            ("siglip", (257, 230, 40, -3), dname, tf, {"rows_per_chunk": 100, "cols_per_panel": 128})
+        )
+    return cases
+
+
+def part_cases(p: Part, group: int) -> None:
+    """Worker of ``correctness``: the cases of one precision against float64."""
+    import torch
+
+    cases = _correctness_cases(group, p.dry)  # also puts tests/ on sys.path
+    import test_kernels as tk  # noqa: E402
+
     device = _device(p.dry)
-    precisions = [("float32", False), ("float32", True), ("bfloat16", False), ("float16", False)]
-    blocks = tk.BLOCKS if not p.dry else [(7, 7, 3, 0), (70, 130, 33, 5), (130, 70, 33, -3)]
-    cases = []
-    for dname, tf in precisions:
-        for block in blocks:
-            cases.append(("clip", block, dname, tf, {}))
-            cases.append(("siglip", block, dname, tf, {}))
-    # Forced row chunks x column panels and column splits (merge paths).
-    cases.append(("clip", (257, 230, 40, -3), "float32", False, {"rows_per_chunk": 100, "splits": 2}))
-    cases.append(
-        ("siglip", (257, 230, 40, -3), "bfloat16", False, {"rows_per_chunk": 100, "cols_per_panel": 128})
-    )
     results = []
     p.save(cases=len(cases), results=results)
     for loss, block, dname, tf, kw in cases:
@@ -167,8 +177,7 @@ def part_correctness(p: Part) -> None:
                 dtype = getattr(torch, dname)
                 if loss == "clip":
                     grad_kw = {"rows_per_chunk": kw["rows_per_chunk"]} if kw else None
-                    lse_kw = kw if kw else {}
-                    tk._check_clip_block(*block, dtype, device=device, grad_kw=grad_kw, **lse_kw)
+                    tk._check_clip_block(*block, dtype, device=device, grad_kw=grad_kw, **kw)
                 else:
                     tk._check_siglip_block(*block, dtype, device=device, **kw)
                     tk._check_siglip_block(*block, dtype, device=device, need_grad=False, bias=None, **kw)
@@ -180,12 +189,28 @@ def part_correctness(p: Part) -> None:
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         results.append(rec)
         p.save(results=results)
-    # Determinism: the fused losses twice on the same inputs, bitwise.
+    p.save(status="ok")
+
+
+def part_correctness(p: Part) -> None:
+    """Every kernel against float64 (error budgets of tests/test_kernels.py), compiled on the GPU: one
+    process per precision (compilation, most of this part's time, then runs on several CPU cores),
+    while this process checks that both fused losses repeat bitwise."""
+    import subprocess
+
+    import torch
+
+    workers = []
+    for group in range(len(PRECISIONS)):
+        cmd = [sys.executable, os.path.abspath(__file__), "cases", p.out, "--group", str(group)]
+        cmd += ["--seconds", str(max(1.0, p.left() - 3))] + (["--dry-run"] if p.dry else [])
+        workers.append(subprocess.Popen(cmd))
     rep = {"check": "repeat"}
-    if p.left() > 0:
+    try:
         import fastclip
         from fastclip.bench.loss import make_inputs
 
+        device = _device(p.dry)
         b, d = _sizes("repeat", p.dry)
         x, y = make_inputs(b, d, torch.bfloat16, device, seed=3)
         s = torch.tensor(50.0, device=device, requires_grad=True)
@@ -201,12 +226,28 @@ def part_correctness(p: Part) -> None:
                 [c.detach(), g.detach(), x.grad.clone(), y.grad.clone(), s.grad.clone(), bias.grad.clone()]
             )
         rep.update(batch=b, dim=d, ok=all(torch.equal(a, c) for a, c in zip(*outs)))
-    else:
-        rep.update(ok=None, error="not run: time limit")
+    except Exception as exc:
+        rep.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:400])
+    p.save(repeat=rep)
+    for w in workers:
+        try:
+            w.wait(timeout=max(1.0, p.left()))
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+    results = []
+    for group in range(len(PRECISIONS)):
+        part = _load(p.out, f"cases{group}")
+        got = part.get("results", [])
+        results += got
+        for loss, block, dname, tf, kw in _correctness_cases(group, p.dry)[len(got) :]:
+            results.append({"loss": loss, "block": list(block), "dtype": dname, "tf32": tf, "options": kw,
+                            "ok": None, "error": "not run: its process ended early"})  # fmt: skip
     failed = [r for r in results if r.get("ok") is False] + ([rep] if rep.get("ok") is False else [])
     skipped = [r for r in results if r.get("ok") is None]
     p.save(
         status="ok" if not failed and not skipped else "failed",
+        results=results,
         repeat=rep,
         failed=len(failed),
         not_run=len(skipped),
@@ -438,18 +479,23 @@ def part_summary(out: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=PARTS)
+    ap.add_argument("part", choices=PARTS + WORKER_PARTS)
     ap.add_argument("out")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--seconds", type=float, default=60.0, help="stop starting new work after this")
+    ap.add_argument("--group", type=int, default=0, help="cases: index into PRECISIONS")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.part == "summary":
         part_summary(args.out)
         return 0
-    p = Part(args.part, args.out, args.seconds, args.dry_run)
+    name = args.part + (str(args.group) if args.part == "cases" else "")
+    p = Part(name, args.out, args.seconds, args.dry_run)
     try:
-        globals()[f"part_{args.part}"](p)
+        if args.part == "cases":
+            part_cases(p, args.group)
+        else:
+            globals()[f"part_{args.part}"](p)
     except Exception as exc:
         p.save(
             status="error",
