@@ -395,6 +395,7 @@ def _dist_cases(rank, world, failures, counter):
                         )
         if impl == "torch":
             _dist_autocast_cases(rank, world, oc, failures, counter)
+            _dist_compiled_case(rank, world, oc, inputs, failures, counter)
         # CoCa: contrastive part through fastclip's distributed ClipLoss, caption CE as open_clip's.
         if impl == "torch":
             g = torch.Generator().manual_seed(rank)
@@ -410,6 +411,24 @@ def _dist_cases(rank, world, failures, counter):
                     counter[0] += 1
                     if not float((u - v).abs()) <= tol:
                         failures.append(f"coca ll={ll} gg={gg}: {float(u)} vs {float(v)}")
+
+
+def _dist_compiled_case(rank, world, oc, inputs, failures, counter):
+    """The module under torch.compile on two ranks (graph breaks at the collectives are allowed)."""
+    flags = dict(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    results = []
+    for mod in (
+        torch.compile(DistillClipLoss(**flags, impl="torch", chunk_size=2)),
+        oc.DistillClipLoss(**flags),
+    ):
+        leaf = [v.detach().clone().requires_grad_() for v in inputs]
+        c, d = mod(*leaf)
+        (WEIGHTS[0] * c + WEIGHTS[1] * d).backward()
+        results.append([c.detach(), d.detach(), *(v.grad for v in leaf)])
+    for label, a, b in zip(("contrastive", "distill", *NAMES), *results):
+        counter[0] += 1
+        if not float((a - b).abs().max()) <= 1e-10 * max(1.0, float(b.abs().max())):
+            failures.append(f"compiled {label}: |diff| {float((a - b).abs().max()):.3e}")
 
 
 def _dist_autocast_cases(rank, world, oc, failures, counter):
@@ -469,7 +488,7 @@ def test_two_processes_match_open_clip(tmp_path):
         with open(tmp_path / f"rank{r}.json") as f:
             res = json.load(f)
         assert not res["failures"], "\n".join(res["failures"][:15])
-        assert res["checks"] >= 4 * 2 * 8 * 2 + 4 * 8, f"rank {r} ran only {res['checks']} checks"
+        assert res["checks"] >= 4 * 2 * 8 * 2 + 4 * 8 + 8, f"rank {r} ran only {res['checks']} checks"
 
 
 @needs_open_clip
