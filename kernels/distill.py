@@ -21,11 +21,13 @@ of size ``n x N`` is allocated.
 
 Limits: ``n, N >= 1``, any ``D, Dt >= 1``; inputs float32, bfloat16 or float16 (float64 runs on
 ``impl="torch"``); offsets in int64. Under the Triton interpreter bf16 tiles are upcast after loading
-(``UPCAST``, see ``kernels/common.py``). Programs run on a 2-D grid (column tiles on axis 0); tile
-sizes come from ``config.tile_config``.
+(``UPCAST``, see ``kernels/common.py``). Programs run on a 2-D grid. Tile sizes are the CLIP kernels'
+(``config.tile_config``) with at most 64 rows per tile (``_tile_config``); not yet tuned or run on a GPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -249,6 +251,14 @@ def _distill_grad_kernel(
 # launchers
 
 
+def _tile_config(kernel: str, device: torch.device, dtype: torch.dtype, dim: int) -> config.TileConfig:
+    """The CLIP kernels' configuration with at most 64 rows per tile: every program here holds two
+    fp32 logit tiles (student and teacher) and, in the gradient kernel, two gradient tiles, so the
+    CLIP kernels' 128 x 128 tiles would spill registers. Not tuned on a GPU yet."""
+    cfg = config.tile_config(kernel, device, dtype, dim)
+    return dataclasses.replace(cfg, block_m=min(cfg.block_m, 64))
+
+
 def _flags(dtype: torch.dtype, suffix: str) -> dict:
     return {f"{k}_{suffix}": v for k, v in meta_flags(dtype).items()}
 
@@ -285,7 +295,7 @@ def distill_stats(x, y, s, xt, yt, t, both, *, rows_per_chunk=None, splits=None)
     n, D = x.shape
     N, DT = y.shape[0], xt.shape[1]
     dev = x.device
-    cfg = config.tile_config("lse", dev, x.dtype, max(D, DT))
+    cfg = _tile_config("lse", dev, x.dtype, max(D, DT))
     s32, t32 = scalar_f32(s), scalar_f32(t)
     c = rows_per_chunk or config.chunk_rows(
         n, N, config.LSE_WORKSPACE_ELEMENTS // 3, cfg.block_m, rows_per_elem=cfg.block_m
@@ -375,10 +385,11 @@ def distill_grad(
     parts_total = torch.zeros(2, dtype=torch.float32, device=dev)
     if not (need_student or need_teacher):
         return dx, dy, ds, dxt, dyt, dt
-    cfg = config.tile_config("tile", dev, x.dtype, max(D, DT))
+    cfg = _tile_config("tile", dev, x.dtype, max(D, DT))
     s32, t32 = scalar_f32(s), scalar_f32(t)
     c = rows_per_chunk or config.chunk_rows(n, N, config.GRAD_WORKSPACE_ELEMENTS, cfg.block_m)
-    c = max(1, min(n, c))
+    # Row blocks of a chunk go on grid axis 1, which stops at 65535.
+    c = max(1, min(n, c, 65535 * cfg.block_m))
     ws = torch.empty((c, N), dtype=x.dtype, device=dev) if need_student else s32
     wst = torch.empty((c, N), dtype=xt.dtype, device=dev) if need_teacher else s32
     flags = {**_flags(x.dtype, "S"), **_flags(xt.dtype, "T")}
