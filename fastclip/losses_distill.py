@@ -48,14 +48,25 @@ class DistillClipLoss(ClipLoss):
     ``forward(image_features (n, D), text_features (n, D), logit_scale, dist_image_features (n, Dt),
     dist_text_features (n, Dt), dist_logit_scale, output_dict=False)`` returns
     ``(contrastive_loss, distill_loss)`` or ``{"contrastive_loss": ..., "distill_loss": ...}``.
-    Constructor as :class:`~fastclip.losses.ClipLoss` (``dist_impl`` must be "gather"). With
-    ``world_size > 1`` student and teacher features are gathered as open_clip gathers them, so each
-    rank's losses and gradients equal open_clip's for the same ``local_loss``/``gather_with_grad``.
+    Constructor as :class:`~fastclip.losses.ClipLoss`: open_clip's arguments, then fastclip's
+    keyword-only ``options`` (``impl``, ``chunk_size``, ``check_finite``, ...; ``dist_impl`` must be
+    "gather"). With ``world_size > 1`` student and teacher features are gathered as open_clip
+    gathers them, so each rank's losses and gradients equal open_clip's for the same
+    ``local_loss``/``gather_with_grad``; no rank builds an n×N matrix.
     Gradients reach the teacher's inputs too when they require grad (as in open_clip).
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        local_loss=False,
+        gather_with_grad=False,
+        cache_labels=False,
+        rank=0,
+        world_size=1,
+        use_horovod=False,
+        **options,
+    ):
+        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod, **options)
         if self.dist_impl != "gather":
             raise ValueError(f"dist_impl: expected 'gather' for DistillClipLoss, got {self.dist_impl!r}")
 
