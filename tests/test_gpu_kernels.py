@@ -104,6 +104,18 @@ def test_phase_timer_on_cuda():
     assert set(phases) == {"tile kernel", "dX GEMM", "dY GEMM"} and all(v > 0 for v in phases.values())
 
 
+def test_benchmark_records_the_kernel_path():
+    from fastclip.bench.loss import kernel_path
+
+    dev = torch.device(CUDA)
+    assert kernel_path("fastclip-triton", torch.bfloat16, dev).startswith("tensor-core-bf16; gemm ")
+    with _tf32(False):
+        assert kernel_path("fastclip-triton", torch.float32, dev).startswith("fp32-fma")
+    with _tf32(True):
+        assert kernel_path("fastclip-triton", torch.float32, dev).startswith("tf32")
+    assert kernel_path("reference", torch.bfloat16, dev) is None
+
+
 def test_auto_picks_triton_on_cuda():
     from fastclip.ops.dispatch import resolve_impl
 

@@ -255,16 +255,25 @@ def test_gradient_chunks_keep_many_rows_at_large_n():
 
 
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
-def test_column_panels_match_single_pass(loss_name):
-    """Row chunks x column panels, with the positives of a negative offset crossing panel edges."""
+def test_column_panels_match_single_pass(loss_name, monkeypatch):
+    """Row chunks x column panels, with the positives of a negative offset crossing panel edges; one
+    1-D (grouped) grid per chunk and panel."""
+    grids = []
     if loss_name == "clip":
+        spy = _GridSpy(kernels_clip._clip_grad_kernel, grids)
+        monkeypatch.setattr(kernels_clip, "_clip_grad_kernel", spy)
         _check_clip_block(
             257, 230, 40, -3, torch.float32, grad_kw={"rows_per_chunk": 100, "cols_per_panel": 64}
         )
         _check_clip_block(130, 200, 24, 60, torch.bfloat16, grad_kw={"cols_per_panel": 128})
     else:
+        monkeypatch.setattr(
+            kernels_siglip, "_siglip_tile_kernel", _GridSpy(kernels_siglip._siglip_tile_kernel, grids)
+        )
         _check_siglip_block(257, 230, 40, -3, torch.float32, rows_per_chunk=100, cols_per_panel=64)
         _check_siglip_block(130, 200, 24, 60, torch.bfloat16, cols_per_panel=128)
+    # 64 x 64 tiles: 3 row chunks (100, 100, 57 rows) x 4 panels (64, 64, 64, 38 columns); then 1 x 2 (128, 72).
+    assert grids == [(2,)] * 8 + [(1,)] * 4 + [(6,), (6,)]
 
 
 class _GridSpy:
