@@ -17,8 +17,8 @@ grid order as in ``clip_grad``), so memory stays O((n + N) D) plus the bounded w
 Epilogue, one exponential per logit: with ``z = exp(-|L|)`` in (0, 1] and ``r = 1 / (1 + z)``,
 ``sigmoid(L) = r`` for L >= 0 and ``z r`` otherwise, and ``softplus(L) = max(L, 0) + log1p(z)`` with
 ``log1p(z) = 2 atanh(t)``, ``t = z / (2 + z)`` in (0, 1/3], summed as the odd series up to ``t**13``
-(truncation below 2e-8 relative; no libdevice ``logf``, no second ``exp`` for the sigmoid, no overflow
-for any L).
+(truncation below 1.5e-8 relative, fp32 evaluation within 2.2e-7 over z in (0, 1], checked with numpy;
+no libdevice ``logf``, no second ``exp`` for the sigmoid, no overflow for any L).
 """
 
 from __future__ import annotations
