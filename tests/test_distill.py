@@ -121,6 +121,22 @@ def test_row_block_with_offset_matches_float64(offset):
     _assert_close64(got, _run(ref, inputs))
 
 
+@pytest.mark.parametrize("both", [True, False])
+def test_gradcheck(both):
+    """Finite differences of both losses (weighted) against the analytic gradients of every input."""
+    n, N = (5, 5) if both else (3, 7)
+    inputs = [
+        features(n, 4, torch.float64), features(N, 4, torch.float64, seed=1), scalar(8.0, torch.float64),
+        features(n, 3, torch.float64, seed=2), features(N, 3, torch.float64, seed=3), scalar(15.0, torch.float64),
+    ]  # fmt: skip
+
+    def fn(*a):
+        c, d = distill_block_loss(*a, offset=0 if both else 2, both=both, impl="torch", chunk_size=2)
+        return WEIGHTS[0] * c + WEIGHTS[1] * d
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
 def test_teacher_without_grad_gets_none_and_student_grads_unchanged():
     a = _as64(_inputs(9, 4, 6, teacher_grad=True))
     b = _as64(_inputs(9, 4, 6, teacher_grad=False))
