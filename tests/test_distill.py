@@ -521,3 +521,46 @@ def test_benchmark_runner_writes_a_valid_document(tmp_path):
     report.write_json(doc, str(tmp_path / "d.json"))  # validates the schema
     (line,) = ratio_lines(doc["records"])
     assert line.startswith("fastclip-torch / open_clip: time ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: the two passes run as opaque custom ops
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_custom_ops_pass_opcheck(both):
+    from fastclip.ops.distill_library import distill_grad_op, distill_stats_op
+
+    n, N = (6, 6) if both else (4, 9)
+    x, y = features(n, 5, requires_grad=False), features(N, 5, seed=1, requires_grad=False)
+    xt, yt = features(n, 3, seed=2, requires_grad=False), features(N, 3, seed=3, requires_grad=False)
+    s, t = scalar(10.0, requires_grad=False), scalar(20.0, requires_grad=False)
+    torch.library.opcheck(distill_stats_op, (x, y, s, xt, yt, t, both, "torch", 2))
+    stats = distill_stats_op(x, y, s, xt, yt, t, both, "torch", 2)
+    stats = stats if both else (*stats[:3], None, None, None)
+    coefs = torch.tensor([0.1, 0.1 if both else 0.0, 0.2, 0.2 if both else 0.0, 0.3])
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(distill_grad_op, (x, y, s, xt, yt, t, *stats, coefs, 2, *need, "torch", 3))
+
+
+def test_torch_compile_runs_the_custom_ops(monkeypatch):
+    import fastclip.ops.distill_library as lib
+
+    calls = []
+    real = lib.distill_stats_eager
+    monkeypatch.setattr(lib, "distill_stats_eager", lambda *a: calls.append(1) or real(*a))
+    inputs = _inputs(10, 4, 6, seed=3)
+
+    def step(*a):
+        c, d = distill_clip_loss(*a, impl="torch", chunk_size=3)
+        return WEIGHTS[0] * c + WEIGHTS[1] * d
+
+    want = step(*inputs)
+    want_g = torch.autograd.grad(want, inputs)
+    assert not calls  # eager mode runs the bodies directly
+    got = torch.compile(step, backend="aot_eager")(*inputs)
+    got_g = torch.autograd.grad(got, inputs)
+    assert calls  # compiled: through torch.ops.fastclip.distill_stats
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -173,24 +173,54 @@ def distill_grad_torch(x, y, s, xt, yt, t, stats, coefs, offset, need_student, n
 # dispatch and the autograd Function
 
 
-def distill_stats(x, y, s, xt, yt, t, *, both, impl="torch", chunk_size=None):
-    """Pass 1 (see the module docstring); inputs are detached."""
-    args = (x.detach(), y.detach(), s.detach(), xt.detach(), yt.detach(), t.detach(), both)
+def distill_stats_eager(x, y, s, xt, yt, t, both, impl, chunk_size):
+    """The eager body of pass 1: the Triton launcher or the chunked PyTorch code."""
     if impl == "triton":
         from fastclip.kernels.distill import distill_stats as launch
 
-        return launch(*args)
-    return distill_stats_torch(*args, chunk_size)
+        return launch(x, y, s, xt, yt, t, both)
+    return distill_stats_torch(x, y, s, xt, yt, t, both, chunk_size)
 
 
-def distill_grad(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, *, impl, chunk_size):
-    """Pass 2 (see the module docstring); inputs are detached."""
-    args = (x.detach(), y.detach(), s.detach(), xt.detach(), yt.detach(), t.detach(), stats, coefs.detach())
+def distill_grad_eager(
+    x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, impl, chunk_size
+):
+    """The eager body of pass 2."""
     if impl == "triton":
         from fastclip.kernels.distill import distill_grad as launch
 
-        return launch(*args, offset, need_student, need_teacher)
-    return distill_grad_torch(*args, offset, need_student, need_teacher, chunk_size)
+        return launch(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher)
+    return distill_grad_torch(
+        x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, chunk_size
+    )
+
+
+def distill_stats(x, y, s, xt, yt, t, *, both, impl="torch", chunk_size=None):
+    """Pass 1 (see the module docstring); inputs are detached. Under ``torch.compile`` it runs as the
+    custom op ``torch.ops.fastclip.distill_stats`` (``fastclip/ops/distill_library.py``)."""
+    args = (x.detach(), y.detach(), s.detach(), xt.detach(), yt.detach(), t.detach(), both, impl, chunk_size)
+    if _checks._is_compiling():
+        from fastclip.ops.distill_library import distill_stats_op
+
+        out = distill_stats_op(*args)
+        return out if both else (*out[:3], None, None, None)
+    return distill_stats_eager(*args)
+
+
+def distill_grad(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, *, impl, chunk_size):
+    """Pass 2 (see the module docstring); inputs are detached. Under ``torch.compile`` it runs as the
+    custom op ``torch.ops.fastclip.distill_grad``."""
+    det = tuple(None if v is None else v.detach() for v in (x, y, s, xt, yt, t, *stats, coefs))
+    if _checks._is_compiling():
+        from fastclip.ops.distill_library import distill_grad_op
+
+        out = distill_grad_op(*det, offset, need_student, need_teacher, impl, chunk_size)
+        keep = (need_student,) * 3 + (need_teacher,) * 3
+        return tuple(v if k else None for v, k in zip(out, keep))
+    x, y, s, xt, yt, t = det[:6]
+    return distill_grad_eager(
+        x, y, s, xt, yt, t, det[6:12], det[12], offset, need_student, need_teacher, impl, chunk_size
+    )
 
 
 def _direction_weights(n: int, N: int, both: bool) -> tuple[float, float]:
