@@ -1,11 +1,13 @@
 """fastclip: fused, memory-bounded CLIP and SigLIP losses, encoder towers and a large-batch trainer.
 
-from fastclip import ClipLoss, SigLipLoss      # drop-in for open_clip's classes
+from fastclip import ClipLoss, SigLipLoss      # drop-in for open_clip's classes (also DistillClipLoss, CoCaLoss)
+from fastclip.loss import ClipLoss             # the module path of open_clip.loss
 from fastclip import clip_loss, siglip_loss    # functional forms
 """
 
-from fastclip.functional import clip_loss, siglip_loss
+from fastclip.functional import clip_loss, distill_clip_loss, siglip_loss
 from fastclip.losses import ClipLoss, SigLipLoss
+from fastclip.losses_distill import CoCaLoss, DistillClipLoss
 
 __version__ = "0.1.0"
 
@@ -31,4 +33,14 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastclip' has no attribute {name!r}")
 
 
-__all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss", "__version__", *_LAZY]
+__all__ = [
+    "ClipLoss",
+    "CoCaLoss",
+    "DistillClipLoss",
+    "SigLipLoss",
+    "clip_loss",
+    "distill_clip_loss",
+    "siglip_loss",
+    "__version__",
+    *_LAZY,
+]

@@ -1,4 +1,4 @@
-"""The functional loss API of one process: ``clip_loss`` and ``siglip_loss``.
+"""The functional loss API of one process: ``clip_loss``, ``siglip_loss``, ``distill_clip_loss``.
 
 This layer offers every ``impl``: the fused ones (``fastclip.ops``) and the materialized
 ``"reference"`` (``fastclip.reference``), behind the one input-validation path
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from fastclip import _checks
+from fastclip.ops import distill
 from fastclip.ops.amp import no_autocast
 from fastclip.ops.clip import clip_loss_fused
 from fastclip.ops.inputs import nan_if_not_finite, prepare
 from fastclip.ops.siglip import siglip_loss_fused
-from fastclip.reference import clip_loss_reference, siglip_loss_reference
+from fastclip.reference import clip_loss_reference, distill_clip_loss_reference, siglip_loss_reference
 
-__all__ = ["clip_loss", "siglip_loss"]
+__all__ = ["clip_loss", "distill_clip_loss", "siglip_loss"]
 
 
 def clip_loss(
@@ -84,3 +86,47 @@ def siglip_loss(
             loss = siglip_loss_reference(a.x, a.y, a.scale, a.bias)
             return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
     return siglip_loss_fused(a)
+
+
+def distill_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    dist_image_features: torch.Tensor,
+    dist_text_features: torch.Tensor,
+    dist_logit_scale,
+    *,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``DistillClipLoss`` of one process's batch, without any B×B matrix.
+
+    Shapes: student ``image_features, text_features (B, D)``, teacher ``dist_image_features,
+    dist_text_features (B, Dt)`` (``Dt`` may differ from ``D``), scales 0-dim or 1-element (already
+    exponentiated). Returns ``(contrastive_loss, distill_loss)``, 0-dim float32 (float64 for float64
+    inputs). Equivalent to::
+
+        ls, lt = logit_scale * x @ y.T, dist_logit_scale * xt @ yt.T
+        contrastive = (F.cross_entropy(ls, arange(B)) + F.cross_entropy(ls.T, arange(B))) / 2
+        kl = lambda a, b: -(a.softmax(1) * b.log_softmax(1)).sum(1).mean()
+        distill = (kl(lt, ls) + kl(lt.T, ls.T)) / 2
+
+    Gradients reach every input that requires grad, the teacher's included (as open_clip's autograd
+    gives them; detach the teacher to skip that work). ``impl``, ``chunk_size`` and ``check_finite``
+    as :func:`fastclip.clip_loss`. Works under ``torch.autocast`` (computed with autocast off, fp32
+    accumulation; mixed feature dtypes, accepted under autocast only, are cast as the
+    materialized loss's matmul would cast them).
+    """
+    x, y, s, xt, yt, t = distill.check_distill_inputs(
+        image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+        check_finite=check_finite,
+    )  # fmt: skip
+    impl = distill.resolve_distill_impl(impl, x, xt)
+    chunk_size = _checks.check_chunk_size(chunk_size)
+    if impl == "reference":
+        with no_autocast(x.device):
+            return distill_clip_loss_reference(x, y, s, xt, yt, t)
+    return distill.distill_block_loss(
+        x, y, s, xt, yt, t, offset=0, both=True, impl=impl, chunk_size=chunk_size
+    )

@@ -11,13 +11,9 @@ import torch
 from torch import nn
 
 from fastclip import _checks
+from fastclip.functional import distill_clip_loss
 from fastclip.losses import ClipLoss, _check_world
-from fastclip.ops.distill import (
-    check_distill_inputs,
-    distill_block_loss,
-    distill_clip_loss,
-    resolve_distill_impl,
-)
+from fastclip.ops.distill import check_distill_inputs, distill_block_loss, resolve_distill_impl
 
 
 def _gather_like_open_clip(a, b, *, local_loss, gather_with_grad, rank, group):

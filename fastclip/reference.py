@@ -175,3 +175,18 @@ def siglip_loss_distributed_reference(
                 image_features, block, logit_scale, logit_bias, negative_only=True
             )
     return loss
+
+
+def distill_clip_loss_reference(x, y, s, xt, yt, t):
+    """open_clip's ``DistillClipLoss`` of one process, materialized (two B×B matrices):
+    ``(contrastive_loss, distill_loss)`` for student ``x, y, s`` and teacher ``xt, yt, t``."""
+    ls = s * x @ y.T
+    lt = t * xt @ yt.T
+    labels = torch.arange(x.shape[0], device=x.device)
+    ce = F.cross_entropy
+    contrastive = (ce(ls, labels) + ce(ls.T, labels)) / 2
+
+    def kl(teacher, student):
+        return -(teacher.softmax(dim=1) * student.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    return contrastive, (kl(lt, ls) + kl(lt.T, ls.T)) / 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 from utils import features, load_open_clip_loss
 
-from fastclip import ClipLoss, SigLipLoss, clip_loss, siglip_loss
+from fastclip import ClipLoss, SigLipLoss, clip_loss, distill_clip_loss, siglip_loss
 from fastclip.ops.dispatch import triton_available
 
 open_clip_loss = load_open_clip_loss()
@@ -147,7 +147,10 @@ def test_autocast_in_the_modules_and_output_dict(loss_name):
 def test_double_backward_is_refused_with_a_clear_error():
     x, y = features(6, 4), features(6, 4, seed=1)
     s = torch.tensor(3.0, requires_grad=True)
-    for fn in (clip_loss, siglip_loss):
+    distill = lambda a, b, sc, impl: sum(
+        distill_clip_loss(a, b, sc, b.detach(), a.detach(), sc.detach(), impl=impl)
+    )
+    for fn in (clip_loss, siglip_loss, distill):
         loss = fn(x, y, s, impl="torch")
         with pytest.raises(RuntimeError, match="first derivatives only.*create_graph=True"):
             torch.autograd.grad(loss, x, create_graph=True)

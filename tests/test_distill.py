@@ -17,16 +17,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from utils import assert_within_budget, features, load_open_clip_loss, max_err, scalar
 
+from fastclip.functional import distill_clip_loss
 from fastclip.losses import ClipLoss
 from fastclip.losses_distill import CoCaLoss, DistillClipLoss
 from fastclip.ops.dispatch import triton_available
-from fastclip.ops.distill import (
-    distill_block_loss,
-    distill_clip_loss,
-    distill_clip_loss_reference,
-    distill_grad,
-    distill_stats,
-)
+from fastclip.ops.distill import distill_block_loss, distill_grad, distill_stats
+from fastclip.reference import distill_clip_loss_reference
 
 open_clip_loss = load_open_clip_loss()
 needs_open_clip = pytest.mark.skipif(open_clip_loss is None, reason="open_clip_torch is not installed")

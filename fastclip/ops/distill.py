@@ -30,10 +30,9 @@ The coefficients travel as a 5-element tensor (``ar, ac, br, bc, p``), so no hos
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastclip import _checks
-from fastclip.ops.amp import autocast_active, autocast_off, common_dtype, no_autocast
+from fastclip.ops.amp import autocast_active, autocast_off, common_dtype, first_order, no_autocast
 from fastclip.ops.dispatch import acc_dtype, chunk_rows, resolve_impl
 from fastclip.ops.inputs import nan_if_not_finite
 from fastclip.ops.torch_impl import positive_logits, positive_rows
@@ -256,7 +255,7 @@ class DistillLossFunction(torch.autograd.Function):
         return contrastive, distill
 
     @staticmethod
-    @once_differentiable
+    @first_order
     @autocast_off
     def backward(ctx, g_c, g_d):
         x, y, s, xt, yt, t, *saved = ctx.saved_tensors
@@ -337,59 +336,3 @@ def distill_block_loss(x, y, s, xt, yt, t, *, offset, both, impl, chunk_size):
     """The Function under autocast disabled (checked inputs; ``impl`` resolved, never "reference")."""
     with no_autocast(x.device):
         return DistillLossFunction.apply(x, y, s, xt, yt, t, offset, both, impl, chunk_size)
-
-
-def distill_clip_loss_reference(x, y, s, xt, yt, t):
-    """open_clip's materialized formula (B×B matrices; for tests and ``impl="reference"``)."""
-    ls = s * x @ y.T
-    lt = t * xt @ yt.T
-    labels = torch.arange(x.shape[0], device=x.device)
-    ce = torch.nn.functional.cross_entropy
-    contrastive = (ce(ls, labels) + ce(ls.T, labels)) / 2
-
-    def kl(teacher, student):
-        return -(teacher.softmax(dim=1) * student.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
-
-    return contrastive, (kl(lt, ls) + kl(lt.T, ls.T)) / 2
-
-
-def distill_clip_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale,
-    dist_image_features: torch.Tensor,
-    dist_text_features: torch.Tensor,
-    dist_logit_scale,
-    *,
-    impl: str = "auto",
-    chunk_size: int | None = None,
-    check_finite: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """open_clip's ``DistillClipLoss`` of one process's batch, without any B×B matrix.
-
-    Shapes: student ``image_features, text_features (B, D)``, teacher ``dist_image_features,
-    dist_text_features (B, Dt)`` (``Dt`` may differ from ``D``), scales 0-dim or 1-element (already
-    exponentiated). Returns ``(contrastive_loss, distill_loss)``, 0-dim float32 (float64 for float64
-    inputs). Equivalent to::
-
-        ls, lt = logit_scale * x @ y.T, dist_logit_scale * xt @ yt.T
-        contrastive = (F.cross_entropy(ls, arange(B)) + F.cross_entropy(ls.T, arange(B))) / 2
-        kl = lambda a, b: -(a.softmax(1) * b.log_softmax(1)).sum(1).mean()
-        distill = (kl(lt, ls) + kl(lt.T, ls.T)) / 2
-
-    Gradients reach every input that requires grad, the teacher's included (as open_clip's autograd
-    gives them; detach the teacher to skip that work). ``impl``, ``chunk_size`` and ``check_finite``
-    as :func:`fastclip.clip_loss`. Works under ``torch.autocast`` (computed with autocast off, fp32
-    accumulation; mixed feature dtypes, accepted under autocast only, are cast as the
-    materialized loss's matmul would cast them).
-    """
-    x, y, s, xt, yt, t = check_distill_inputs(
-        image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
-        check_finite=check_finite,
-    )  # fmt: skip
-    impl = resolve_distill_impl(impl, x, xt)
-    chunk_size = _checks.check_chunk_size(chunk_size)
-    if impl == "reference":
-        with no_autocast(x.device):
-            return distill_clip_loss_reference(x, y, s, xt, yt, t)
-    return distill_block_loss(x, y, s, xt, yt, t, offset=0, both=True, impl=impl, chunk_size=chunk_size)
