@@ -18,7 +18,8 @@ SUBCOMMANDS = {
     ),
     "bench": (
         "fastclip.bench.cli",
-        "benchmark the losses ('loss'), a training step ('train'), or re-report a result file ('report')",
+        "benchmark the losses ('loss'), a training step ('train'), the data loader ('data'), "
+        "or re-report a result file ('report')",
     ),
     "convert": (
         "fastclip.models.convert",
