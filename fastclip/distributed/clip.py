@@ -21,7 +21,7 @@ from fastclip.comm import (
     ring_exchange,
 )
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
-from fastclip.ops.blocks import bias_zero_grad, clip_grad, clip_lse, positive_logits
+from fastclip.ops.blocks import InputMeta, clip_grad, clip_lse, positive_logits
 from fastclip.ops.dispatch import acc_dtype
 from fastclip.ops.inputs import LossInputs, all_finite, nan_if_not_finite, prepare
 
@@ -43,21 +43,10 @@ def _clip_mode(local_loss: bool, gather_with_grad: bool) -> str:
     return "global_grad" if gather_with_grad else "global_nograd"
 
 
-def _clip_grads_out(ctx, x, y, scale, dx, dy, ds):
+def _clip_grads_out(ctx, dx, dy, ds):
     """Backward return of the ClipLoss Functions: gradients in the inputs' dtypes, a zero bias
     gradient (the softmax loss ignores a shared bias), None for the non-tensor arguments."""
-    need = ctx.needs_input_grad
-    db = bias_zero_grad(ctx.bias_meta, x.device) if need[3] else None
-    return (
-        dx.to(x.dtype) if need[0] else None,
-        dy.to(y.dtype) if need[1] else None,
-        ds.to(scale.dtype).reshape(scale.shape) if need[2] else None,
-        db,
-        None,
-        None,
-        None,
-        None,
-    )
+    return ctx.inputs.grads(ctx.needs_input_grad, dx, dy, ds, zero_bias=True, extra=4)
 
 
 class _ClipGather(torch.autograd.Function):
@@ -81,7 +70,7 @@ class _ClipGather(torch.autograd.Function):
         loss = nan_if_not_finite(loss.to(acc), xy_all, scale, bias)
         ctx.save_for_backward(x, y, scale, x_all, y_all, lse_img, lse_txt)
         ctx.cfg = (mode, group, impl, chunk_size, coef, rank, world)
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.inputs = InputMeta.of(x, y, scale, bias)
         return loss
 
     @staticmethod
@@ -118,7 +107,7 @@ class _ClipGather(torch.autograd.Function):
                 mult = g if mode == "global_nograd" else red[1]
                 dx, dy = dx * mult, dy * mult
         ds = ds * g
-        return _clip_grads_out(ctx, x, y, scale, dx, dy, ds)
+        return _clip_grads_out(ctx, dx, dy, ds)
 
 
 class _ClipGatherGlobal(torch.autograd.Function):
@@ -142,7 +131,7 @@ class _ClipGatherGlobal(torch.autograd.Function):
         loss = nan_if_not_finite(loss, x, y_all, scale, bias)
         ctx.save_for_backward(x, y, scale, y_all, lse_img, lse_col)
         ctx.cfg = (mode, group, impl, chunk_size, coef, rank)
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.inputs = InputMeta.of(x, y, scale, bias)
         return loss
 
     @staticmethod
@@ -172,7 +161,7 @@ class _ClipGatherGlobal(torch.autograd.Function):
         # g_r times dL/d(features) without grad through the gather, (sum_q g_q) times it with it.
         mult = g if mode == "global_nograd" else red[1]
         ds = red[0] * g
-        return _clip_grads_out(ctx, x, y, scale, gx * mult, gy * mult, ds)
+        return _clip_grads_out(ctx, gx * mult, gy * mult, ds)
 
 
 class _ClipRing(torch.autograd.Function):
@@ -212,7 +201,7 @@ class _ClipRing(torch.autograd.Function):
         loss = torch.where(state["ok"], loss, torch.full_like(loss, float("nan"))).to(acc)
         ctx.save_for_backward(x, y, scale, lse_img, lse_txt)
         ctx.cfg = (mode, group, impl, chunk_size, coef, rank, world)
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.inputs = InputMeta.of(x, y, scale, bias)
         return loss
 
     @staticmethod
@@ -274,7 +263,7 @@ class _ClipRing(torch.autograd.Function):
             ds = red[0] * g
             mult = g if mode == "global_nograd" else red[1]
             dx, dy = dx * mult, dy * mult
-        return _clip_grads_out(ctx, x, y, scale, dx, dy, ds)
+        return _clip_grads_out(ctx, dx, dy, ds)
 
 
 def clip_loss_distributed_fused(

@@ -20,7 +20,7 @@ from fastclip.comm import (
     stream_hops,
 )
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
-from fastclip.ops.blocks import siglip_block
+from fastclip.ops.blocks import InputMeta, siglip_block
 from fastclip.ops.dispatch import acc_dtype
 from fastclip.ops.inputs import LossInputs, all_finite, nan_if_not_finite, prepare
 
@@ -46,13 +46,7 @@ class _SigLipGather(torch.autograd.Function):
         loss = nan_if_not_finite(total / n, x, y_all, scale, bias)
         if need_grad:
             ctx.save_for_backward(gx / n, gy_all / n, gs / n, gb / n)
-        ctx.meta = (
-            group,
-            x.dtype,
-            scale.dtype,
-            scale.shape,
-            None if bias is None else (bias.dtype, bias.shape),
-        )
+        ctx.group, ctx.inputs = group, InputMeta.of(x, y, scale, bias)
         return loss
 
     @staticmethod
@@ -60,19 +54,9 @@ class _SigLipGather(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_out):
         gx, gy_all, gs, gb = ctx.saved_tensors
-        group, dtype, s_dtype, s_shape, b_meta = ctx.meta
         g = grad_out.to(gx.dtype)
-        dy = reduce_scatter_rows(gy_all * g, group)
-        need = ctx.needs_input_grad
-        return (
-            (gx * g).to(dtype) if need[0] else None,
-            dy.to(dtype) if need[1] else None,
-            (gs * g).to(s_dtype).reshape(s_shape) if need[2] else None,
-            (gb * g).to(b_meta[0]).reshape(b_meta[1]) if need[3] else None,
-            None,
-            None,
-            None,
-        )
+        dy = reduce_scatter_rows(gy_all * g, ctx.group)
+        return ctx.inputs.grads(ctx.needs_input_grad, gx * g, dy, gs * g, gb * g, extra=3)
 
 
 class _SigLipRing(torch.autograd.Function):
@@ -102,6 +86,7 @@ class _SigLipRing(torch.autograd.Function):
         loss = torch.where(state["ok"], loss, torch.full_like(loss, float("nan")))
         ctx.save_for_backward(x, y, scale, *(() if bias is None else (bias,)))
         ctx.cfg = (dist_impl, group, impl, chunk_size, rank, world, bias is not None)
+        ctx.inputs = InputMeta.of(x, y, scale, bias)
         return loss
 
     @staticmethod
@@ -136,17 +121,7 @@ class _SigLipRing(torch.autograd.Function):
         dy = own
         for a in arrived:
             dy = dy + a
-        need = ctx.needs_input_grad
-        return (
-            state["dx"].to(x.dtype) if need[0] else None,
-            dy.to(y.dtype) if need[1] else None,
-            state["ds"].to(scale.dtype).reshape(scale.shape) if need[2] else None,
-            state["db"].to(bias.dtype).reshape(bias.shape) if (need[3] and bias is not None) else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return ctx.inputs.grads(ctx.needs_input_grad, state["dx"], dy, state["ds"], state["db"], extra=4)
 
 
 def siglip_loss_distributed_fused(inputs: LossInputs, *, dist_impl: str, group) -> torch.Tensor:

@@ -20,13 +20,15 @@ more than a bounded chunk of the n×N logits. Under ``torch.compile`` they run a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastclip import _checks
 from fastclip.ops import library
 from fastclip.ops.torch_impl import positive_logits, positive_rows
 
-__all__ = ["bias_zero_grad", "clip_grad", "clip_lse", "positive_logits", "positive_rows", "siglip_block"]
+__all__ = ["InputMeta", "clip_grad", "clip_lse", "positive_logits", "positive_rows", "siglip_block"]
 
 
 def _block_impl(impl: str) -> str:
@@ -86,9 +88,39 @@ def siglip_block(x, y, scale, bias, offset, need_grad, *, impl="torch", chunk_si
     return total, dx, dy, ds, db
 
 
-def bias_zero_grad(bias_meta, device) -> torch.Tensor | None:
-    """The softmax loss is invariant to a bias shared by all logits: its gradient is exactly zero."""
-    if bias_meta is None:
-        return None
-    shape, dtype = bias_meta
-    return torch.zeros(shape, dtype=dtype, device=device)
+@dataclass(frozen=True)
+class InputMeta:
+    """Dtypes and shapes of a loss Function's (x, y, scale, bias), to return each gradient as its
+    input: every autograd Function of the losses ends its backward with :meth:`grads`."""
+
+    x_dtype: torch.dtype
+    y_dtype: torch.dtype
+    s_dtype: torch.dtype
+    s_shape: torch.Size
+    b_dtype: torch.dtype | None
+    b_shape: torch.Size | None
+    device: torch.device
+
+    @staticmethod
+    def of(x, y, scale, bias) -> InputMeta:
+        b_dtype, b_shape = (None, None) if bias is None else (bias.dtype, bias.shape)
+        return InputMeta(x.dtype, y.dtype, scale.dtype, scale.shape, b_dtype, b_shape, x.device)
+
+    def grads(self, need, dx, dy, ds, db=None, *, zero_bias=False, extra: int = 2) -> tuple:
+        """``(dx, dy, ds, db)`` in the inputs' dtypes and shapes (None where not needed), then ``extra``
+        Nones for the non-tensor arguments. ``zero_bias``: the softmax loss is invariant to a bias
+        shared by all logits, so its gradient is exactly zero."""
+        has_bias = self.b_dtype is not None
+        if zero_bias and need[3] and has_bias:
+            db = torch.zeros(self.b_shape, dtype=self.b_dtype, device=self.device)
+        elif need[3] and has_bias:
+            db = db.to(self.b_dtype).reshape(self.b_shape)
+        else:
+            db = None
+        return (
+            dx.to(self.x_dtype) if need[0] else None,
+            dy.to(self.y_dtype) if need[1] else None,
+            ds.to(self.s_dtype).reshape(self.s_shape) if need[2] else None,
+            db,
+            *([None] * extra),
+        )

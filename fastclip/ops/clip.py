@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
-from fastclip.ops.blocks import bias_zero_grad, clip_grad, clip_lse, positive_logits
+from fastclip.ops.blocks import InputMeta, clip_grad, clip_lse, positive_logits
 from fastclip.ops.inputs import LossInputs, nan_if_not_finite
 
 
@@ -26,7 +26,7 @@ class ClipLossFunction(torch.autograd.Function):
         loss = nan_if_not_finite(loss, x, y, scale, bias)
         ctx.save_for_backward(x, y, scale, lse_row, lse_col)
         ctx.impl, ctx.chunk_size = impl, chunk_size
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.inputs = InputMeta.of(x, y, scale, bias)
         return loss
 
     @staticmethod
@@ -35,7 +35,7 @@ class ClipLossFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, y, scale, lse_row, lse_col = ctx.saved_tensors
         n = x.shape[0]
-        need_x, need_y, need_s, need_b = ctx.needs_input_grad[:4]
+        need_x, need_y, need_s, _ = need = ctx.needs_input_grad[:4]
         dx = dy = ds = None
         if need_x or need_y or need_s:
             coef = 1.0 / (2 * n)
@@ -48,9 +48,8 @@ class ClipLossFunction(torch.autograd.Function):
             del gx
             dy = gy.mul_(g).to(y.dtype) if need_y else None
             del gy
-            ds = (gs * g).to(scale.dtype).reshape(scale.shape) if need_s else None
-        db = bias_zero_grad(ctx.bias_meta, x.device) if need_b else None
-        return dx, dy, ds, db, None, None
+            ds = gs * g
+        return ctx.inputs.grads(need, dx, dy, ds, zero_bias=True)
 
 
 def clip_loss_fused(inputs: LossInputs) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
-from fastclip.ops.blocks import siglip_block
+from fastclip.ops.blocks import InputMeta, siglip_block
 from fastclip.ops.inputs import LossInputs, nan_if_not_finite
 
 
@@ -28,13 +28,7 @@ class SigLipLossFunction(torch.autograd.Function):
         loss = nan_if_not_finite(total / n, x, y, scale, bias)
         if need_grad:
             ctx.save_for_backward(gx / n, gy / n, gs / n, gb / n)
-        ctx.meta = (
-            x.dtype,
-            y.dtype,
-            scale.dtype,
-            scale.shape,
-            None if bias is None else (bias.dtype, bias.shape),
-        )
+        ctx.inputs = InputMeta.of(x, y, scale, bias)
         return loss
 
     @staticmethod
@@ -42,14 +36,8 @@ class SigLipLossFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_out):
         gx, gy, gs, gb = ctx.saved_tensors
-        x_dtype, y_dtype, s_dtype, s_shape, b_meta = ctx.meta
         g = grad_out.to(gx.dtype)
-        need_x, need_y, need_s, need_b = ctx.needs_input_grad[:4]
-        dx = (gx * g).to(x_dtype) if need_x else None
-        dy = (gy * g).to(y_dtype) if need_y else None
-        ds = (gs * g).to(s_dtype).reshape(s_shape) if need_s else None
-        db = (gb * g).to(b_meta[0]).reshape(b_meta[1]) if (need_b and b_meta is not None) else None
-        return dx, dy, ds, db, None, None
+        return ctx.inputs.grads(ctx.needs_input_grad[:4], gx * g, gy * g, gs * g, gb * g)
 
 
 def siglip_loss_fused(inputs: LossInputs) -> torch.Tensor:
