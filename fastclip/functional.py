@@ -21,6 +21,15 @@ from fastclip.reference import clip_loss_reference, distill_clip_loss_reference,
 __all__ = ["clip_loss", "distill_clip_loss", "siglip_loss"]
 
 
+def _run(a, fused, reference) -> torch.Tensor:
+    """The fused loss of checked inputs, or the materialized one (autocast off, NaN for non-finite
+    inputs, as the fused paths give)."""
+    if a.impl != "reference":
+        return fused(a)
+    with no_autocast(a.x.device):
+        return nan_if_not_finite(reference(a.x, a.y, a.scale, a.bias), a.x, a.y, a.scale, a.bias)
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -48,11 +57,7 @@ def clip_loss(
         image_features, text_features, logit_scale, logit_bias,
         impl=impl, chunk_size=chunk_size, check_finite=check_finite,
     )  # fmt: skip
-    if a.impl == "reference":
-        with no_autocast(a.x.device):
-            loss = clip_loss_reference(a.x, a.y, a.scale, a.bias)
-            return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
-    return clip_loss_fused(a)
+    return _run(a, clip_loss_fused, clip_loss_reference)
 
 
 def siglip_loss(
@@ -81,11 +86,7 @@ def siglip_loss(
         image_features, text_features, logit_scale, logit_bias,
         impl=impl, chunk_size=chunk_size, check_finite=check_finite,
     )  # fmt: skip
-    if a.impl == "reference":
-        with no_autocast(a.x.device):
-            loss = siglip_loss_reference(a.x, a.y, a.scale, a.bias)
-            return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
-    return siglip_loss_fused(a)
+    return _run(a, siglip_loss_fused, siglip_loss_reference)
 
 
 def distill_clip_loss(
