@@ -3,7 +3,7 @@
 For each configuration (loss, dtype, dim, batch) the same normalized random features go to every
 provider; each provider gets warm-up iterations, then timed forward / backward / forward+backward
 iterations (medians with min and max) and one measurement of its peak extra memory. Achieved
-TFLOP/s count the FLOP floor of a fused forward+backward (DESIGN.md): 8·B²·D for the softmax loss,
+TFLOP/s count the FLOP floor of a fused forward+backward (docs/design.md): 8·B²·D for the softmax loss,
 6·B²·D for the sigmoid loss. An out-of-memory case becomes a record with status "oom", any other
 failure one with status "error" and the message; larger batches of the same series are then not run.
 ``max_seconds`` is checked between configurations and inside them (warm-ups and repetitions stop at the
@@ -15,7 +15,6 @@ are read together; splitting them would scatter one procedure over three files.)
 
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import time
@@ -26,6 +25,7 @@ import torch
 
 from fastclip.bench import timing
 from fastclip.bench.memory import peak_extra_bytes
+from fastclip.bench.oom import cleanup, is_oom
 from fastclip.bench.providers import LOSSES, PROVIDERS, Provider, get_provider
 from fastclip.bench.report import REQUIRED_RECORD_KEYS, SHORT_DTYPE
 
@@ -159,21 +159,6 @@ def _estimated_bytes(provider: str, batch: int, dim: int, dtype: torch.dtype) ->
     if provider in MATERIALIZED:
         return 6 * batch * batch * max(elt, 4)
     return 64 * 2**20 + 8 * batch * dim * 4
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    msg = str(exc)
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "out of memory" in msg.lower() or "can't allocate memory" in msg
-    )
-
-
-def _cleanup(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _record(loss, provider, batch, dim, dtype_name, status, message="") -> dict:
@@ -432,11 +417,11 @@ def _guarded(call: Callable[[], None], device: torch.device) -> tuple[str, str] 
         call()
         return None
     except Exception as exc:  # recorded, never raised: one failure must not end the sweep
-        status = "oom" if _is_oom(exc) else "error"
+        status = "oom" if is_oom(exc) else "error"
         text = str(exc).strip()
         failure = (status, f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300])
     # Out of the except block the traceback, and the tensors its frames hold, are gone.
-    _cleanup(device)
+    cleanup(device)
     return failure
 
 
@@ -477,7 +462,7 @@ def _run_group(key, names, fns, device, cfg, mm, inputs, failed_at, deadline=Non
     def fail(pname, failure):
         out[pname] = _record(loss, pname, batch, dim, dtype_name, *failure)
         runs.pop(pname).reset()
-        _cleanup(device)
+        cleanup(device)
 
     for pname in list(runs):
         if deadline is not None and time.perf_counter() > deadline:
@@ -521,4 +506,4 @@ class _InputCache:
 
     def drop(self) -> None:
         self.key, self.tensors = None, None
-        _cleanup(self.device)
+        cleanup(self.device)
