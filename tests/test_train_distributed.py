@@ -148,7 +148,7 @@ def _worker(killed, ref, stage):
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # ZeRO-3 processes can abort in interpreter shutdown (PLATFORM.md)
+    os._exit(0)  # ZeRO-3 processes can abort in interpreter shutdown (docs/design.md, "Platform facts")
 
 
 if __name__ == "__main__":
