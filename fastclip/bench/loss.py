@@ -32,7 +32,7 @@ from fastclip.bench.report import REQUIRED_RECORD_KEYS, SHORT_DTYPE
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-# The issue-7 schema's fields, then ours.
+# The results schema's required fields (fastclip/bench/report.py), then ours.
 RECORD_FIELDS = (*REQUIRED_RECORD_KEYS, "matmul_frac", "repeats", "message", "kernel_path")
 # Values open_clip models start from: CLIP scale 1/0.07 (already exponentiated); SigLIP scale 10, bias -10.
 CLIP_SCALE = 1.0 / 0.07
@@ -106,7 +106,7 @@ class LossSweep:
 def default_sweep(device: torch.device) -> LossSweep:
     """The built-in run of ``fastclip bench loss``.
 
-    CPU: issue 2's first benchmark — fastclip-torch vs reference, B ∈ {4096, 8192, 16384}, D ∈ {256,
+    CPU: the CPU target's benchmark — fastclip-torch vs reference, B ∈ {4096, 8192, 16384}, D ∈ {256,
     512}, fp32, both losses; 2 to 5 timed iterations (2 at large B) so it ends in about five minutes on
     2 cores.
     GPU: the fused-kernel target set — bf16, D = 768, B from 4096 doubling to 1,048,576 for
