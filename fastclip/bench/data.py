@@ -153,6 +153,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default=None, help="comma-separated worker counts (default: 0..CPUs)")
     p.add_argument("--batches", type=int, default=20, help="timed loader batches per worker count")
     p.add_argument("--warmup", type=int, default=2, help="loader batches before timing (incl. start-up)")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per worker count (median reported)")
     p.add_argument("--step-steps", type=int, default=5, help="timed training steps on in-memory data")
     p.add_argument("--train-steps", type=int, default=60, help="steps of the short training run (0: skip)")
     p.add_argument("--make-shards", type=int, default=0, help="first write N 256x256 JPEGs as shards")
@@ -209,13 +210,23 @@ def run_data(args: argparse.Namespace) -> int:
                  "fast_decode": cfg.data.fast_decode, "default_workers": default_workers()},
         "loader": [],
     }  # fmt: skip
+    runs = {w: [] for w in counts}
+    for r in range(args.repeats):  # worker counts interleaved, so that other jobs' bursts hit all alike
+        for w in counts:
+            rec = loader_throughput(cfg, w, size, mean, std, args.batches, args.warmup, tokenizer)
+            rec["load"] = _load()
+            runs[w].append(rec)
+            log(
+                f"loader workers={w} (repeat {r + 1}/{args.repeats}): {rec['images_per_s']:.0f} images/s "
+                f"(start-up {rec['startup_s']:.2f} s, load {rec['load']})"
+            )
     for w in counts:
-        rec = loader_throughput(cfg, w, size, mean, std, args.batches, args.warmup, tokenizer)
-        rec["load"] = _load()
-        doc["loader"].append(rec)
-        log(
-            f"loader workers={w}: {rec['images_per_s']:.0f} images/s (start-up {rec['startup_s']:.2f} s, load {rec['load']})"
-        )
+        rates = [rec["images_per_s"] for rec in runs[w]]
+        doc["loader"].append(
+            {"workers": w, "images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+             "repeats": runs[w]}
+        )  # fmt: skip
+        log(f"loader workers={w}: median {statistics.median(rates):.0f} images/s over {len(rates)} repeat(s)")
     base = doc["loader"][0]["images_per_s"] if doc["loader"] and counts[0] == 0 else None
     if base:
         for rec in doc["loader"]:
