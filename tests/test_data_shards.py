@@ -231,3 +231,23 @@ def test_tokenizer_runs_in_the_workers(shards):
     s = WebDatasetStream(shards, _cfg(workers=1), 8, 3, 0, 1, seed=0, tokenizer=tok)
     images, ids = s.next_batch()
     assert ids.shape == (3, 1) and ids.dtype == torch.int64
+
+
+def test_spec_names_existing_file_before_url_scheme(tmp_path, monkeypatch):
+    from fastclip.data import expand_shards
+
+    monkeypatch.chdir(tmp_path)
+    _tar(tmp_path / "pipe:touch MARK;#.tar", [("k0.png", _png_bytes()), ("k0.txt", b"hi")])
+    assert expand_shards("pipe:touch MARK;#.tar") == [str(tmp_path / "pipe:touch MARK;#.tar")]
+    s = WebDatasetStream("pipe:touch MARK;#.tar", _cfg(), 8, 1, 0, 1, seed=0)
+    assert s.next_batch()[1] == ["hi"] and not (tmp_path / "MARK").exists()
+    assert expand_shards("https://example.invalid/{0..1}.tar") == [
+        "https://example.invalid/0.tar",
+        "https://example.invalid/1.tar",
+    ]  # a URL the user wrote is kept (and opened by webdataset's gopen when read)
+
+
+def test_explicit_pipe_spec_written_by_the_user_is_run(tmp_path):
+    _tar(tmp_path / "a.tar", [("k0.png", _png_bytes()), ("k0.txt", b"piped")])
+    s = WebDatasetStream(f"pipe:cat {tmp_path / 'a.tar'}", _cfg(), 8, 1, 0, 1, seed=0)
+    assert s.next_batch()[1] == ["piped"]

@@ -16,8 +16,9 @@ Resume cost is bounded by one shard, whatever the run's length.
 
 Names. A shard spec is a local path, a brace range or a glob (``a/{000..099}.tar``, ``a/*.tar``,
 joined with ``::``); the files it names are opened with ``open()``, whatever their names look like
-(a file called ``pipe:cmd;#.tar`` is a file). Only a spec that itself starts with a URL scheme
-(``https://...``, ``pipe:...``, written by the user) is handed to webdataset's ``gopen``.
+(a file called ``pipe:cmd;#.tar`` is a file, also when the spec names it literally). Only a spec
+that starts with a URL scheme and names no existing file (``https://...``, ``pipe:...``, written by
+the user) is handed to webdataset's ``gopen``.
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ def expand_shards(spec: str) -> list[str]:
     out, missing = [], []
     for part in spec.split("::"):
         for item in braceexpand.braceexpand(part):
-            if is_url(item):
+            if os.path.isfile(item):  # an existing file is read, even when its name looks like a URL
+                out.append(os.path.abspath(item))
+            elif is_url(item):
                 out.append(item)  # written by the user: their scheme, their choice
             elif any(ch in item for ch in "*?["):
                 out.extend(os.path.abspath(p) for p in sorted(glob.glob(item)) if os.path.isfile(p))
-            elif os.path.isfile(item):
-                out.append(os.path.abspath(item))
             else:
                 missing.append(item)
     if missing or not out:
