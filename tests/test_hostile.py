@@ -256,6 +256,15 @@ def test_unknown_model_name(tmp_path, capsys):
     )
 
 
+def test_missing_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    from fastclip.cli import main
+
+    argv = ["train", "--output-dir", str(tmp_path / "r"), "--data.tokenizer", str(tmp_path / "no.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastclip train: error: data.tokenizer: ")
+
+
 def test_dist_impl_is_validated_with_the_config():
     from fastclip.train.config import ConfigError, load_config
 

@@ -35,7 +35,7 @@ def check_model_name(name: str) -> None:
 
 def build_model(cfg, out_dir: str, rank: int, model=None, tokenizer=None):
     """(tokenizer, model). The model's vocab_size follows the tokenizer unless overridden."""
-    from fastclip.models import WordTokenizer, create_model, get_config, load_tokenizer
+    from fastclip.models import WordTokenizer, create_model, get_config
 
     mc, dc = cfg.model, cfg.data
     overrides = dict(resolved_overrides(mc))
@@ -46,7 +46,7 @@ def build_model(cfg, out_dir: str, rank: int, model=None, tokenizer=None):
         context = _model_call("model.overrides", get_config, mc.name, **overrides).text.context_length
     if tokenizer is None:
         if dc.tokenizer not in ("auto", "words"):
-            tokenizer = load_tokenizer(dc.tokenizer, context_length=context)
+            tokenizer = _load_tokenizer(dc.tokenizer, context)
         elif dc.kind == "synthetic":
             tokenizer = WordTokenizer(data_lib.SyntheticShapes(8).vocabulary(), context_length=context)
         elif dc.kind == "csv":
@@ -60,7 +60,8 @@ def build_model(cfg, out_dir: str, rank: int, model=None, tokenizer=None):
         else:
             raise ConfigError(
                 "data.tokenizer: webdataset data needs a tokenizer: expected the path of a Hugging Face "
-                f"tokenizer directory or tokenizer.json, got {dc.tokenizer!r}"
+                "tokenizer directory or tokenizer.json, a hub id (hf-hub:org/name) or a model name with "
+                f"tokenizer files, got {dc.tokenizer!r}"
             )
     vocab = getattr(tokenizer, "vocab_size", None)
     if model is None:
@@ -116,3 +117,16 @@ def _words(texts) -> list[str]:
         for w in re.findall(r"[a-z0-9']+|[^\sa-z0-9']", t.lower()):
             seen[w] = seen.get(w, 0) + 1
     return sorted(seen, key=lambda w: (-seen[w], w))
+
+
+def _load_tokenizer(spec: str, context: int):
+    """``data.tokenizer``: a local tokenizer directory / tokenizer.json, else a hub id or a named config
+    resolved by ``fastclip.get_tokenizer`` (through the local Hugging Face cache)."""
+    from fastclip.models import get_tokenizer, load_tokenizer
+
+    try:
+        if os.path.exists(spec):
+            return load_tokenizer(spec, context_length=context)
+        return get_tokenizer(spec, context_length=context)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
