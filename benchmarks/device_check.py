@@ -8,6 +8,9 @@ writes ``OUT/results.json`` in the result-file schema of ``fastclip.bench.report
 
 ``--dry-run``: the same code on CPU with the Triton interpreter and tiny sizes (CI runs it), so the
 GPU time goes to measuring. Sizes on a GPU: the targets of docs/kernels.md (B = 32768 and 2**20, D = 768, bf16).
+
+(About 500 lines: the six parts share the time-limit, logging and record helpers at the top and are
+read as one procedure, in the order the shell script runs them.)
 """
 
 from __future__ import annotations

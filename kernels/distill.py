@@ -23,6 +23,9 @@ Limits: ``n, N >= 1``, any ``D, Dt >= 1``; inputs float32, bfloat16 or float16 (
 ``impl="torch"``); offsets in int64. Under the Triton interpreter bf16 tiles are upcast after loading
 (``UPCAST``, see ``kernels/common.py``). Programs run on a 2-D grid. Tile sizes are the CLIP kernels'
 (``config.tile_config``) with at most 64 rows per tile (``_tile_config``); not yet tuned or run on a GPU.
+
+(About 430 lines: the statistics kernel, the gradient-tile kernel and their launchers share one tile
+recomputation and are checked together; see docs/distill.md.)
 """
 
 from __future__ import annotations

@@ -90,3 +90,22 @@ def test_compiled_training_step_triton_impl_interpreted():
 @pytest.mark.gpu
 def test_compiled_training_step_triton_impl():
     _compare_compiled_with_eager("triton", device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_custom_ops_pass_opcheck(dtype):
+    """``torch.library.opcheck``: schema, fake (meta) implementation, autograd registration and
+    aliasing of each block primitive's custom op agree with its real implementation."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 5, generator=g, dtype=dtype), torch.randn(9, 5, generator=g, dtype=dtype)
+    s, b = torch.tensor(2.0, dtype=dtype), torch.tensor(-1.0, dtype=dtype)
+    lse_row, lse_col = torch.ops.fastclip.clip_lse(x, y, s, "torch", 4)
+    calls = [
+        (torch.ops.fastclip.clip_lse, (x, y, s, "torch", 4)),
+        (torch.ops.fastclip.clip_grad, (x, y, s, lse_row, lse_col, 0.1, 0.1, 1, 0.2, "torch", 4)),
+        (torch.ops.fastclip.clip_grad, (x, y, s, lse_row, None, 0.1, 0.0, None, 0.0, "torch", None)),
+        (torch.ops.fastclip.siglip_block, (x, y, s, b, -2, True, "torch", 4)),
+        (torch.ops.fastclip.siglip_block, (x, y, s, None, None, False, "torch", None)),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args)
