@@ -217,7 +217,9 @@ def test_ratios_and_targets():
     assert [round(q["time_ratio"], 2) for q in rows] == [1.2, 1.4]
     assert [q["mem_ratio"] for q in rows] == [0.05, 0.05]
     checks = report.target_checks(recs)
-    assert checks[0].startswith("[met] CPU target, clip") and checks[1].startswith("[short] CPU target, siglip")
+    assert checks[0].startswith("[met] CPU target, clip") and checks[1].startswith(
+        "[short] CPU target, siglip"
+    )
     assert "1.20x" in report.ratio_table(recs)
 
 

@@ -68,7 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dim", type=_int_list, help="feature dims, comma list (e.g. 512,768,1024,1152)")
     p.add_argument("--dtype", type=_str_list, help="float32,bfloat16,float16 (or fp32,bf16,fp16)")
-    p.add_argument("--loss", type=_str_list, help="clip,siglip; or distill (DistillClipLoss vs open_clip's, fastclip.bench.distill)")
+    p.add_argument(
+        "--loss",
+        type=_str_list,
+        help="clip,siglip; or distill (DistillClipLoss vs open_clip's, fastclip.bench.distill)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--warmup", type=int, help="warm-up iterations per run (one long iteration suffices)")
     p.add_argument("--min-repeats", type=int, help="fewest timed iterations per run")
@@ -93,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_train_arguments(t)
 
-    d = sub.add_parser("data", help="training data loader: images/s per worker count, step images/s, data wait")
+    d = sub.add_parser(
+        "data", help="training data loader: images/s per worker count, step images/s, data wait"
+    )
     from fastclip.bench.data import add_data_arguments
 
     add_data_arguments(d)
@@ -114,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
         return run_data(args)
     print(
-        "usage: fastclip bench {loss,train,report,data} [options]  (fastclip bench loss --help)", file=sys.stderr
+        "usage: fastclip bench {loss,train,report,data} [options]  (fastclip bench loss --help)",
+        file=sys.stderr,
     )
     return 2
 

@@ -159,8 +159,8 @@ def _text_settings(directory: str) -> dict:
     """context_length, tokenizer (another repo holding the files) and clean mode of a model directory."""
     import json
 
-    from fastclip.models.openclip_format import read_open_clip_json, text_settings
     from fastclip.models.layouts import config_from_hf
+    from fastclip.models.openclip_format import read_open_clip_json, text_settings
 
     if os.path.isfile(os.path.join(directory, OPEN_CLIP_CONFIG)):
         return text_settings(read_open_clip_json(os.path.join(directory, OPEN_CLIP_CONFIG)))

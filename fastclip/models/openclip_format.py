@@ -123,8 +123,8 @@ def save_open_clip(model, directory, *, safetensors: bool = True) -> None:
     ``open_clip_model.safetensors`` (open_clip tensor names). The directory is created if needed."""
     from safetensors.torch import save_file
 
-    from fastclip.models.model import CLIP
     from fastclip.models.layouts import to_open_clip
+    from fastclip.models.model import CLIP
 
     if not isinstance(model, CLIP):
         raise TypeError(f"model: expected a fastclip CLIP model, got {type(model).__name__}")
