@@ -2,7 +2,7 @@
 them as opaque calls (as ``fastclip/ops/library.py`` does for the CLIP and SigLIP block primitives).
 
 ``torch.ops.fastclip.distill_stats`` and ``.distill_grad`` run one implementation ("torch" or "triton",
-by the ``impl`` argument) of ``fastclip.ops.distill.distill_stats_eager`` / ``distill_grad_eager``.
+by the ``impl`` argument) of ``fastclip.ops.distill_impl.distill_stats_eager`` / ``distill_grad_eager``.
 Each has a fake implementation giving output shapes and dtypes, so Dynamo and Inductor trace a
 training step without stepping into the Python chunk loops or the Triton launchers. Custom ops cannot
 return None: absent outputs (column statistics of a row-only block, gradients not asked for) are
@@ -15,7 +15,7 @@ import torch
 from torch.library import custom_op
 
 from fastclip.ops.dispatch import acc_dtype
-from fastclip.ops.distill import distill_grad_eager, distill_stats_eager
+from fastclip.ops.distill_impl import distill_grad_eager, distill_stats_eager
 from fastclip.ops.library import _own
 
 
