@@ -263,6 +263,9 @@ def test_missing_tokenizer_is_a_one_line_error(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fastclip train: error: data.tokenizer: ")
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "a failed set-up must not leave the trainer's process group behind"
 
 
 def test_dist_impl_is_validated_with_the_config():

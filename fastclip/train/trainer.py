@@ -83,7 +83,18 @@ class Trainer:
         self.ckpt_root = os.path.join(self.out, "checkpoints")
         # checked before any process group starts: the checkpoint to resume from and the config's changes
         self.resume_from, self.resume_meta = self._find_resume()
+        owns_group = not torch.distributed.is_initialized()
         self.comm = Comm.setup(cfg.train, cfg.dist)
+        try:
+            self._set_up(cfg, model, tokenizer)
+        except BaseException:
+            # A set-up error (a missing tokenizer, a bad data file...) leaves no process group behind
+            # when the trainer made it: the caller's next run, or a test, starts clean.
+            if owns_group and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            raise
+
+    def _set_up(self, cfg: Config, model, tokenizer) -> None:
         self.rank, self.world, self.device = self.comm.rank, self.comm.world, self.comm.device
         self.local_batch, self.micro, self.chunks = cfg.check_world(self.world)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
