@@ -21,7 +21,9 @@ of size ``n x N`` is allocated.
 
 Limits: ``n, N >= 1``, any ``D, Dt >= 1``; inputs float32, bfloat16 or float16 (float64 runs on
 ``impl="torch"``); offsets in int64. Under the Triton interpreter bf16 tiles are upcast after loading
-(``UPCAST``, see ``kernels/common.py``). Programs run on a 2-D grid. Tile sizes are the CLIP kernels'
+(``UPCAST``, see ``kernels/common.py``). The statistics kernel runs on a 2-D grid (row blocks × column
+splits); the gradient-tile kernel on a 1-D grid in groups of ``GROUP_M`` row blocks that sweep the column
+tiles together (``grouped_tile``), as the CLIP kernels do. Tile sizes are the CLIP kernels'
 (``config.tile_config``) with at most 64 rows per tile (``_tile_config``); not yet tuned or run on a GPU.
 
 (About 430 lines: the statistics kernel, the gradient-tile kernel and their launchers share one tile
@@ -36,7 +38,15 @@ import torch
 import triton
 import triton.language as tl
 from fastclip.kernels import config, gemm
-from fastclip.kernels.common import check_block, check_offset, meta_flags, positives_in, scalar_f32, sim_tile
+from fastclip.kernels.common import (
+    check_block,
+    check_offset,
+    grouped_tile,
+    meta_flags,
+    positives_in,
+    scalar_f32,
+    sim_tile,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -190,9 +200,10 @@ def _distill_grad_kernel(
     IEEE_S: tl.constexpr,
     UPCAST_T: tl.constexpr,
     IEEE_T: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(pid, n, N, BM, BN, GROUP_M)  # groups of row blocks share Y tiles in L2
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     row_mask = rows < n
@@ -234,7 +245,6 @@ def _distill_grad_kernel(
             G += ac * tl.exp(Ls - lse_sc[None, :]) - bc * ptc
         if TEACHER:
             Gt -= bc * ptc * (Ls - m_c[None, :])
-    pid = pid_m * tl.num_programs(0) + pid_n
     if STUDENT:
         if HAS_POS:
             is_pos = cols.to(tl.int64)[None, :] == (rows.to(tl.int64) + offset)[:, None]
@@ -391,8 +401,7 @@ def distill_grad(
     cfg = _tile_config("tile", dev, x.dtype, max(D, DT))
     s32, t32 = scalar_f32(s), scalar_f32(t)
     c = rows_per_chunk or config.chunk_rows(n, N, config.GRAD_WORKSPACE_ELEMENTS, cfg.block_m)
-    # Row blocks of a chunk go on grid axis 1, which stops at 65535.
-    c = max(1, min(n, c, 65535 * cfg.block_m))
+    c = max(1, min(n, c))
     ws = torch.empty((c, N), dtype=x.dtype, device=dev) if need_student else s32
     wst = torch.empty((c, N), dtype=xt.dtype, device=dev) if need_teacher else s32
     flags = {**_flags(x.dtype, "S"), **_flags(xt.dtype, "T")}
@@ -406,14 +415,14 @@ def distill_grad(
         pos = need_student and positives_in(offset, i0, i1, 0, N)
         part = torch.zeros((2, row_blocks * col_blocks), dtype=torch.float32, device=dev)
         sr = stat_row[:, i0:i1]
-        _distill_grad_kernel[(col_blocks, row_blocks)](
+        _distill_grad_kernel[(row_blocks * col_blocks,)](
             xc, y, xtc, yt, s32, t32, sr, stat_col, coef, g, gt, part,
             i1 - i0, N, D, DT, offset + i0 if pos else 0,
             xc.stride(0), xc.stride(1), y.stride(0), y.stride(1),
             xtc.stride(0), xtc.stride(1), yt.stride(0), yt.stride(1),
             sr.stride(0), stat_col.stride(0), g.stride(0), gt.stride(0), part.stride(0),
             BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, BOTH=both, HAS_POS=pos,
-            STUDENT=need_student, TEACHER=need_teacher,
+            STUDENT=need_student, TEACHER=need_teacher, GROUP_M=config.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
         )  # fmt: skip
         parts_total += part.sum(1)

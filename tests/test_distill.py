@@ -307,6 +307,31 @@ def test_triton_chunk_and_split_paths_match_torch(both, offset):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.interpreter
+@needs_triton
+def test_triton_grad_grouped_grid_with_a_ragged_last_group(monkeypatch):
+    """Small tiles and GROUP_M = 2: 5 row blocks make groups of 2, 2 and 1 over 3 column blocks, so
+    every program's (row block, column block) comes from the grouped 1-D grid, the last group short."""
+    import dataclasses
+
+    from fastclip.kernels import config
+    from fastclip.kernels import distill as kd
+
+    small = lambda *a: dataclasses.replace(config.tile_config(*a[:4]), block_m=16, block_n=16, block_k=16)
+    monkeypatch.setattr(kd, "_tile_config", small)
+    monkeypatch.setattr(config, "GROUP_M", 2)
+    n, N = 70, 40
+    x, xt = features(n, 9), features(n, 20, seed=2)
+    y, yt = features(N, 9, seed=1), features(N, 20, seed=3)
+    s, t = scalar(20.0), scalar(40.0)
+    ref = distill_stats(x, y, s, xt, yt, t, both=False, impl="torch", chunk_size=17)
+    coefs = torch.tensor([0.3, 0.0, 0.5, 0.0, 0.7]) / n
+    want = distill_grad(x, y, s, xt, yt, t, ref, coefs, 0, True, True, impl="torch", chunk_size=17)
+    got = kd.distill_grad(x, y, s, xt, yt, t, ref, coefs, 0, True, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the modules against open_clip's
 
