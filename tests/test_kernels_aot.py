@@ -20,8 +20,7 @@ SHARED_LIMIT = {"hopper": 227 * 1024, "ampere": 163 * 1024}
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp32-tf32": 4}
 
 
-@pytest.fixture(scope="module")
-def aot(tmp_path_factory):
+def _build(script, tmp_path_factory):
     triton = pytest.importorskip("triton")
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")):
@@ -33,7 +32,7 @@ def aot(tmp_path_factory):
         "TRITON_DEFAULT_FP_FUSION": "1",
     }
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_aot_build.py")],
+        [sys.executable, os.path.join(HERE, script)],
         env=env,
         capture_output=True,
         text=True,
@@ -42,6 +41,11 @@ def aot(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def aot(tmp_path_factory):
+    return _build("_aot_build.py", tmp_path_factory)
 
 
 def _parts(info):
@@ -101,3 +105,17 @@ def test_no_register_spills_for_16_bit_inputs(aot):
             assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (key, info)
             assert info["stack_bytes"] == 0 and info["local_bytes"] == 0, (key, info)
     assert checked == 16
+
+
+@pytest.mark.slow
+def test_distillation_kernels_compile_without_spills(tmp_path_factory):
+    """The distillation kernels (two fp32 logit tiles per program, 64-row tiles) at D = 768, bf16 and
+    fp16, on both targets: pipelined (3 stages, cp.async), tensor-core instructions, no spills."""
+    built = _build("_aot_build_distill.py", tmp_path_factory)
+    assert len(built) == 8  # 2 kernels x 2 targets x 2 precisions
+    for key, info in built.items():
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (key, info)
+        assert info["stack_bytes"] == 0 and info["local_bytes"] == 0, (key, info)
+        assert info["num_stages"] == 3 and info["cp_async"], (key, info)
+        assert info["wgmma"] if info["arch"] == "hopper" else info["mma"], (key, info)
+        assert 0 < info["shared"] <= SHARED_LIMIT[info["arch"]], (key, info)
