@@ -86,6 +86,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_seconds(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls after ``warmup`` calls (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None, n: int | None = None) -> float:
     """Dense ``n×n @ n×n`` rate in TFLOP/s measured now (median of several): bf16 on GPU, fp32 on CPU.
 
@@ -97,23 +117,9 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None, n: int
         n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(3 if device.type == "cuda" else 1):
-        a @ b
-    reps = 20 if device.type == "cuda" else 5
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            a @ b
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) * 1e-3)
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / statistics.median(times) / 1e12
+    cuda = device.type == "cuda"
+    seconds = _median_seconds(lambda: a @ b, device, warmup=3 if cuda else 1, reps=20 if cuda else 5)
+    return 2.0 * n**3 / seconds / 1e12
 
 
 def gemm_tflops(
@@ -128,22 +134,9 @@ def gemm_tflops(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    a @ b
     reps = reps or (10 if device.type == "cuda" else 3)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            a @ b
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) * 1e-3)
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-    return 2.0 * m * n * k / statistics.median(times) / 1e12
+    seconds = _median_seconds(lambda: a @ b, device, warmup=1, reps=reps)
+    return 2.0 * m * n * k / seconds / 1e12
 
 
 def gpu_clocks() -> dict[str, str] | None:

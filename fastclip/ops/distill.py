@@ -33,10 +33,10 @@ import torch
 
 from fastclip import _checks
 from fastclip.ops import distill_library
-from fastclip.ops.amp import autocast_active, autocast_off, common_dtype, first_order, no_autocast
+from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.dispatch import resolve_impl
 from fastclip.ops.distill_impl import distill_grad_eager, distill_stats_eager
-from fastclip.ops.inputs import nan_if_not_finite
+from fastclip.ops.inputs import nan_if_not_finite, settle_pair
 from fastclip.ops.torch_impl import positive_logits
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,22 +130,6 @@ class DistillLossFunction(torch.autograd.Function):
 
 
 FEATURE_NAMES = ("image_features", "text_features", "dist_image_features", "dist_text_features")
-
-
-def settle_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str):
-    """One dtype for a feature pair. Mixed dtypes are accepted under autocast only (what models give
-    there) and cast as the materialized loss's matmul would (``fastclip.ops.amp.common_dtype``); the
-    differentiable cast returns each gradient in its input's dtype."""
-    _checks.check_features(a, b, same_dtype=False, name_a=name_a, name_b=name_b)
-    if a.dtype == b.dtype:
-        return a, b
-    if not autocast_active(a.device):
-        raise TypeError(
-            f"{name_b}: expected dtype {a.dtype} (as {name_a}), got {b.dtype} "
-            "(mixed dtypes are accepted under torch.autocast only)"
-        )
-    dtype = common_dtype(a, b)
-    return a.to(dtype), b.to(dtype)
 
 
 def check_distill_inputs(x, y, s, xt, yt, t, *, check_finite=False):

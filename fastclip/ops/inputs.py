@@ -29,6 +29,23 @@ class LossInputs:
     chunk_size: int | None
 
 
+def settle_pair(a, b, name_a="image_features", name_b="text_features", *, same_batch: bool = True):
+    """A checked feature pair of one dtype. Mixed dtypes are accepted under autocast only (what models
+    produce there, e.g. a bf16 tower beside an fp32 one) and cast as the materialized loss's matmul
+    would (:func:`fastclip.ops.amp.common_dtype`); outside autocast that matmul would fail, so a
+    mismatch raises. The cast is differentiable: each gradient returns in its input's dtype."""
+    _checks.check_features(a, b, same_batch=same_batch, same_dtype=False, name_a=name_a, name_b=name_b)
+    if a.dtype == b.dtype:
+        return a, b
+    if not autocast_active(a.device):
+        raise TypeError(
+            f"{name_b}: expected dtype {a.dtype} (as {name_a}), got {b.dtype} "
+            "(mixed dtypes are accepted under torch.autocast only)"
+        )
+    dtype = common_dtype(a, b)
+    return a.to(dtype), b.to(dtype)
+
+
 def prepare(
     image_features,
     text_features,
@@ -43,18 +60,7 @@ def prepare(
     allow_reference: bool = True,
 ) -> LossInputs:
     _checks.check_bool("check_finite", check_finite)
-    _checks.check_features(image_features, text_features, same_batch=same_batch, same_dtype=False)
-    x, y = image_features, text_features
-    if x.dtype != y.dtype:
-        # Outside autocast the materialized loss would fail on the matmul, so a mismatch is a mistake
-        # worth naming; under autocast it is what models produce (e.g. a bf16 tower and an fp32 one).
-        if not autocast_active(x.device):
-            raise TypeError(
-                f"text_features: expected dtype {x.dtype} (as image_features), got {y.dtype} "
-                "(mixed dtypes are accepted under torch.autocast only)"
-            )
-        dtype = common_dtype(x, y)
-        x, y = x.to(dtype), y.to(dtype)
+    x, y = settle_pair(image_features, text_features, same_batch=same_batch)
     device = x.device
     scale = _checks.check_scalar("logit_scale", logit_scale, device=device)
     if logit_bias is None and bias_required:
