@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastclip import _checks
+from fastclip.comm import all_gather_rows, all_gather_with_grad
 from fastclip.distributed.clip import CLIP_DIST_IMPLS, clip_loss_distributed_fused
 from fastclip.distributed.siglip import SIGLIP_DIST_IMPLS, siglip_loss_distributed_fused
 from fastclip.functional import clip_loss, siglip_loss
@@ -71,6 +72,25 @@ def _check_world(group, rank: int, world_size: int) -> None:
         )
 
 
+def gather_like_open_clip(a, b, *, local_loss, gather_with_grad, rank, group):
+    """open_clip's ``gather_features`` for one (image, text) pair: ``(W·n, D)`` each, in rank order.
+
+    With grad: a differentiable all-gather (gradients summed over ranks). Without: a plain gather,
+    and for the global loss the local slot is the local tensor itself (gradients of the own rows only).
+    One collective for both tensors (concatenated along the feature dim).
+    """
+    d = a.shape[1]
+    both = torch.cat([a, b], dim=1)
+    if gather_with_grad:
+        gathered = all_gather_with_grad(both, group)
+    else:
+        gathered = all_gather_rows(both, group)
+        if not local_loss:
+            n = a.shape[0]
+            gathered = torch.cat([gathered[: rank * n], both, gathered[(rank + 1) * n :]], dim=0)
+    return gathered[:, :d], gathered[:, d:]
+
+
 class _LossBase(nn.Module):
     """What both modules share: fastclip's keyword options and the multi-rank prologue."""
 
@@ -99,11 +119,6 @@ class _LossBase(nn.Module):
         if self.check_batch_sizes:
             comm.check_batch_sizes(a.x, self.group)
         return a
-
-    def _gather(self, t: torch.Tensor, with_grad: bool) -> torch.Tensor:
-        from fastclip import comm
-
-        return comm.all_gather_with_grad(t, self.group) if with_grad else comm.all_gather_rows(t, self.group)
 
 
 class ClipLoss(_LossBase):
@@ -183,7 +198,10 @@ class ClipLoss(_LossBase):
 
     def get_ground_truth(self, device, num_logits) -> torch.Tensor:
         """open_clip's labels: ``arange(num_logits)`` (+ ``num_logits * rank`` with ``local_loss`` on
-        several ranks). For logging and metrics; the loss path never builds them."""
+        several ranks), cached per device with ``cache_labels`` as open_clip does. For logging and
+        metrics; the loss path never builds them."""
+        if self.cache_labels and self.prev_num_logits == num_logits and device in self.labels:
+            return self.labels[device]
         labels = torch.arange(num_logits, device=device, dtype=torch.long)
         if self.world_size > 1 and self.local_loss:
             labels = labels + num_logits * self.rank
@@ -203,12 +221,10 @@ class ClipLoss(_LossBase):
         x, y = a.x, a.y
         if self.world_size > 1:
             _check_world(self.group, self.rank, self.world_size)
-            all_x = self._gather(x, self.gather_with_grad)
-            all_y = self._gather(y, self.gather_with_grad)
-            if not self.gather_with_grad and not self.local_loss:
-                n, r = x.shape[0], self.rank
-                all_x = torch.cat([all_x[: r * n], x, all_x[(r + 1) * n :]])
-                all_y = torch.cat([all_y[: r * n], y, all_y[(r + 1) * n :]])
+            all_x, all_y = gather_like_open_clip(
+                x, y, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, rank=self.rank,
+                group=self.group,
+            )  # fmt: skip
             if self.local_loss:
                 logits_per_image = a.scale * x @ all_y.T
                 logits_per_text = a.scale * y @ all_x.T
@@ -219,6 +235,11 @@ class ClipLoss(_LossBase):
             logits_per_image = a.scale * x @ y.T
             logits_per_text = a.scale * y @ x.T
         if a.bias is not None:
+            if self.world_size > 1 and not self.local_loss:
+                # open_clip's quirk: its in-place adds hit one storage (logits_per_text is a transposed
+                # view of logits_per_image), so both carry the bias twice (see fastclip/reference.py).
+                logits_per_image = logits_per_image + 2 * a.bias
+                return logits_per_image, logits_per_image.T
             logits_per_image = logits_per_image + a.bias
             logits_per_text = logits_per_text + a.bias
         return logits_per_image, logits_per_text

@@ -12,29 +12,8 @@ from torch import nn
 
 from fastclip import _checks
 from fastclip.functional import distill_clip_loss
-from fastclip.losses import ClipLoss, _check_world
+from fastclip.losses import ClipLoss, _check_world, gather_like_open_clip
 from fastclip.ops.distill import check_distill_inputs, distill_block_loss, resolve_distill_impl
-
-
-def _gather_like_open_clip(a, b, *, local_loss, gather_with_grad, rank, group):
-    """open_clip's ``gather_features`` for one (image, text) pair: ``(W·n, D)`` each, in rank order.
-
-    With grad: a differentiable all-gather (gradients summed over ranks). Without: a plain gather,
-    and for the global loss the local slot is the local tensor itself (gradients of the own rows only).
-    One collective for both tensors (concatenated along the feature dim).
-    """
-    from fastclip.comm import all_gather_rows, all_gather_with_grad
-
-    d = a.shape[1]
-    both = torch.cat([a, b], dim=1)
-    if gather_with_grad:
-        gathered = all_gather_with_grad(both, group)
-    else:
-        gathered = all_gather_rows(both, group)
-        if not local_loss:
-            n = a.shape[0]
-            gathered = torch.cat([gathered[: rank * n], both, gathered[(rank + 1) * n :]], dim=0)
-    return gathered[:, :d], gathered[:, d:]
 
 
 class DistillClipLoss(ClipLoss):
@@ -101,8 +80,8 @@ class DistillClipLoss(ClipLoss):
         if self.check_batch_sizes:
             check_batch_sizes(x, self.group)
         flags = dict(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, group=self.group)
-        x_all, y_all = _gather_like_open_clip(x, y, rank=self.rank, **flags)
-        xt_all, yt_all = _gather_like_open_clip(xt, yt, rank=self.rank, **flags)
+        x_all, y_all = gather_like_open_clip(x, y, rank=self.rank, **flags)
+        xt_all, yt_all = gather_like_open_clip(xt, yt, rank=self.rank, **flags)
         kw = dict(impl=impl, chunk_size=self.chunk_size)
         if not self.local_loss:
             # open_clip's global loss: the square (N, N) problem on the gathered features, on every rank.

@@ -126,6 +126,32 @@ def test_siglip_loss_module_equals_open_clip(impl):
     torch.testing.assert_close(out["contrastive_loss"], want)
 
 
+@needs_open_clip
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_get_logits_and_get_ground_truth_equal_open_clips(with_bias):
+    """The helpers user code calls for metrics: open_clip's return values (single process here; on
+    two ranks in tests/test_open_clip_step.py)."""
+    x, y, s, b = _inputs(9, 5, torch.float32, seed=8)
+    b = b if with_bias else None
+    for ours, theirs in (
+        (ClipLoss(cache_labels=True), open_clip_loss.ClipLoss(cache_labels=True)),
+        (SigLipLoss(), open_clip_loss.SigLipLoss()),
+    ):
+        got, want = ours.get_logits(x, y, s, b), theirs.get_logits(x, y, s, b)
+        for g, w in zip(
+            got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)
+        ):
+            torch.testing.assert_close(g, w)
+    ours, theirs = ClipLoss(cache_labels=True), open_clip_loss.ClipLoss(cache_labels=True)
+    for n in (9, 9, 4):  # the second call comes from the label cache, the third not
+        torch.testing.assert_close(ours.get_ground_truth(x.device, n), theirs.get_ground_truth(x.device, n))
+    for neg in (False, True):
+        torch.testing.assert_close(
+            SigLipLoss().get_ground_truth(x.device, x.dtype, 9, negative_only=neg),
+            open_clip_loss.SigLipLoss().get_ground_truth(x.device, x.dtype, 9, negative_only=neg),
+        )
+
+
 def test_module_and_functional_agree_and_output_dict():
     x, y, s, b = _inputs(20, 8, torch.float32)
     for module, fn in ((ClipLoss(impl="torch"), clip_loss), (SigLipLoss(impl="torch"), siglip_loss)):

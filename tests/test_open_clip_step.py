@@ -152,6 +152,25 @@ WORLD_CASES = [
 ]
 
 
+def _get_logits_diffs(rank, world):
+    """max |fastclip - open_clip| of ``ClipLoss.get_logits`` and ``get_ground_truth`` on this rank, per flags."""
+    import fastclip.loss as fastclip_loss
+
+    g = torch.Generator().manual_seed(rank)
+    x, y = (F.normalize(torch.randn(BATCH, 16, generator=g), dim=-1) for _ in range(2))
+    out = {}
+    for ll in (False, True):
+        for gg in (False, True):
+            kw = dict(local_loss=ll, gather_with_grad=gg, rank=rank, world_size=world)
+            ours, theirs = fastclip_loss.ClipLoss(**kw), open_clip_loss.ClipLoss(**kw)
+            got, want = ours.get_logits(x, y, 10.0, 1.0), theirs.get_logits(x, y, torch.tensor(10.0), 1.0)
+            labels = ours.get_ground_truth(x.device, got[0].shape[0])
+            diff = max(float((a - b).abs().max()) for a, b in zip(got, want))
+            same_labels = torch.equal(labels, theirs.get_ground_truth(x.device, want[0].shape[0]))
+            out[f"local_loss={ll} gather_with_grad={gg}"] = diff if same_labels else float("inf")
+    return out
+
+
 def _worker(rank, world, tmpdir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["FASTCLIP_TEST_PORT"])
     torch.set_num_threads(1)
@@ -162,6 +181,7 @@ def _worker(rank, world, tmpdir):
             for precision in ("fp32", "amp_bf16"):
                 key = f"{kind} {json.dumps(flags)} {precision}"
                 result["runs"][key] = _run(kind, precision, rank, world, flags)
+        result["get_logits"] = _get_logits_diffs(rank, world)
         # torch.compile of the loss module in a multi-process run (graph breaks allowed at collectives)
         for kind in ("clip", "siglip"):
             result["runs"][f"{kind} compiled fp32"] = _run(kind, "fp32", rank, world, {}, compile_loss=True)
@@ -187,6 +207,9 @@ def test_two_process_steps_equal_open_clip(tmp_path):
             res = json.load(f)
         assert res["error"] is None, f"rank {rank}:\n{res['error']}"
         assert len(res["runs"]) == 2 * len(WORLD_CASES) + 2
+        assert len(res["get_logits"]) == 4 and all(d <= 1e-6 for d in res["get_logits"].values()), res[
+            "get_logits"
+        ]
         for key, runs in res["runs"].items():
             tol = TOL["amp_bf16" if "amp_bf16" in key else "fp32"]
             _assert_steps_equal(f"rank {rank} {key}", runs["fastclip"], runs["open_clip"], tol)
