@@ -118,18 +118,11 @@ def launch_all(n: int, dim: int, dtype, kernels) -> None:
         siglip.siglip_block(x, y, s, b, 0, False)
 
 
-def main(argv: list[str]) -> None:
-    """``--cap 90,80``, ``--prec bf16,...``, ``--kernels lse,grad,siglip`` narrow the build."""
-    only = lambda flag: argv[argv.index(flag) + 1].split(",") if flag in argv else None  # noqa: E731
-    archs = {cap: a for cap, a in ARCHS.items() if only("--cap") is None or str(cap) in only("--cap")}
-    precs = {k: v for k, v in PRECISIONS.items() if only("--prec") is None or k in only("--prec")}
-    kernels = only("--kernels") or ["lse", "grad", "siglip"]
-    compiled: list = []  # (kernel name, compiled kernel) of the current launches
-    for name, kern in (
-        ("lse", clip._clip_lse_kernel),
-        ("grad", clip._clip_grad_kernel),
-        ("siglip", siglip._siglip_tile_kernel),
-    ):
+def compile_only(kernels: dict) -> list:
+    """Make each named kernel's ``run`` compile without launching, and the launchers take their GPU
+    code paths; returns the list that collects ``(name, compiled kernel)`` of every launch."""
+    compiled: list = []
+    for name, kern in kernels.items():
         orig = kern.run
 
         def run(*args, grid, warmup, _orig=orig, _name=name, **kwargs):
@@ -138,10 +131,22 @@ def main(argv: list[str]) -> None:
             return k
 
         kern.run = run
-    # The launchers run on CPU tensors here: skip their device check, take the GPU code paths.
-    clip.check_block = siglip.check_block = lambda *a, **k: None
     config.interpreting = lambda: False
     config.num_sms = lambda device: 132
+    return compiled
+
+
+def main(argv: list[str]) -> None:
+    """``--cap 90,80``, ``--prec bf16,...``, ``--kernels lse,grad,siglip`` narrow the build."""
+    only = lambda flag: argv[argv.index(flag) + 1].split(",") if flag in argv else None  # noqa: E731
+    archs = {cap: a for cap, a in ARCHS.items() if only("--cap") is None or str(cap) in only("--cap")}
+    precs = {k: v for k, v in PRECISIONS.items() if only("--prec") is None or k in only("--prec")}
+    kernels = only("--kernels") or ["lse", "grad", "siglip"]
+    compiled = compile_only(
+        {"lse": clip._clip_lse_kernel, "grad": clip._clip_grad_kernel, "siglip": siglip._siglip_tile_kernel}
+    )
+    # The launchers run on CPU tensors here: skip their device check, take the GPU code paths.
+    clip.check_block = siglip.check_block = lambda *a, **k: None
     cuda = torch.device("cuda")
     out: dict = {}
     for cap, arch in archs.items():
