@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from utils import assert_within_budget, features, load_open_clip_loss, max_err, scalar
+from utils import LargestOutput, assert_within_budget, features, load_open_clip_loss, max_err, scalar
 
 from fastclip.functional import distill_clip_loss
 from fastclip.losses import ClipLoss
@@ -30,21 +29,6 @@ needs_triton = pytest.mark.skipif(
     not triton_available(torch.device("cpu")), reason="needs triton with TRITON_INTERPRET=1"
 )
 WEIGHTS = (0.3, 1.7)
-
-
-class LargestOutput(TorchDispatchMode):
-    """Records the largest tensor any ATen op returns (as tests/test_memory.py's instrument)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out  # different incoming gradients for the two losses
 
 
 def _inputs(n, d, dt, dtype=torch.float32, seed=0, scale=10.0, t_scale=25.0, teacher_grad=True):

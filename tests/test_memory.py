@@ -13,24 +13,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from utils import features, scalar
+from utils import LargestOutput, features, scalar
 
 from fastclip import clip_loss, siglip_loss
-
-
-class LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def _run(fn, b, d, **kw):
