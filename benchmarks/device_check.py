@@ -6,6 +6,10 @@ leaves what it measured) and stops starting new work ``--seconds`` after it bega
 writes ``OUT/results.json`` in the result-file schema of ``fastclip.bench.report`` (plus a CSV).
 ``summary`` prints one line per target and writes ``OUT/device_check.json``.
 
+``collect BUNDLE DEST`` (on the machine the results come back to): unpacks the ``--bundle`` archive
+of ``device_check.sh`` into DEST (a new folder), prints the summary, the target verdicts and a README
+table, and draws the plots of ``results.json``.
+
 ``--dry-run``: the same code on CPU with the Triton interpreter and tiny sizes (CI runs it), so the
 GPU time goes to measuring. Sizes on a GPU: the targets of docs/kernels.md (B = 32768 and 2**20, D = 768, bf16).
 
@@ -480,7 +484,73 @@ def part_summary(out: str) -> None:
         print(ln)
 
 
+def _safe_members(tar) -> list:
+    """The archive's members, refused whole unless each is a plain file or folder at a relative path
+    inside the archive (no links, devices, absolute paths or ``..``)."""
+    members = []
+    for m in tar.getmembers():
+        name = m.name[2:] if m.name.startswith("./") else m.name
+        if name in ("", "."):
+            continue
+        parts = name.split("/")
+        if name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+            raise ValueError(f"bundle: refusing member {m.name!r} (only plain files and folders inside it)")
+        members.append(m)
+    return members
+
+
+def collect(bundle: str, dest: str) -> list[str]:
+    """Unpack a device-check bundle into ``dest`` (must not exist or be empty), write ``summary.md``
+    (summary lines, target verdicts, README table) and the plots; returns the lines printed."""
+    import tarfile
+
+    if not os.path.isfile(bundle):
+        raise FileNotFoundError(f"bundle: expected a .tar.gz written by device_check.sh --bundle, got {bundle!r}")
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise FileExistsError(f"dest: expected a new or empty folder, got {dest!r} (not empty)")
+    try:
+        tar = tarfile.open(bundle, "r:gz")
+    except (tarfile.TarError, OSError) as exc:
+        raise ValueError(f"bundle: {bundle!r} is not a gzip tar archive ({exc})") from exc
+    with tar:
+        members = _safe_members(tar)
+        os.makedirs(dest, exist_ok=True)
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **kw)
+    lines = summary_lines(dest)
+    md = ["# Device check", "", "```", *lines, "```", ""]
+    results = os.path.join(dest, "results.json")
+    if os.path.isfile(results):
+        from fastclip.bench import plot, report
+
+        doc = report.load_document(results)
+        checks = report.target_checks(doc["records"], doc.get("matmul_tflops"))
+        lines += checks
+        md += ["## Targets", "", *[f"- {c}" for c in checks], "", "## Table", "", report.markdown_summary(doc), ""]
+        for path in plot.plot_document(doc, os.path.join(dest, "results")):
+            lines.append(f"plot: {path}")
+    else:
+        lines.append("no results.json in the bundle: the target part did not finish")
+    with open(os.path.join(dest, "summary.md"), "w") as f:
+        f.write("\n".join(md))
+    return lines
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["collect"]:
+        cp = argparse.ArgumentParser(prog="device_check.py collect", description=collect.__doc__.split(";")[0])
+        cp.add_argument("bundle")
+        cp.add_argument("dest")
+        args = cp.parse_args(argv[1:])
+        try:
+            lines = collect(args.bundle, args.dest)
+        except (OSError, ValueError) as exc:
+            print(f"device_check.py collect: {exc}", file=sys.stderr)
+            return 2
+        for ln in lines:
+            print(ln)
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("part", choices=PARTS + WORKER_PARTS)
     ap.add_argument("out")

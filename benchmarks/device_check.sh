@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The prepared device check: one command, about 8 minutes on one H200 (each part has its own limit).
 #
-#   bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR]
+#   bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR] [--bundle FILE]
 #
 #   --wheels DIR  install the wheels in DIR first (pip --no-deps --no-index): fastclip itself and what
 #                 the GPU image lacks (inf-cl, open_clip_torch). Build DIR with benchmarks/build_wheels.sh.
+#   --bundle FILE after every part, pack OUT into FILE (.tar.gz, replaced atomically), so a run stopped
+#                 at any point still leaves one file with everything so far. The device tool brings back
+#                 at most 8 files from its $OUT: write OUT elsewhere and put FILE there. On this
+#                 machine, `python benchmarks/device_check.py collect FILE DEST` unpacks it and draws the plots.
 #   --dry-run     the same parts on CPU with the Triton interpreter and tiny sizes (CI runs this);
 #                 with --wheels, pip only resolves the install (pip install --dry-run).
 #
@@ -18,12 +22,13 @@
 # device_check.log (the raw log of the whole run). Prints one summary line per target at the end.
 set -u -o pipefail
 
-usage() { echo "usage: bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR]" >&2; exit 2; }
-OUT="" DRY=0 WHEELS=""
+usage() { echo "usage: bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR] [--bundle FILE]" >&2; exit 2; }
+OUT="" DRY=0 WHEELS="" BUNDLE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --wheels) [ $# -ge 2 ] || usage; WHEELS="$2"; shift ;;
+        --bundle) [ $# -ge 2 ] || usage; BUNDLE="$2"; shift ;;
         -*) usage ;;
         *) [ -z "$OUT" ] || usage; OUT="$1" ;;
     esac
@@ -32,6 +37,12 @@ done
 [ -n "$OUT" ] || usage
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+if [ -n "$BUNDLE" ]; then
+    case "$BUNDLE" in *.tar.gz|*.tgz) ;; *) echo "--bundle: expected a file name ending in .tar.gz or .tgz, got '$BUNDLE'" >&2; exit 2 ;; esac
+    mkdir -p "$(dirname "$BUNDLE")"
+    BUNDLE="$(cd "$(dirname "$BUNDLE")" && pwd)/$(basename "$BUNDLE")"
+    case "$BUNDLE" in "$OUT"/*) echo "--bundle: the file must lie outside OUT ($OUT)" >&2; exit 2 ;; esac
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python}"
@@ -71,6 +82,7 @@ fi
     "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|fastclip|inf.cl|open.clip.torch|pytest) " || true
 } > "$OUT/versions.txt"
 cat "$OUT/versions.txt"
+pack
 
 : > "$OUT/status.txt"
 part() {  # part NAME SECONDS COMMAND...: run with a hard time limit, log, record the exit status
@@ -82,6 +94,11 @@ part() {  # part NAME SECONDS COMMAND...: run with a hard time limit, log, recor
     echo "$name $rc" >> "$OUT/status.txt"
     [ "$rc" -ne 0 ] && FAILED=1
     echo "== $name exit $rc"
+    pack
+}
+pack() {  # OUT into the bundle, through a temporary name: a run killed mid-pack keeps the last whole one
+    [ -n "$BUNDLE" ] || return 0
+    tar -czf "$BUNDLE.partial" -C "$OUT" . && mv -f "$BUNDLE.partial" "$BUNDLE" || echo "packing $BUNDLE failed" >&2
 }
 dc() {  # dc PART SECONDS: a part of benchmarks/device_check.py; it stops new work 5 s before the limit
     part "$1" "$2" "$PY" benchmarks/device_check.py "$1" "$OUT" $DRYFLAG --seconds $(( $2 - 5 ))
@@ -103,4 +120,6 @@ fi
 
 echo "== summary ($(( $(date +%s) - START )) s)"
 "$PY" benchmarks/device_check.py summary "$OUT" || FAILED=1
+pack
+[ -n "$BUNDLE" ] && echo "== packed into $BUNDLE"
 exit $FAILED

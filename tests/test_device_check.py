@@ -15,9 +15,60 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 
 
 def test_usage_errors_exit_2(tmp_path):
-    for args in ([], ["--wheels"], [str(tmp_path), "extra"], [str(tmp_path), "--bogus"]):
+    for args in ([], ["--wheels"], [str(tmp_path), "extra"], [str(tmp_path), "--bogus"], [str(tmp_path), "--bundle"]):
         proc = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "usage:" in proc.stderr, (args, proc.stderr)
+
+
+def test_bundle_must_be_a_tar_gz_outside_out(tmp_path):
+    out = tmp_path / "o"
+    for bundle, words in ((tmp_path / "b.zip", "expected a file name ending in .tar.gz"),
+                          (out / "b.tar.gz", "must lie outside OUT")):  # fmt: skip
+        proc = subprocess.run(["bash", SCRIPT, str(out), "--dry-run", "--bundle", str(bundle)],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert not bundle.exists()
+
+
+def _collect(*args):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import device_check
+    finally:
+        sys.path.pop(0)
+    return device_check.main(["collect", *map(str, args)])
+
+
+def test_collect_refuses_links_escapes_and_a_used_folder(tmp_path, capsys):
+    import io
+    import tarfile
+
+    def bundle(name, member):
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            tar.addfile(tarfile.TarInfo("./status.txt"), io.BytesIO(b""))
+            tar.addfile(member, io.BytesIO(b"x") if member.isfile() else None)
+        return path
+
+    link = tarfile.TarInfo("./results.json")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    up = tarfile.TarInfo("../escape.txt")
+    up.size = 1
+    for path in (bundle("link.tar.gz", link), bundle("up.tar.gz", up)):
+        assert _collect(path, tmp_path / ("d_" + path.name[:-7])) == 2
+        assert "refusing member" in capsys.readouterr().err
+        assert not (tmp_path / ("d_" + path.name[:-7])).exists()
+    assert not (tmp_path / "escape.txt").exists()
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tar")
+    assert _collect(tmp_path / "junk.tar.gz", tmp_path / "d_junk") == 2
+    assert "not a gzip tar archive" in capsys.readouterr().err
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert _collect(bundle("ok.tar.gz", tarfile.TarInfo("./part_env.json")), used) == 2
+    assert "expected a new or empty folder" in capsys.readouterr().err
+    assert (used / "keep.txt").read_text() == "mine" and len(list(used.iterdir())) == 1
+    assert _collect(tmp_path / "missing.tar.gz", tmp_path / "d_missing") == 2
 
 
 @pytest.mark.slow
@@ -27,9 +78,11 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     out = tmp_path / "check"
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself for the dry run
+    bundle = tmp_path / "back" / "dc.tar.gz"
     proc = subprocess.run(
-        ["bash", SCRIPT, str(out), "--dry-run"], env=env, capture_output=True, text=True, timeout=280
-    )
+        ["bash", SCRIPT, str(out), "--dry-run", "--bundle", str(bundle)],
+        env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     status = dict(ln.split() for ln in (out / "status.txt").read_text().splitlines())
     assert status == {p: "0" for p in ("env", "correctness", "target", "phases", "million", "pytest_gpu")}
@@ -54,3 +107,15 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
         assert sum(ln.startswith(prefix) for ln in lines) == 1, prefix
     for name in ("device_check.log", "versions.txt", "results.csv", "pytest_gpu.log"):
         assert (out / name).stat().st_size > 0, name
+    # The bundle (what comes back from the device machine) holds all of it; collect unpacks and plots.
+    assert [p.name for p in bundle.parent.iterdir()] == ["dc.tar.gz"]
+    dest = tmp_path / "collected"
+    assert _collect(bundle, dest) == 0
+    for name in ("results.json", "device_check.json", "device_check.log", "status.txt", "summary.md"):
+        assert (dest / name).stat().st_size > 0, name
+    assert json.loads((dest / "results.json").read_text()) == doc
+    summary = (dest / "summary.md").read_text()
+    assert summary.count("\ncorrectness: ") == 1 and summary.count("\nmillion ") == 2
+    assert "| clip | bf16 | 32 | 256 | fastclip-triton |" in summary
+    pytest.importorskip("matplotlib")
+    assert (dest / "results_time.png").stat().st_size > 0 and (dest / "results_memory.png").stat().st_size > 0
