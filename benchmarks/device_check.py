@@ -505,7 +505,9 @@ def collect(bundle: str, dest: str) -> list[str]:
     import tarfile
 
     if not os.path.isfile(bundle):
-        raise FileNotFoundError(f"bundle: expected a .tar.gz written by device_check.sh --bundle, got {bundle!r}")
+        raise FileNotFoundError(
+            f"bundle: expected a .tar.gz written by device_check.sh --bundle, got {bundle!r}"
+        )
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise FileExistsError(f"dest: expected a new or empty folder, got {dest!r} (not empty)")
     try:
@@ -526,7 +528,16 @@ def collect(bundle: str, dest: str) -> list[str]:
         doc = report.load_document(results)
         checks = report.target_checks(doc["records"], doc.get("matmul_tflops"))
         lines += checks
-        md += ["## Targets", "", *[f"- {c}" for c in checks], "", "## Table", "", report.markdown_summary(doc), ""]
+        md += [
+            "## Targets",
+            "",
+            *[f"- {c}" for c in checks],
+            "",
+            "## Table",
+            "",
+            report.markdown_summary(doc),
+            "",
+        ]
         for path in plot.plot_document(doc, os.path.join(dest, "results")):
             lines.append(f"plot: {path}")
     else:
@@ -539,7 +550,9 @@ def collect(bundle: str, dest: str) -> list[str]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["collect"]:
-        cp = argparse.ArgumentParser(prog="device_check.py collect", description=collect.__doc__.split(";")[0])
+        cp = argparse.ArgumentParser(
+            prog="device_check.py collect", description=collect.__doc__.split(";")[0]
+        )
         cp.add_argument("bundle")
         cp.add_argument("dest")
         args = cp.parse_args(argv[1:])

@@ -15,7 +15,13 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 
 
 def test_usage_errors_exit_2(tmp_path):
-    for args in ([], ["--wheels"], [str(tmp_path), "extra"], [str(tmp_path), "--bogus"], [str(tmp_path), "--bundle"]):
+    for args in (
+        [],
+        ["--wheels"],
+        [str(tmp_path), "extra"],
+        [str(tmp_path), "--bogus"],
+        [str(tmp_path), "--bundle"],
+    ):
         proc = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "usage:" in proc.stderr, (args, proc.stderr)
 
