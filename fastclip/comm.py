@@ -160,9 +160,14 @@ class AllGather(torch.autograd.Function):
         return reduce_scatter_rows(grad, ctx.group), None
 
 
+@torch.compiler.disable
 def all_gather_with_grad(t: torch.Tensor, group=None) -> torch.Tensor:
     """Differentiable all-gather: ``(n, ...)`` -> ``(W·n, ...)``; rank r's gradient is the sum over
-    ranks of the gradients of its block (what ``torch.distributed.nn.all_gather`` gives)."""
+    ranks of the gradients of its block (what ``torch.distributed.nn.all_gather`` gives).
+
+    Kept out of ``torch.compile`` graphs (a graph break): torch 2.11's compile traced this Function's
+    backward into a graph whose reduce-scatter result was lost, so the gradients came back as zeros.
+    """
     return AllGather.apply(t, group)
 
 

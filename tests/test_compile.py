@@ -109,3 +109,30 @@ def test_custom_ops_pass_opcheck(dtype):
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
+
+
+def test_kernel_availability_is_not_looked_up_per_call(monkeypatch):
+    """torch 2.11's Dynamo refuses to trace importlib.util.find_spec: a per-call lookup in
+    ``triton_available`` broke every fullgraph compile of a step calling a loss there."""
+    import importlib.util
+
+    from fastclip.ops.dispatch import resolve_impl, triton_available
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("find_spec called per call")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    triton_available(torch.device("cpu"))
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+
+
+def test_differentiable_all_gather_stays_out_of_compiled_graphs():
+    """torch 2.11 compiled ``all_gather_with_grad``'s backward into zero gradients (seen with
+    DistillClipLoss(gather_with_grad=True) on 2 ranks): it must run eagerly, a graph break, so a
+    fullgraph compile refuses it at trace time (before any collective runs)."""
+    from fastclip.comm import all_gather_with_grad
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: all_gather_with_grad(t) * 2, fullgraph=True, backend="eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="(?i)disable"):
+        fn(torch.ones(2, 3))

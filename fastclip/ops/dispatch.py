@@ -15,10 +15,18 @@ CHUNK_ELEMENTS = 2**22
 # Input dtypes of the Triton kernels (float64 runs on the chunked PyTorch path).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Whether the kernel package and triton are installed, looked up once here (nothing is imported) and
+# not per call: torch.compile (torch 2.11) refuses to trace importlib.util.find_spec, which would
+# break a fullgraph compile of any step that calls a loss.
+KERNELS_INSTALLED = (
+    importlib.util.find_spec("fastclip.kernels") is not None
+    and importlib.util.find_spec("triton") is not None
+)
+
 
 def triton_available(device: torch.device) -> bool:
     """True when the Triton kernels can run on ``device``: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
-    if importlib.util.find_spec("fastclip.kernels") is None or importlib.util.find_spec("triton") is None:
+    if not KERNELS_INSTALLED:
         return False
     if device.type == "cuda":
         return True
