@@ -10,5 +10,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python}"
 mkdir -p "$DIR"
 "$PY" -m pip download --no-deps inf-cl open_clip_torch -d "$DIR"
-"$PY" -m pip wheel --no-deps "$ROOT" -w "$DIR"
+# fastclip from a clean copy of the checkout: setuptools would also pack what build/lib still holds
+# from earlier builds (stale or deleted modules).
+SRC="$(mktemp -d)"
+trap 'rm -rf "$SRC"' EXIT
+tar -C "$ROOT" --exclude=./build --exclude=./dist --exclude='./.venv*' --exclude=./.git --exclude='*.egg-info' \
+    --exclude=__pycache__ --exclude=./runs --exclude=./benchmarks/results -cf - . | tar -C "$SRC" -xf -
+rm -f "$DIR"/fastclip-*.whl
+"$PY" -m pip wheel --no-deps "$SRC" -w "$DIR"
 ls -l "$DIR"
