@@ -126,6 +126,9 @@ def part_env(p: Part) -> None:
         except md.PackageNotFoundError:
             versions[dist] = None
     info = {"versions": versions, "device": timing.device_description(device), "clocks": timing.gpu_clocks()}
+    import fastclip.kernels  # binds fastclip too
+
+    info["imported_from"] = {"fastclip": fastclip.__file__, "fastclip.kernels": fastclip.kernels.__file__}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(
@@ -452,13 +455,16 @@ def summary_lines(out: str) -> list[str]:
                 f"{'finite' if r['finite'] else 'NOT finite'}"
                 + (f", {peak / 2**30:.2f} GiB above inputs" if peak else "")
             )
-    lines.append(f"pytest -m gpu: {_pytest_result(out)}")
+    lines.append(
+        f"pytest -m gpu: kernels {_pytest_result(out, 'pytest_gpu_kernels')}; "
+        f"other {_pytest_result(out, 'pytest_gpu_rest')}"
+    )
     return lines
 
 
-def _pytest_result(out: str) -> str:
+def _pytest_result(out: str, name: str) -> str:
     try:
-        with open(os.path.join(out, "pytest_gpu.log")) as f:
+        with open(os.path.join(out, f"{name}.log")) as f:
             tail = [ln for ln in f.read().splitlines() if ln.strip()]
     except OSError:
         return "no log"

@@ -91,7 +91,18 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     status = dict(ln.split() for ln in (out / "status.txt").read_text().splitlines())
-    assert status == {p: "0" for p in ("env", "correctness", "target", "phases", "million", "pytest_gpu")}
+    assert status == {
+        p: "0"
+        for p in (
+            "env",
+            "correctness",
+            "target",
+            "phases",
+            "million",
+            "pytest_gpu_kernels",
+            "pytest_gpu_rest",
+        )
+    }
     doc = json.loads((out / "results.json").read_text())
     validate_document(doc)
     got = {(r["loss"], r["provider"], r["status"]) for r in doc["records"]}
@@ -101,6 +112,7 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     assert full["correctness"]["failed"] == 0 and full["correctness"]["repeat"]["ok"] is True
     assert {"tile kernel", "dX GEMM", "dY GEMM"} <= set(full["phases"]["clip_grad"])
     assert [r["finite"] for r in full["million"]["rows"]] == [True, True]
+    assert full["env"]["imported_from"]["fastclip.kernels"].endswith(os.path.join("kernels", "__init__.py"))
     lines = proc.stdout.splitlines()
     for prefix in (
         "correctness:",
@@ -111,7 +123,15 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
         "pytest -m gpu:",
     ):
         assert sum(ln.startswith(prefix) for ln in lines) == 1, prefix
-    for name in ("device_check.log", "versions.txt", "results.csv", "pytest_gpu.log"):
+    (pytest_line,) = [ln for ln in lines if ln.startswith("pytest -m gpu:")]
+    assert pytest_line.count(" skipped") == 2, pytest_line  # both parts ran; on CPU each skips all
+    for name in (
+        "device_check.log",
+        "versions.txt",
+        "results.csv",
+        "pytest_gpu_kernels.log",
+        "pytest_gpu_rest.log",
+    ):
         assert (out / name).stat().st_size > 0, name
     # The bundle (what comes back from the device machine) holds all of it; collect unpacks and plots.
     assert [p.name for p in bundle.parent.iterdir()] == ["dc.tar.gz"]
