@@ -232,14 +232,21 @@ def test_inf_cl_wrapper_averages_the_two_directions():
     seen = []
 
     def cal_inf_loss(q, k, labels=None, scale=None, head_dim=256):
+        # Inf-CL 1.2.1 all-reduces the gradient of a given scale: without a process group its
+        # backward raises, so a single-process bench must not pass one.
+        if scale is not None and not torch.distributed.is_initialized():
+            raise RuntimeError("Default process group has not been initialized")
         seen.append(head_dim)
-        logits = scale * q.double() @ k.double().T
+        logits = (1.0 if scale is None else scale) * q.double() @ k.double().T
         return (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
 
     x, y = torch.randn(12, 384, dtype=torch.float64), torch.randn(12, 384, dtype=torch.float64)
-    s = torch.tensor(3.0, dtype=torch.float64)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     got = _inf_cl(cal_inf_loss)("clip", x, y, s, None)
     torch.testing.assert_close(got, clip_loss_reference(x, y, s))
+    (g,) = torch.autograd.grad(got, s)  # the scale's gradient flows through the wrapper's product
+    (want,) = torch.autograd.grad(clip_loss_reference(x, y, s), s)
+    torch.testing.assert_close(g, want)
     assert seen == [128, 128]  # 384 is not a multiple of 256
     assert [_inf_cl_head_dim(d) for d in (512, 768, 1024, 1152)] == [256, 256, 256, 128]
     with pytest.raises(ValueError, match="siglip"):

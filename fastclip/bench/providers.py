@@ -94,8 +94,10 @@ def _inf_cl(cal_inf_loss) -> Callable:
         if loss != "clip":
             raise ValueError(f"inf_cl: only the softmax (clip) loss exists, got loss={loss!r}")
         kw = {"head_dim": _inf_cl_head_dim(x.shape[1])} if takes_head_dim else {}
-        # As Inf-CLIP's own training loss does: one call per direction, averaged.
-        return (cal_inf_loss(x, y, scale=scale, **kw) + cal_inf_loss(y, x, scale=scale, **kw)) / 2
+        # As Inf-CLIP's own training loss does: one call per direction, averaged. The scale multiplies
+        # the features here rather than going in as scale=: given a scale, cal_inf_loss all-reduces its
+        # gradient, which needs a process group (a single-process bench has none). Same arithmetic.
+        return (cal_inf_loss(scale * x, y, **kw) + cal_inf_loss(scale * y, x, **kw)) / 2
 
     return fn
 
