@@ -27,7 +27,13 @@ class SigLipLossFunction(torch.autograd.Function):
         )
         loss = nan_if_not_finite(total / n, x, y, scale, bias)
         if need_grad:
-            ctx.save_for_backward(gx / n, gy / n, gs / n, gb / n)
+            # Saved divided by n (in place: the block's gradients are fresh tensors) and in the
+            # features' dtypes, so the backward's product with the incoming gradient is the result
+            # itself: no fp32 (n + N)·D temporaries. For 16-bit features this halves what is saved and
+            # leaves the backward only its outputs (B = 32768, D = 768, bf16: 480 -> 192 MiB); the
+            # product rounds once more than before when the incoming gradient is not a power of two.
+            gx, gy = gx.div_(n).to(x.dtype), gy.div_(n).to(y.dtype)
+            ctx.save_for_backward(gx, gy, gs / n, gb / n)
         ctx.inputs = InputMeta.of(x, y, scale, bias)
         return loss
 
@@ -36,7 +42,7 @@ class SigLipLossFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_out):
         gx, gy, gs, gb = ctx.saved_tensors
-        g = grad_out.to(gx.dtype)
+        g = grad_out.float()
         return ctx.inputs.grads(ctx.needs_input_grad[:4], gx * g, gy * g, gs * g, gb * g)
 
 

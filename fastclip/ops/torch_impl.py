@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastclip.ops.dispatch import acc_dtype, chunk_rows
+from fastclip import _checks
+from fastclip.ops.dispatch import CHUNK_ELEMENTS, acc_dtype, chunk_rows
 
 
 def positive_rows(n: int, n_cols: int, offset: int | None) -> tuple[int, int]:
@@ -28,14 +29,25 @@ def positive_rows(n: int, n_cols: int, offset: int | None) -> tuple[int, int]:
 def positive_logits(
     x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int | None
 ) -> torch.Tensor:
-    """``s * x_i . y_{i+offset}`` for the rows that have a positive, in the accumulation dtype. O(n·D)."""
+    """``s * x_i . y_{i+offset}`` for the rows that have a positive, in the accumulation dtype. O(n·D).
+
+    Eager, in row chunks of at most CHUNK_ELEMENTS: the upcast copies of x and y rows and their product
+    stay one chunk each, not three (n, D) fp32 buffers (288 MiB at n = 32768, D = 768). While
+    ``torch.compile`` traces, one expression: the compiler fuses it without temporaries.
+    """
     acc = acc_dtype(x.dtype)
     lo, hi = positive_rows(x.shape[0], y.shape[0], offset)
     if hi <= lo:
         return torch.zeros(0, dtype=acc, device=x.device)
-    xs = x[lo:hi].to(acc)
-    ys = y[lo + offset : hi + offset].to(acc)
-    return (xs * ys).sum(-1) * scale.to(acc).reshape(())
+    xs, ys = x[lo:hi], y[lo + offset : hi + offset]
+    s = scale.to(acc).reshape(())
+    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    if _checks._is_compiling() or hi - lo <= step:
+        return (xs.to(acc) * ys.to(acc)).sum(-1) * s
+    out = torch.empty(hi - lo, dtype=acc, device=x.device)
+    for i in range(0, hi - lo, step):
+        out[i : i + step] = (xs[i : i + step].to(acc) * ys[i : i + step].to(acc)).sum(-1)
+    return out.mul_(s)
 
 
 def clip_lse_torch(x, y, scale, chunk_size=None):
