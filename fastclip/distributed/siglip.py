@@ -45,7 +45,9 @@ class _SigLipGather(torch.autograd.Function):
         )
         loss = nan_if_not_finite(total / n, x, y_all, scale, bias)
         if need_grad:
-            ctx.save_for_backward(gx / n, gy_all / n, gs / n, gb / n)
+            # Divided in place (fresh tensors); the local image gradient in the features' dtype as in
+            # the single-process Function, the gathered text gradient in fp32 for its reduce-scatter.
+            ctx.save_for_backward(gx.div_(n).to(x.dtype), gy_all.div_(n), gs / n, gb / n)
         ctx.group, ctx.inputs = group, InputMeta.of(x, y, scale, bias)
         return loss
 
@@ -54,7 +56,7 @@ class _SigLipGather(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_out):
         gx, gy_all, gs, gb = ctx.saved_tensors
-        g = grad_out.to(gx.dtype)
+        g = grad_out.to(gs.dtype)  # the accumulation dtype (fp32; fp64 for fp64 inputs)
         dy = reduce_scatter_rows(gy_all * g, ctx.group)
         return ctx.inputs.grads(ctx.needs_input_grad, gx * g, dy, gs * g, gb * g, extra=3)
 

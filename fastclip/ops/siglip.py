@@ -42,7 +42,7 @@ class SigLipLossFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_out):
         gx, gy, gs, gb = ctx.saved_tensors
-        g = grad_out.float()
+        g = grad_out.to(gs.dtype)  # the accumulation dtype (fp32; fp64 for fp64 inputs)
         return ctx.inputs.grads(ctx.needs_input_grad[:4], gx * g, gy * g, gs * g, gb * g)
 
 
