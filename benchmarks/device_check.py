@@ -30,6 +30,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("env", "correctness", "target", "phases", "million", "summary")
 WORKER_PARTS = ("cases",)  # started by "correctness", one process per precision
+EXTRA_PARTS = ("vit",)  # run only when named (device_check.sh --parts)
 # Sizes: (GPU, dry run on CPU).
 SIZES = {
     "target": ((32768, 768), (256, 32)),
@@ -389,6 +390,92 @@ def part_million(p: Part) -> None:
     p.save(status="ok" if ok else "failed", rows=rows)
 
 
+def _fwd_bwd_ms(fn, device, reps: int) -> float:
+    """Median milliseconds of ``fn()`` (forward and backward) after one warm-up call."""
+    import statistics
+
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 4)
+
+
+def _packed_attention(p: Part, device) -> dict:
+    """The packed-sequence path (a block-diagonal T x T mask through SDPA today) against torch's
+    ``torch.nn.attention.varlen.varlen_attn`` where it exists: fwd+bwd time and the largest difference."""
+    import torch
+
+    from fastclip.models.attention import attention
+
+    n_seq, t, h, dh = (64, 197, 12, 64) if not p.dry else (4, 9, 2, 8)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, n_seq * t, h, dh, generator=g, device=device, dtype=dtype) for _ in range(3))
+    cu = torch.arange(0, (n_seq + 1) * t, t, device=device, dtype=torch.int32)
+    out = {"sequences": n_seq, "tokens_each": t, "heads": h, "head_dim": dh}
+
+    def run(fn):
+        leaves = [a.detach().requires_grad_() for a in (q, k, v)]
+        o = fn(*leaves)
+        o.float().square().sum().backward()
+        return o.detach(), [a.grad for a in leaves]
+
+    mask_fn = lambda a, b, c: attention(a, b, c, impl="sdpa", cu_seqlens=cu, max_seqlen=t)  # noqa: E731
+    reps = 10 if not p.dry else 2
+    out["mask_ms"] = _fwd_bwd_ms(lambda: run(mask_fn), device, reps)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        out["varlen"] = f"not in this torch: {exc}"
+        return out
+    var_fn = lambda a, b, c: varlen_attn(a[0], b[0], c[0], cu, cu, t, t).unsqueeze(0)  # noqa: E731
+    try:
+        out["varlen_ms"] = _fwd_bwd_ms(lambda: run(var_fn), device, reps)
+        (o1, g1), (o2, g2) = run(mask_fn), run(var_fn)
+        out["max_abs_diff"] = max(
+            float((a.float() - b.float()).abs().max()) for a, b in zip([o1, *g1], [o2, *g2])
+        )
+    except Exception as exc:  # CUDA only in torch 2.11, say so rather than fail the part
+        out["varlen"] = f"{type(exc).__name__}: {exc}"[:300]
+    return out
+
+
+def part_vit(p: Part) -> None:
+    """One ViT-B/16 CLIP training step (bf16 autocast, batch 256, fused loss, AdamW) with
+    ``attn_impl="sdpa"``: images/s and peak memory with SDPA forced onto its flash backend, then with
+    SDPA's own choice; then the packed-sequence attention path against ``varlen_attn``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastclip.bench import train as tb
+
+    device = _device(p.dry)
+    name, batch = ("ViT-B-16", 256) if not p.dry else ("tiny", 8)
+    model, opt = tb.build(name, device)
+    model.set_attn_impl("sdpa")
+    step = tb.plain_step(model, opt, tb.make_loss(model, "fastclip"), device, "bf16")
+    rows = []
+    p.save(model=name, batch=batch, rows=rows)
+    for label, backends in (("flash", [SDPBackend.FLASH_ATTENTION]), ("sdpa default", None)):
+        if p.left() <= 0:
+            rows.append({"sdpa": label, "error": "not run: time limit"})
+            continue
+        try:
+            with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                r = tb.measure_step(step, model, batch, device, warmup=2, steps=5 if not p.dry else 1)
+            rows.append({"sdpa": label, **r})
+        except Exception as exc:
+            rows.append({"sdpa": label, "error": f"{type(exc).__name__}: {exc}"[:400]})
+        p.save(rows=rows)
+    packed = _packed_attention(p, device) if p.left() > 0 else {"error": "not run: time limit"}
+    ok = all("error" not in r for r in rows)
+    p.save(status="ok" if ok else "failed", rows=rows, packed=packed)
+
+
 # ----------------------------------------------------------------------------------------------------
 # summary
 
@@ -402,23 +489,25 @@ def _load(out: str, name: str) -> dict:
 
 
 def summary_lines(out: str) -> list[str]:
-    lines = []
+    lines = []  # one line per part that ran (device_check.sh --parts may leave some out)
     env = _load(out, "env")
-    lines.append(
-        f"device: {env.get('device', '?')}; clocks {env.get('clocks')}; versions {env.get('versions')}"
-    )
+    if env:
+        lines.append(
+            f"device: {env.get('device', '?')}; clocks {env.get('clocks')}; versions {env.get('versions')}"
+        )
     c = _load(out, "correctness")
     results = c.get("results", [])
     ok = sum(1 for r in results if r.get("ok"))
     rep = c.get("repeat", {})
-    lines.append(
-        f"correctness: {ok} of {len(results)} kernel cases within the float64 error budgets, "
-        f"{c.get('not_run', '?')} not run; bitwise repeat {'same' if rep.get('ok') else 'DIFFERENT' if rep.get('ok') is False else 'not run'}; "
-        f"{c.get('seconds', '?')} s incl. compilation [{c.get('status', 'missing')}]"
-    )
+    if c:
+        lines.append(
+            f"correctness: {ok} of {len(results)} kernel cases within the float64 error budgets, "
+            f"{c.get('not_run', '?')} not run; bitwise repeat {'same' if rep.get('ok') else 'DIFFERENT' if rep.get('ok') is False else 'not run'}; "
+            f"{c.get('seconds', '?')} s incl. compilation [{c.get('status', 'missing')}]"
+        )
     t = _load(out, "target")
     rates = t.get("matmul_tflops", {})
-    for loss in ("clip", "siglip"):
+    for loss in ("clip", "siglip") if t else ():
         parts = []
         for r in t.get("rows", []):
             if r["loss"] != loss:
@@ -455,10 +544,22 @@ def summary_lines(out: str) -> list[str]:
                 f"{'finite' if r['finite'] else 'NOT finite'}"
                 + (f", {peak / 2**30:.2f} GiB above inputs" if peak else "")
             )
-    lines.append(
-        f"pytest -m gpu: kernels {_pytest_result(out, 'pytest_gpu_kernels')}; "
-        f"other {_pytest_result(out, 'pytest_gpu_rest')}"
-    )
+    vit = _load(out, "vit")
+    for r in vit.get("rows", []):
+        if "error" in r:
+            lines.append(f"vit {vit.get('model')} sdpa {r['sdpa']}: {r['error']}")
+        else:
+            lines.append(
+                f"vit {vit.get('model')} bf16 batch {vit.get('batch')} sdpa {r['sdpa']}: {r['samples_per_s']:.4g} "
+                f"images/s, {r['step_ms']:.4g} ms/step, peak {r['peak_mem_bytes'] / 2**30:.3g} GiB above inputs"
+            )
+    if vit.get("packed"):
+        lines.append(f"packed attention: {vit['packed']}")
+    if any(os.path.exists(os.path.join(out, f"{n}.log")) for n in ("pytest_gpu_kernels", "pytest_gpu_rest")):
+        lines.append(
+            f"pytest -m gpu: kernels {_pytest_result(out, 'pytest_gpu_kernels')}; "
+            f"other {_pytest_result(out, 'pytest_gpu_rest')}"
+        )
     return lines
 
 
@@ -482,7 +583,7 @@ def part_summary(out: str) -> None:
             status = dict(ln.split() for ln in f if ln.strip())
     except (OSError, ValueError):
         pass
-    doc = {name: _load(out, name) for name in PARTS[:-1]}
+    doc = {name: _load(out, name) for name in PARTS[:-1] + EXTRA_PARTS}
     doc.update(exit_status=status, summary=lines)
     with open(os.path.join(out, "device_check.json"), "w") as f:
         json.dump(doc, f, indent=1, default=str)
@@ -571,7 +672,7 @@ def main(argv=None) -> int:
             print(ln)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=PARTS + WORKER_PARTS)
+    ap.add_argument("part", choices=PARTS + WORKER_PARTS + EXTRA_PARTS)
     ap.add_argument("out")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--seconds", type=float, default=60.0, help="stop starting new work after this")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device check: one command, about 8 minutes on one H200 (each part has its own limit).
 #
-#   bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR] [--bundle FILE]
+#   bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR] [--bundle FILE] [--parts LIST]
 #
 #   --wheels DIR  install the wheels in DIR first (pip --no-deps --no-index): fastclip itself and what
 #                 the GPU image lacks (inf-cl, open_clip_torch). Build DIR with benchmarks/build_wheels.sh.
@@ -9,6 +9,10 @@
 #                 at any point still leaves one file with everything so far. The device tool brings back
 #                 at most 8 files from its $OUT: write OUT elsewhere and put FILE there. On this
 #                 machine, `python benchmarks/device_check.py collect FILE DEST` unpacks it and draws the plots.
+#   --parts LIST  comma list of the parts to run (default: env,correctness,target,phases,million,pytest);
+#                 "vit" (not in the default: a ViT-B/16 training step with SDPA's flash backend and the
+#                 packed-attention path, about 40 s) runs only when named, e.g. --parts env,vit for a
+#                 second call.
 #   --dry-run     the same parts on CPU with the Triton interpreter and tiny sizes (CI runs this);
 #                 with --wheels, pip only resolves the install (pip install --dry-run).
 #
@@ -23,19 +27,26 @@
 # device_check.log (the raw log of the whole run). Prints one summary line per target at the end.
 set -u -o pipefail
 
-usage() { echo "usage: bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR] [--bundle FILE]" >&2; exit 2; }
-OUT="" DRY=0 WHEELS="" BUNDLE=""
+usage() { echo "usage: bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR] [--bundle FILE] [--parts LIST]" >&2; exit 2; }
+OUT="" DRY=0 WHEELS="" BUNDLE="" PARTS="env,correctness,target,phases,million,pytest"
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --wheels) [ $# -ge 2 ] || usage; WHEELS="$2"; shift ;;
         --bundle) [ $# -ge 2 ] || usage; BUNDLE="$2"; shift ;;
+        --parts) [ $# -ge 2 ] || usage; PARTS="$2"; shift ;;
         -*) usage ;;
         *) [ -z "$OUT" ] || usage; OUT="$1" ;;
     esac
     shift
 done
 [ -n "$OUT" ] || usage
+for p in ${PARTS//,/ }; do
+    case "$p" in env|correctness|target|phases|million|pytest|vit) ;;
+        *) echo "--parts: expected names from env,correctness,target,phases,million,pytest,vit; got '$p'" >&2; exit 2 ;;
+    esac
+done
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 if [ -n "$BUNDLE" ]; then
@@ -108,11 +119,12 @@ dc() {  # dc PART SECONDS: a part of benchmarks/device_check.py; it stops new wo
     part "$1" "$2" "$PY" benchmarks/device_check.py "$1" "$OUT" $DRYFLAG --seconds $(( $2 - 5 ))
 }
 
-dc env 20
-dc correctness 90
-dc target 150
-dc phases 45
-dc million 100
+want env && dc env 20
+want correctness && dc correctness 90
+want target && dc target 150
+want phases && dc phases 45
+want million && dc million 100
+want vit && dc vit 60
 left() {  # seconds left of TOTAL, less what later parts keep back ($1), at least 30
     local n=$(( TOTAL - ( $(date +%s) - START ) - $1 ))
     [ "$n" -lt 30 ] && n=30
@@ -122,8 +134,10 @@ left() {  # seconds left of TOTAL, less what later parts keep back ($1), at leas
 # the command line): they get what is left less 40 s; the other gpu tests the rest. On CPU (dry run)
 # every gpu test is skipped: this exercises the commands, their logs and the summary line.
 PYTEST=("$PY" -m pytest -q -m gpu -rs --durations=10 -p no:cacheprovider)
-part pytest_gpu_kernels "$(left 40)" "${PYTEST[@]}" tests/test_gpu_kernels.py
-part pytest_gpu_rest "$(left 0)" "${PYTEST[@]}" --ignore=tests/test_gpu_kernels.py tests
+if want pytest; then
+    part pytest_gpu_kernels "$(left 40)" "${PYTEST[@]}" tests/test_gpu_kernels.py
+    part pytest_gpu_rest "$(left 0)" "${PYTEST[@]}" --ignore=tests/test_gpu_kernels.py tests
+fi
 
 echo "== summary ($(( $(date +%s) - START )) s)"
 "$PY" benchmarks/device_check.py summary "$OUT" || FAILED=1

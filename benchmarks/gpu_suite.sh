@@ -20,6 +20,7 @@ mkdir -p "$OUT"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python}"
+export PYTHONSAFEPATH=1  # never import ./fastclip (it has no fastclip.kernels): the installed package
 START=$(date +%s)
 FAILED=0
 

@@ -21,6 +21,7 @@ def test_usage_errors_exit_2(tmp_path):
         [str(tmp_path), "extra"],
         [str(tmp_path), "--bogus"],
         [str(tmp_path), "--bundle"],
+        [str(tmp_path), "--parts"],
     ):
         proc = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "usage:" in proc.stderr, (args, proc.stderr)
@@ -34,6 +35,29 @@ def test_bundle_must_be_a_tar_gz_outside_out(tmp_path):
                               capture_output=True, text=True, timeout=30)  # fmt: skip
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
         assert not bundle.exists()
+
+
+def test_parts_selects_what_runs(tmp_path):
+    proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "x"), "--parts", "env,bogus"],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert proc.returncode == 2 and "--parts: expected names from" in proc.stderr and "'bogus'" in proc.stderr
+    out = tmp_path / "vit"
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", SCRIPT, str(out), "--dry-run", "--parts", "env,vit"],
+                          env=env, capture_output=True, text=True, timeout=200)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert dict(ln.split() for ln in (out / "status.txt").read_text().splitlines()) == {
+        "env": "0",
+        "vit": "0",
+    }
+    lines = proc.stdout.splitlines()
+    assert sum(ln.startswith("vit tiny bf16 batch 8 sdpa ") for ln in lines) == 2, proc.stdout[-3000:]
+    assert sum(ln.startswith("packed attention: ") for ln in lines) == 1
+    assert not any(ln.startswith(("correctness:", "target ", "pytest -m gpu:")) for ln in lines)
+    vit = json.loads((out / "part_vit.json").read_text())
+    assert all(r["samples_per_s"] > 0 and r["peak_mem_bytes"] > 0 for r in vit["rows"])
+    assert vit["packed"]["mask_ms"] > 0
 
 
 def _collect(*args):
