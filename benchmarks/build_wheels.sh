@@ -7,7 +7,7 @@ set -eu -o pipefail
 [ $# -eq 1 ] || { echo "usage: bash benchmarks/build_wheels.sh DIR" >&2; exit 2; }
 DIR="$1"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"  # the GPU image may have only python3
 mkdir -p "$DIR"
 "$PY" -m pip download --no-deps inf-cl open_clip_torch -d "$DIR"
 # fastclip from a clean copy of the checkout: setuptools would also pack what build/lib still holds

@@ -61,7 +61,7 @@ pack() {  # OUT into the bundle, through a temporary name: a run killed mid-pack
 }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"  # the GPU image may have only python3
 # Never import fastclip from the current folder: `python -m pytest` run here would otherwise load
 # ./fastclip, which has no fastclip.kernels (that lives in ./kernels), instead of the installed wheel.
 export PYTHONSAFEPATH=1

@@ -19,7 +19,7 @@ OUT="$1"
 mkdir -p "$OUT"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"  # the GPU image may have only python3
 export PYTHONSAFEPATH=1  # never import ./fastclip (it has no fastclip.kernels): the installed package
 START=$(date +%s)
 FAILED=0
