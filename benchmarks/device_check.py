@@ -1,19 +1,17 @@
 """The parts of ``benchmarks/device_check.sh``, one per call: ``python benchmarks/device_check.py PART OUT``.
 
-PART is one of ``env``, ``correctness``, ``target``, ``phases``, ``million``, ``summary``. Each part
+PART is one of ``env``, ``correctness``, ``target``, ``phases``, ``million`` and, only when named,
+``vit``. Each part
 writes ``OUT/part_<PART>.json`` (rewritten as it goes, so a part stopped by its time limit still
 leaves what it measured) and stops starting new work ``--seconds`` after it began. ``target`` also
 writes ``OUT/results.json`` in the result-file schema of ``fastclip.bench.report`` (plus a CSV).
-``summary`` prints one line per target and writes ``OUT/device_check.json``.
-
-``collect BUNDLE DEST`` (on the machine the results come back to): unpacks the ``--bundle`` archive
-of ``device_check.sh`` into DEST (a new folder), prints the summary, the target verdicts and a README
-table, and draws the plots of ``results.json``.
+The summary of what the parts wrote, and unpacking a ``--bundle`` archive where the results come
+back to: ``benchmarks/device_report.py``.
 
 ``--dry-run``: the same code on CPU with the Triton interpreter and tiny sizes (CI runs it), so the
 GPU time goes to measuring. Sizes on a GPU: the targets of docs/kernels.md (B = 32768 and 2**20, D = 768, bf16).
 
-(About 500 lines: the six parts share the time-limit, logging and record helpers at the top and are
+(About 500 lines: the parts share the time-limit, logging and record helpers at the top and are
 read as one procedure, in the order the shell script runs them.)
 """
 
@@ -28,7 +26,10 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("env", "correctness", "target", "phases", "million", "summary")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # device_check.sh sets PYTHONSAFEPATH
+from device_report import GOAL_MATMUL_FRACTION, load_part  # noqa: E402
+
+PARTS = ("env", "correctness", "target", "phases", "million")
 WORKER_PARTS = ("cases",)  # started by "correctness", one process per precision
 EXTRA_PARTS = ("vit",)  # run only when named (device_check.sh --parts)
 # Sizes: (GPU, dry run on CPU).
@@ -39,7 +40,6 @@ SIZES = {
     "repeat": ((16387, 768), (130, 33)),
     "matmul": (8192, 256),
 }
-GOAL_MATMUL_FRACTION = 0.60  # fwd+bwd of the fused CLIP loss against the bf16 matmul rate at B x B x D
 
 
 def _sizes(name: str, dry: bool):
@@ -248,7 +248,7 @@ def part_correctness(p: Part) -> None:
             w.wait()
     results = []
     for group in range(len(PRECISIONS)):
-        part = _load(p.out, f"cases{group}")
+        part = load_part(p.out, f"cases{group}")
         got = part.get("results", [])
         results += got
         for loss, block, dname, tf, kw in _correctness_cases(group, p.dry)[len(got) :]:
@@ -476,201 +476,7 @@ def part_vit(p: Part) -> None:
     p.save(status="ok" if ok else "failed", rows=rows, packed=packed)
 
 
-# ----------------------------------------------------------------------------------------------------
-# summary
-
-
-def _load(out: str, name: str) -> dict:
-    try:
-        with open(os.path.join(out, f"part_{name}.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def summary_lines(out: str) -> list[str]:
-    lines = []  # one line per part that ran (device_check.sh --parts may leave some out)
-    env = _load(out, "env")
-    if env:
-        lines.append(
-            f"device: {env.get('device', '?')}; clocks {env.get('clocks')}; versions {env.get('versions')}"
-        )
-    c = _load(out, "correctness")
-    results = c.get("results", [])
-    ok = sum(1 for r in results if r.get("ok"))
-    rep = c.get("repeat", {})
-    if c:
-        lines.append(
-            f"correctness: {ok} of {len(results)} kernel cases within the float64 error budgets, "
-            f"{c.get('not_run', '?')} not run; bitwise repeat {'same' if rep.get('ok') else 'DIFFERENT' if rep.get('ok') is False else 'not run'}; "
-            f"{c.get('seconds', '?')} s incl. compilation [{c.get('status', 'missing')}]"
-        )
-    t = _load(out, "target")
-    rates = t.get("matmul_tflops", {})
-    for loss in ("clip", "siglip") if t else ():
-        parts = []
-        for r in t.get("rows", []):
-            if r["loss"] != loss:
-                continue
-            if r["status"] == "ok":
-                frac = r.get("fraction_of_bxbxd_matmul")
-                mem = r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else float("nan")
-                parts.append(
-                    f"{r['provider']} {r['fwd_bwd_ms']:.4g} ms ({r['tflops']:.3g} TFLOP/s = {frac} of the BxBxD "
-                    f"matmul rate, {mem:.3g} GiB above inputs)"
-                )
-            else:
-                parts.append(f"{r['provider']} {r['status']}")
-        lines.append(
-            f"target {loss} bf16 B={t.get('batch')} D={t.get('dim')}: "
-            + ("; ".join(parts) or "no result")
-            + f" | matmul {rates.get('bxbxd', float('nan')):.3g} TFLOP/s at BxBxD, {rates.get('square', float('nan')):.3g} square"
-            + (f" (goal fastclip >= {GOAL_MATMUL_FRACTION} of BxBxD)" if loss == "clip" else "")
-        )
-    ph = _load(out, "phases")
-    for name in ("clip_lse", "clip_grad", "siglip_grad"):
-        if name in ph:
-            lines.append(
-                f"phases {name} B={ph.get('batch')} chunk {ph.get('chunk')} gemm {ph.get('gemm_path')}: {ph[name]}"
-            )
-    m = _load(out, "million")
-    for r in m.get("rows", []):
-        if "error" in r:
-            lines.append(f"million {r['loss']}: {r['error']}")
-        else:
-            peak = r.get("peak_extra_bytes")
-            lines.append(
-                f"million {r['loss']} B={r['batch']} D={r['dim']}: {r['seconds']} s, "
-                f"{'finite' if r['finite'] else 'NOT finite'}"
-                + (f", {peak / 2**30:.2f} GiB above inputs" if peak else "")
-            )
-    vit = _load(out, "vit")
-    for r in vit.get("rows", []):
-        if "error" in r:
-            lines.append(f"vit {vit.get('model')} sdpa {r['sdpa']}: {r['error']}")
-        else:
-            lines.append(
-                f"vit {vit.get('model')} bf16 batch {vit.get('batch')} sdpa {r['sdpa']}: {r['samples_per_s']:.4g} "
-                f"images/s, {r['step_ms']:.4g} ms/step, peak {r['peak_mem_bytes'] / 2**30:.3g} GiB above inputs"
-            )
-    if vit.get("packed"):
-        lines.append(f"packed attention: {vit['packed']}")
-    if any(os.path.exists(os.path.join(out, f"{n}.log")) for n in ("pytest_gpu_kernels", "pytest_gpu_rest")):
-        lines.append(
-            f"pytest -m gpu: kernels {_pytest_result(out, 'pytest_gpu_kernels')}; "
-            f"other {_pytest_result(out, 'pytest_gpu_rest')}"
-        )
-    return lines
-
-
-def _pytest_result(out: str, name: str) -> str:
-    try:
-        with open(os.path.join(out, f"{name}.log")) as f:
-            tail = [ln for ln in f.read().splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    for ln in reversed(tail):
-        if " in " in ln and any(w in ln for w in ("passed", "failed", "skipped", "error", "deselected")):
-            return ln.strip("= ")
-    return tail[-1] if tail else "empty log"
-
-
-def part_summary(out: str) -> None:
-    lines = summary_lines(out)
-    status = {}
-    try:
-        with open(os.path.join(out, "status.txt")) as f:
-            status = dict(ln.split() for ln in f if ln.strip())
-    except (OSError, ValueError):
-        pass
-    doc = {name: _load(out, name) for name in PARTS[:-1] + EXTRA_PARTS}
-    doc.update(exit_status=status, summary=lines)
-    with open(os.path.join(out, "device_check.json"), "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-    for ln in lines:
-        print(ln)
-
-
-def _safe_members(tar) -> list:
-    """The archive's members, refused whole unless each is a plain file or folder at a relative path
-    inside the archive (no links, devices, absolute paths or ``..``)."""
-    members = []
-    for m in tar.getmembers():
-        name = m.name[2:] if m.name.startswith("./") else m.name
-        if name in ("", "."):
-            continue
-        parts = name.split("/")
-        if name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
-            raise ValueError(f"bundle: refusing member {m.name!r} (only plain files and folders inside it)")
-        members.append(m)
-    return members
-
-
-def collect(bundle: str, dest: str) -> list[str]:
-    """Unpack a device-check bundle into ``dest`` (must not exist or be empty), write ``summary.md``
-    (summary lines, target verdicts, README table) and the plots; returns the lines printed."""
-    import tarfile
-
-    if not os.path.isfile(bundle):
-        raise FileNotFoundError(
-            f"bundle: expected a .tar.gz written by device_check.sh --bundle, got {bundle!r}"
-        )
-    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        raise FileExistsError(f"dest: expected a new or empty folder, got {dest!r} (not empty)")
-    try:
-        tar = tarfile.open(bundle, "r:gz")
-    except (tarfile.TarError, OSError) as exc:
-        raise ValueError(f"bundle: {bundle!r} is not a gzip tar archive ({exc})") from exc
-    with tar:
-        members = _safe_members(tar)
-        os.makedirs(dest, exist_ok=True)
-        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(dest, members=members, **kw)
-    lines = summary_lines(dest)
-    md = ["# Device check", "", "```", *lines, "```", ""]
-    results = os.path.join(dest, "results.json")
-    if os.path.isfile(results):
-        from fastclip.bench import plot, report
-
-        doc = report.load_document(results)
-        checks = report.target_checks(doc["records"], doc.get("matmul_tflops"))
-        lines += checks
-        md += [
-            "## Targets",
-            "",
-            *[f"- {c}" for c in checks],
-            "",
-            "## Table",
-            "",
-            report.markdown_summary(doc),
-            "",
-        ]
-        for path in plot.plot_document(doc, os.path.join(dest, "results")):
-            lines.append(f"plot: {path}")
-    else:
-        lines.append("no results.json in the bundle: the target part did not finish")
-    with open(os.path.join(dest, "summary.md"), "w") as f:
-        f.write("\n".join(md))
-    return lines
-
-
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["collect"]:
-        cp = argparse.ArgumentParser(
-            prog="device_check.py collect", description=collect.__doc__.split(";")[0]
-        )
-        cp.add_argument("bundle")
-        cp.add_argument("dest")
-        args = cp.parse_args(argv[1:])
-        try:
-            lines = collect(args.bundle, args.dest)
-        except (OSError, ValueError) as exc:
-            print(f"device_check.py collect: {exc}", file=sys.stderr)
-            return 2
-        for ln in lines:
-            print(ln)
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("part", choices=PARTS + WORKER_PARTS + EXTRA_PARTS)
     ap.add_argument("out")
@@ -679,9 +485,6 @@ def main(argv=None) -> int:
     ap.add_argument("--group", type=int, default=0, help="cases: index into PRECISIONS")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    if args.part == "summary":
-        part_summary(args.out)
-        return 0
     name = args.part + (str(args.group) if args.part == "cases" else "")
     p = Part(name, args.out, args.seconds, args.dry_run)
     try:

@@ -8,7 +8,7 @@
 #   --bundle FILE after every part, pack OUT into FILE (.tar.gz, replaced atomically), so a run stopped
 #                 at any point still leaves one file with everything so far. The device tool brings back
 #                 at most 8 files from its $OUT: write OUT elsewhere and put FILE there. On this
-#                 machine, `python benchmarks/device_check.py collect FILE DEST` unpacks it and draws the plots.
+#                 machine, `python benchmarks/device_report.py collect FILE DEST` unpacks it and draws the plots.
 #   --parts LIST  comma list of the parts to run (default: env,correctness,target,phases,million,pytest);
 #                 "vit" (not in the default: a ViT-B/16 training step with SDPA's flash backend and the
 #                 packed-attention path, about 40 s) runs only when named, e.g. --parts env,vit for a
@@ -140,7 +140,7 @@ if want pytest; then
 fi
 
 echo "== summary ($(( $(date +%s) - START )) s)"
-"$PY" benchmarks/device_check.py summary "$OUT" || FAILED=1
+"$PY" benchmarks/device_report.py summary "$OUT" || FAILED=1
 pack
 [ -n "$BUNDLE" ] && echo "== packed into $BUNDLE"
 exit $FAILED

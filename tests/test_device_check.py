@@ -63,10 +63,10 @@ def test_parts_selects_what_runs(tmp_path):
 def _collect(*args):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        import device_check
+        import device_report
     finally:
         sys.path.pop(0)
-    return device_check.main(["collect", *map(str, args)])
+    return device_report.main(["collect", *map(str, args)])
 
 
 def test_collect_refuses_links_escapes_and_a_used_folder(tmp_path, capsys):
