@@ -18,4 +18,11 @@ tar -C "$ROOT" --exclude=./build --exclude=./dist --exclude='./.venv*' --exclude
     --exclude=__pycache__ --exclude=./runs --exclude=./benchmarks/results -cf - . | tar -C "$SRC" -xf -
 rm -f "$DIR"/fastclip-*.whl
 "$PY" -m pip wheel --no-deps "$SRC" -w "$DIR"
+# The commit the wheels were built from (the device machine gets no .git): device_check.sh prints it.
+{
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "uncommitted changes: $(git -C "$ROOT" status --porcelain 2>/dev/null | grep -c . || true)"
+} > "$DIR/SOURCE.txt"
+cat "$DIR/SOURCE.txt"
 ls -l "$DIR"

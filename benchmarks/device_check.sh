@@ -95,6 +95,7 @@ fi
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    [ -n "$WHEELS" ] && [ -f "$WHEELS/SOURCE.txt" ] && sed 's/^/wheels /' "$WHEELS/SOURCE.txt"
     nvidia-smi 2>&1 || echo "nvidia-smi not available"
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu \
         --format=csv 2>&1 || true
