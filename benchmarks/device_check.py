@@ -99,13 +99,6 @@ def tf32(enabled: bool):
             m.allow_tf32 = old
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------------------------------
 # parts
 
@@ -314,6 +307,7 @@ def part_phases(p: Part) -> None:
     from fastclip.kernels import clip, config, gemm, siglip
 
     from fastclip.bench.loss import make_inputs
+    from fastclip.bench.timing import synchronize
 
     device = _device(p.dry)
     b, d = _sizes("phases", p.dry)
@@ -339,11 +333,11 @@ def part_phases(p: Part) -> None:
             out[name] = {"error": "not run: time limit"}
             continue
         fn(gemm.PhaseTimer.disabled())  # warm-up: compilation, cuBLAS heuristics
-        _sync(device)
+        synchronize(device)
         timer = gemm.PhaseTimer(device)
         t0 = time.perf_counter()
         fn(timer)
-        _sync(device)
+        synchronize(device)
         total = (time.perf_counter() - t0) * 1e3
         out[name] = {"total_ms": round(total, 3), **{k: round(v, 3) for k, v in timer.totals_ms().items()}}
         p.save(**out)
@@ -356,6 +350,7 @@ def part_million(p: Part) -> None:
 
     import fastclip
     from fastclip.bench.loss import make_inputs
+    from fastclip.bench.timing import synchronize
 
     device = _device(p.dry)
     b, d = _sizes("million", p.dry)
@@ -379,7 +374,7 @@ def part_million(p: Part) -> None:
         else:
             out = fastclip.siglip_loss(x, y, s, bias, impl="triton")
         out.backward()
-        _sync(device)
+        synchronize(device)
         row = {"loss": loss, "batch": b, "dim": d, "seconds": round(time.perf_counter() - t0, 3)}
         row["finite"] = bool(torch.isfinite(out).item() and torch.isfinite(x.grad).all().item())
         if device.type == "cuda":
@@ -390,26 +385,12 @@ def part_million(p: Part) -> None:
     p.save(status="ok" if ok else "failed", rows=rows)
 
 
-def _fwd_bwd_ms(fn, device, reps: int) -> float:
-    """Median milliseconds of ``fn()`` (forward and backward) after one warm-up call."""
-    import statistics
-
-    fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return round(statistics.median(times), 4)
-
-
 def _packed_attention(p: Part, device) -> dict:
     """The packed-sequence path (a block-diagonal T x T mask through SDPA today) against torch's
     ``torch.nn.attention.varlen.varlen_attn`` where it exists: fwd+bwd time and the largest difference."""
     import torch
 
+    from fastclip.bench import timing
     from fastclip.models.attention import attention
 
     n_seq, t, h, dh = (64, 197, 12, 64) if not p.dry else (4, 9, 2, 8)
@@ -426,8 +407,13 @@ def _packed_attention(p: Part, device) -> dict:
         return o.detach(), [a.grad for a in leaves]
 
     mask_fn = lambda a, b, c: attention(a, b, c, impl="sdpa", cu_seqlens=cu, max_seqlen=t)  # noqa: E731
-    reps = 10 if not p.dry else 2
-    out["mask_ms"] = _fwd_bwd_ms(lambda: run(mask_fn), device, reps)
+
+    def ms(fn):  # median of fwd+bwd after one warm-up call
+        return round(
+            timing.median_seconds(lambda: run(fn), device, warmup=1, reps=10 if not p.dry else 2) * 1e3, 4
+        )
+
+    out["mask_ms"] = ms(mask_fn)
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as exc:
@@ -435,7 +421,7 @@ def _packed_attention(p: Part, device) -> dict:
         return out
     var_fn = lambda a, b, c: varlen_attn(a[0], b[0], c[0], cu, cu, t, t).unsqueeze(0)  # noqa: E731
     try:
-        out["varlen_ms"] = _fwd_bwd_ms(lambda: run(var_fn), device, reps)
+        out["varlen_ms"] = ms(var_fn)
         (o1, g1), (o2, g2) = run(mask_fn), run(var_fn)
         out["max_abs_diff"] = max(
             float((a.float() - b.float()).abs().max()) for a, b in zip([o1, *g1], [o2, *g2])

@@ -86,7 +86,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, device: torch.device, warmup: int, reps: int) -> float:
+def median_seconds(fn, device: torch.device, warmup: int, reps: int) -> float:
     """Median wall time of ``fn()`` over ``reps`` calls after ``warmup`` calls (CUDA events on GPU)."""
     for _ in range(warmup):
         fn()
@@ -118,7 +118,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype | None = None, n: int
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     cuda = device.type == "cuda"
-    seconds = _median_seconds(lambda: a @ b, device, warmup=3 if cuda else 1, reps=20 if cuda else 5)
+    seconds = median_seconds(lambda: a @ b, device, warmup=3 if cuda else 1, reps=20 if cuda else 5)
     return 2.0 * n**3 / seconds / 1e12
 
 
@@ -135,7 +135,7 @@ def gemm_tflops(
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     reps = reps or (10 if device.type == "cuda" else 3)
-    seconds = _median_seconds(lambda: a @ b, device, warmup=1, reps=reps)
+    seconds = median_seconds(lambda: a @ b, device, warmup=1, reps=reps)
     return 2.0 * m * n * k / seconds / 1e12
 
 

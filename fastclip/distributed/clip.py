@@ -177,7 +177,7 @@ class _ClipRing(torch.autograd.Function):
         def compute(owner, payload):
             (yq,) = payload
             if owner != rank:
-                state["ok"] = state["ok"] & torch.isfinite(yq).all()
+                state["ok"] = state["ok"] & all_finite(yq)
             # One block per stage: its rows extend this rank's image log-sum-exp, its columns are
             # the text rows of the chunk's owner (their log-sum-exp travels with the chunk).
             row, col = clip_lse(x_d, yq, scale, impl=impl, chunk_size=chunk_size)

@@ -77,7 +77,7 @@ class _SigLipRing(torch.autograd.Function):
         def compute(owner, payload):
             (yq,) = payload
             if owner != rank:
-                state["ok"] = state["ok"] & torch.isfinite(yq).all()
+                state["ok"] = state["ok"] & all_finite(yq)
             offset = 0 if owner == rank else None
             total, *_ = siglip_block(x_d, yq, scale, bias, offset, False, impl=impl, chunk_size=chunk_size)
             state["total"] = state["total"] + total
