@@ -16,9 +16,20 @@ from fastclip.ops.amp import no_autocast
 from fastclip.ops.clip import clip_loss_fused
 from fastclip.ops.inputs import nan_if_not_finite, prepare
 from fastclip.ops.siglip import siglip_loss_fused
+from fastclip.ops.family import family_loss
+from fastclip.ops.family_inputs import (
+    common_options,
+    gist_options,
+    gist_threshold,
+    info_nce_options,
+    prepare_gist,
+    prepare_info_nce,
+)
+from fastclip.ops.family_variants import Layout, gist_spec, info_nce_spec
 from fastclip.reference import clip_loss_reference, distill_clip_loss_reference, siglip_loss_reference
+from fastclip.reference_family import gist_reference, info_nce_reference
 
-__all__ = ["clip_loss", "distill_clip_loss", "siglip_loss"]
+__all__ = ["clip_loss", "distill_clip_loss", "gist_loss", "info_nce_loss", "siglip_loss"]
 
 
 def _run(a, fused, reference) -> torch.Tensor:
@@ -131,3 +142,154 @@ def distill_clip_loss(
     return distill.distill_block_loss(
         x, y, s, xt, yt, t, offset=0, both=True, impl=impl, chunk_size=chunk_size
     )
+
+
+def info_nce_loss(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives=None,
+    *,
+    scale=20.0,
+    similarity: str = "cos",
+    directions=("query_to_doc",),
+    partition: str = "joint",
+    hardness: str | None = None,
+    hardness_strength: float = 0.0,
+    query_ids: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    negative_ids=None,
+    duplicates: str = "ignore",
+    label_smoothing: float = 0.0,
+    bank: torch.Tensor | None = None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """InfoNCE / multiple-negatives ranking loss of one process's batch, without any n x N matrix.
+
+    Shapes: ``query``, ``positive`` ``(n, D)`` (row i's positive is ``positive[i]``); ``negatives``: K hard
+    negatives per row, a list of K ``(n, D)`` tensors or one ``(n, K, D)``; ``bank``: ``(M, D)`` extra
+    negatives without gradient (a queue, cached embeddings); ``scale``: float or 0-dim/1-element tensor
+    (learnable), logits = scale * similarity. Returns a 0-dim float32 tensor (float64 for float64).
+    With the defaults it equals sentence-transformers' ``MultipleNegativesRankingLoss``::
+
+        docs = torch.cat([positive, *negatives])                  # columns: positives, then negatives
+        scores = scale * cos_sim(query, docs)                       # (n, n * (1 + K))
+        loss = F.cross_entropy(scores, torch.arange(n))
+
+    ``directions`` (query_to_doc required; query_to_query, doc_to_query, doc_to_doc) and ``partition``
+    ("joint": one softmax over all directions' columns; "per_direction": the mean of the directions'
+    log-sum-exps) as sentence-transformers' ``directions``/``partition_mode``. ``hardness``
+    ("in_batch_negatives", "hard_negatives", "all_negatives") adds ``hardness_strength * sim.detach()``
+    to those negatives' logits. ``query_ids``/``doc_ids``/``negative_ids`` (integer, ``(n,)``; ``(n, K)``):
+    columns sharing the row's id, other than the row's own columns, are removed
+    (``duplicates="ignore"``) or all count as positives in the query->document columns
+    (``duplicates="positive"``: uniform target over them). ``label_smoothing`` eps spreads eps over the
+    row's unmasked columns. ``impl``, ``chunk_size``, ``check_finite`` as :func:`fastclip.clip_loss`.
+    """
+    o = info_nce_options(
+        directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
+        duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
+    )  # fmt: skip
+    c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
+    if a.impl == "reference":
+        with no_autocast(a.q.device):
+            return info_nce_reference(
+                a.q, a.p, a.negs, scale=a.scale, similarity="dot", directions=o.directions,
+                partition=o.partition, hardness=o.hardness, hardness_strength=o.hardness_strength,
+                query_ids=a.q_ids, doc_ids=a.p_ids, negative_ids=a.neg_ids if a.q_ids is not None else None,
+                duplicates=o.duplicates, label_smoothing=o.label_smoothing, bank=a.bank,
+            )  # fmt: skip
+    return info_nce_fused(a, o, c.chunk_size)
+
+
+def info_nce_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.Tensor:
+    """The fused InfoNCE of checked inputs. ``columns``: the gathered ``(Q, P, negs, q_ids, p_ids,
+    neg_ids)`` of a multi-process run (``fastclip.distributed``); None: this process's own tensors."""
+    ops = [a.q, a.p]
+    ids = [a.q_ids, a.p_ids]
+    if columns is None:
+        Q, P, N = 0, 1, []
+        for t, t_ids in zip(a.negs, a.neg_ids):
+            N.append(len(ops))
+            ops.append(t)
+            ids.append(t_ids)
+    else:
+        cq, cp, cn, cq_ids, cp_ids, cn_ids = columns
+        Q, P = len(ops), len(ops) + 1
+        ops += [cq, cp]
+        ids += [cq_ids, cp_ids]
+        N = list(range(len(ops), len(ops) + len(cn)))
+        ops += list(cn)
+        ids += list(cn_ids)
+    bank = None
+    if a.bank is not None:
+        bank = len(ops)
+        ops.append(a.bank.detach())
+        ids.append(None)
+    with_ids = (
+        frozenset(i for i, t in enumerate(ids) if t is not None) if a.q_ids is not None else frozenset()
+    )
+    lay = Layout(q=0, p=1, Q=Q, P=P, N=tuple(N), bank=bank, with_ids=with_ids, offset=offset)
+    spec = info_nce_spec(o, lay, a.q.shape[0])
+    return family_loss(spec, ops, a.scale, ids=ids, impl=a.impl, chunk_size=chunk_size)
+
+
+def gist_loss(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None = None,
+    *,
+    guide_query: torch.Tensor,
+    guide_positive: torch.Tensor,
+    guide_negative: torch.Tensor | None = None,
+    temperature: float = 0.01,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """GISTEmbed's guided in-batch-negatives loss of one process's batch, without any n x N matrix
+    (neither the model's nor the guide's).
+
+    Shapes: ``query``, ``positive``, optional ``negative`` ``(n, D)``; the guide model's embeddings of the
+    same texts ``guide_query``, ``guide_positive``, ``guide_negative`` ``(n, Dg)`` (no gradient). Cosine
+    scores of each anchor against all positives, anchors (``contrast_anchors``), positives from its
+    positive (``contrast_positives``) and negatives; a column is removed where the guide scores it above
+    ``g(anchor, positive) - margin`` ("absolute") or ``g - |g| * margin`` ("relative"), the positive never;
+    cross-entropy of scores / ``temperature``, as sentence-transformers' ``GISTEmbedLoss``.
+    """
+    o = gist_options(
+        margin_strategy=margin_strategy, margin=margin,
+        contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
+    )  # fmt: skip
+    c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    a = prepare_gist(query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c)
+    if a.impl == "reference":
+        with no_autocast(a.q.device):
+            return gist_reference(
+                a.q, a.p, a.negs[0] if a.negs else None, guide_query=a.gq, guide_positive=a.gp,
+                guide_negative=a.gnegs[0] if a.gnegs else None, temperature=float(1.0 / a.scale),
+                margin_strategy=o.margin_strategy, margin=o.margin,
+                contrast_anchors=o.contrast_anchors, contrast_positives=o.contrast_positives,
+            )  # fmt: skip
+    return gist_fused(a, o, c.chunk_size)
+
+
+def gist_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.Tensor:
+    """The fused GIST loss of checked inputs; ``columns``: the gathered ``(P, negs, GP, gnegs)``."""
+    if columns is None:
+        P, N, GP, GN = a.p, a.negs, a.gp, a.gnegs
+        ops, guides = [a.q, a.p, *N], [a.gq, a.gp, *GN]
+        lay = Layout(q=0, p=1, Q=0, P=1, N=tuple(range(2, 2 + len(N))))
+    else:
+        P, N, GP, GN = columns
+        ops, guides = [a.q, a.p, P, *N], [a.gq, a.gp, GP, *GN]
+        lay = Layout(q=0, p=1, Q=0, P=2, N=tuple(range(3, 3 + len(N))), offset=offset)
+    thr = gist_threshold(a.gq, a.gp, o)
+    spec = gist_spec(o, lay, a.q.shape[0])
+    return family_loss(spec, ops, a.scale, guides=guides, thr=thr, impl=a.impl, chunk_size=chunk_size)

@@ -131,3 +131,50 @@ def _siglip_block_fake(x, y, scale, bias, offset, need_grad, impl, chunk_size):
     else:
         dx, dy = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
     return x.new_empty((), dtype=acc), dx, dy, x.new_empty((), dtype=acc), x.new_empty((), dtype=acc)
+
+
+def family_impl(spec_json, ts, ids, guides, thr, scale, need, need_scale, impl, chunk_size):
+    """The eager body of ``family``: ``[loss, ds, *grads]`` (an empty ``(0,)`` tensor where an operand
+    needs no gradient), in the accumulation dtype."""
+    from fastclip.ops.family_spec import spec_from_json
+
+    spec = spec_from_json(spec_json)
+    if impl == "triton":
+        from fastclip.kernels.family import family_triton
+
+        loss, ds, grads = family_triton(spec, ts, ids, guides, thr, scale, need, need_scale)
+    else:
+        from fastclip.ops.family_impl import family_torch
+
+        loss, ds, grads = family_torch(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_size)
+    acc = acc_dtype(ts[0].dtype)
+    empty = [g if g is not None else ts[0].new_empty((0,), dtype=acc) for g in grads]
+    return [loss, ds, *empty]
+
+
+@custom_op("fastclip::family", mutates_args=())
+def family_op(
+    spec_json: str,
+    ts: list[torch.Tensor],
+    ids: list[torch.Tensor | None],
+    guides: list[torch.Tensor | None],
+    thr: torch.Tensor | None,
+    scale: torch.Tensor,
+    need: list[bool],
+    need_scale: bool,
+    impl: str,
+    chunk_size: int | None,
+) -> list[torch.Tensor]:
+    inputs = [*ts, *(t for t in ids if t is not None), *(t for t in guides if t is not None), thr, scale]
+    return list(
+        _own(inputs, family_impl(spec_json, ts, ids, guides, thr, scale, need, need_scale, impl, chunk_size))
+    )
+
+
+@family_op.register_fake
+def _family_fake(spec_json, ts, ids, guides, thr, scale, need, need_scale, impl, chunk_size):
+    acc = acc_dtype(ts[0].dtype)
+    grads = [
+        t.new_empty(t.shape, dtype=acc) if want else t.new_empty((0,), dtype=acc) for t, want in zip(ts, need)
+    ]
+    return [ts[0].new_empty((), dtype=acc), ts[0].new_empty((), dtype=acc), *grads]

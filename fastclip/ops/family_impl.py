@@ -1,0 +1,157 @@
+"""The "torch" implementation of the contrastive family: one chunked pass gives the loss and its gradients.
+
+Every block of a :class:`~fastclip.ops.family_spec.FamilySpec` is row-local: row ``i``'s log-sum-exps
+span only row ``i``'s columns. So a chunk of ``c`` rows against *all* the columns of every block holds
+complete log-sum-exps, and the gradient ``G = coef * (w * softmax - target)`` of those rows is formed in
+the same pass, then ``dR += s G C`` and ``dC += s G^T R``: 3 GEMMs per block, as the materialized
+loss's forward and backward, and no second pass over the columns (the CLIP kernels need a second pass
+only because their column log-sum-exp couples all rows). The gradients are returned with the loss
+and kept by the autograd Function until backward scales them by the incoming gradient.
+
+Memory: the chunk's logits of all blocks (``c x width`` in the accumulation dtype, ``c`` from
+:func:`family_chunk_rows`), one mask of that size where ids/guides/label smoothing ask for it, and the
+(n + N, D) gradients in the accumulation dtype: never n x N. Every mask comes from indices (the own
+column ``i + offset``, id equality, the guide tile), never from an n x N tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastclip.ops.dispatch import acc_dtype
+from fastclip.ops.family_spec import FamilySpec
+from fastclip.ops.torch_impl import positive_rows
+
+# Logits of one chunk across all blocks (fp32 elements): 2**24 = 64 MiB. Larger than the CLIP chunks
+# because the column gradient dC += G^T R rewrites all of dC once per chunk: at N = 131072, D = 384 a
+# 2**22 budget means 32-row chunks and 512 passes over a 200 MiB dC; 2**24 cuts that to 128 passes.
+FAMILY_CHUNK_ELEMENTS = 2**24
+MIN_CHUNK_ROWS = 16
+
+
+def family_chunk_rows(n: int, width: int, chunk_size: int | None) -> int:
+    """Rows per chunk: the caller's ``chunk_size`` or the default budget over all blocks' columns."""
+    if chunk_size is not None:
+        return max(1, min(n, chunk_size))
+    return max(1, min(n, max(MIN_CHUNK_ROWS, FAMILY_CHUNK_ELEMENTS // max(1, width))))
+
+
+def family_torch(
+    spec: FamilySpec,
+    ts: list[torch.Tensor],
+    ids: list[torch.Tensor | None],
+    guides: list[torch.Tensor | None],
+    thr: torch.Tensor | None,
+    scale: torch.Tensor,
+    need: list[bool],
+    need_scale: bool = False,
+    chunk_size: int | None = None,
+):
+    """``(loss, ds, grads)``: ``coef * sum_i loss_i``, its scale gradient and one gradient (or None) per
+    operand, all in the accumulation dtype. Inputs are detached; ``guides`` are normalized already."""
+    acc = acc_dtype(ts[0].dtype)
+    dev = ts[0].device
+    blocks = spec.blocks
+    n = ts[blocks[0].row].shape[0]
+    width = sum(ts[b.col].shape[0] for b in blocks)
+    c = family_chunk_rows(n, width, chunk_size)
+    s = scale.detach().to(acc).reshape(())
+    alpha, eps, coef = spec.hardness, spec.smoothing, spec.coef
+    k = (1.0 + alpha / s) if alpha else None  # L' = S (s + alpha) = L (1 + alpha / s) on shifted cells
+    full = [t.detach().to(acc) for t in ts]  # no copy for float32 inputs
+    gfull = [None if g is None else g.detach().to(acc) for g in guides]
+    grads = [torch.zeros(t.shape, dtype=acc, device=dev) if want else None for t, want in zip(ts, need)]
+    any_grad = any(need) or need_scale
+    loss = torch.zeros((), dtype=acc, device=dev)
+    ds = torch.zeros((), dtype=acc, device=dev)
+    neg_inf = float("-inf")
+    for i0 in range(0, n, c):
+        i1 = min(n, i0 + c)
+        m = i1 - i0
+        lse = [torch.full((m,), neg_inf, dtype=acc, device=dev) for _ in spec.weights]
+        pos_sum = torch.zeros(m, dtype=acc, device=dev)
+        pos_cnt = torch.zeros(m, dtype=acc, device=dev)
+        val_sum = torch.zeros(m, dtype=acc, device=dev) if eps else None
+        val_cnt = torch.zeros(m, dtype=acc, device=dev) if eps else None
+        kept = []
+        for b in blocks:
+            rows, cols = full[b.row][i0:i1], full[b.col]
+            off = i0 + (0 if b.local else spec.offset)
+            lo, hi = positive_rows(m, cols.shape[0], off) if b.own else (0, 0)
+            orow = torch.arange(lo, hi, device=dev)
+            ocol = orow + off
+            logits = (rows * s) @ cols.t()  # (m, Nb); the scale rides on the (m, D) rows
+            shifted = bool(alpha) and b.shift != "none"
+            if shifted:
+                if b.shift == "all":
+                    logits.mul_(k)
+                elif b.shift == "all_but_own":
+                    own = logits[orow, ocol].clone()
+                    logits.mul_(k)
+                    logits[orow, ocol] = own
+                else:  # "own_only"
+                    logits[orow, ocol] *= k
+            removed, extra_pos = None, None
+            if b.ids:
+                same = ids[b.row][i0:i1, None] == ids[b.col][None, :]  # (m, Nb) bool
+                same[orow, ocol] = False  # ids never reclassify the own column (positive, own negative, ...)
+                if spec.duplicates == "positive" and b.positive_capable:
+                    extra_pos = same
+                    if shifted:  # positives carry no hardness shift
+                        logits = torch.where(extra_pos, logits / k, logits)
+                else:
+                    removed = same
+            if b.guide:
+                over = (gfull[b.row][i0:i1] @ gfull[b.col].t()) > thr[i0:i1, None]
+                if b.positive:
+                    over[orow, ocol] = False
+                removed = over if removed is None else removed.logical_or_(over)
+            if removed is not None:
+                logits.masked_fill_(removed, neg_inf)
+                if extra_pos is not None:
+                    extra_pos &= ~removed
+                del removed
+            if b.exclude_own:
+                logits[orow, ocol] = neg_inf
+                if extra_pos is not None:
+                    extra_pos[orow, ocol] = False
+            lse[b.part] = torch.logaddexp(lse[b.part], torch.logsumexp(logits, dim=1))
+            if b.positive:
+                pos_sum[orow] += logits[orow, ocol]
+                pos_cnt[orow] += 1
+            if extra_pos is not None:
+                pos_sum += torch.where(extra_pos, logits, 0.0).sum(1)
+                pos_cnt += extra_pos.sum(1)
+            valid = None
+            if eps:
+                valid = logits > neg_inf
+                val_sum += torch.where(valid, logits, 0.0).sum(1)
+                val_cnt += valid.sum(1)
+            kept.append((b, rows, cols, orow, ocol, logits, extra_pos, valid))
+        total = sum(w * part for w, part in zip(spec.weights, lse))
+        target = pos_sum / pos_cnt
+        if eps:
+            target = (1.0 - eps) * target + eps * (val_sum / val_cnt)
+        loss += (total - target).sum()
+        if not any_grad:
+            continue
+        w_pos = (coef * (1.0 - eps)) / pos_cnt  # (m,)
+        w_val = (coef * eps) / val_cnt if eps else None
+        for b, rows, cols, orow, ocol, logits, extra_pos, valid in kept:
+            grad = logits.sub_(lse[b.part][:, None]).exp_().mul_(coef * spec.weights[b.part])
+            if b.positive:
+                grad[orow, ocol] -= w_pos[orow]
+            if extra_pos is not None:
+                grad.sub_(extra_pos * w_pos[:, None])
+            if valid is not None:
+                grad.sub_(valid * w_val[:, None])
+            gc = grad @ cols  # (m, D)
+            # ds = sum_ij G_ij S_ij = sum_i r_i . (G C)_i: O(m D), no pass over the chunk.
+            ds += torch.vdot(rows.reshape(-1), gc.reshape(-1))
+            # The scale multiplies (m, D) operands, never the (m, Nb) chunk, and stays a tensor (no sync).
+            if grads[b.col] is not None:
+                grads[b.col].addmm_(grad.t(), rows * s)
+            if grads[b.row] is not None:
+                grads[b.row][i0:i1].add_(gc.mul_(s))
+        del kept
+    return loss * coef, ds, grads

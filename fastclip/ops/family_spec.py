@@ -1,0 +1,88 @@
+"""The one extension point of the contrastive family: a named description of softmax blocks.
+
+A loss of the family is a list of :class:`Block`\\ s over *operands* (feature tensors). Every block is
+``n`` local rows (one row operand) against the columns of one column operand, logits
+``L = s * R @ C.T``, and row ``i``'s *own* column is ``i + offset`` (``offset`` = the rank's global
+row offset for gathered columns, 0 for local ones). A block says, per row, from indices alone:
+
+* ``positive``: the own column is row i's positive (the query->document block of the positives);
+* ``exclude_own``: the own column is removed (query->query self, document->document same query);
+* ``shift``: which columns get the hardness shift ``alpha * stop_grad(S)`` (``"all"``,
+  ``"all_but_own"``, ``"own_only"``, ``"none"``);
+* ``ids``: columns whose id equals the row's id are duplicates (removed, or positives in
+  ``positive_capable`` blocks under the ``"positive"`` policy); the own positive is never removed;
+* ``guide``: GIST's rule: a column is removed where the guide similarity exceeds the row's threshold
+  (the own positive is never removed);
+* ``part``: the log-sum-exp the block joins (one per row in ``"joint"``, one per direction in
+  ``"per_direction"``, averaged with ``weights``).
+
+Row i's loss is ``sum_P w_P lse_P(i) - sum_j t_ij L'_ij`` with ``L'`` the shifted logits and the target
+``t = (1 - eps) * uniform(positives_i) + eps * uniform(valid columns_i)``; the loss is the mean over
+rows (``coef``). Nothing here holds a tensor: the description is frozen, hashable and serialisable
+(the custom op takes it as a string), and the torch chunks, the Triton epilogue and every
+distributed strategy consume the same one. The materialized reference in
+``fastclip/reference_family.py`` is written from the maths in docs/design.md, not from this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+
+SHIFTS = ("none", "all", "all_but_own", "own_only")
+
+
+@dataclass(frozen=True)
+class Block:
+    row: int  # index of the row operand (n local rows)
+    col: int  # index of the column operand
+    part: int = 0  # which log-sum-exp the block joins
+    local: bool = False  # own column is i (local columns), not i + offset (gathered columns)
+    own: bool = True  # the columns have an own column per row (False: a bank, a shared pool)
+    positive: bool = False  # the own column is the row's positive
+    positive_capable: bool = False  # same-id columns are positives under duplicates="positive"
+    exclude_own: bool = False  # the own column is removed
+    shift: str = "none"  # hardness shift on: "all", "all_but_own", "own_only" columns, or "none"
+    ids: bool = False  # duplicate masking by ids (row operand's and column operand's id vectors)
+    guide: bool = False  # GIST guide mask (row operand's and column operand's guide features)
+
+    def __post_init__(self):
+        assert self.shift in SHIFTS, self.shift
+        assert not (self.positive and self.exclude_own), "a positive cannot be excluded"
+        assert self.own or not (
+            self.positive or self.exclude_own or self.shift in ("all_but_own", "own_only")
+        )
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """The whole loss: blocks, per-part weights and the scalars every block shares."""
+
+    blocks: tuple[Block, ...]
+    weights: tuple[float, ...] = (1.0,)  # one per part
+    offset: int = 0  # global index of local row 0 in gathered column operands
+    coef: float = 1.0  # loss = coef * sum_i loss_i (1/n: the mean)
+    hardness: float = 0.0  # alpha of the hardness shift
+    smoothing: float = 0.0  # label smoothing eps
+    duplicates: str = "ignore"  # "ignore" | "positive"
+
+    def __post_init__(self):
+        parts = {b.part for b in self.blocks}
+        assert parts == set(range(len(self.weights))), (parts, self.weights)
+        assert sum(b.positive for b in self.blocks) >= 1, "a loss needs a positive block"
+        assert self.duplicates in ("ignore", "positive")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @property
+    def n_parts(self) -> int:
+        return len(self.weights)
+
+
+@functools.lru_cache(maxsize=256)
+def spec_from_json(text: str) -> FamilySpec:
+    d = json.loads(text)
+    blocks = tuple(Block(**b) for b in d.pop("blocks"))
+    return FamilySpec(blocks=blocks, weights=tuple(d.pop("weights")), **d)
