@@ -14,8 +14,6 @@ from fastclip import _checks
 from fastclip.ops import distill
 from fastclip.ops.amp import no_autocast
 from fastclip.ops.clip import clip_loss_fused
-from fastclip.ops.inputs import nan_if_not_finite, prepare
-from fastclip.ops.siglip import siglip_loss_fused
 from fastclip.ops.family import family_loss
 from fastclip.ops.family_inputs import (
     common_options,
@@ -26,6 +24,8 @@ from fastclip.ops.family_inputs import (
     prepare_info_nce,
 )
 from fastclip.ops.family_variants import Layout, gist_spec, info_nce_spec
+from fastclip.ops.inputs import nan_if_not_finite, prepare
+from fastclip.ops.siglip import siglip_loss_fused
 from fastclip.reference import clip_loss_reference, distill_clip_loss_reference, siglip_loss_reference
 from fastclip.reference_family import gist_reference, info_nce_reference
 
