@@ -195,7 +195,7 @@ def resolve(path: str) -> str:
     """A checkpoint directory, or a checkpoints root with a ``latest`` marker -> the checkpoint directory."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path!r}")
-    if os.path.isfile(os.path.join(path, LATEST)):
+    if os.path.lexists(os.path.join(path, LATEST)):
         return _read_latest(path)
     if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, TRAINER)):
         return path
@@ -206,6 +206,13 @@ def resolve(path: str) -> str:
 
 def _read_latest(root: str) -> str:
     marker = os.path.join(root, LATEST)
+    if os.path.islink(marker) or not os.path.isfile(marker):
+        # a link (to a directory or file anywhere) or a directory is never followed: the marker is a
+        # one-line file written by the trainer, like the text form that names '../../etc'
+        what = f"a link to {os.readlink(marker)!r}" if os.path.islink(marker) else "not a regular file"
+        raise CheckpointError(
+            f"{marker}: {what}; expected a one-line file naming a step directory next to it (step_XXXXXXXX)"
+        )
     with open(marker, "rb") as f:
         raw = f.read(256)
     try:
@@ -223,8 +230,9 @@ def _read_latest(root: str) -> str:
 
 
 def find_latest(root: str) -> str | None:
-    """The checkpoint ``root/latest`` names, or None when there is no marker (a fresh run)."""
-    if not os.path.isfile(os.path.join(root, LATEST)):
+    """The checkpoint ``root/latest`` names, or None when there is no marker (a fresh run). A marker
+    that is a link or not a regular file raises :class:`CheckpointError` (never a silent fresh run)."""
+    if not os.path.lexists(os.path.join(root, LATEST)):
         return None
     return _read_latest(root)
 
@@ -264,7 +272,7 @@ def save(engine, root, step, rank, world_size, data_state, meta, *, barrier, any
     if any_rank(failure is not None):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        previous = find_latest(root) if os.path.isfile(os.path.join(root, LATEST)) else None
+        previous = find_latest(root) if os.path.lexists(os.path.join(root, LATEST)) else None
         kept = f"previous checkpoint kept ({previous})" if previous else "no earlier checkpoint exists"
         what = failure or "another rank could not write its files"
         raise CheckpointWriteError(f"{what} while saving checkpoint at step {step}; {kept}")

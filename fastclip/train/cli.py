@@ -107,10 +107,16 @@ def run(args) -> int:
             raise ConfigError(
                 "output_dir: expected --output-dir DIR (checkpoints and logs go there), got none"
             )
-        from fastclip.train.trainer import train
+        from fastclip.train.trainer import Trainer, TrainingInterrupted
 
         t0 = time.time()
-        metrics = train(cfg)
+        try:
+            trainer = Trainer(cfg)
+            metrics = trainer.fit()
+        except TrainingInterrupted as stop:  # SIGTERM / SIGINT: a checkpoint was written
+            if _rank() == 0:
+                print(f"fastclip train: {stop}", file=sys.stderr)
+            return stop.exit_status
         elapsed = time.time() - t0
     except (ConfigError, DataError, CheckpointError, UnsafeCheckpointError, FileNotFoundError) as exc:
         print(f"fastclip train: error: {exc}", file=sys.stderr)
@@ -118,11 +124,16 @@ def run(args) -> int:
     except (FloatingPointError, DistributedTimeoutError) as exc:  # a diverged run, a stopped rank
         print(f"fastclip train: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a disk that went read-only or full mid-run: the path and the reason
+        print(f"fastclip train: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed (imports, set-up)
+        print("fastclip train: interrupted (SIGINT) during set-up; nothing was trained", file=sys.stderr)
+        return 130
     import torch.distributed as dist
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        _summary(cfg, metrics, elapsed)
+    if _rank() == 0:
+        _summary(cfg, metrics, elapsed, trainer.start_step, trainer.step)
     if dist.is_initialized() and dist.get_world_size() > 1 and cfg.train.zero_stage == 3:
         # ZeRO-3 processes sometimes abort in interpreter shutdown after all work is done
         # (pytorch/pytorch#190489); everything is written, so leave without the shutdown.
@@ -132,9 +143,25 @@ def run(args) -> int:
     return 0
 
 
-def _summary(cfg, metrics: dict, elapsed: float) -> None:
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def trained_line(name: str, first: int, last: int, elapsed: float) -> str:
+    """What this process trained: steps first+1..last (a resumed run says where it started)."""
+    n = last - first
+    if n <= 0:
+        return f"trained no steps: the run was already complete at step {last}"
+    if first == 0:
+        return f"trained {name} for {n} steps in {elapsed:.0f} s"
+    return f"trained {name} steps {first + 1}-{last} ({n} steps, resumed at step {first}) in {elapsed:.0f} s"
+
+
+def _summary(cfg, metrics: dict, elapsed: float, first: int, last: int) -> None:
     out = os.path.abspath(cfg.output_dir)
-    print(f"trained {cfg.model.name} for {cfg.train.steps} steps in {elapsed:.0f} s")
+    print(trained_line(cfg.model.name, first, last, elapsed))
     if "zeroshot_top1" in metrics:
         chance = metrics["zeroshot_chance"]
         held = " on held-out colour-shape pairs" if cfg.data.kind == "synthetic" else ""

@@ -26,7 +26,9 @@ from fastclip.train.config_values import (  # noqa: F401 (parse_value, read_file
     parse_value,
     positive_float,
     read_file,
+    shown,
     unknown,
+    unknown_many,
 )
 
 
@@ -91,11 +93,15 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
+    """Peak learning rate of AdamW (reached after optim.warmup_steps, then a cosine decay)."""
     weight_decay: float = 0.1
     """Applied to weight matrices only (norms, biases, embeddings, logit_scale/bias excluded)."""
     betas: list = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW's [beta1, beta2]."""
     eps: float = 1e-6
+    """AdamW's epsilon."""
     warmup_steps: int = 50
+    """Steps of linear learning-rate warm-up from 0 to optim.lr."""
     min_lr_ratio: float = 0.0
     """Cosine schedule ends at lr * min_lr_ratio."""
     grad_clip: float = 1.0
@@ -105,6 +111,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    """Optimizer steps of the whole run (a resumed run continues up to this step)."""
     batch_size: int = 128
     """Global batch (all ranks together); the contrastive loss sees all of it at once."""
     micro_batch_size: int | None = None
@@ -114,13 +121,15 @@ class TrainConfig:
     precision: str = "fp32"
     """"fp32", "bf16" or "fp16"."""
     seed: int = 0
+    """Seed of the model initialisation, the data order and dropout (per rank)."""
     device: str = "auto"
     """"auto" (cuda when available), "cpu" or "cuda"."""
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl on cuda, gloo on cpu), "gloo" or "nccl"."""
     threads: int | None = None
-    """torch intra-op threads per process on CPU (None: the cores the load average leaves idle, split
-    between this node's processes, at least 1)."""
+    """torch intra-op threads per process on CPU (None: the cores this process may use split between
+    this node's processes, 1 to 8; never the load average, so results do not depend on how busy the
+    machine is). The value used is saved in the run's config.yaml."""
 
 
 @dataclass
@@ -135,6 +144,7 @@ class EvalConfig:
     every: int = 250
     """Evaluate every this many steps (0: only at the end)."""
     batch_size: int = 250
+    """Images (and prompts) per forward pass of the evaluation."""
     templates: list | None = None
     """Zero-shot prompt templates with "{}" (None: the dataset's defaults)."""
     classnames: Union[list, str] | None = None
@@ -161,8 +171,11 @@ class LogConfig:
     every: int = 10
     """Append a metrics row every this many steps."""
     progress: bool = True
+    """Show a progress bar (tqdm, on stderr) with samples/s, loss, lr, logit scale and the ETA."""
     tensorboard: bool = False
+    """Also write TensorBoard event files to output_dir/tensorboard (needs the tensorboard package)."""
     plot: bool = True
+    """Draw output_dir/curves.png (loss and evaluation curves) at the end."""
 
 
 SECTIONS = {
@@ -188,6 +201,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: str | None = None
+    """Directory of the run: checkpoints, metrics.jsonl, curves.png, model.safetensors."""
 
     # ---- conversion ------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -199,12 +213,13 @@ class Config:
         if not isinstance(data, dict):
             raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
         cfg = cls()
+        problems = unknown_names(data)
+        if problems:  # every unknown section and key at once, each with its suggestion
+            raise ConfigError(unknown_many(problems))
         for section, values in data.items():
             if section == "output_dir":
                 cfg.output_dir = coerce("output_dir", values, str | None)
                 continue
-            if section not in SECTIONS:
-                raise ConfigError(unknown("section", section, [*SECTIONS, "output_dir"]))
             if values is None:
                 continue
             if not isinstance(values, dict):
@@ -247,11 +262,11 @@ class Config:
             check_dist_impl(m.loss, m.dist_impl)
         choice("data.kind", d.kind, ("synthetic", "webdataset", "csv"))
         if d.kind != "synthetic" and not d.train:
-            raise ConfigError(f"data.train: expected a path for data.kind={d.kind!r}, got {d.train!r}")
+            raise ConfigError(f"data.train: expected a path for data.kind={d.kind!r}, got {shown(d.train)}")
         if d.kind == "synthetic" and (d.train or d.eval):
             raise ConfigError(
                 "data.train/data.eval: the synthetic dataset takes no paths; "
-                f"set data.kind to 'csv' or 'webdataset' to use {d.train or d.eval!r}"
+                f"set data.kind to 'csv' or 'webdataset' to use {shown(d.train or d.eval)}"
             )
         if d.workers is not None:
             minimum("data.workers", d.workers, 0)
@@ -264,14 +279,14 @@ class Config:
             or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1
         ):
             raise ConfigError(
-                f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {d.crop_scale!r}"
+                f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {shown(d.crop_scale)}"
             )
         minimum("data.shuffle_buffer", d.shuffle_buffer, 0)
         minimum("data.eval_size", d.eval_size, 10)
         positive_float("optim.lr", o.lr)
         nonneg_float("optim.weight_decay", o.weight_decay)
         if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
-            raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
+            raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {shown(o.betas)}")
         positive_float("optim.eps", o.eps)
         minimum("optim.warmup_steps", o.warmup_steps, 0)
         if not 0.0 <= o.min_lr_ratio <= 1.0:
@@ -293,7 +308,7 @@ class Config:
         if e.templates is not None:
             if not e.templates or not all(isinstance(s, str) and "{}" in s for s in e.templates):
                 raise ConfigError(
-                    f"eval.templates: expected a non-empty list of strings with '{{}}', got {e.templates!r}"
+                    f"eval.templates: expected a non-empty list of strings with '{{}}', got {shown(e.templates)}"
                 )
         minimum("checkpoint.every", c.every, 0)
         minimum("checkpoint.keep", c.keep, 1)
@@ -335,8 +350,27 @@ def check_dist_impl(loss: str, dist_impl: str) -> None:
         except ValueError as exc:  # the constructor's message lists the strategies it knows
             reasons.append(f"{cls.__name__}: {exc}")
     raise ConfigError(
-        f"model.dist_impl: {dist_impl!r} is not a strategy of model.loss={loss!r} ({'; '.join(reasons)})"
+        f"model.dist_impl: {shown(dist_impl)} is not a strategy of model.loss={loss!r} ({'; '.join(reasons)})"
     )
+
+
+def unknown_names(data: dict, overrides: dict | None = None) -> list[str]:
+    """One message (with a suggestion) per unknown section or key of a nested dict and of
+    {"section.key": value} overrides."""
+    problems = []
+    for section, values in data.items():
+        if section == "output_dir":
+            continue
+        if section not in SECTIONS:
+            problems.append(unknown("section", section, [*SECTIONS, "output_dir"]))
+        elif isinstance(values, dict):
+            fields = _hints(SECTIONS[section])
+            problems += [unknown("key", f"{section}.{k}", all_keys()) for k in values if k not in fields]
+    for dotted in overrides or {}:
+        section, _, key = str(dotted).partition(".")
+        if dotted != "output_dir" and (section not in SECTIONS or key not in _hints(SECTIONS[section])):
+            problems.append(unknown("key", dotted, all_keys()))
+    return problems
 
 
 def all_keys() -> list[str]:
@@ -352,8 +386,13 @@ def field_help(section: str, name: str) -> str:
 def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
     """Defaults, then the file at ``path`` (YAML or JSON), then ``overrides`` ({"section.key": value})."""
     cfg = Config()
+    data = read_file(path) if path is not None else {}
+    problems = unknown_names(data if isinstance(data, dict) else {}, overrides)
+    if problems:  # the file's and the overrides' unknown names together
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + unknown_many(problems))
     if path is not None:
-        cfg = Config.from_dict(read_file(path))
+        cfg = Config.from_dict(data)
     for key, value in (overrides or {}).items():
         cfg.set(key, value)
     return cfg.validate()

@@ -1,18 +1,26 @@
-"""The output directory of a run: checked before anything starts, never shared by two runs, and the
-config compared with the checkpoint's on resume.
+"""The output directory of a run: checked before anything starts, held by one run at a time, never
+shared by two runs, and the config compared with the checkpoint's on resume.
 
     check_output_dir(cfg.output_dir)                    # a directory (or creatable), not a file
+    lock = RunLock.acquire(cfg.output_dir)              # or OutputDirBusy naming the holder's pid
+    removed = clean_leftovers(out)                      # latest.tmp<pid>, *.partial of a killed run
+    lock.release()
     moved = set_aside(out, "previous")                  # a fresh run in a used directory: old files -> previous-<time>/
     check_config_change(saved_cfg, cfg.to_dict(), allowed, ckpt_dir)
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import time
 
 from fastclip.train.config import ConfigError
+
+LOCK = ".fastclip.lock"
 
 # What a run writes into its output directory.
 RUN_FILES = (
@@ -46,6 +54,108 @@ def check_output_dir(path: str) -> None:
     if not os.path.isdir(p):
         where = "is a file" if p == os.path.abspath(path) else f"cannot be created: {p!r} is a file"
         raise ConfigError(f"output_dir: expected a directory, got {path!r}, which {where}")
+
+
+class OutputDirBusy(ConfigError):
+    """Another process holds the output directory's lock (a run in progress)."""
+
+
+class RunLock:
+    """An advisory lock (``fcntl.flock``) on ``OUTPUT_DIR/.fastclip.lock``, which holds the holder's pid.
+
+    The kernel releases a flock when its process ends, however it ends: a crashed run leaves the file
+    with its pid but no lock (``stale_pid`` tells the next run). A clean release empties the file. The
+    file itself stays (removing it would let two runs lock two different files of the same name)."""
+
+    def __init__(self, path: str, fd: int, stale_pid: int | None):
+        self.path, self._fd, self.stale_pid = path, fd, stale_pid
+
+    @classmethod
+    def acquire(cls, out: str) -> RunLock:
+        """Create ``out`` if needed and lock it; raises :class:`OutputDirBusy` naming the holder's pid,
+        or :class:`ConfigError` naming the path when the directory cannot be written."""
+        import fcntl
+
+        out = os.path.abspath(out)
+        path = os.path.join(out, LOCK)
+        try:
+            os.makedirs(out, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise not_writable(out, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise not_writable(out, exc) from None
+            who = f"pid {holder}" if holder else "another process"
+            raise OutputDirBusy(
+                f"output_dir: {out} is in use by another fastclip run ({who}); wait for it to finish, "
+                "stop it, or choose another --output-dir"
+            ) from None
+        stale = _read_pid(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise not_writable(out, exc) from None
+        return cls(path, fd, stale if stale != os.getpid() else None)
+
+    def release(self) -> None:
+        """Empty the file and unlock (idempotent)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def not_writable(path: str, exc: OSError) -> ConfigError:
+    """The one-line error for an output directory that cannot be written (read-only, no permission)."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) and exc.filename != path else ""
+    return ConfigError(
+        f"output_dir: cannot write to {path}: {exc.strerror or exc}{where}; choose a writable --output-dir"
+    )
+
+
+_TMP_RE = re.compile(r"latest\.tmp\d+")
+
+
+def clean_leftovers(out: str) -> list[str]:
+    """Remove what a killed run leaves behind and nothing reads: ``checkpoints/latest.tmp<pid>``
+    (a marker write cut before its rename), ``checkpoints/step_X.partial/`` (a save cut before its
+    rename) and ``metrics.jsonl.tmp``. Call only while holding the :class:`RunLock`. Returns the names."""
+    removed = []
+    root = os.path.join(out, "checkpoints")
+    names = sorted(os.listdir(root)) if os.path.isdir(root) and not os.path.islink(root) else []
+    for n in names:
+        full = os.path.join(root, n)
+        if _TMP_RE.fullmatch(n) and (os.path.islink(full) or os.path.isfile(full)):
+            os.remove(full)
+        elif n.endswith(".partial") and not os.path.islink(full) and os.path.isdir(full):
+            shutil.rmtree(full)
+        else:
+            continue
+        removed.append(f"checkpoints/{n}")
+    tmp = os.path.join(out, "metrics.jsonl.tmp")
+    if os.path.isfile(tmp):
+        os.remove(tmp)
+        removed.append("metrics.jsonl.tmp")
+    return removed
 
 
 def has_run(out: str) -> bool:

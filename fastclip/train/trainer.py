@@ -14,9 +14,12 @@ the ``deepspeed`` launcher. Every rank runs the same code; rank 0 writes logs.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Union
 
@@ -63,8 +66,47 @@ def train(
     return Trainer(cfg, model=model, tokenizer=tokenizer).fit()
 
 
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a whole step and a checkpoint; ``exit_status`` is the
+    shell's convention (128 + the signal number: 143, 130). Running the same command resumes."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None, message: str):
+        super().__init__(message)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_status = 128 + signum
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT handlers for the run: the first asks the loop to stop after the current step (and
+    save), the second leaves at once (status 128 + signal, no checkpoint). Only the main thread can
+    install handlers; elsewhere the signals keep their behaviour. ``restore()`` puts back the previous ones."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            os.write(
+                2, f"\nfastclip: second {signal.Signals(signum).name}: exiting now, no checkpoint\n".encode()
+            )
+            os._exit(128 + signum)
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, model=None, tokenizer=None):
+        cfg = copy.deepcopy(cfg)  # the resolved values (train.threads) are recorded in this copy only
         if not cfg.output_dir:
             raise ConfigError(
                 "output_dir: expected a directory for checkpoints and logs (--output-dir DIR), got None"
@@ -81,26 +123,70 @@ class Trainer:
         self.cfg = cfg
         self.out = os.path.abspath(cfg.output_dir)
         self.ckpt_root = os.path.join(self.out, "checkpoints")
-        # checked before any process group starts: the checkpoint to resume from and the config's changes
-        self.resume_from, self.resume_meta = self._find_resume()
+        self.lock, self._lock_error, self.signals = None, None, _StopSignals()
         owns_group = not torch.distributed.is_initialized()
-        self.comm = Comm.setup(cfg.train, cfg.dist)
         try:
+            # before anything reads or moves files: hold the directory (rank 0), then the checkpoint to
+            # resume from and the config's changes, all before any process group starts
+            self._hold_output_dir()
+            self.resume_from, self.resume_meta = (None, None) if self._lock_error else self._find_resume()
+            self.comm = Comm.setup(cfg.train, cfg.dist)
             self._set_up(cfg, model, tokenizer)
         except BaseException:
             # A set-up error (a missing tokenizer, a bad data file...) leaves no process group behind
-            # when the trainer made it: the caller's next run, or a test, starts clean.
+            # when the trainer made it, and no lock or signal handler: the caller's next run starts clean.
+            self._release()
             if owns_group and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
             raise
 
+    def _hold_output_dir(self) -> None:
+        """Rank 0 locks the output directory (:class:`rundir.RunLock`) and removes a killed run's
+        leftovers. A refusal in a one-process run raises at once; with several processes it is raised
+        after the process group exists, on every rank together (no rank left waiting)."""
+        if torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank != 0:
+            return
+        try:
+            self.lock = rundir.RunLock.acquire(self.out)
+        except ConfigError as exc:
+            if world == 1:
+                raise
+            self._lock_error = exc
+            return
+        if self.lock.stale_pid:
+            print(
+                f"fastclip: {self.out} was held by pid {self.lock.stale_pid}, which ended without "
+                "releasing it (killed or crashed); continuing in it",
+                file=sys.stderr,
+            )
+        removed = rundir.clean_leftovers(self.out)
+        if removed:
+            print(f"fastclip: removed what an interrupted run left: {', '.join(removed)}", file=sys.stderr)
+
+    def _release(self) -> None:
+        """Unlock the output directory and put the previous signal handlers back (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+        self.signals.restore()
+
     def _set_up(self, cfg: Config, model, tokenizer) -> None:
         self.rank, self.world, self.device = self.comm.rank, self.comm.world, self.comm.device
+        if self.world > 1 and self.comm.any_rank(self._lock_error is not None):
+            raise self._lock_error or ConfigError(
+                f"output_dir: rank 0 could not take {self.out} (its error says why); stopping"
+            )
+        if self.device.type == "cpu" and cfg.train.threads is None:
+            cfg.train.threads = torch.get_num_threads()  # the default's value, saved in config.yaml
         self.local_batch, self.micro, self.chunks = cfg.check_world(self.world)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             cfg.train.precision
         ]
-        self.step = 0
+        self.step = self.start_step = 0
+        self._saved_step = None
         self.metrics = MetricsLog(self.out, self.rank, cfg.log.tensorboard)
         self._prepare_output_dir()
         self.complete = self.resume_meta is not None and self.resume_meta["step"] >= cfg.train.steps
@@ -160,7 +246,16 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``train.steps``; returns the final evaluation metrics. SIGTERM/SIGINT end the run
+        after the current step with a checkpoint and :class:`TrainingInterrupted`."""
+        try:
+            return self._fit()
+        finally:
+            self._release()
+
+    def _fit(self) -> dict:
         if self.complete:
+            self.start_step = self.step = self.resume_meta["step"]
             if self.rank == 0:
                 print(
                     f"fastclip: the run in {self.out} is complete (checkpoint at step {self.resume_meta['step']}, "
@@ -169,6 +264,7 @@ class Trainer:
                 )
             return self.comm.broadcast(self.metrics.last_eval() if self.rank == 0 else None)
         self._resume()
+        self.start_step = self.step
         cfg = self.cfg
         if self.rank == 0:
             rundir.write_run_files(self.out, cfg, self.model.config)
@@ -177,6 +273,7 @@ class Trainer:
         t_last, n_last, waited = time.time(), 0, 0.0
         final = {}
         while self.step < cfg.train.steps:
+            self._stop_if_signalled(bar)
             hang_point(self.step + 1, self.rank)
             try:
                 t_wait = time.perf_counter()
@@ -255,6 +352,30 @@ class Trainer:
             raise FloatingPointError(f"step {step}: the loss is {float(loss)}; stopping (lower optim.lr?)")
         return loss
 
+    def _stop_if_signalled(self, bar) -> None:
+        """Between steps: when any rank got SIGTERM/SIGINT, every rank saves (unless this step's
+        checkpoint exists) and raises :class:`TrainingInterrupted`. The ranks agree through one small
+        all-reduce per step, so all stop after the same step."""
+        signum = self.comm.max_int(self.signals.received)
+        if not signum:
+            return
+        name = signal.Signals(signum).name
+        path = None
+        if self.step > self.start_step and self._saved_step != self.step:
+            self._save()
+        if self.step > 0:
+            path = os.path.join(self.ckpt_root, ckpt.step_name(self.step))
+        if bar is not None:
+            bar.close()
+        self.comm.barrier()
+        if path is None:
+            what = "before the first step; nothing to save"
+        elif self.step > self.start_step:
+            what = f"after step {self.step}; checkpoint saved: {path}; run the same command to resume"
+        else:
+            what = f"before training further (checkpoint at step {self.step} kept); run the same command to resume"
+        raise TrainingInterrupted(signum, self.step, path, f"stopped by {name} {what}")
+
     # ---- evaluation ------------------------------------------------------------------------
     def _evaluate(self, bar) -> dict:
         if not self.eval_sets:
@@ -288,6 +409,7 @@ class Trainer:
             self.engine, self.ckpt_root, self.step, self.rank, self.world, self.stream.state_dict(), meta,
             barrier=self.comm.barrier, any_rank=self.comm.any_rank, keep=self.cfg.checkpoint.keep,
         )  # fmt: skip
+        self._saved_step = self.step
 
     def _resume(self) -> None:
         path = self.resume_from
