@@ -18,6 +18,11 @@ from fastclip.comm import (
     ring_exchange,
 )
 from fastclip.distributed.clip import CLIP_DIST_IMPLS, clip_loss_distributed, clip_loss_distributed_fused
+from fastclip.distributed.family import (
+    FAMILY_DIST_IMPLS,
+    gist_loss_distributed,
+    info_nce_loss_distributed,
+)
 from fastclip.distributed.siglip import (
     SIGLIP_DIST_IMPLS,
     siglip_loss_distributed,
@@ -26,6 +31,7 @@ from fastclip.distributed.siglip import (
 
 __all__ = [
     "CLIP_DIST_IMPLS",
+    "FAMILY_DIST_IMPLS",
     "SIGLIP_DIST_IMPLS",
     "AllGather",
     "CommStats",
@@ -36,6 +42,8 @@ __all__ = [
     "clip_loss_distributed",
     "clip_loss_distributed_fused",
     "comm_stats",
+    "gist_loss_distributed",
+    "info_nce_loss_distributed",
     "group_rank_and_size",
     "reduce_scatter_rows",
     "ring_exchange",

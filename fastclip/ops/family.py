@@ -15,7 +15,9 @@ import torch
 from fastclip import _checks
 from fastclip.ops import library
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
+from fastclip.ops.family_inputs import gist_threshold
 from fastclip.ops.family_spec import FamilySpec
+from fastclip.ops.family_variants import Layout, gist_spec, info_nce_spec
 from fastclip.ops.inputs import nan_if_not_finite
 
 
@@ -95,3 +97,50 @@ def family_loss(
         return FamilyFunction.apply(
             spec.to_json(), impl, chunk_size, n_ops, scale, *operands, *ids, *guides, thr
         )
+
+
+def info_nce_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.Tensor:
+    """The fused InfoNCE of checked inputs. ``columns``: the gathered ``(Q, P, negs, q_ids, p_ids,
+    neg_ids)`` of a multi-process run (``fastclip.distributed``); None: this process's own tensors."""
+    ops = [a.q, a.p]
+    ids = [a.q_ids, a.p_ids]
+    if columns is None:
+        Q, P, N = 0, 1, []
+        for t, t_ids in zip(a.negs, a.neg_ids):
+            N.append(len(ops))
+            ops.append(t)
+            ids.append(t_ids)
+    else:
+        cq, cp, cn, cq_ids, cp_ids, cn_ids = columns
+        Q, P = len(ops), len(ops) + 1
+        ops += [cq, cp]
+        ids += [cq_ids, cp_ids]
+        N = list(range(len(ops), len(ops) + len(cn)))
+        ops += list(cn)
+        ids += list(cn_ids)
+    bank = None
+    if a.bank is not None:
+        bank = len(ops)
+        ops.append(a.bank.detach())
+        ids.append(None)
+    with_ids = (
+        frozenset(i for i, t in enumerate(ids) if t is not None) if a.q_ids is not None else frozenset()
+    )
+    lay = Layout(q=0, p=1, Q=Q, P=P, N=tuple(N), bank=bank, with_ids=with_ids, offset=offset)
+    spec = info_nce_spec(o, lay, a.q.shape[0])
+    return family_loss(spec, ops, a.scale, ids=ids, impl=a.impl, chunk_size=chunk_size)
+
+
+def gist_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.Tensor:
+    """The fused GIST loss of checked inputs; ``columns``: the gathered ``(P, negs, GP, gnegs)``."""
+    if columns is None:
+        P, N, GP, GN = a.p, a.negs, a.gp, a.gnegs
+        ops, guides = [a.q, a.p, *N], [a.gq, a.gp, *GN]
+        lay = Layout(q=0, p=1, Q=0, P=1, N=tuple(range(2, 2 + len(N))))
+    else:
+        P, N, GP, GN = columns
+        ops, guides = [a.q, a.p, P, *N], [a.gq, a.gp, GP, *GN]
+        lay = Layout(q=0, p=1, Q=0, P=2, N=tuple(range(3, 3 + len(N))), offset=offset)
+    thr = gist_threshold(a.gq, a.gp, o)
+    spec = gist_spec(o, lay, a.q.shape[0])
+    return family_loss(spec, ops, a.scale, guides=guides, thr=thr, impl=a.impl, chunk_size=chunk_size)
