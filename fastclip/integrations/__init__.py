@@ -1,0 +1,7 @@
+"""Integrations with other libraries' trainers; each lives in its own module and is imported on use.
+
+fastclip.integrations.open_clip        patch(): open_clip's loss classes replaced by fastclip's
+fastclip.integrations.open_clip_train  python -m fastclip.integrations.open_clip_train <open_clip_train arguments>
+
+Nothing is imported here: ``import fastclip`` never imports another library's trainer.
+"""
