@@ -5,14 +5,19 @@ from fastclip.loss import ClipLoss             # the module path of open_clip.lo
 from fastclip import clip_loss, siglip_loss    # functional forms
 """
 
-from fastclip.functional import clip_loss, distill_clip_loss, siglip_loss
-from fastclip.losses import ClipLoss, SigLipLoss
-from fastclip.losses_distill import CoCaLoss, DistillClipLoss
-
 __version__ = "0.1.0"
 
-# The model API is imported on first use so that `import fastclip` stays light for loss-only users.
+# Every name is imported on first use (`fastclip.X` or `from fastclip import X`), so that `import fastclip`
+# and the `fastclip` command (`fastclip --help`) do not pay for torch until something needs it.
+# name -> module that defines it
 _LAZY = {
+    "clip_loss": "fastclip.functional",
+    "distill_clip_loss": "fastclip.functional",
+    "siglip_loss": "fastclip.functional",
+    "ClipLoss": "fastclip.losses",
+    "SigLipLoss": "fastclip.losses",
+    "CoCaLoss": "fastclip.losses_distill",
+    "DistillClipLoss": "fastclip.losses_distill",
     "create_model": "fastclip.models",
     "list_models": "fastclip.models",
     "load_pretrained": "fastclip.models",
@@ -29,18 +34,14 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
     raise AttributeError(f"module 'fastclip' has no attribute {name!r}")
 
 
-__all__ = [
-    "ClipLoss",
-    "CoCaLoss",
-    "DistillClipLoss",
-    "SigLipLoss",
-    "clip_loss",
-    "distill_clip_loss",
-    "siglip_loss",
-    "__version__",
-    *_LAZY,
-]
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["__version__", *_LAZY]

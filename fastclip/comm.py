@@ -160,7 +160,22 @@ class AllGather(torch.autograd.Function):
         return reduce_scatter_rows(grad, ctx.group), None
 
 
-@torch.compiler.disable
+def _compile_disabled(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)`` that imports ``torch._dynamo`` (over a second) at the first call, not
+    at ``import fastclip``.
+
+    ``torch._disable_dynamo`` is torch's own lazy form (its wrapper lives in a file dynamo never traces);
+    the ``_torchdynamo_disable`` mark makes a trace stop at the call as at any disabled function.
+    """
+    lazy = getattr(torch, "_disable_dynamo", None)
+    if lazy is None:  # a torch without the lazy form
+        return torch.compiler.disable(fn)
+    wrapper = lazy(fn)
+    wrapper._torchdynamo_disable = True
+    return wrapper
+
+
+@_compile_disabled
 def all_gather_with_grad(t: torch.Tensor, group=None) -> torch.Tensor:
     """Differentiable all-gather: ``(n, ...)`` -> ``(W·n, ...)``; rank r's gradient is the sum over
     ranks of the gradients of its block (what ``torch.distributed.nn.all_gather`` gives).

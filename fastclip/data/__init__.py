@@ -11,25 +11,38 @@ reader), :mod:`~fastclip.data.streams` (per-rank streams on DataLoader workers),
 :mod:`~fastclip.data.write` (``fastclip data shards``).
 """
 
-from fastclip.data.common import DataError, decode_image, default_workers
-from fastclip.data.shards import expand_shards
-from fastclip.data.streams import CsvStream, WebDatasetStream, train_transform
-from fastclip.data.synthetic import SyntheticShapes, SyntheticStream, synthetic_eval_sets
-from fastclip.data.table import EvalSet, read_classnames, read_table, table_eval_set
+# Each name is imported on first use, so that `fastclip data --help` does not import torch.
+# name -> module that defines it
+_LAZY = {
+    "DataError": "fastclip.data.common",
+    "decode_image": "fastclip.data.common",
+    "default_workers": "fastclip.data.common",
+    "expand_shards": "fastclip.data.shards",
+    "CsvStream": "fastclip.data.streams",
+    "WebDatasetStream": "fastclip.data.streams",
+    "train_transform": "fastclip.data.streams",
+    "SyntheticShapes": "fastclip.data.synthetic",
+    "SyntheticStream": "fastclip.data.synthetic",
+    "synthetic_eval_sets": "fastclip.data.synthetic",
+    "EvalSet": "fastclip.data.table",
+    "read_classnames": "fastclip.data.table",
+    "read_table": "fastclip.data.table",
+    "table_eval_set": "fastclip.data.table",
+}
 
-__all__ = [
-    "CsvStream",
-    "DataError",
-    "EvalSet",
-    "SyntheticShapes",
-    "SyntheticStream",
-    "WebDatasetStream",
-    "decode_image",
-    "default_workers",
-    "expand_shards",
-    "read_classnames",
-    "read_table",
-    "synthetic_eval_sets",
-    "table_eval_set",
-    "train_transform",
-]
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastclip.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(_LAZY)

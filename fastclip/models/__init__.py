@@ -10,28 +10,50 @@ named configs, local weight loading.
 
 from __future__ import annotations
 
-from fastclip.models.configs import (
-    FLAT_OVERRIDES,
-    MODEL_CONFIGS,
-    ModelConfig,
-    TextConfig,
-    VisionConfig,
-    get_config,
-    list_models,
-)
-from fastclip.models.factory import (
-    create_model_and_transforms,
-    create_model_from_pretrained,
-    get_tokenizer,
-    list_pretrained,
-)
-from fastclip.models.hub import HubError
-from fastclip.models.model import CLIP
-from fastclip.models.openclip_format import save_open_clip
-from fastclip.models.pretrained import WeightLoadError, load_state_dict_checked, save_fastclip
-from fastclip.models.text import TextTransformer
-from fastclip.models.tokenizer import WordTokenizer, load_tokenizer
-from fastclip.models.vision import VisionTransformer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastclip.models.model import CLIP
+
+# Each name is imported on first use, so that `fastclip convert --help` does not import torch.
+# name -> module that defines it
+_LAZY = {
+    "FLAT_OVERRIDES": "fastclip.models.configs",
+    "MODEL_CONFIGS": "fastclip.models.configs",
+    "ModelConfig": "fastclip.models.configs",
+    "TextConfig": "fastclip.models.configs",
+    "VisionConfig": "fastclip.models.configs",
+    "get_config": "fastclip.models.configs",
+    "list_models": "fastclip.models.configs",
+    "create_model_and_transforms": "fastclip.models.factory",
+    "create_model_from_pretrained": "fastclip.models.factory",
+    "get_tokenizer": "fastclip.models.factory",
+    "list_pretrained": "fastclip.models.factory",
+    "HubError": "fastclip.models.hub",
+    "CLIP": "fastclip.models.model",
+    "save_open_clip": "fastclip.models.openclip_format",
+    "WeightLoadError": "fastclip.models.pretrained",
+    "load_state_dict_checked": "fastclip.models.pretrained",
+    "save_fastclip": "fastclip.models.pretrained",
+    "TextTransformer": "fastclip.models.text",
+    "WordTokenizer": "fastclip.models.tokenizer",
+    "load_tokenizer": "fastclip.models.tokenizer",
+    "VisionTransformer": "fastclip.models.vision",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastclip.models' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def create_model(name: str, **overrides) -> CLIP:
@@ -42,6 +64,9 @@ def create_model(name: str, **overrides) -> CLIP:
     text_heads; top-level: embed_dim, siglip, init_logit_scale, init_logit_bias, attn_impl,
     grad_checkpointing; nested: vision={...}, text={...}. Unknown keys raise ValueError with close matches.
     """
+    from fastclip.models.configs import get_config
+    from fastclip.models.model import CLIP
+
     return CLIP(get_config(name, **overrides))
 
 
