@@ -16,12 +16,14 @@ from fastclip.ops.amp import no_autocast
 from fastclip.ops.clip import clip_loss_fused
 from fastclip.ops.family import gist_fused, info_nce_fused
 from fastclip.ops.family_inputs import (
+    Common,
     common_options,
     gist_options,
     info_nce_options,
     prepare_gist,
     prepare_info_nce,
 )
+from fastclip.ops.family_variants import InfoNCEOptions
 from fastclip.ops.inputs import nan_if_not_finite, prepare
 from fastclip.ops.siglip import siglip_loss_fused
 from fastclip.reference import clip_loss_reference, distill_clip_loss_reference, siglip_loss_reference
@@ -190,6 +192,18 @@ def info_nce_loss(
         duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
     )  # fmt: skip
     c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    return info_nce_with_options(
+        query, positive, negatives, scale=scale, query_ids=query_ids, doc_ids=doc_ids,
+        negative_ids=negative_ids, bank=bank, options=o, common=c,
+    )  # fmt: skip
+
+
+def info_nce_with_options(
+    query, positive, negatives=None, *, scale, query_ids=None, doc_ids=None, negative_ids=None, bank=None,
+    options: InfoNCEOptions, common: Common,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`info_nce_loss` with options validated once (the modules' entry: no re-validation)."""
+    o, c = options, common
     a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
     if a.impl == "reference":
         with no_autocast(a.q.device):

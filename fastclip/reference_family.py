@@ -71,6 +71,8 @@ def info_nce_reference(
         d_ids = doc_ids if doc_ids is not None else query_ids
         A_q = all_query_ids if all_query_ids is not None else query_ids
         A_p = all_doc_ids if all_doc_ids is not None else d_ids
+        if isinstance(negative_ids, torch.Tensor):  # (n, K): one column per negative group
+            negative_ids = negative_ids.unbind(1)
         neg_ids = list(negative_ids) if negative_ids is not None else [None] * len(negatives)
         A_n = list(all_negative_ids) if all_negative_ids is not None else neg_ids
         A_docs = torch.cat([A_p] + [ids_or_unique(t, nq, nq * (k + 1)) for k, t in enumerate(A_n)])

@@ -93,9 +93,21 @@ def family_loss(
     ids = list(ids) if ids is not None else [None] * n_ops
     guides = list(guides) if guides is not None else [None] * n_ops
     assert len(ids) == n_ops and len(guides) == n_ops
+    # torch.compile refuses a tensor passed twice to one autograd.Function (pair ids shared by queries
+    # and documents, say): the no-gradient side inputs are made distinct (O(n) copies).
+    seen = {id(t) for t in operands}
+    aux = []
+    for t in [*ids, *guides]:
+        if t is not None and id(t) in seen:
+            t = t.clone()
+        if t is not None:
+            seen.add(id(t))
+        aux.append(t)
+    ids, guides = aux[:n_ops], aux[n_ops:]
+    assert len({id(t) for t in operands}) == n_ops, "an operand passed twice"
     with no_autocast(operands[0].device):
         return FamilyFunction.apply(
-            spec.to_json(), impl, chunk_size, n_ops, scale, *operands, *ids, *guides, thr
+            spec.to_text(), impl, chunk_size, n_ops, scale, *operands, *ids, *guides, thr
         )
 
 
@@ -112,9 +124,15 @@ def info_nce_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.
             ids.append(t_ids)
     else:
         cq, cp, cn, cq_ids, cp_ids, cn_ids = columns
-        Q, P = len(ops), len(ops) + 1
-        ops += [cq, cp]
-        ids += [cq_ids, cp_ids]
+        if cq is a.q:  # no block reads the gathered queries
+            Q = 0
+        else:
+            Q = len(ops)
+            ops.append(cq)
+            ids.append(cq_ids)
+        P = len(ops)
+        ops.append(cp)
+        ids.append(cp_ids)
         N = list(range(len(ops), len(ops) + len(cn)))
         ops += list(cn)
         ids += list(cn_ids)

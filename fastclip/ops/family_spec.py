@@ -19,7 +19,7 @@ row offset for gathered columns, 0 for local ones). A block says, per row, from 
 Row i's loss is ``sum_P w_P lse_P(i) - sum_j t_ij L'_ij`` with ``L'`` the shifted logits and the target
 ``t = (1 - eps) * uniform(positives_i) + eps * uniform(valid columns_i)``; the loss is the mean over
 rows (``coef``). Nothing here holds a tensor: the description is frozen, hashable and serialisable
-(the custom op takes it as a string), and the torch chunks, the Triton epilogue and every
+(the custom op takes it as a string, ``to_text``), and the torch chunks, the Triton epilogue and every
 distributed strategy consume the same one. The materialized reference in
 ``fastclip/reference_family.py`` is written from the maths in docs/design.md, not from this file.
 """
@@ -27,8 +27,7 @@ distributed strategy consume the same one. The materialized reference in
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 SHIFTS = ("none", "all", "all_but_own", "own_only")
 
@@ -73,8 +72,32 @@ class FamilySpec:
         assert sum(b.positive for b in self.blocks) >= 1, "a loss needs a positive block"
         assert self.duplicates in ("ignore", "positive")
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+    def to_text(self) -> str:
+        """A compact text form (the custom op's argument). Plain ``str``/``join`` of the fields, which
+        ``torch.compile`` traces (``json.dumps`` it does not); ``str(float)`` round-trips exactly."""
+        blocks = ";".join(
+            ",".join(
+                (
+                    str(b.row),
+                    str(b.col),
+                    str(b.part),
+                    str(int(b.local)),
+                    str(int(b.own)),
+                    str(int(b.positive)),
+                    str(int(b.positive_capable)),
+                    str(int(b.exclude_own)),
+                    b.shift,
+                    str(int(b.ids)),
+                    str(int(b.guide)),
+                )
+            )  # fmt: skip
+            for b in self.blocks
+        )
+        head = "|".join(
+            (":".join(str(float(w)) for w in self.weights), str(self.offset), str(float(self.coef)),
+             str(float(self.hardness)), str(float(self.smoothing)), self.duplicates)
+        )  # fmt: skip
+        return head + "|" + blocks
 
     @property
     def n_parts(self) -> int:
@@ -82,7 +105,16 @@ class FamilySpec:
 
 
 @functools.lru_cache(maxsize=256)
-def spec_from_json(text: str) -> FamilySpec:
-    d = json.loads(text)
-    blocks = tuple(Block(**b) for b in d.pop("blocks"))
-    return FamilySpec(blocks=blocks, weights=tuple(d.pop("weights")), **d)
+def spec_from_text(text: str) -> FamilySpec:
+    weights, offset, coef, hardness, smoothing, duplicates, blocks = text.split("|")
+    parsed = []
+    for item in blocks.split(";"):
+        row, col, part, local, own, pos, cap, excl, shift, ids, guide = item.split(",")
+        parsed.append(
+            Block(int(row), int(col), int(part), local == "1", own == "1", pos == "1", cap == "1", excl == "1",
+                  shift, ids == "1", guide == "1")
+        )  # fmt: skip
+    return FamilySpec(
+        blocks=tuple(parsed), weights=tuple(float(w) for w in weights.split(":")), offset=int(offset),
+        coef=float(coef), hardness=float(hardness), smoothing=float(smoothing), duplicates=duplicates,
+    )  # fmt: skip

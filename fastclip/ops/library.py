@@ -136,9 +136,9 @@ def _siglip_block_fake(x, y, scale, bias, offset, need_grad, impl, chunk_size):
 def family_impl(spec_json, ts, ids, guides, thr, scale, need, need_scale, impl, chunk_size):
     """The eager body of ``family``: ``[loss, ds, *grads]`` (an empty ``(0,)`` tensor where an operand
     needs no gradient), in the accumulation dtype."""
-    from fastclip.ops.family_spec import spec_from_json
+    from fastclip.ops.family_spec import spec_from_text
 
-    spec = spec_from_json(spec_json)
+    spec = spec_from_text(spec_json)
     if impl == "triton":
         from fastclip.kernels.family import family_triton
 

@@ -1,0 +1,95 @@
+"""``InfoNCELoss``: the contrastive family as a module. It holds validated flags and calls one entry.
+
+The options are checked once, at construction, into frozen objects; ``forward`` passes them to
+``fastclip.functional.info_nce_with_options`` (one process) or
+``fastclip.distributed.info_nce_loss_distributed`` (``distributed=True``: this rank's rows against every
+rank's columns). A learnable temperature: pass ``scale`` as a tensor to ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastclip import _checks
+from fastclip.functional import info_nce_with_options
+from fastclip.ops.family_inputs import common_options, info_nce_options
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE / multiple-negatives ranking loss with hard negatives, directions, duplicate masks,
+    hardness weighting, label smoothing and a no-gradient bank (:func:`fastclip.info_nce_loss`).
+
+    ``forward(query, positive, negatives=None, *, scale=None, query_ids=None, doc_ids=None,
+    negative_ids=None, bank=None)`` -> 0-dim loss; ``scale=None`` uses the constructor's ``scale``.
+    """
+
+    def __init__(
+        self,
+        scale: float = 20.0,
+        similarity: str = "cos",
+        directions=("query_to_doc",),
+        partition: str = "joint",
+        hardness: str | None = None,
+        hardness_strength: float = 0.0,
+        duplicates: str = "ignore",
+        label_smoothing: float = 0.0,
+        *,
+        distributed: bool = False,
+        group=None,
+        dist_impl: str = "gather",
+        impl: str = "auto",
+        chunk_size: int | None = None,
+        check_finite: bool = False,
+    ):
+        super().__init__()
+        self.options = info_nce_options(
+            directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
+            duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
+        )  # fmt: skip
+        self.common = common_options(
+            impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=not distributed
+        )
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"scale: expected a positive float, got {scale!r}")
+        self.scale = float(scale)
+        self.distributed = _checks.check_bool("distributed", distributed)
+        self.group = group
+        self.dist_impl = dist_impl
+
+    def forward(
+        self,
+        query,
+        positive,
+        negatives=None,
+        *,
+        scale=None,
+        query_ids=None,
+        doc_ids=None,
+        negative_ids=None,
+        bank=None,
+    ) -> torch.Tensor:
+        scale = self.scale if scale is None else scale
+        if self.distributed:
+            from fastclip.distributed.family import info_nce_loss_distributed
+
+            o, c = self.options, self.common
+            return info_nce_loss_distributed(
+                query, positive, negatives, scale=scale, similarity=o.similarity, directions=o.directions,
+                partition=o.partition, hardness=o.hardness, hardness_strength=o.hardness_strength,
+                query_ids=query_ids, doc_ids=doc_ids, negative_ids=negative_ids, duplicates=o.duplicates,
+                label_smoothing=o.label_smoothing, bank=bank, group=self.group, dist_impl=self.dist_impl,
+                impl=c.impl, chunk_size=c.chunk_size, check_finite=c.check_finite,
+            )  # fmt: skip
+        return info_nce_with_options(
+            query, positive, negatives, scale=scale, query_ids=query_ids, doc_ids=doc_ids,
+            negative_ids=negative_ids, bank=bank, options=self.options, common=self.common,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (
+            f"scale={self.scale}, similarity={o.similarity!r}, directions={o.directions}, partition={o.partition!r}, "
+            f"hardness={o.hardness!r}, hardness_strength={o.hardness_strength}, duplicates={o.duplicates!r}, "
+            f"label_smoothing={o.label_smoothing}, distributed={self.distributed}"
+        )

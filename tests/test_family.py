@@ -1,0 +1,437 @@
+"""The contrastive family (info_nce_loss, gist_loss, InfoNCELoss) against its materialized float64
+reference (fastclip/reference_family.py): every option and their combinations, the torch chunks and
+the Triton kernels (interpreter), 16-bit budgets, autocast, torch.compile, memory, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from utils import ABS_FLOOR, LargestOutput, assert_within_budget, max_err
+
+import fastclip.functional as FF
+from fastclip.losses_family import InfoNCELoss
+from fastclip.ops.dispatch import triton_available
+from fastclip.reference_family import gist_reference, info_nce_reference
+
+ALL_DIRS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+DIRECTION_SETS = [
+    ("query_to_doc",),
+    ("query_to_doc", "query_to_query"),
+    ("query_to_doc", "doc_to_query"),
+    ("query_to_doc", "doc_to_doc"),
+    ALL_DIRS,
+]
+HARDNESS = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+needs_triton = pytest.mark.skipif(
+    not triton_available(torch.device("cpu")), reason="needs TRITON_INTERPRET=1"
+)
+
+
+def _inputs(n, d, k, dtype=torch.float64, seed=0, bank=0):
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(k + 2)]
+    b = torch.randn(bank, d, generator=g, dtype=torch.float64) if bank else None
+    ids = torch.randint(0, max(2, n // 3), (n,), generator=g)
+    neg_ids = torch.randint(0, max(2, n // 3), (n, k), generator=g) if k else None
+    return [t.to(dtype) for t in ts], (None if b is None else b.to(dtype)), ids, neg_ids
+
+
+def _grads(fn, ts, scale=None):
+    leaves = [t.detach().clone().requires_grad_() for t in ts]
+    extra = []
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().clone().requires_grad_()
+        extra = [scale]
+    loss = fn(leaves, scale)
+    grads = torch.autograd.grad(loss, leaves + extra)
+    return loss.detach(), list(grads)
+
+
+def _ref(ts, bank, kw, scale):
+    q, p, *negs = ts
+    return info_nce_reference(q, p, negs, bank=bank, scale=scale, **kw)
+
+
+def _fused(ts, bank, kw, scale, **impl_kw):
+    q, p, *negs = ts
+    return FF.info_nce_loss(q, p, negs, bank=bank, scale=scale, **kw, **impl_kw)
+
+
+def _all_cases():
+    cases = []
+    for dirs, part, hard, k in itertools.product(
+        DIRECTION_SETS, ("joint", "per_direction"), HARDNESS, (0, 2)
+    ):
+        if part == "per_direction" and set(dirs) & {"query_to_query", "doc_to_doc"}:
+            continue
+        cases.append((dict(directions=dirs, partition=part, hardness=hard, hardness_strength=2.5), k, False))
+    for dup, eps, k, bank in itertools.product(("ignore", "positive"), (0.0, 0.15), (0, 2), (False, True)):
+        kw = dict(directions=ALL_DIRS, duplicates=dup, label_smoothing=eps, ids=True)
+        cases.append((kw, k, bank))
+    cases.append((dict(similarity="dot", hardness="all_negatives", hardness_strength=1.0), 1, True))
+    return cases
+
+
+def _materialize(kw, ids, neg_ids):
+    kw = dict(kw)
+    if kw.pop("ids", False):
+        kw.update(query_ids=ids, negative_ids=neg_ids)
+    return kw
+
+
+@pytest.mark.parametrize("kw,k,bank", _all_cases())
+def test_torch_equals_float64_reference(kw, k, bank):
+    ts, b, ids, neg_ids = _inputs(11, 6, k, bank=5 if bank else 0)
+    kw = _materialize(kw, ids, neg_ids)
+    scale = torch.tensor(4.0, dtype=torch.float64)
+    want = _grads(lambda t, s: _ref(t, b, kw, s), ts, scale)
+    got = _grads(lambda t, s: _fused(t, b, kw, s, impl="torch", chunk_size=4), ts, scale)
+    for name, a, w in zip(
+        ["loss", "query", "positive", *[f"neg{i}" for i in range(k)], "scale"],
+        [got[0], *got[1]],
+        [want[0], *want[1]],
+    ):
+        err, where = max_err(a, w)
+        assert err <= 1e-10, f"{name}: max |diff| {err:.2e} at {where}"
+
+
+def test_reference_is_sentence_transformers_mnrl():
+    """The reference's definition is the one sentence-transformers users train with."""
+    st = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    ts, _, _, _ = _inputs(7, 5, 2)
+    for dirs, part, hard in [
+        (ALL_DIRS, "joint", "in_batch_negatives"),
+        (("query_to_doc", "doc_to_query"), "per_direction", "hard_negatives"),
+    ]:
+        mnrl = st.MultipleNegativesRankingLoss(
+            None, scale=9.0, directions=dirs, partition_mode=part, hardness_mode=hard, hardness_strength=1.5
+        )
+        want = mnrl.compute_loss_from_embeddings(ts, None)
+        got = _ref(ts, None, dict(directions=dirs, partition=part, hardness=hard, hardness_strength=1.5), 9.0)
+        assert abs(float(want) - float(got)) < 1e-12
+
+
+def _gist_case(n=9, d=6, dg=4, neg=True, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3 if neg else 2)]
+    gs = [torch.randn(n, dg, generator=g, dtype=torch.float64) for _ in ts]
+    # a duplicate pair: the guide sees rows 0 and 1 as the same text
+    gs[0][1] = gs[0][0]
+    gs[1][1] = gs[1][0]
+    return ts, gs
+
+
+def _gist(fn, ts, gs, kw):
+    q, p, *rest = ts
+    return fn(
+        q, p, rest[0] if rest else None, guide_query=gs[0], guide_positive=gs[1],
+        guide_negative=gs[2] if rest else None, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["absolute", "relative"])
+@pytest.mark.parametrize("anchors,positives", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("neg", [True, False])
+def test_gist_equals_reference(strategy, anchors, positives, neg):
+    ts, gs = _gist_case(neg=neg)
+    kw = dict(
+        temperature=0.05,
+        margin_strategy=strategy,
+        margin=0.1,
+        contrast_anchors=anchors,
+        contrast_positives=positives,
+    )
+    want = _grads(lambda t, _: _gist(gist_reference, t, gs, kw), ts)
+    got = _grads(lambda t, _: _gist(FF.gist_loss, t, gs, dict(kw, impl="torch", chunk_size=4)), ts)
+    for a, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+        assert max_err(a, w)[0] <= 1e-9
+
+
+TRITON_CASES = [
+    (dict(), 0, False),
+    (dict(directions=ALL_DIRS, hardness="in_batch_negatives", hardness_strength=2.0), 2, False),
+    (
+        dict(
+            directions=("query_to_doc", "doc_to_query"),
+            partition="per_direction",
+            hardness="hard_negatives",
+            hardness_strength=2.0,
+        ),
+        2,
+        False,
+    ),
+    (
+        dict(
+            directions=ALL_DIRS,
+            duplicates="positive",
+            label_smoothing=0.1,
+            ids=True,
+            hardness="all_negatives",
+            hardness_strength=1.0,
+        ),
+        1,
+        True,
+    ),
+    (dict(directions=ALL_DIRS, duplicates="ignore", ids=True), 2, True),
+]
+
+
+@needs_triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kw,k,bank", TRITON_CASES)
+def test_triton_within_budget(kw, k, bank, dtype):
+    n, d = 37, 9  # not a multiple of any block
+    ts64, b64, ids, neg_ids = _inputs(n, d, k, bank=20 if bank else 0, seed=5)
+    kw = _materialize(kw, ids, neg_ids)
+    truth = _grads(lambda t, s: _ref(t, b64, kw, s), ts64, 6.0)
+    ts = [t.to(dtype) for t in ts64]
+    b = None if b64 is None else b64.to(dtype)
+    ref_same = _grads(
+        lambda t, s: _ref(
+            [x.float() if dtype != torch.float32 else x for x in t],
+            b if b is None or dtype == torch.float32 else b.float(),
+            kw,
+            s,
+        ),
+        ts,
+        6.0,
+    )
+    got = _grads(lambda t, s: _fused(t, b, kw, s, impl="triton"), ts, 6.0)
+    torch_got = _grads(lambda t, s: _fused(t, b, kw, s, impl="torch"), ts, 6.0)
+    for i, (a, r, w, tg) in enumerate(
+        zip(
+            [got[0], *got[1]],
+            [ref_same[0], *ref_same[1]],
+            [truth[0], *truth[1]],
+            [torch_got[0], *torch_got[1]],
+        )
+    ):
+        assert_within_budget(f"triton output {i}", a, tg, w, dtype)
+
+
+@needs_triton
+@pytest.mark.interpreter
+def test_triton_gist_equals_torch():
+    ts, gs = _gist_case(n=21)
+    ts = [t.float() for t in ts]
+    kw = dict(temperature=0.05, margin=0.05)
+    a = _grads(lambda t, _: _gist(FF.gist_loss, t, gs, dict(kw, impl="torch")), ts)
+    b = _grads(lambda t, _: _gist(FF.gist_loss, t, gs, dict(kw, impl="triton")), ts)
+    for x, y in zip([a[0], *a[1]], [b[0], *b[1]]):
+        assert max_err(x, y)[0] <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_inputs_within_budget(dtype):
+    ts64, b64, ids, neg_ids = _inputs(40, 16, 2, bank=8, seed=2)
+    kw = dict(
+        directions=ALL_DIRS,
+        hardness="all_negatives",
+        hardness_strength=1.0,
+        query_ids=ids,
+        label_smoothing=0.05,
+    )
+    truth = _grads(lambda t, s: _ref(t, b64, kw, s), ts64, 10.0)
+    ts = [t.to(dtype) for t in ts64]
+    same = _grads(lambda t, s: _ref(t, b64.to(dtype), kw, s), ts, 10.0)
+    got = _grads(lambda t, s: _fused(t, b64.to(dtype), kw, s, impl="torch"), ts, 10.0)
+    assert got[0].dtype == torch.float32 and all(g.dtype == dtype for g in got[1][:-1])
+    for i, (a, r, w) in enumerate(zip([got[0], *got[1]], [same[0], *same[1]], [truth[0], *truth[1]])):
+        assert_within_budget(f"output {i}", a, r, w, dtype)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_autocast_bf16_mixed_dtypes(inside):
+    """A bf16 query tower beside an fp32 document tower under CPU autocast; backward inside or outside."""
+    ts64, _, _, _ = _inputs(24, 8, 1, seed=4)
+    w = torch.randn(8, 8, dtype=torch.float64)
+    truth = _grads(lambda t, s: _ref([t[0] @ w, t[1], t[2]], None, {}, 20.0), ts64)
+    q, p, neg = (t.float().requires_grad_() for t in ts64)
+    lin = torch.nn.Linear(8, 8, bias=False)
+    lin.weight.data = w.T.float().contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qe = lin(q)  # bf16 under autocast
+        assert qe.dtype == torch.bfloat16
+        loss = FF.info_nce_loss(qe, p, [neg])
+        if inside:
+            loss.backward()
+    if not inside:
+        loss.backward()
+    assert loss.dtype == torch.float32
+    for name, a, t in zip(["loss", "q", "p", "neg"], [loss, q.grad, p.grad, neg.grad], [truth[0], *truth[1]]):
+        err, where = max_err(a, t)
+        assert err <= 0.05 * max(1.0, float(t.abs().max())), f"{name}: {err:.3e} at {where}"
+
+
+def test_mixed_dtypes_outside_autocast_raise():
+    q = torch.randn(4, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="positive: expected dtype torch.bfloat16"):
+        FF.info_nce_loss(q, torch.randn(4, 3))
+
+
+def test_compile_fullgraph_matches_eager():
+    ts, _, ids, _ = _inputs(16, 8, 1, dtype=torch.float32, seed=6)
+    kw = dict(directions=ALL_DIRS, hardness="in_batch_negatives", hardness_strength=1.0, query_ids=ids)
+
+    def step(q, p, n, s):
+        return FF.info_nce_loss(q, p, [n], scale=s, impl="torch", **kw)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    s = torch.tensor(8.0)
+    eager = _grads(lambda t, sc: step(*t, sc), ts, s)
+    comp = _grads(lambda t, sc: compiled(*t, sc), ts, s)
+    for a, b in zip([eager[0], *eager[1]], [comp[0], *comp[1]]):
+        assert max_err(a, b)[0] <= 1e-5
+
+
+def test_no_tensor_of_n_by_N_elements_and_bank_gets_no_gradient():
+    n, d, k, m, chunk = 512, 16, 1, 256, 32
+    ts, b, ids, _ = _inputs(n, d, k, dtype=torch.float32, bank=m)
+    width = n * (1 + k) + m + n + n + n * (1 + k)  # every block of all four directions
+    q, p, neg = (t.requires_grad_() for t in ts)
+    bank = b.requires_grad_()  # even a bank that requires grad gets none: it is detached by definition
+    with LargestOutput() as mode:
+        loss = FF.info_nce_loss(
+            q,
+            p,
+            [neg],
+            bank=bank,
+            directions=ALL_DIRS,
+            query_ids=ids,
+            label_smoothing=0.1,
+            impl="torch",
+            chunk_size=chunk,
+        )
+        loss.backward()
+    assert mode.largest <= chunk * max(n * (1 + k), m) + n * d * 4, (
+        f"largest tensor {mode.largest} > one chunk"
+    )
+    assert mode.largest < n * width // 4
+    assert bank.grad is None
+    with LargestOutput() as ref:
+        _ref([q.detach(), p.detach(), neg.detach()], bank.detach(), dict(directions=ALL_DIRS), 20.0)
+    assert ref.largest >= n * n * (1 + k)  # the instrument sees the materialized matrix
+
+
+def test_module_equals_functional_and_scale_gradient():
+    ts, _, _, _ = _inputs(10, 5, 1, dtype=torch.float32)
+    mod = InfoNCELoss(scale=7.0, directions=("query_to_doc", "doc_to_query"), partition="per_direction")
+    s = torch.tensor(7.0, requires_grad=True)
+    a = mod(ts[0], ts[1], [ts[2]], scale=s)
+    b = FF.info_nce_loss(
+        ts[0],
+        ts[1],
+        [ts[2]],
+        scale=7.0,
+        directions=("query_to_doc", "doc_to_query"),
+        partition="per_direction",
+    )
+    assert torch.allclose(a, b)
+    a.backward()
+    ref = _grads(
+        lambda t, sc: _ref(
+            t, None, dict(directions=("query_to_doc", "doc_to_query"), partition="per_direction"), sc
+        ),
+        [t.double() for t in ts],
+        torch.tensor(7.0, dtype=torch.float64),
+    )
+    assert abs(float(s.grad) - float(ref[1][-1])) < 1e-5
+    assert "per_direction" in repr(mod)
+
+
+def test_negatives_as_one_tensor_equal_the_list():
+    ts, _, _, _ = _inputs(6, 4, 3, dtype=torch.float32)
+    a = FF.info_nce_loss(ts[0], ts[1], ts[2:])
+    b = FF.info_nce_loss(ts[0], ts[1], torch.stack(ts[2:], 1))
+    assert torch.equal(a, b)
+
+
+def test_non_finite_inputs_give_nan_or_raise():
+    ts, _, _, _ = _inputs(6, 4, 1, dtype=torch.float32)
+    ts[2][3, 1] = float("nan")
+    assert torch.isnan(FF.info_nce_loss(ts[0], ts[1], [ts[2]], similarity="dot"))
+    with pytest.raises(ValueError, match=r"negatives\[0\]: expected finite values"):
+        FF.info_nce_loss(ts[0], ts[1], [ts[2]], check_finite=True)
+
+
+def test_second_derivative_refused():
+    q = torch.randn(4, 3, requires_grad=True)
+    loss = FF.info_nce_loss(q, torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss, q, create_graph=True)[0].sum().backward()
+
+
+BAD = [
+    (dict(negatives=[torch.randn(5, 3)]), ValueError, r"negatives\[0\]: expected shape \(4, 3\)"),
+    (dict(negatives=torch.randn(4, 2)), ValueError, "negatives: expected a \\(n, K, D\\) tensor"),
+    (dict(query_ids=torch.zeros(3, dtype=torch.long)), ValueError, r"query_ids: expected shape \(4,\)"),
+    (dict(query_ids=torch.zeros(4)), TypeError, "query_ids: expected an integer tensor"),
+    (
+        dict(doc_ids=torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        "query_ids: expected an integer tensor when doc_ids",
+    ),
+    (
+        dict(negative_ids=torch.zeros(4, 1, dtype=torch.long)),
+        ValueError,
+        "negative_ids: given without negatives",
+    ),
+    (
+        dict(directions=("query_to_doc", "query_to_query"), partition="per_direction"),
+        ValueError,
+        "partition: 'per_direction'",
+    ),
+    (dict(directions=("doc_to_query",)), ValueError, "directions: expected 'query_to_doc'"),
+    (dict(directions=("query_to_doc", "sideways")), ValueError, "directions: expected one of"),
+    (dict(directions="query_to_doc"), TypeError, "directions: expected a tuple"),
+    (
+        dict(hardness="in_batch_negatives", hardness_strength=-1.0),
+        ValueError,
+        "hardness_strength: expected a value in",
+    ),
+    (dict(hardness="hardest"), ValueError, "hardness: expected one of"),
+    (dict(label_smoothing=1.0), ValueError, r"label_smoothing: expected a value in \[0.0, 1.0\)"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(duplicates="merge"), ValueError, "duplicates: expected one of"),
+    (dict(similarity="l2"), ValueError, "similarity: expected one of"),
+    (dict(scale=0.0), ValueError, "scale: expected a value in"),
+    (dict(scale=True), TypeError, "scale"),
+    (dict(bank=torch.randn(5, 2)), ValueError, "bank: expected feature dim 3"),
+    (dict(impl="fast"), ValueError, "impl: expected one of"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,msg", BAD)
+def test_bad_input_names_the_argument(kw, exc, msg):
+    kw = dict(kw)
+    negatives = kw.pop("negatives", None)
+    with pytest.raises(exc, match=msg):
+        FF.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), negatives, **kw)
+
+
+def test_bad_module_and_gist_arguments():
+    with pytest.raises(ValueError, match="scale: expected a positive float"):
+        InfoNCELoss(scale=-1.0)
+    with pytest.raises(ValueError, match="partition"):
+        InfoNCELoss(partition="both")
+    q = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="margin_strategy"):
+        FF.gist_loss(q, q, guide_query=q, guide_positive=q, margin_strategy="ratio")
+    with pytest.raises(ValueError, match="guide_negative: expected exactly when negative"):
+        FF.gist_loss(q, q, q, guide_query=q, guide_positive=q)
+    with pytest.raises(ValueError, match="temperature"):
+        FF.gist_loss(q, q, guide_query=q, guide_positive=q, temperature=0.0)
+    with pytest.raises(ValueError, match="guide_positive: expected 4 rows"):
+        FF.gist_loss(q, q, guide_query=q, guide_positive=q[:2])
+
+
+def test_reference_impl_is_offered():
+    ts, _, _, _ = _inputs(5, 3, 0, dtype=torch.float32)
+    a = FF.info_nce_loss(ts[0], ts[1], impl="reference")
+    b = FF.info_nce_loss(ts[0], ts[1], impl="torch")
+    assert abs(float(a) - float(b)) < 1e-5
+    assert ABS_FLOOR  # budgets shared with the other loss tests
