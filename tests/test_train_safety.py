@@ -24,7 +24,7 @@ from fastclip.train.config import Config, ConfigError, load_config
 
 MODEL = json.dumps({"patch_size": 8, "vision_depth": 1, "text_depth": 1})
 # a tiny run long enough to be signalled mid-way (~40 ms a step at batch 16, one thread)
-STEPS = 150
+STEPS = 100
 RUN = ["--train.steps", str(STEPS), "--train.batch_size", "16", "--model.overrides", MODEL]
 RUN += ["--eval.every", "0", "--data.eval_size", "32", "--log.every", "1"]
 RUN += ["--log.progress", "false", "--log.plot", "false", "--checkpoint.export", "false"]
@@ -174,19 +174,75 @@ def test_sigint_saves_with_status_130_and_records_the_thread_default(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_signal_exits_at_once(tmp_path):
+    """A step that never ends (the test hook hangs step 3, as a stuck collective would): the first
+    SIGTERM waits for the step, the second leaves at once with status 143 and no checkpoint."""
     out = str(tmp_path / "run")
-    proc = _start(_cmd(out))
+    proc = subprocess.Popen(
+        _cmd(out), env={**_env(), "FASTCLIP_TEST_HANG": "3:0"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         _wait_for_step(proc, out, 2)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the first signal waits for the step to end"
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, stderr[-3000:]
-    assert "second SIGTERM: exiting now, no checkpoint" in stderr
+    assert "fastclip: second SIGTERM: exiting now, no checkpoint" in stderr
     assert not os.path.lexists(os.path.join(out, "checkpoints", "latest")), "no checkpoint on a second signal"
+
+
+def _worker_pid(agent_pid: int, rank: int, timeout=60) -> int:
+    """The pid of the torchrun worker with RANK=rank (a child of the agent), from /proc."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            kids = open(f"/proc/{agent_pid}/task/{agent_pid}/children").read().split()
+        except OSError:
+            kids = []
+        for kid in kids:
+            try:
+                env = open(f"/proc/{kid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(kid)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank} under pid {agent_pid}")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_agree_to_stop_when_one_is_signalled(tmp_path):
+    """SIGTERM to rank 1 alone (rank 0 writes the manifest and `latest`): both ranks stop after the
+    same step through the per-step agreement, the checkpoint is complete, nothing hangs."""
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        pytest.skip("this kernel has no /proc/PID/task/PID/children to find the worker's pid")
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "fastclip.cli", "train", "--output-dir", out, *RUN, "--train.threads", "1"]
+    proc = _start(cmd)
+    try:
+        rank1 = _worker_pid(proc.pid, 1)
+        _wait_for_step(proc, out, 3)
+        os.kill(rank1, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, "torchrun reports the stopped workers"
+    # torchrun prints its own ChildFailedError report; the workers print no traceback
+    assert "exitcode  : 143" in stderr and not re.search(r"exitcode\s*: (?!143)", stderr), stderr[-3000:]
+    assert "fastclip/train/" not in stderr, stderr[-3000:]
+    (line,) = [x for x in stderr.splitlines() if "fastclip train: stopped by SIGTERM after step" in x]
+    step = int(line.split("after step ")[1].split(";")[0])
+    meta = ckpt.verify(ckpt.find_latest(os.path.join(out, "checkpoints")))
+    assert meta["step"] == step and meta["world_size"] == 2
+    assert max(_losses(out)) == step, "no rank trained past the agreed step"
 
 
 def test_cpu_threads_do_not_follow_the_load(monkeypatch):
