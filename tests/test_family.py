@@ -189,27 +189,12 @@ def test_triton_within_budget(kw, k, bank, dtype):
     truth = _grads(lambda t, s: _ref(t, b64, kw, s), ts64, 6.0)
     ts = [t.to(dtype) for t in ts64]
     b = None if b64 is None else b64.to(dtype)
-    ref_same = _grads(
-        lambda t, s: _ref(
-            [x.float() if dtype != torch.float32 else x for x in t],
-            b if b is None or dtype == torch.float32 else b.float(),
-            kw,
-            s,
-        ),
-        ts,
-        6.0,
-    )
+    # the materialized loss computed in the same dtype sets the budget (err <= 2 x its error + floor)
+    ref_same = _grads(lambda t, s: _ref(t, b, kw, s), ts, 6.0)
     got = _grads(lambda t, s: _fused(t, b, kw, s, impl="triton"), ts, 6.0)
-    torch_got = _grads(lambda t, s: _fused(t, b, kw, s, impl="torch"), ts, 6.0)
-    for i, (a, r, w, tg) in enumerate(
-        zip(
-            [got[0], *got[1]],
-            [ref_same[0], *ref_same[1]],
-            [truth[0], *truth[1]],
-            [torch_got[0], *torch_got[1]],
-        )
-    ):
-        assert_within_budget(f"triton output {i}", a, tg, w, dtype)
+    outputs = zip([got[0], *got[1]], [ref_same[0], *ref_same[1]], [truth[0], *truth[1]])
+    for i, (a, r, w) in enumerate(outputs):
+        assert_within_budget(f"triton output {i}", a, r, w, dtype)
 
 
 @needs_triton
