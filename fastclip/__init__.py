@@ -3,6 +3,7 @@
 from fastclip import ClipLoss, SigLipLoss      # drop-in for open_clip's classes (also DistillClipLoss, CoCaLoss)
 from fastclip.loss import ClipLoss             # the module path of open_clip.loss
 from fastclip import clip_loss, siglip_loss    # functional forms
+from fastclip import info_nce_loss, InfoNCELoss  # the contrastive family: hard negatives, directions, ids, ...
 """
 
 __version__ = "0.1.0"
@@ -14,6 +15,9 @@ _LAZY = {
     "clip_loss": "fastclip.functional",
     "distill_clip_loss": "fastclip.functional",
     "siglip_loss": "fastclip.functional",
+    "info_nce_loss": "fastclip.functional",
+    "gist_loss": "fastclip.functional",
+    "InfoNCELoss": "fastclip.losses_family",
     "ClipLoss": "fastclip.losses",
     "SigLipLoss": "fastclip.losses",
     "CoCaLoss": "fastclip.losses_distill",
@@ -27,6 +31,8 @@ _LAZY = {
     "list_pretrained": "fastclip.models",
     "clip_loss_distributed": "fastclip.distributed",
     "siglip_loss_distributed": "fastclip.distributed",
+    "info_nce_loss_distributed": "fastclip.distributed",
+    "gist_loss_distributed": "fastclip.distributed",
 }
 
 
