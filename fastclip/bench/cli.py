@@ -59,7 +59,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_command", metavar="{loss,train,report,data}")
+    sub = parser.add_subparsers(dest="bench_command", metavar="{loss,train,report,data,st}")
     p = sub.add_parser("loss", help="loss forward/backward: time, memory, TFLOP/s per provider")
     p.add_argument("--providers", type=_str_list, help="comma list of fastclip-triton, fastclip-torch, reference, "
                    "open_clip, inf_cl (default: the machine's built-in set; unavailable ones are skipped)")  # fmt: skip
@@ -104,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_arguments(d)
 
+    s = sub.add_parser(
+        "st", help="sentence-transformers' MNRL / cached MNRL loss stage vs fastclip's drop-in: time, memory"
+    )
+    from fastclip.bench.st import add_arguments as add_st_arguments
+
+    add_st_arguments(s)
+
 
 def run(args: argparse.Namespace) -> int:
     cmd = getattr(args, "bench_command", None)
@@ -115,12 +122,16 @@ def run(args: argparse.Namespace) -> int:
         from fastclip.bench.train_cli import run_train
 
         return run_train(args)
+    if cmd == "st":
+        from fastclip.bench.st import run_from_args
+
+        return run_from_args(args)
     if cmd == "data":
         from fastclip.bench.data import run_data
 
         return run_data(args)
     print(
-        "usage: fastclip bench {loss,train,report,data} [options]  (fastclip bench loss --help)",
+        "usage: fastclip bench {loss,train,report,data,st} [options]  (fastclip bench loss --help)",
         file=sys.stderr,
     )
     return 2
