@@ -70,7 +70,10 @@ def info_nce_reference(
     if use_ids:
         d_ids = doc_ids if doc_ids is not None else query_ids
         A_q = all_query_ids if all_query_ids is not None else query_ids
-        A_p = all_doc_ids if all_doc_ids is not None else d_ids
+        if all_doc_ids is not None:
+            A_p = all_doc_ids
+        else:  # pair ids: a document carries its query's id
+            A_p = A_q if doc_ids is None else d_ids
         if isinstance(negative_ids, torch.Tensor):  # (n, K): one column per negative group
             negative_ids = negative_ids.unbind(1)
         neg_ids = list(negative_ids) if negative_ids is not None else [None] * len(negatives)
