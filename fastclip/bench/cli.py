@@ -71,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss",
         type=_str_list,
-        help="clip,siglip; or distill (DistillClipLoss vs open_clip's, fastclip.bench.distill)",
+        help="clip,siglip; or distill (DistillClipLoss vs open_clip's, fastclip.bench.distill); or mnrl "
+        "(info_nce_loss vs the materialized MultipleNegativesRankingLoss maths, fastclip.bench.family)",
+    )
+    from fastclip.bench.family import negatives_list
+
+    p.add_argument(
+        "--negatives", type=negatives_list, help="with --loss mnrl: hard negatives per row (default 0,1,7)"
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--warmup", type=int, help="warm-up iterations per run (one long iteration suffices)")
@@ -138,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_loss(args: argparse.Namespace) -> int:
+    if args.loss and "mnrl" in args.loss:  # the contrastive family: fused InfoNCE vs materialized MNRL
+        from fastclip.bench.family import run_from_loss_args as run_family
+
+        return run_family(args)
     if args.loss and "distill" in args.loss:  # the distillation loss has its own runner (other inputs)
         from fastclip.bench.distill import run_from_loss_args
 
