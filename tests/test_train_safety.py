@@ -376,6 +376,31 @@ def test_read_only_output_dir_is_one_line_naming_the_path(read_only_dir, sub, ca
     assert not dist.is_initialized(), "refused before any process group starts"
 
 
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_run_is_one_line(tmp_path):
+    """metrics.jsonl cannot be appended (ENOSPC on a tiny tmpfs): one error line naming the file."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    d = tmp_path / "small"
+    d.mkdir()
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True, text=True
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    try:
+        free = os.statvfs(d).f_bavail * os.statvfs(d).f_frsize
+        with open(d / "filler", "wb") as f:  # leave 6 pages: the run files fit, 100 metrics rows do not
+            f.write(b"\0" * max(0, free - 24 * 1024))
+        p = _run(_cmd(str(d / "run")))
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True)
+    assert p.returncode == 1, (p.stdout + p.stderr)[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    (line,) = _lines(p.stderr)
+    assert "No space left on device" in line and str(d / "run") in line, line
+
+
 # ---- configs -------------------------------------------------------------------------------------
 
 

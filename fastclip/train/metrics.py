@@ -65,8 +65,11 @@ class MetricsLog:
             return
         row = {k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in row.items()}
         self.history.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as exc:  # a full or read-only disk: the error names the file (a write's does not)
+            raise OSError(exc.errno, exc.strerror, self.path) from None
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):

@@ -241,12 +241,18 @@ def write_run_files(out: str, cfg, model_config) -> None:
 
     import yaml
 
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     mc = (
         dataclasses.asdict(model_config)
         if dataclasses.is_dataclass(model_config)
         else dict(vars(model_config))
     )
-    with open(os.path.join(out, "model_config.json"), "w") as f:
-        json.dump(mc, f, indent=1)
+    for name, text in (
+        ("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
+        ("model_config.json", json.dumps(mc, indent=1)),
+    ):
+        path = os.path.join(out, name)
+        try:
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError as exc:  # a full or read-only disk: name the file (a failed write does not)
+            raise OSError(exc.errno, exc.strerror, path) from None
