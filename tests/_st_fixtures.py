@@ -81,6 +81,7 @@ def run_loss(loss, model, features, seed: int = 0, backward: bool = True):
     """(loss value, {name: grad}) of one forward + backward of ``loss`` on fresh copies of ``features``."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
+    random.seed(seed)  # AdaptiveLayerLoss and MatryoshkaLoss(n_dims_per_step) sample with Python's random
     value = loss([dict(f) for f in features], None)
     if backward:
         value.backward()

@@ -28,11 +28,7 @@ from sentence_transformers import util as st_util
 from sentence_transformers.sentence_transformer import losses as st_losses
 
 import fastclip
-
-if not hasattr(fastclip, "info_nce_loss"):  # TEMPORARY until the fused core lands (issue 22 builds on it)
-    pytest.skip("fastclip.info_nce_loss (the fused core) is not there yet", allow_module_level=True)
-
-from fastclip.integrations import sentence_transformers as fc  # noqa: E402
+from fastclip.integrations import sentence_transformers as fc
 
 B = 6  # rows per column; the cached losses embed it in mini-batches of 4 (an uneven split)
 MINI = 4
@@ -438,3 +434,29 @@ def test_import_fastclip_without_sentence_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)  # fmt: skip
     assert out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
+def test_bench_st_small(tmp_path):
+    """``fastclip bench st`` end to end at a small size: every provider, the same loss, JSON + log."""
+    import argparse
+    import json
+
+    from fastclip.bench.cli import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["st", "--batch", "48", "--dim", "16", "--negatives", "0,1", "--reps", "1",
+                              "--mini-batch-size", "16", "--out", str(tmp_path)])  # fmt: skip
+    assert run(args) == 0
+    (path,) = tmp_path.glob("st_loss_stage_*_cpu.json")
+    assert path.with_suffix(".log").exists()
+    doc = json.loads(path.read_text())
+    recs = doc["records"]
+    assert sorted((r["negatives"], r["provider"]) for r in recs) == sorted(
+        (k, p) for k in (0, 1) for p in ("fastclip", "st_mnrl", "st_cached")
+    )
+    for k in (0, 1):
+        losses = [r["loss"] for r in recs if r["negatives"] == k]
+        assert max(losses) - min(losses) < 1e-4 * max(1.0, abs(losses[0])), losses
+    assert all(r["peak_extra_bytes"] > 0 and r["median_s"] > 0 for r in recs)
+    assert doc["versions"]["sentence_transformers"]

@@ -33,10 +33,6 @@ def _example():
 
 
 def test_minilm_fine_tunes_and_matches_sentence_transformers():
-    import fastclip
-
-    if not hasattr(fastclip, "info_nce_loss"):  # TEMPORARY until the fused core lands
-        pytest.skip("fastclip.info_nce_loss (the fused core) is not there yet")
     ex = _example()
     kw = dict(steps=8, batch_size=32, mini_batch_size=16, lr=2e-4, seed=0)
     ours = ex.train("fastclip", evaluate=True, **kw)
