@@ -420,3 +420,11 @@ def test_reference_impl_is_offered():
     b = FF.info_nce_loss(ts[0], ts[1], impl="torch")
     assert abs(float(a) - float(b)) < 1e-5
     assert ABS_FLOOR  # budgets shared with the other loss tests
+
+
+def test_second_backward_with_retain_graph_is_refused():
+    q = torch.randn(4, 3, requires_grad=True)
+    loss = FF.info_nce_loss(q, torch.randn(4, 3))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()

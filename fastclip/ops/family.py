@@ -58,6 +58,7 @@ class FamilyFunction(torch.autograd.Function):
         saved = [g if want else None for g, want in zip(grads, need)]
         ctx.save_for_backward(ds, *saved)
         ctx.n_ops = n_ops
+        ctx.consumed = False
         ctx.meta = [(t.dtype, t.shape) for t in ts] + [(scale.dtype, scale.shape)]
         return loss
 
@@ -65,12 +66,20 @@ class FamilyFunction(torch.autograd.Function):
     @first_order
     @autocast_off
     def backward(ctx, grad_out):
+        if ctx.consumed:
+            raise RuntimeError(
+                "fastclip's contrastive-family loss was backpropagated twice: its gradients are formed in the "
+                "forward and scaled in place by the first backward (retain_graph=True cannot reuse them); "
+                "compute the loss again for a second backward"
+            )
+        ctx.consumed = True
         ds, *grads = ctx.saved_tensors
         n = ctx.n_ops
         g = grad_out.to(ds.dtype)
         out = []
         for grad, (dtype, _) in zip(grads, ctx.meta[:n]):
-            out.append(None if grad is None else (grad * g).to(dtype))
+            # In place: these fp32 buffers were made for this backward; no second (N, D) copy at the peak.
+            out.append(None if grad is None else grad.mul_(g).to(dtype))
         s_dtype, s_shape = ctx.meta[n]
         d_scale = (ds * g).to(s_dtype).reshape(s_shape) if ctx.needs_input_grad[4] else None
         return (None, None, None, None, d_scale, *out, *([None] * (2 * n + 1)))

@@ -22,11 +22,12 @@ from fastclip.ops.dispatch import acc_dtype
 from fastclip.ops.family_spec import FamilySpec
 from fastclip.ops.torch_impl import positive_rows
 
-# Logits of one chunk across all blocks (fp32 elements): 2**24 = 64 MiB. Larger than the CLIP chunks
-# because the column gradient dC += G^T R rewrites all of dC once per chunk: at N = 131072, D = 384 a
-# 2**22 budget means 32-row chunks and 512 passes over a 200 MiB dC; 2**24 cuts that to 128 passes.
-FAMILY_CHUNK_ELEMENTS = 2**24
-MIN_CHUNK_ROWS = 16
+# Logits of one chunk across all blocks (fp32 elements): 2**22 = 16 MiB, as the CLIP chunks. The column
+# gradient dC += G^T R rewrites all of dC once per chunk, so a chunk has at least MIN_CHUNK_ROWS rows
+# whatever the width: at N = 131072, D = 384 that is 128 passes over a 200 MiB dC, not 512 (the
+# workspace is then MIN_CHUNK_ROWS x N: still bounded rows, never n x N).
+FAMILY_CHUNK_ELEMENTS = 2**22
+MIN_CHUNK_ROWS = 128
 
 
 def family_chunk_rows(n: int, width: int, chunk_size: int | None) -> int:
