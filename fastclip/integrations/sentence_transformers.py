@@ -24,9 +24,10 @@ forwards, the cached losses' mini-batches, RNG replay of dropout, the backward h
   warning once per class and function.
 * ``gather_across_devices=True`` with an initialized process group ->
   :mod:`fastclip.distributed` (each rank's rows against every rank's columns, in
-  sentence-transformers' column order and rank offset; gradients flow back to each rank). Set the
-  attribute ``dist_impl = "ring"`` on a loss to pass embeddings around a ring instead of gathering
-  them all (never all ranks' embeddings at once); ``impl`` chooses the core's implementation.
+  sentence-transformers' column order and rank offset; gradients flow back to each rank). The
+  attribute ``dist_impl`` (default ``"gather"``) passes the core's ``dist_impl`` on (a ring, never
+  all ranks' embeddings at once, where ``fastclip.distributed`` offers one); ``impl`` chooses the
+  core's implementation (``"auto"``, ``"torch"``, ``"triton"``).
 * ``MultipleNegativesSymmetricRankingLoss`` and its cached form are deprecated in
   sentence-transformers 6 (``MultipleNegativesRankingLoss(directions=("query_to_doc",
   "doc_to_query"), partition_mode="per_direction")`` instead); here they are kept without the
@@ -114,8 +115,8 @@ class _FusedOptions:
     """fastclip-only settings, as class attributes so that constructor signatures stay ST's own.
 
     ``impl``: the core's implementation (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``);
-    ``dist_impl``: with ``gather_across_devices=True``, ``"gather"`` (all-gather, as
-    sentence-transformers) or ``"ring"`` (never all ranks' embeddings at once).
+    ``dist_impl``: with ``gather_across_devices=True``, one of ``fastclip.distributed``'s
+    ``FAMILY_DIST_IMPLS`` (``"gather"``: all-gather, as sentence-transformers).
     """
 
     impl: str = "auto"
