@@ -85,6 +85,8 @@ def run_bench(
     mini_batch_size: int = 32,
     seed: int = 0,
     log=print,
+    big_batch: int | None = None,
+    big_negatives: int = 1,
 ) -> dict:
     from fastclip.bench.memory import peak_extra_bytes
     from fastclip.bench.timing import device_description, utc_now, versions
@@ -129,6 +131,8 @@ def run_bench(
             for provider, v in losses.items():
                 if abs(v - ref) > 1e-4 * max(1.0, abs(ref)):
                     log(f"WARNING K={k}: {provider} loss {v} differs from st_mnrl's {ref}")
+    if big_batch:
+        records += _big_batch(records, big_batch, dim, big_negatives, mini_batch_size, seed, log)
     import sentence_transformers
 
     return {
@@ -140,6 +144,32 @@ def run_bench(
     }
 
 
+def _big_batch(records, batch, dim, k, mini_batch_size, seed, log) -> list[dict]:
+    """fastclip alone at ``batch`` (one call: time and peak), beside sentence-transformers' MNRL peak
+    *estimated* from its measured one, scaled by (batch / measured batch)^2 (its B x B(1+K) score
+    matrices dominate): the batch at which the materialized loss cannot run where fastclip does."""
+    from fastclip.bench.memory import peak_extra_bytes
+
+    measured = [r for r in records if r["provider"] == "st_mnrl" and r["negatives"] == k]
+    g = torch.Generator().manual_seed(seed)
+    embeddings = [torch.randn(batch, dim, generator=g) for _ in range(2 + k)]
+    step = make_step("fastclip", embeddings, mini_batch_size)
+    t0 = time.perf_counter()
+    peak, value = peak_extra_bytes(step, torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    rec = {"provider": "fastclip", "batch": batch, "dim": dim, "negatives": k, "dtype": "float32",
+           "median_s": seconds, "min_s": seconds, "max_s": seconds, "reps": 1, "peak_extra_bytes": int(peak),
+           "loss": value.item(), "big_batch": True, "time_includes_profiler": True}  # fmt: skip
+    if measured:
+        m = measured[0]
+        rec["st_mnrl_estimated_peak_bytes"] = int(m["peak_extra_bytes"] * (batch / m["batch"]) ** 2)
+    est = rec.get("st_mnrl_estimated_peak_bytes")
+    log(f"B={batch} D={dim} K={k} fastclip   {seconds:8.1f} s (one call, under the profiler)  peak "
+        f"{peak / 2**20:9.1f} MiB  loss {value.item():.6f}; ST MNRL estimated peak "
+        + (f"{est / 2**30:.1f} GiB" if est else "(not measured at this K)"))  # fmt: skip
+    return [rec]
+
+
 def ratio_table(records: list[dict]) -> str:
     """Markdown rows: per K, each provider's time and peak against sentence-transformers' MNRL."""
     lines = [
@@ -147,8 +177,10 @@ def ratio_table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     by_k: dict = {}
+    big = [r for r in records if r.get("big_batch")]
     for r in records:
-        by_k.setdefault(r["negatives"], {})[r["provider"]] = r
+        if not r.get("big_batch"):
+            by_k.setdefault(r["negatives"], {})[r["provider"]] = r
     names = {"fastclip": "fastclip (drop-in)", "st_mnrl": "ST MultipleNegativesRankingLoss",
              "st_cached": "ST CachedMNRL loss stage"}  # fmt: skip
     for k, group in by_k.items():
@@ -162,6 +194,11 @@ def ratio_table(records: list[dict]) -> str:
             if provider == "st_cached":
                 label += f" (mini_batch_size={r['mini_batch_size']})"
             lines.append(f"| {r['batch']}, {r['dim']}, {k} | {label} | {t} | {tr} | {m} | {mr} |")
+    for r in big:
+        est = r.get("st_mnrl_estimated_peak_bytes")
+        lines.append(f"| {r['batch']}, {r['dim']}, {r['negatives']} | fastclip (drop-in), one call | "
+                     f"{r['median_s']:.1f} s | - | {r['peak_extra_bytes'] / 2**20:.0f} MiB | "
+                     + (f"ST MNRL est. {est / 2**30:.1f} GiB |" if est else "- |"))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -174,6 +211,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mini-batch-size", type=int, default=32, help="st_cached's mini_batch_size (ST's default 32)"
     )
+    p.add_argument("--big-batch", type=int, help="also run fastclip alone once at this batch, beside ST's "
+                   "MNRL peak estimated from the measured one (x (big/B)^2)")  # fmt: skip
+    p.add_argument("--big-negatives", type=int, default=1, help="K of the --big-batch run (default 1)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="results folder")
     p.add_argument("--no-save", action="store_true", help="print only")
 
@@ -209,7 +249,13 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     log(f"fastclip bench st: B={args.batch} D={args.dim} K={negatives} providers={providers} reps={args.reps} "
         f"threads={torch.get_num_threads()}")  # fmt: skip
-    doc = run_bench(args.batch, args.dim, negatives, providers, args.reps, args.mini_batch_size, log=log)
+    if args.big_batch is not None and (args.big_batch < 1 or args.big_negatives < 0):
+        print(
+            "fastclip bench st: --big-batch: expected a positive int, --big-negatives >= 0", file=sys.stderr
+        )
+        return 2
+    doc = run_bench(args.batch, args.dim, negatives, providers, args.reps, args.mini_batch_size, log=log,
+                    big_batch=args.big_batch, big_negatives=args.big_negatives)  # fmt: skip
     log("")
     log(ratio_table(doc["records"]))
     if not args.no_save:
