@@ -357,8 +357,9 @@ OCT_VENV = os.environ.get("FASTCLIP_OCT_VENV", os.path.join(ROOT, ".venv-oct"))
 )
 def test_real_open_clip_train_matches_per_step_through_the_launcher():
     """The real open_clip_train, 1 process and 2 (torchrun, gloo): open_clip's losses against the launcher's."""
+    # CLIP only, to stay near a minute and a half on 2 cores; the script's default runs every kind.
     cmd = ["bash", os.path.join(ROOT, "benchmarks", "open_clip_train_check.sh"),
-           "--kinds", "clip,siglip", "--procs", "1,2", "--steps", "3"]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+           "--kinds", "clip", "--procs", "1,2", "--steps", "3"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "4 passed, 0 failed" in run.stdout, run.stdout[-4000:]
+    assert "2 passed, 0 failed" in run.stdout, run.stdout[-4000:]
