@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastclip.models.jsonfile import json_kind
+
 ACTS = ("gelu", "gelu_tanh", "quick_gelu")
 ATTN_IMPLS = ("auto", "flash_attn", "xformers", "sdpa", "math")
 VISION_POOLS = ("tok", "mean", "map")
@@ -39,9 +41,29 @@ def _choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
 
 
+# Upper bounds of the size fields: far above any published CLIP/SigLIP (widths up to 6144, 48 layers,
+# vocabularies up to 256k), far below sizes whose tensors could not even be described (a width of 10**9
+# asks for exabytes). A config from a file is checked against these before anything is allocated.
+MAX_SIZES = {
+    "width": 1 << 16,
+    "mlp_dim": 1 << 18,
+    "embed_dim": 1 << 16,
+    "depth": 1 << 10,
+    "heads": 1 << 12,
+    "image_size": 1 << 16,
+    "patch_size": 1 << 12,
+    "in_channels": 1 << 10,
+    "context_length": 1 << 16,
+    "vocab_size": 1 << 24,
+}
+
+
 def _pos_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    bound = MAX_SIZES.get(name.rsplit(".", 1)[-1])
+    if bound is not None and value > bound:
+        raise ValueError(f"{name}: expected a positive int of at most {bound}, got {value!r}")
 
 
 def _check_width_heads(prefix: str, width: int, heads: int) -> None:
@@ -212,6 +234,48 @@ class ModelConfig:
                 _reject_unknown(key, d[key], {f.name for f in dataclasses.fields(sub)})
                 d[key] = sub(**d[key])
         return cls(**d)
+
+
+# The fields that decide a model's tensors and its computation: a fastclip config read from a file must
+# carry every one of them (a default would build another model and blame the weights). The others
+# (preprocessing, tokenizer, training switches) have defaults that older files rely on.
+ARCHITECTURE_FIELDS = {
+    "": ("embed_dim", "siglip", "vision", "text"),
+    "vision": (
+        "image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "act", "norm_eps", "in_channels",
+        "class_token", "pre_norm", "patch_bias", "qkv_bias", "pool", "proj", "ls_init",
+    ),
+    "text": (
+        "context_length", "vocab_size", "width", "depth", "heads", "mlp_dim", "act", "norm_eps", "causal",
+        "pool", "eos_id", "qkv_bias", "proj", "proj_bias", "ls_init",
+    ),
+}  # fmt: skip
+
+
+def config_from_file_dict(d, where: str) -> ModelConfig:
+    """A :class:`ModelConfig` from a fastclip config dict read from a file (``where`` names the file, or
+    the file and its metadata key, in every error): every architecture field present, every value valid
+    and within :data:`~fastclip.models.configs.MAX_SIZES`."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a fastclip model config (a JSON object), got {json_kind(d)}")
+    missing = []
+    for section, names in ARCHITECTURE_FIELDS.items():
+        sub = d if not section else d.get(section)
+        if section and not isinstance(sub, dict):
+            continue  # reported as the missing (or wrong) section itself
+        missing += [f"{section + '.' if section else ''}{n}" for n in names if n not in sub]
+    for section in ("vision", "text"):
+        if section in d and not isinstance(d[section], dict):
+            raise ValueError(f"{where}: key {section!r}: expected an object, got {json_kind(d[section])}")
+    if missing:
+        raise ValueError(
+            f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)} (a fastclip model "
+            "config names every architecture field; save_fastclip and the trainer write them all)"
+        )
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def _reject_unknown(where: str, given: dict, known) -> None:

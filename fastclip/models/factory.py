@@ -157,16 +157,18 @@ def _has_tokenizer_files(directory: str) -> bool:
 
 def _text_settings(directory: str) -> dict:
     """context_length, tokenizer (another repo holding the files) and clean mode of a model directory."""
-    import json
-
+    from fastclip.models.jsonfile import read_json_object
     from fastclip.models.layouts import config_from_hf
     from fastclip.models.openclip_format import read_open_clip_json, text_settings
 
     if os.path.isfile(os.path.join(directory, OPEN_CLIP_CONFIG)):
         return text_settings(read_open_clip_json(os.path.join(directory, OPEN_CLIP_CONFIG)))
     if os.path.isfile(os.path.join(directory, HF_CONFIG)):
-        with open(os.path.join(directory, HF_CONFIG)) as f:
-            text = config_from_hf(json.load(f)).text
+        cfg_file = os.path.join(directory, HF_CONFIG)
+        try:
+            text = config_from_hf(read_json_object(cfg_file, "a Hugging Face model config")).text
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{cfg_file}: not a CLIP/SigLIP config ({type(exc).__name__}: {exc})") from exc
         return {"context_length": text.context_length, "tokenizer": None, "tokenizer_clean": "none"}
     return {"context_length": 77, "tokenizer": None, "tokenizer_clean": "none"}
 

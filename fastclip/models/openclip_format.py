@@ -19,7 +19,8 @@ import json
 import os
 import re
 
-from fastclip.models.configs import ModelConfig, apply_overrides
+from fastclip.models.configs import ModelConfig, apply_overrides, config_from_file_dict
+from fastclip.models.jsonfile import read_json
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -142,8 +143,7 @@ def save_open_clip(model, directory, *, safetensors: bool = True) -> None:
 
 
 def read_open_clip_json(path: str) -> dict:
-    with open(path) as f:
-        oc = json.load(f)
+    oc = read_json(path)
     if not isinstance(oc, dict) or not isinstance(oc.get("model_cfg", oc.get(FASTCLIP_KEY)), dict):
         raise ValueError(f"{path}: expected a JSON object with a 'model_cfg' object (open_clip_config.json)")
     return oc
@@ -184,7 +184,7 @@ def config_from_open_clip(oc: dict, sd: dict) -> ModelConfig:
     from fastclip.models.layouts import infer_open_clip_config
 
     if FASTCLIP_KEY in oc:
-        return ModelConfig.from_dict(oc[FASTCLIP_KEY])
+        return config_from_file_dict(oc[FASTCLIP_KEY], f"{OPEN_CLIP_CONFIG}: key {FASTCLIP_KEY!r}")
     mc = oc["model_cfg"]
     vc, tc = mc.get("vision_cfg") or {}, mc.get("text_cfg") or {}
     for bad, where in (
@@ -246,5 +246,11 @@ def read_open_clip_dir(directory: str) -> tuple[ModelConfig, dict]:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             sd, _ = read_state_dict(path)
-            return config_from_open_clip(oc, sd), sd
+            try:
+                return config_from_open_clip(oc, sd), sd
+            except (AttributeError, KeyError, TypeError) as exc:  # an object where another kind was expected
+                raise ValueError(
+                    f"{os.path.join(directory, OPEN_CLIP_CONFIG)}: not an open_clip model config "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
     raise ValueError(f"path: {directory!r} has {OPEN_CLIP_CONFIG} but no {' or '.join(OPEN_CLIP_WEIGHTS)}")

@@ -115,6 +115,10 @@ class HFTokenizer:
         self._hf = None
         self._tok = None
         tok_json = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
+        if os.path.isfile(tok_json):  # a broken file is named here, not as a parser's bare message
+            from fastclip.models.jsonfile import read_json_object
+
+            read_json_object(tok_json, "a tokenizer (a JSON object, as tokenizers' Tokenizer.save writes)")
         try:
             from transformers import AutoTokenizer
 
@@ -126,7 +130,12 @@ class HFTokenizer:
                 raise ValueError(f"path: could not load a tokenizer from {path!r}: {exc}") from exc
             from tokenizers import Tokenizer
 
-            self._tok = Tokenizer.from_file(tok_json)
+            try:
+                self._tok = Tokenizer.from_file(tok_json)
+            except Exception as exc:  # tokenizers raises a bare Exception for files it cannot read
+                raise ValueError(
+                    f"{tok_json}: not a tokenizer file the tokenizers library reads ({exc})"
+                ) from exc
             self._tok.enable_truncation(context_length)
             pad = self._tok.token_to_id(_pad_token(os.path.dirname(tok_json)) or "<pad>")
             self._tok.enable_padding(length=context_length, pad_id=0 if pad is None else pad)

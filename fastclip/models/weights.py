@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from fastclip.models.jsonfile import read_json_object
 from fastclip.models.model import CLIP
 
 FORMAT_KEY = "fastclip_config"
@@ -89,8 +90,10 @@ def _read_hf_dir_weights(path: str) -> dict:
     ):
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = read_json_object(index, "a shard index object").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index}: expected a 'weight_map' object of file names")
+            files = sorted(set(weight_map.values()))
             sd = {}
             for name in files:
                 sd.update(read_state_dict(os.path.join(path, name))[0])
@@ -122,17 +125,25 @@ def _fix_scalars(sd: dict) -> dict:
     return sd
 
 
-def load_state_dict_checked(model: CLIP, sd: dict, unconverted=(), source: str = "weights") -> None:
-    """Copy ``sd`` (fastclip names) into ``model`` after checking every name and shape; raises
-    :class:`WeightLoadError` (and copies nothing) on any mismatch."""
+def expected_shapes(config) -> dict:
+    """``{name: shape}`` of the state dict a model of ``config`` has, computed without allocating it
+    (the model is built on the ``meta`` device)."""
+    with torch.device("meta"):
+        model = CLIP(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(own: dict, sd: dict, unconverted=(), source: str = "weights", hint: str = "") -> dict:
+    """Check ``sd`` (fastclip names) against a model's ``{name: shape}`` ``own``: every name and shape.
+    Returns ``sd`` with 0-dim logit scale/bias reshaped to (1,); raises :class:`WeightLoadError` listing
+    what does not fit (``hint``, when given, is its first line after the source)."""
     sd = _fix_scalars(dict(sd))
-    own = model.state_dict()
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(set(k for k in sd if k not in own) | set(unconverted))
     mismatched = sorted(
-        f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
+        f"{k}: expected {tuple(own[k])}, got {tuple(sd[k].shape)}"
         for k in own
-        if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)
+        if k in sd and tuple(own[k]) != tuple(sd[k].shape)
     )
     if missing or unexpected or mismatched:
 
@@ -144,7 +155,7 @@ def load_state_dict_checked(model: CLIP, sd: dict, unconverted=(), source: str =
             return f"\n  {title} ({len(items)}):\n    {shown}{more}"
 
         raise WeightLoadError(
-            f"{source}: the weights do not match the model; nothing was loaded."
+            f"{source}: {hint + '; ' if hint else ''}the weights do not match the model; nothing was loaded."
             + block("missing keys (in the model, not in the file)", missing)
             + block("unexpected keys (in the file, not in the model)", unexpected)
             + block("shape mismatches", mismatched),
@@ -152,6 +163,14 @@ def load_state_dict_checked(model: CLIP, sd: dict, unconverted=(), source: str =
             unexpected,
             mismatched,
         )
+    return sd
+
+
+def load_state_dict_checked(model: CLIP, sd: dict, unconverted=(), source: str = "weights") -> None:
+    """Copy ``sd`` (fastclip names) into ``model`` after checking every name and shape; raises
+    :class:`WeightLoadError` (and copies nothing) on any mismatch."""
+    own = model.state_dict()
+    sd = check_state_dict({k: tuple(v.shape) for k, v in own.items()}, sd, unconverted, source)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise WeightLoadError(f"{source}: non-finite values (NaN/Inf) in {bad[:10]}; nothing was loaded.")

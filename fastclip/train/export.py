@@ -2,23 +2,81 @@
 without the launcher; nothing in the checkpoint is unpickled beyond tensors and allow-listed classes.
 
     export_safetensors("runs/a/checkpoints", "runs/a/weights.safetensors")
+    load_pretrained("runs/a/weights.safetensors")      # the model config travels in the file's metadata
+
+The model's config (the run's ``model_config.json``, found next to the checkpoints root) is written into the
+file's metadata as ``fastclip_config``, as :func:`fastclip.models.save_fastclip` does, after checking it
+against the weights' names and shapes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from fastclip.train.checkpoint import DS_TAG, CheckpointError, resolve, verify
 
+MODEL_CONFIG = "model_config.json"  # written by the trainer into the run directory
 
-def export_safetensors(ckpt_dir: str, out_path: str) -> str:
-    """Plain fp32 weights of a checkpoint (any ZeRO stage) -> a safetensors file. Works offline, one process."""
+
+def find_model_config(ckpt_dir: str) -> str | None:
+    """The run's ``model_config.json`` for a checkpoint directory: in it, in the checkpoints root above it,
+    or in the run directory above that (``DIR/checkpoints/step_X`` -> ``DIR/model_config.json``)."""
+    here = os.path.abspath(ckpt_dir)
+    for _ in range(3):
+        candidate = os.path.join(here, MODEL_CONFIG)
+        if os.path.isfile(candidate):
+            return candidate
+        here = os.path.dirname(here)
+    return None
+
+
+def _config_metadata(model_config, state: dict, ckpt_dir: str) -> dict:
+    """``{"fastclip_config": JSON}`` for ``model_config`` (a ModelConfig, a dict, a path to a JSON file, or
+    None: the run's model_config.json, if any), checked against the weights; {} when there is none."""
+    from fastclip.models.configs import ModelConfig, config_from_file_dict
+    from fastclip.models.jsonfile import read_json
+    from fastclip.models.weights import FORMAT_KEY, check_state_dict, expected_shapes
+
+    where = "model_config"
+    if model_config is None:
+        model_config = find_model_config(ckpt_dir)
+        if model_config is None:
+            return {}
+    if isinstance(model_config, (str, os.PathLike)):
+        where = os.fspath(model_config)
+        model_config = read_json(where)
+    if isinstance(model_config, dict):
+        model_config = config_from_file_dict(model_config, where)
+    if not isinstance(model_config, ModelConfig):
+        raise TypeError(
+            "model_config: expected a ModelConfig, a dict, a path to a model_config.json or None, got "
+            f"{type(model_config).__name__}"
+        )
+    try:
+        check_state_dict(expected_shapes(model_config), state, source=ckpt_dir)
+    except ValueError as exc:
+        raise CheckpointError(f"{where} does not describe the checkpoint's weights: {exc}") from exc
+    return {FORMAT_KEY: json.dumps(model_config.to_dict())}
+
+
+def export_safetensors(ckpt_dir: str, out_path: str, model_config=None) -> str:
+    """Plain fp32 weights of a checkpoint (any ZeRO stage) -> a safetensors file. Works offline, one process.
+
+    ``model_config``: the model's config for the file's metadata (a ModelConfig, a dict or a path to a
+    JSON file); None takes the run's ``model_config.json`` (see :func:`find_model_config`), and without
+    one the file carries no config (``load_pretrained`` then needs a model name).
+    """
     from safetensors.torch import save_file
 
     from fastclip.train.safe_load import load_pickle, safe_zero_to_fp32
 
+    for name, value in (("ckpt_dir", ckpt_dir), ("out_path", out_path)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name}: expected a path (str or os.PathLike), got {type(value).__name__}")
+    ckpt_dir, out_path = os.fspath(ckpt_dir), os.fspath(out_path)
     ckpt_dir = resolve(ckpt_dir)
     verify(ckpt_dir)
     ds_dir = os.path.join(ckpt_dir, DS_TAG)
@@ -46,8 +104,9 @@ def export_safetensors(ckpt_dir: str, out_path: str) -> str:
     state = {
         k: v.detach().float().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)
     }
+    config_meta = _config_metadata(model_config, state, ckpt_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
-    save_file(state, tmp, metadata={"format": "pt", "source": os.path.abspath(ckpt_dir)})
+    save_file(state, tmp, metadata={"format": "pt", "source": os.path.abspath(ckpt_dir), **config_meta})
     os.replace(tmp, out_path)
     return out_path
