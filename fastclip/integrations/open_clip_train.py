@@ -7,8 +7,9 @@ is ``python -m open_clip_train.main <arguments>`` (the same arguments, passed on
 open_clip's loss classes replaced by fastclip's (:func:`fastclip.integrations.open_clip.patch`)
 before open_clip_train builds its loss. Under ``torchrun`` every process runs this module, so every
 rank patches. ``--`` before the trainer's arguments keeps torchrun's own parser off them (it
-refuses open_clip_train's ``--logs`` as an ambiguous abbreviation of its ``--logs-specs``); one
-leading ``--`` is dropped here, so the same command line works with and without torchrun.
+refuses open_clip_train's ``--logs`` as an ambiguous abbreviation of its ``--logs-specs``) and
+torchrun drops it; without torchrun this module drops one leading ``--``, so the same argument list
+works both ways.
 
 Nothing else changes: the arguments, the data, the model, the logs and the exit status are
 open_clip_train's (a ``-1`` returned by its ``main``, as for an existing experiment name, exits 1).
