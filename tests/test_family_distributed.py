@@ -79,6 +79,7 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     failures, checked = [], 0
     try:
+        from fastclip.comm import comm_stats
         from fastclip.distributed import gist_loss_distributed, info_nce_loss_distributed
         from fastclip.reference_family import gist_reference
 
@@ -88,22 +89,34 @@ def _worker(rank, world, port, out_dir):
             bank = bank if use_bank else None
             want_losses, want_grads = _reference_all_ranks(ts, ids, neg_ids, bank, kw, world, n, 6.0)
             sl = slice(rank * n, (rank + 1) * n)
-            for impl, dtype, tol in (("torch", torch.float64, 1e-9), ("torch", torch.float32, 2e-5)):
+            runs = [
+                ("gather", torch.float64, 1e-9),
+                ("gather", torch.float32, 2e-5),
+                ("ring", torch.float64, 1e-9),
+            ]
+            for dist_impl, dtype, tol in runs:
                 local = [t[sl].to(dtype).clone().requires_grad_() for t in ts]
                 opts = {key: v for key, v in kw.items() if key != "ids"}
                 if kw.get("ids"):
                     opts.update(query_ids=ids[sl], negative_ids=None if neg_ids is None else neg_ids[sl])
                 q, p, *negs = local
-                loss = info_nce_loss_distributed(
-                    q, p, negs or None, scale=6.0, bank=None if bank is None else bank.to(dtype), impl=impl,
-                    chunk_size=2, **opts,
-                )  # fmt: skip
+                with comm_stats() as moved:
+                    loss = info_nce_loss_distributed(
+                        q, p, negs or None, scale=6.0, bank=None if bank is None else bank.to(dtype),
+                        impl="torch", chunk_size=2, dist_impl=dist_impl, **opts,
+                    )  # fmt: skip
+                # the ring never all-gathers features: only P2P messages move
+                kinds = set(moved.sent) - {"check_batch_sizes"}
+                if dist_impl == "ring" and kinds != {"p2p"} or dist_impl == "gather" and "p2p" in kinds:
+                    failures.append(f"{name} {dist_impl}: collectives {moved.sent}")
                 loss.backward()
                 checked += 1
                 errs = [abs(float(loss) - want_losses[rank])]
                 errs += [float((t.grad.double() - w[sl]).abs().max()) for t, w in zip(local, want_grads)]
                 if not max(errs) <= tol * 10:
-                    failures.append(f"{name} {dtype}: max err {max(errs):.3e} (loss, grads: {errs})")
+                    failures.append(
+                        f"{name} {dist_impl} {dtype}: max err {max(errs):.3e} (loss, grads: {errs})"
+                    )
         # GIST: positives/negatives gathered, anchors local
         g = torch.Generator().manual_seed(99)
         xs = [torch.randn(world * n, d, generator=g, dtype=torch.float64) for _ in range(3)]
@@ -153,7 +166,7 @@ def test_family_distributed_matches_reference(world, tmp_path):
     for r in range(world):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert not res["failures"], f"rank {r}: " + "\n".join(res["failures"])
-        assert res["checked"] == 2 * len(CASES) + 1
+        assert res["checked"] == 3 * len(CASES) + 1
 
 
 def test_distributed_without_process_group_is_a_value_error():

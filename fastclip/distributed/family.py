@@ -8,17 +8,28 @@ reduce-scatter: rank q's features get the sum over ranks of d loss_r / d feature
 ranks' losses is the single-process loss of the concatenated batch.
 
 ``dist_impl="gather"``: all-gather with gradient, memory O(N·D) for the gathered columns and their
-gradients. Only the operands the chosen blocks read are gathered (queries only for
-query_to_query/doc_to_query).
+gradients; 3 GEMMs per block. Only the operands the chosen blocks read are gathered (queries only
+for query_to_query/doc_to_query).
+
+``dist_impl="ring"``: no rank ever holds all ranks' features. Every rank's shard (its queries,
+positives, negatives and ids) travels around the ring twice by P2P (``comm.ring_exchange``, the next
+transfer overlapping the current block): the first lap merges each row's log-sum-exps and target
+sums over every shard (``RowStats``), the second forms the gradients with the complete statistics,
+the column gradients travelling home with their shard. Memory O(n·D) per rank whatever the world
+size; 4 GEMMs per block (the similarity is formed on both laps). The blocks run on the chunked
+PyTorch implementation (its GEMMs are the device's BLAS either way).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from fastclip import comm
-from fastclip.comm import all_gather_rows, all_gather_with_grad, group_rank_and_size
+from fastclip.comm import all_gather_rows, all_gather_with_grad, group_rank_and_size, ring_exchange
+from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.family import gist_fused, info_nce_fused
+from fastclip.ops.family_impl import family_torch
 from fastclip.ops.family_inputs import (
     common_options,
     gist_options,
@@ -26,8 +37,10 @@ from fastclip.ops.family_inputs import (
     prepare_gist,
     prepare_info_nce,
 )
+from fastclip.ops.family_variants import Layout, info_nce_spec
+from fastclip.ops.inputs import all_finite
 
-FAMILY_DIST_IMPLS = ("gather",)
+FAMILY_DIST_IMPLS = ("gather", "ring")
 
 
 def _check_dist(dist_impl, check_batch_sizes, group):
@@ -85,6 +98,8 @@ def info_nce_loss_distributed(
         comm.check_batch_sizes(a.q, group)
     if world == 1:
         return info_nce_fused(a, o, c.chunk_size)
+    if dist_impl == "ring":
+        return _info_nce_ring(a, o, c.chunk_size, group, rank, world)
     needs_q = bool({"query_to_query", "doc_to_query"} & set(o.directions))
     Q = all_gather_with_grad(a.q, group) if needs_q else a.q  # unused when not needed
     P = all_gather_with_grad(a.p, group)
@@ -142,3 +157,166 @@ def gist_loss_distributed(
         [all_gather_rows(t, group) for t in a.gnegs],
     )
     return gist_fused(a, o, c.chunk_size, columns=columns, offset=rank * a.q.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# ring
+
+
+class _RingPlan:
+    """What travels and how a stage's operands are laid out.
+
+    A shard is ``[Q (if a block reads the queries), P, N_1..N_K, ids of those (when ids are used)]``.
+    Stage operands: local rows q (0), p (1), the shard's feature tensors, and the bank on the rank's own
+    stage; row i's own column is ``i + (rank - owner) * n``, in range only on the own stage."""
+
+    def __init__(self, o, k_negs, needs_q, has_ids, neg_has_ids, has_bank, rank, n):
+        self.o, self.k, self.needs_q, self.has_ids = o, k_negs, needs_q, has_ids
+        self.neg_has_ids, self.has_bank, self.rank, self.n = neg_has_ids, has_bank, rank, n
+        self.n_feats = (1 if needs_q else 0) + 1 + k_negs
+
+    def stage(self, owner, feats, row_ids, payload, bank):
+        cols = list(payload[: self.n_feats])
+        ts = [feats[0], feats[1], *cols]
+        base = 2
+        Q = base if self.needs_q else 0
+        P = base + (1 if self.needs_q else 0)
+        N = tuple(range(P + 1, P + 1 + self.k))
+        ids = [row_ids[0], row_ids[1]] + [None] * len(cols)
+        with_ids = set()
+        if self.has_ids:
+            id_list = iter(payload[self.n_feats :])
+            with_ids = {0, 1}
+            if self.needs_q:
+                ids[Q] = next(id_list)
+                with_ids.add(Q)
+            ids[P] = next(id_list)
+            with_ids.add(P)
+            for j, has in enumerate(self.neg_has_ids):
+                if has:
+                    ids[N[j]] = next(id_list)
+                    with_ids.add(N[j])
+        bank_idx = None
+        if self.has_bank and owner == self.rank:
+            bank_idx = len(ts)
+            ts.append(bank)
+            ids.append(None)
+        lay = Layout(
+            q=0, p=1, Q=Q, P=P, N=N, bank=bank_idx, with_ids=frozenset(with_ids),
+            offset=(self.rank - owner) * self.n,
+        )  # fmt: skip
+        return info_nce_spec(self.o, lay, self.n), ts, ids, P
+
+
+class _InfoNCERing(torch.autograd.Function):
+    @staticmethod
+    @autocast_off
+    def forward(ctx, plan, group, chunk_size, scale, q, p, bank, *rest):
+        k = plan.k
+        negs = list(rest[:k])
+        id_tensors = list(rest[k:])  # q_ids, p_ids, then the negative groups' ids that exist
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        n = q.shape[0]
+        need_s = ctx.needs_input_grad[3]
+        need_feat = [ctx.needs_input_grad[4], ctx.needs_input_grad[5], *ctx.needs_input_grad[7 : 7 + k]]
+        feats = [q.detach(), p.detach(), *(t.detach() for t in negs)]
+        bank_d = None if bank is None else bank.detach()
+        row_ids = (id_tensors[0], id_tensors[1]) if plan.has_ids else (None, None)
+        shard = ([feats[0]] if plan.needs_q else []) + feats[1:]
+        if plan.has_ids:
+            shard += ([id_tensors[0]] if plan.needs_q else []) + id_tensors[1:]
+        # gradient of each shard tensor: the queries', the positives', each negative group's
+        need_shard = ([need_feat[0]] if plan.needs_q else []) + need_feat[1:]
+        state = {"stats": None, "spec": None, "ok": all_finite(scale, *feats)}
+
+        def lap1(owner, payload):
+            spec, ts, ids, _ = plan.stage(owner, feats, row_ids, payload, bank_d)
+            if owner != rank:
+                state["ok"] = state["ok"] & all_finite(*payload[: plan.n_feats])
+            st = family_torch(
+                spec, ts, ids, [None] * len(ts), None, scale, [False] * len(ts), chunk_size=chunk_size,
+                stats_only=True,
+            )  # fmt: skip
+            state["stats"] = st if state["stats"] is None else state["stats"].merge(st)
+            state["spec"] = spec
+            return None
+
+        ring_exchange(shard, lap1, group=group, hops_right=world - 1)
+        stats = state["stats"]
+        acc = stats.pos_sum.dtype
+        loss = stats.loss_sum(state["spec"]) * (1.0 / n)
+        loss = torch.where(state["ok"], loss, torch.full_like(loss, float("nan"))).to(acc)
+        ctx.consumed, ctx.k = False, k
+        ctx.meta = [(t.dtype, t.shape) for t in (q, p, *negs)] + [(scale.dtype, scale.shape)]
+        ctx.n_ids = len(id_tensors)
+        if not (any(need_feat) or need_s):
+            ctx.present = [False] * (2 + k)
+            ctx.save_for_backward()
+            return loss
+        row_grads = [
+            torch.zeros(feats[j].shape, dtype=acc, device=q.device) if need_feat[j] else None for j in (0, 1)
+        ]
+        ds_total = [torch.zeros((), dtype=acc, device=q.device)]
+
+        def lap2(owner, payload):
+            spec, ts, ids, _ = plan.stage(owner, feats, row_ids, payload, bank_d)
+            need = [need_feat[0], need_feat[1], *need_shard] + [False] * (len(ts) - 2 - plan.n_feats)
+            _, ds, grads = family_torch(
+                spec, ts, ids, [None] * len(ts), None, scale, need, need_s, chunk_size, stats=stats
+            )
+            ds_total[0] += ds
+            for j in (0, 1):
+                if grads[j] is not None:
+                    row_grads[j].add_(grads[j])
+            parts = [g.reshape(-1) for g in grads[2 : 2 + plan.n_feats] if g is not None]
+            return torch.cat(parts) if parts else None
+
+        own, arrived = ring_exchange(shard, lap2, group=group, hops_right=world - 1)
+        col_total = own
+        for part in arrived:
+            col_total = col_total + part
+        # Shard gradients came home: add each to the matching local feature's gradient.
+        out = [row_grads[0], row_grads[1]] + [None] * k
+        targets = ([0] if plan.needs_q else []) + [1] + [2 + j for j in range(k)]
+        offset, d = 0, q.shape[1]
+        for target, want in zip(targets, need_shard):
+            if not want:
+                continue
+            piece = col_total[offset : offset + n * d].reshape(n, d)
+            offset += n * d
+            out[target] = piece if out[target] is None else out[target].add_(piece)
+        ctx.present = [g is not None for g in out]
+        ctx.save_for_backward(ds_total[0], *[g for g in out if g is not None])
+        return loss
+
+    @staticmethod
+    @first_order
+    @autocast_off
+    def backward(ctx, grad_out):
+        k = ctx.k
+        nones_tail = [None] * ctx.n_ids
+        if not any(ctx.present) and not ctx.needs_input_grad[3]:
+            return (None, None, None, None, None, None, None, *([None] * k), *nones_tail)
+        if ctx.consumed:
+            raise RuntimeError("fastclip's ring InfoNCE loss was backpropagated twice; compute it again")
+        ctx.consumed = True
+        ds, *saved = ctx.saved_tensors
+        g = grad_out.to(ds.dtype)
+        it = iter(saved)
+        feats = []
+        for present, (dtype, _) in zip(ctx.present, ctx.meta[:-1]):
+            feats.append(next(it).mul_(g).to(dtype) if present else None)
+        s_dtype, s_shape = ctx.meta[-1]
+        d_scale = (ds * g).to(s_dtype).reshape(s_shape) if ctx.needs_input_grad[3] else None
+        return (None, None, None, d_scale, feats[0], feats[1], None, *feats[2:], *nones_tail)
+
+
+@comm._compile_disabled
+def _info_nce_ring(a, o, chunk_size, group, rank, world):
+    has_ids = a.q_ids is not None
+    needs_q = bool({"query_to_query", "doc_to_query"} & set(o.directions))
+    neg_has_ids = tuple(has_ids and t is not None for t in a.neg_ids)
+    ids = [a.q_ids, a.p_ids, *(t for t, has in zip(a.neg_ids, neg_has_ids) if has)] if has_ids else []
+    plan = _RingPlan(o, len(a.negs), needs_q, has_ids, neg_has_ids, a.bank is not None, rank, a.q.shape[0])
+    with no_autocast(a.q.device):
+        return _InfoNCERing.apply(plan, group, chunk_size, a.scale, a.q, a.p, a.bank, *a.negs, *ids)

@@ -16,6 +16,8 @@ column ``i + offset``, id equality, the guide tile), never from an n x N tensor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastclip.ops.dispatch import acc_dtype
@@ -28,6 +30,51 @@ from fastclip.ops.torch_impl import positive_rows
 # workspace is then MIN_CHUNK_ROWS x N: still bounded rows, never n x N).
 FAMILY_CHUNK_ELEMENTS = 2**22
 MIN_CHUNK_ROWS = 128
+
+
+@dataclass
+class RowStats:
+    """Per-row statistics of a family loss over (some of) its columns: each part's log-sum-exp, the sum
+    and count of positive logits, and of valid logits (label smoothing)."""
+
+    lse: list[torch.Tensor]  # one (n,) per part
+    pos_sum: torch.Tensor
+    pos_cnt: torch.Tensor
+    val_sum: torch.Tensor | None
+    val_cnt: torch.Tensor | None
+
+    @staticmethod
+    def empty(n_parts, n, dtype, device, smoothing: bool) -> RowStats:
+        def z():
+            return torch.zeros(n, dtype=dtype, device=device)
+
+        lse = [torch.full((n,), float("-inf"), dtype=dtype, device=device) for _ in range(n_parts)]
+        return RowStats(lse, z(), z(), z() if smoothing else None, z() if smoothing else None)
+
+    def put(self, i0, i1, lse, pos_sum, pos_cnt, val_sum, val_cnt) -> None:
+        for mine, part in zip(self.lse, lse):
+            mine[i0:i1] = part
+        self.pos_sum[i0:i1], self.pos_cnt[i0:i1] = pos_sum, pos_cnt
+        if self.val_sum is not None:
+            self.val_sum[i0:i1], self.val_cnt[i0:i1] = val_sum, val_cnt
+
+    def merge(self, other: RowStats) -> RowStats:
+        """The statistics over both column sets (log-add-exp of the log-sum-exps, sums of the rest)."""
+        self.lse = [torch.logaddexp(a, b) for a, b in zip(self.lse, other.lse)]
+        self.pos_sum += other.pos_sum
+        self.pos_cnt += other.pos_cnt
+        if self.val_sum is not None:
+            self.val_sum += other.val_sum
+            self.val_cnt += other.val_cnt
+        return self
+
+    def loss_sum(self, spec: FamilySpec) -> torch.Tensor:
+        """``sum_i loss_i`` (without ``coef``) from complete statistics."""
+        total = sum(w * part for w, part in zip(spec.weights, self.lse))
+        target = self.pos_sum / self.pos_cnt
+        if spec.smoothing:
+            target = (1.0 - spec.smoothing) * target + spec.smoothing * (self.val_sum / self.val_cnt)
+        return (total - target).sum()
 
 
 def family_chunk_rows(n: int, width: int, chunk_size: int | None) -> int:
@@ -47,9 +94,17 @@ def family_torch(
     need: list[bool],
     need_scale: bool = False,
     chunk_size: int | None = None,
+    *,
+    stats_only: bool = False,
+    stats: RowStats | None = None,
 ):
     """``(loss, ds, grads)``: ``coef * sum_i loss_i``, its scale gradient and one gradient (or None) per
-    operand, all in the accumulation dtype. Inputs are detached; ``guides`` are normalized already."""
+    operand, all in the accumulation dtype. Inputs are detached; ``guides`` are normalized already.
+
+    Split form, for column operands that arrive in pieces (the ring strategy): ``stats_only=True``
+    returns the rows' :class:`RowStats` over these columns (to merge across pieces with
+    :meth:`RowStats.merge`); ``stats=`` (the merged, complete statistics) returns ``(None, ds, grads)``:
+    this piece's share of the gradients, with every softmax normalized by the complete log-sum-exps."""
     acc = acc_dtype(ts[0].dtype)
     dev = ts[0].device
     blocks = spec.blocks
@@ -62,8 +117,9 @@ def family_torch(
     full = [t.detach().to(acc) for t in ts]  # no copy for float32 inputs
     gfull = [None if g is None else g.detach().to(acc) for g in guides]
     grads = [torch.zeros(t.shape, dtype=acc, device=dev) if want else None for t, want in zip(ts, need)]
-    any_grad = any(need) or need_scale
+    any_grad = (any(need) or need_scale) and not stats_only
     loss = torch.zeros((), dtype=acc, device=dev)
+    out_stats = RowStats.empty(spec.n_parts, n, acc, dev, bool(eps)) if stats_only else None
     ds = torch.zeros((), dtype=acc, device=dev)
     neg_inf = float("-inf")
     for i0 in range(0, n, c):
@@ -129,11 +185,18 @@ def family_torch(
                 val_sum += torch.where(valid, logits, 0.0).sum(1)
                 val_cnt += valid.sum(1)
             kept.append((b, rows, cols, orow, ocol, logits, extra_pos, valid))
-        total = sum(w * part for w, part in zip(spec.weights, lse))
-        target = pos_sum / pos_cnt
-        if eps:
-            target = (1.0 - eps) * target + eps * (val_sum / val_cnt)
-        loss += (total - target).sum()
+        if stats_only:
+            out_stats.put(i0, i1, lse, pos_sum, pos_cnt, val_sum, val_cnt)
+            continue
+        if stats is not None:  # normalize by the complete statistics of these rows
+            lse = [part[i0:i1] for part in stats.lse]
+            pos_cnt, val_cnt = stats.pos_cnt[i0:i1], None if val_cnt is None else stats.val_cnt[i0:i1]
+        else:
+            total = sum(w * part for w, part in zip(spec.weights, lse))
+            target = pos_sum / pos_cnt
+            if eps:
+                target = (1.0 - eps) * target + eps * (val_sum / val_cnt)
+            loss += (total - target).sum()
         if not any_grad:
             continue
         w_pos = (coef * (1.0 - eps)) / pos_cnt  # (m,)
@@ -155,4 +218,8 @@ def family_torch(
             if grads[b.row] is not None:
                 grads[b.row][i0:i1].add_(gc.mul_(s))
         del kept
+    if stats_only:
+        return out_stats
+    if stats is not None:
+        return None, ds, grads
     return loss * coef, ds, grads
