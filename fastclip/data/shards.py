@@ -141,14 +141,23 @@ class ShardReader(torch.utils.data.IterableDataset):
         reader = self.rank * self.workers + logical
         skips = SkipLog()
         items, pos = [], None
+        start = dict(self.starts[logical])
+        # Samples of each whole pass over this reader's shards: a pass shorter than one batch means the
+        # batch repeats samples (reported once by the stream: "short_pass").
+        epoch, in_epoch, whole, short = start["epoch"], 0, start["slot"] == start["sample"] == 0, None
         try:
-            for item, pos in self._samples(reader, dict(self.starts[logical]), skips):
+            for item, pos in self._samples(reader, start, skips):
+                if pos["epoch"] != epoch:
+                    if whole and in_epoch < self.local_batch and short is None:
+                        short = in_epoch
+                    epoch, in_epoch, whole = pos["epoch"], 0, True
+                in_epoch += 1
                 items.append(item)
                 if len(items) == self.local_batch:
                     images, texts = collate(items, self.tokenizer)
                     yield {
                         "images": images, "texts": texts, "reader": logical, "state": dict(pos),
-                        "skipped": skips.count, "reasons": skips.drain(),
+                        "skipped": skips.count, "reasons": skips.drain(), "short_pass": short,
                     }  # fmt: skip
                     items, skips.count = [], 0
         except DataError as exc:  # reported by the training process as a one-line error

@@ -190,6 +190,7 @@ class WebDatasetStream(_LoaderStream):
         )
         self.batches = 0
         self.positions = [{"epoch": 0, "slot": 0, "sample": 0} for _ in range(self.readers)]
+        self._warned_short = False
 
     def next_batch(self):
         if self._iter is None:
@@ -200,11 +201,26 @@ class WebDatasetStream(_LoaderStream):
             self._iter = iter(self._dataloader(dataset, batch_size=None))
         item = next(self._iter)
         self._account(item)
+        self._warn_short(item.get("short_pass"))
         expected = self.batches % self.readers
         assert item["reader"] == expected, f"batch from reader {item['reader']}, expected {expected}"
         self.positions[expected] = item["state"]
         self.batches += 1
         return item["images"], item["texts"]
+
+    def _warn_short(self, samples) -> None:
+        """Once per stream: a whole pass over a reader's shards held fewer samples than one batch."""
+        if samples is None or self._warned_short:
+            return
+        self._warned_short = True
+        readers = self.world_size * self.readers
+        print(
+            f"fastclip data (rank {self.rank}): warning: data.train is smaller than one batch: a pass over "
+            f"this reader's shards ({len(self.shards)} shard(s) split between {readers} reader(s)) gave "
+            f"{samples} usable sample(s), fewer than the {self.local} of one batch per rank, so every batch "
+            "repeats samples; add data, lower train.batch_size, or use fewer data.workers",
+            file=sys.stderr,
+        )
 
     def state_dict(self) -> dict:
         return {

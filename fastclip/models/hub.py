@@ -101,14 +101,56 @@ def is_offline() -> bool:
     return bool(fn() if fn is not None else constants.HF_HUB_OFFLINE)
 
 
+PROBE_TIMEOUT_S = 3.0  # a connection to the Hub (or the proxy) that takes longer counts as unreachable
+
+
+def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hub endpoint (``HF_ENDPOINT``, through the ``https_proxy`` / ``http_proxy`` proxy when one
+    applies) cannot be reached, or None when a TCP connection to it opens within ``timeout`` seconds.
+
+    huggingface_hub retries an unreachable host 5 times with back-off (~20 s per file) before it falls back
+    to the cache; one connection attempt tells the same in milliseconds (a name that does not resolve, a
+    refused or timed-out connection)."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None  # not a URL this check understands: leave it to huggingface_hub
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if not p.hostname:
+            return None
+        host, port = p.hostname, p.port or (443 if p.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"no connection to {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 class _Fetcher:
     """hf_hub_download of single files; remembers whether a miss was "not cached" (offline or
-    unreachable) or "not in the repo" (the Hub answered 404). Once the Hub proved unreachable, later
-    files are looked up in the cache only: huggingface_hub retries each unreachable request for ~20 s."""
+    unreachable) or "not in the repo" (the Hub answered 404). With ``HF_HUB_OFFLINE`` set, or when one
+    connection attempt shows the Hub unreachable (:func:`hub_unreachable`), files are looked up in the cache
+    only: huggingface_hub would retry each unreachable request for ~20 s."""
 
     def __init__(self, hub: HubId):
         self.hub = hub
-        self.unreachable = False
+        self.unreachable = is_offline()
+        self.why_unreachable = None
+        self._probed = self.unreachable
+
+    def _probe(self) -> None:
+        if not self._probed:
+            self._probed = True
+            self.why_unreachable = hub_unreachable()
+            self.unreachable = self.why_unreachable is not None
 
     def cached_first(self, names) -> list[str]:
         """``names`` with the ones already in the cache first (so that an unreachable Hub costs no retries
@@ -131,6 +173,7 @@ class _Fetcher:
 
         if not _FILE_RE.fullmatch(filename) or ".." in filename:
             raise HubError(f"{self.hub}: refusing the file name {filename!r} (expected a plain file name)")
+        self._probe()
         try:
             return hf_hub_download(
                 self.hub.repo_id, filename, revision=self.hub.revision, local_files_only=self.unreachable
@@ -153,6 +196,8 @@ class _Fetcher:
     def missing(self, needed: str) -> HubError:
         if self.unreachable:
             why = "downloads are off (HF_HUB_OFFLINE=1)" if is_offline() else "the Hub could not be reached"
+            if self.why_unreachable and not is_offline():
+                why += f" ({self.why_unreachable})"
             return HubError(
                 f"{self.hub}: not in the Hugging Face cache {cache_dir()} and {why}; needed files: {needed}. "
                 f"Fetch them where there is internet (`hf download {self.hub.repo_id}` with the same HF_HUB_CACHE) "
@@ -190,8 +235,12 @@ def resolve_repo(hub: HubId, *, weights: bool = True, tokenizer: bool = True) ->
             if path is None:
                 continue
             if name.endswith(".index.json"):
-                with open(path) as f:
-                    shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+                from fastclip.models.jsonfile import read_json_object
+
+                weight_map = read_json_object(path, "a shard index object").get("weight_map", {})
+                if not isinstance(weight_map, dict):
+                    raise HubError(f"{hub}: {name}: expected a 'weight_map' object")
+                shards = sorted(set(str(v) for v in weight_map.values()))
                 lost = [s for s in shards if fetch(s) is None]
                 if lost or not shards:
                     raise fetch.missing(f"{name} and its shards {', '.join(lost or ['(none listed)'])}")
