@@ -24,7 +24,7 @@ from fastclip.train.config import Config, ConfigError, load_config
 
 MODEL = json.dumps({"patch_size": 8, "vision_depth": 1, "text_depth": 1})
 # a tiny run long enough to be signalled mid-way (~40 ms a step at batch 16, one thread)
-STEPS = 100
+STEPS = 60
 RUN = ["--train.steps", str(STEPS), "--train.batch_size", "16", "--model.overrides", MODEL]
 RUN += ["--eval.every", "0", "--data.eval_size", "32", "--log.every", "1"]
 RUN += ["--log.progress", "false", "--log.plot", "false", "--checkpoint.export", "false"]
@@ -215,34 +215,68 @@ def _worker_pid(agent_pid: int, rank: int, timeout=60) -> int:
     raise AssertionError(f"no worker with RANK={rank} under pid {agent_pid}")
 
 
+def _torchrun(out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return cmd + ["-m", "fastclip.cli", "train", "--output-dir", out, *RUN, "--train.threads", "1", *extra]
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_ranks_agree_to_stop_when_one_is_signalled(tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM to rank 1", "SIGINT to the process group"])
+def test_two_ranks_stop_after_the_same_step(tmp_path, how):
     """SIGTERM to rank 1 alone (rank 0 writes the manifest and `latest`): both ranks stop after the
-    same step through the per-step agreement, the checkpoint is complete, nothing hangs."""
+    same step through the per-step agreement. Ctrl-C in a terminal (SIGINT to torchrun and every
+    worker, which torchrun forwards again): one request, a checkpoint, not an immediate exit."""
     if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
         pytest.skip("this kernel has no /proc/PID/task/PID/children to find the worker's pid")
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "fastclip.cli", "train", "--output-dir", out, *RUN, "--train.threads", "1"]
-    proc = _start(cmd)
+    proc = _start(_torchrun(out), start_new_session=True)
+    sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
     try:
         rank1 = _worker_pid(proc.pid, 1)
         _wait_for_step(proc, out, 3)
-        os.kill(rank1, signal.SIGTERM)
+        if sig == signal.SIGTERM:
+            os.kill(rank1, sig)
+        else:
+            os.killpg(proc.pid, sig)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0, "torchrun reports the stopped workers"
-    # torchrun prints its own ChildFailedError report; the workers print no traceback
-    assert "exitcode  : 143" in stderr and not re.search(r"exitcode\s*: (?!143)", stderr), stderr[-3000:]
-    assert "fastclip/train/" not in stderr, stderr[-3000:]
-    (line,) = [x for x in stderr.splitlines() if "fastclip train: stopped by SIGTERM after step" in x]
+    # torchrun prints its own report (ChildFailedError, or SignalException when it got the signal
+    # itself); the workers print no traceback and exit with the shell's status
+    if sig == signal.SIGTERM:
+        status = 128 + sig
+        assert f"exitcode  : {status}" in stderr, stderr[-3000:]
+        assert not re.search(rf"exitcode\s*: (?!{status})", stderr), stderr[-3000:]
+    assert "fastclip/train/" not in stderr and "second SIG" not in stderr, stderr[-3000:]
+    (line,) = [x for x in stderr.splitlines() if f"fastclip train: stopped by {sig.name} after step" in x]
     step = int(line.split("after step ")[1].split(";")[0])
     meta = ckpt.verify(ckpt.find_latest(os.path.join(out, "checkpoints")))
     assert meta["step"] == step and meta["world_size"] == 2
     assert max(_losses(out)) == step, "no rank trained past the agreed step"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_refuse_a_locked_directory_together(tmp_path):
+    """Rank 0 cannot take the lock: every rank stops (none waits for the others), nothing moved."""
+    out = str(tmp_path / "run")
+    lock = rundir.RunLock.acquire(out)
+    try:
+        (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+        p = _run(_torchrun(out), timeout=120)
+    finally:
+        lock.release()
+    assert p.returncode != 0
+    lines = _lines(p.stderr)
+    assert (
+        f"fastclip train: error: output_dir: {out} is in use by another fastclip run (pid {os.getpid()})"
+        in lines[0]
+    )
+    assert any("rank 0 could not take" in x for x in lines), p.stderr[-3000:]
+    assert sorted(os.listdir(out)) == [rundir.LOCK, "metrics.jsonl"]
 
 
 def test_cpu_threads_do_not_follow_the_load(monkeypatch):

@@ -114,9 +114,18 @@ def run(args) -> int:
             trainer = Trainer(cfg)
             metrics = trainer.fit()
         except TrainingInterrupted as stop:  # SIGTERM / SIGINT: a checkpoint was written
+            import signal
+
+            status = stop.exit_status
+            if _world() > 1:
+                # a launcher's worker, saved and leaving: torchrun's follow-up signal to the ranks still
+                # running when one exits is ignored, so the status is ours, not a signal death during
+                # interpreter shutdown (which drops Python handlers)
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_IGN)
             if _rank() == 0:
                 print(f"fastclip train: {stop}", file=sys.stderr)
-            return stop.exit_status
+            return status
         elapsed = time.time() - t0
     except (ConfigError, DataError, CheckpointError, UnsafeCheckpointError, FileNotFoundError) as exc:
         print(f"fastclip train: error: {exc}", file=sys.stderr)
@@ -147,6 +156,12 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def trained_line(name: str, first: int, last: int, elapsed: float) -> str:

@@ -78,25 +78,31 @@ class TrainingInterrupted(Exception):
 
 class _StopSignals:
     """SIGTERM/SIGINT handlers for the run: the first asks the loop to stop after the current step (and
-    save), the second leaves at once (status 128 + signal, no checkpoint). Only the main thread can
+    save), a second one (later than SAME_REQUEST_S) leaves at once (status 128 + signal, no
+    checkpoint). Only the main thread can
     install handlers; elsewhere the signals keep their behaviour. ``restore()`` puts back the previous ones."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # A repeat within this many seconds is the same request: Ctrl-C under torchrun reaches a worker
+    # twice at once (from the terminal to the whole process group, and forwarded by torchrun).
+    SAME_REQUEST_S = 0.5
 
     def __init__(self):
-        self.received = 0
+        self.received, self._first = 0, 0.0
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.received and time.monotonic() - self._first < self.SAME_REQUEST_S:
+            return
         if self.received:
             os.write(
                 2, f"\nfastclip: second {signal.Signals(signum).name}: exiting now, no checkpoint\n".encode()
             )
             os._exit(128 + signum)
-        self.received = signum
+        self.received, self._first = signum, time.monotonic()
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
