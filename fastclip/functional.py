@@ -20,14 +20,16 @@ from fastclip.ops.family_inputs import (
     common_options,
     gist_options,
     info_nce_options,
+    negatives_list,
     prepare_gist,
     prepare_info_nce,
+    settle,
 )
 from fastclip.ops.family_variants import InfoNCEOptions
 from fastclip.ops.inputs import nan_if_not_finite, prepare
 from fastclip.ops.siglip import siglip_loss_fused
 from fastclip.reference import clip_loss_reference, distill_clip_loss_reference, siglip_loss_reference
-from fastclip.reference_family import gist_reference, info_nce_reference
+from fastclip.reference_family import gist_reference, info_nce_reference, siglip_negatives_reference
 
 __all__ = ["clip_loss", "distill_clip_loss", "gist_loss", "info_nce_loss", "siglip_loss"]
 
@@ -77,6 +79,7 @@ def siglip_loss(
     logit_scale,
     logit_bias=None,
     *,
+    negatives=None,
     impl: str = "auto",
     chunk_size: int | None = None,
     check_finite: bool = False,
@@ -91,13 +94,28 @@ def siglip_loss(
         labels = 2 * torch.eye(B) - 1
         loss = -F.logsigmoid(labels * logits).sum() / B
 
-    ``impl`` and ``check_finite`` as in :func:`clip_loss`.
+    ``impl`` and ``check_finite`` as in :func:`clip_loss`. ``negatives``: extra negative captions (hard
+    negatives), K per row as a list of K ``(B, D)`` tensors or one ``(B, K, D)``: every image is paired
+    with every one of them as a negative term, ``loss += sum softplus(s x n^T + b) / B`` (gradients
+    reach them too).
     """
     a = prepare(
         image_features, text_features, logit_scale, logit_bias,
         impl=impl, chunk_size=chunk_size, check_finite=check_finite,
     )  # fmt: skip
-    return _run(a, siglip_loss_fused, siglip_loss_reference)
+    if negatives is None:
+        return _run(a, siglip_loss_fused, siglip_loss_reference)
+    negs = negatives_list(negatives, a.x.shape[0], a.x.shape[1])
+    negs = settle([("image_features", a.x)] + [(f"negatives[{k}]", t) for k, t in enumerate(negs)])[1:]
+    negs = [t if t.dtype == a.x.dtype else t.to(a.x.dtype) for t in negs]
+    if check_finite:
+        for k, t in enumerate(negs):
+            _checks.check_all_finite(f"negatives[{k}]", t)
+    if a.impl == "reference":
+        with no_autocast(a.x.device):
+            ref = siglip_negatives_reference(a.x, a.y, negs, a.scale, a.bias)
+            return nan_if_not_finite(ref, a.x, a.y, a.scale, a.bias, *negs)
+    return siglip_loss_fused(a, negs)
 
 
 def distill_clip_loss(

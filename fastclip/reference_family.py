@@ -195,3 +195,16 @@ def gist_reference(
         scores.append(cos(query, N).masked_fill(cos(guide_query, GN) > thr, float("-inf")))
     logits = torch.cat(scores, 1) / temperature
     return F.cross_entropy(logits, g)
+
+
+def siglip_negatives_reference(image_features, text_features, negatives, logit_scale, logit_bias=None):
+    """SigLIP's sigmoid loss with extra negative columns, materialized: labels +1 on the diagonal of the
+    image-text block, -1 on every other pair, the negative columns included; summed, divided by B."""
+    cols = torch.cat([text_features, *negatives], 0)
+    logits = logit_scale.reshape(()) * image_features @ cols.T
+    if logit_bias is not None:
+        logits = logits + logit_bias.reshape(())
+    n = image_features.shape[0]
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(n), torch.arange(n)] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / n

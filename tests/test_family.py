@@ -428,3 +428,42 @@ def test_second_backward_with_retain_graph_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize(
+    "impl",
+    ["torch", pytest.param("triton", marks=[needs_triton, pytest.mark.interpreter])],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_siglip_with_negative_columns(impl, dtype):
+    from fastclip.reference_family import siglip_negatives_reference
+
+    g = torch.Generator().manual_seed(8)
+    n, d = 21, 7
+    ts64 = [
+        torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+        for _ in range(4)
+    ]
+    s64, b64 = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-4.0, dtype=torch.float64)
+
+    def run(fn, ts, s, b):
+        leaves = [t.detach().clone().requires_grad_() for t in [*ts, s, b]]
+        loss = fn(leaves)
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    def ref(leaves):
+        x, y, n1, n2, s, b = leaves
+        return siglip_negatives_reference(x, y, [n1, n2], s, b)
+
+    def fused(leaves):
+        x, y, n1, n2, s, b = leaves
+        return FF.siglip_loss(x, y, s, b, negatives=torch.stack([n1, n2], 1), impl=impl)
+
+    truth = run(ref, ts64, s64, b64)
+    ts = [t.to(dtype) for t in ts64]
+    same = run(ref, ts, s64.to(dtype), b64.to(dtype))
+    got = run(fused, ts, s64.float(), b64.float())
+    for i, (a, r, w) in enumerate(zip(got, same, truth)):
+        assert_within_budget(f"siglip output {i}", a, r, w, dtype)
+    with pytest.raises(ValueError, match=r"negatives\[0\]: expected shape \(21, 7\)"):
+        FF.siglip_loss(ts[0], ts[1], 10.0, negatives=[torch.randn(20, 7, dtype=dtype)])
