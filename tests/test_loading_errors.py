@@ -244,3 +244,14 @@ def test_export_refuses_a_config_that_does_not_fit(tmp_path):
     assert _config_metadata(None, state, str(tmp_path)) == {}  # no model_config.json anywhere
     with pytest.raises(TypeError, match="model_config: expected"):
         _config_metadata(3, state, str(tmp_path))
+
+
+def test_convert_of_a_file_without_config_is_one_line_naming_the_option(tmp_path, capsys):
+    src = tmp_path / "plain.safetensors"
+    state = {k: v.contiguous() for k, v in create_model("tiny").state_dict().items()}
+    safetensors_torch.save_file(state, str(src), metadata={"format": "pt"})
+    assert cli_main(["convert", str(src), str(tmp_path / "o"), "--to", "open_clip"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(")\n") and err.count("\n") == 1, repr(err)
+    assert "carries no config" in err and "pass --model NAME" in err
+    assert cli_main(["convert", str(src), str(tmp_path / "o"), "--to", "open_clip", "--model", "tiny"]) == 0

@@ -61,7 +61,9 @@ def run(args) -> int:
         model = load_pretrained(args.src, args.model)
     except (ValueError, TypeError) as exc:  # WeightLoadError is a ValueError: the report is the message
         kind = "weights do not match" if isinstance(exc, WeightLoadError) else "cannot convert"
-        print(f"fastclip convert: {kind}: {exc}", file=sys.stderr)
+        # the API's argument is this command's --model option
+        msg = str(exc).replace("pass model_name (see list_models())", "pass --model NAME (see list_models())")
+        print(f"fastclip convert: {kind}: {msg.rstrip()}", file=sys.stderr)
         return 1
     if args.dtype:
         model = model.to(getattr(torch, args.dtype))
