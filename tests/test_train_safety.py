@@ -497,6 +497,18 @@ def test_error_messages_cap_a_long_value():
     assert len(str(info.value)) < 400 and "(str, 10001 characters)" in str(info.value)
 
 
+def test_checkpoint_errors_cap_a_long_value(tmp_path):
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    (step / "MANIFEST.json").write_text(
+        json.dumps({"files": {"trainer.json": {"size": 1, "sha256": "a" * 100_000}}})
+    )
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.verify(str(step))
+    assert "key 'sha256': expected 64 hex digits, got 'aaaa" in str(info.value)
+    assert len(str(info.value)) < 600 and "(str, 100000 characters)" in str(info.value)
+
+
 def test_every_unknown_key_is_reported_with_suggestions_by_meaning(tmp_path):
     path = tmp_path / "typos.yaml"
     path.write_text(

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 
+from fastclip.train.config_values import shown
 from fastclip.train.rank_state import RankStateError, load_rank_state, rank_file, save_rank_state
 
 MANIFEST = "MANIFEST.json"
@@ -90,19 +91,21 @@ def _check_entry(manifest: str, rel, meta) -> None:
         or re.match(r"^[A-Za-z]:", rel)
     ):
         raise CheckpointError(
-            f"{manifest}: entry {rel!r}: expected a plain relative name inside the step directory "
+            f"{manifest}: entry {shown(rel)}: expected a plain relative name inside the step directory "
             "(no '..', no absolute path)"
         )
     if not isinstance(meta, dict):
         raise CheckpointError(
-            f"{manifest}: entry {rel!r}: expected {{'size': int, 'sha256': hex}}, got {meta!r}"
+            f"{manifest}: entry {shown(rel)}: expected {{'size': int, 'sha256': hex}}, got {shown(meta)}"
         )
     size, digest = meta.get("size"), meta.get("sha256")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise CheckpointError(f"{manifest}: entry {rel!r}: key 'size': expected an int >= 0, got {size!r}")
+        raise CheckpointError(
+            f"{manifest}: entry {shown(rel)}: key 'size': expected an int >= 0, got {shown(size)}"
+        )
     if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise CheckpointError(
-            f"{manifest}: entry {rel!r}: key 'sha256': expected 64 hex digits, got {digest!r}"
+            f"{manifest}: entry {shown(rel)}: key 'sha256': expected 64 hex digits, got {shown(digest)}"
         )
 
 
@@ -180,10 +183,10 @@ def _read_trainer_json(ckpt_dir: str, listed: bool) -> dict:
     for key, lo in (("step", 0), ("world_size", 1), ("zero_stage", 0)):
         v = meta.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise CheckpointError(f"{path}: key {key!r}: expected an int >= {lo}, got {v!r}")
+            raise CheckpointError(f"{path}: key {key!r}: expected an int >= {lo}, got {shown(v)}")
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(
-            f"{path}: key 'config': expected the run's config (an object), got {meta.get('config')!r}"
+            f"{path}: key 'config': expected the run's config (an object), got {shown(meta.get('config'))}"
         )
     return meta
 

@@ -17,6 +17,8 @@ import random
 import numpy as np
 import torch
 
+from fastclip.train.config_values import shown
+
 _META = "fastclip"
 
 
@@ -68,7 +70,7 @@ def save_rank_state(path: str, *, step: int, data: dict) -> None:
         meta = json.dumps({"step": int(step), "data": data, "rng": rng["scalars"]}, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(
-            f"data: expected a JSON-serialisable data-stream state, got {data!r} ({exc})"
+            f"data: expected a JSON-serialisable data-stream state, got {shown(data)} ({exc})"
         ) from None
     tensors = {f"rng.{k}": v.contiguous() for k, v in rng.items() if k != "scalars"}
     save_file(tensors, path, metadata={_META: meta})
@@ -103,22 +105,24 @@ def load_rank_state(path: str) -> dict:
     if not isinstance(meta, dict):
         raise RankStateError(f"{path}: metadata {_META!r}: expected an object, got {type(meta).__name__}")
     if not isinstance(meta.get("step"), int) or meta["step"] < 0:
-        raise RankStateError(f"{path}: key 'step': expected an int >= 0, got {meta.get('step')!r}")
+        raise RankStateError(f"{path}: key 'step': expected an int >= 0, got {shown(meta.get('step'))}")
     if not isinstance(meta.get("data"), dict):
         raise RankStateError(
-            f"{path}: key 'data': expected the data stream's state (an object), got {meta.get('data')!r}"
+            f"{path}: key 'data': expected the data stream's state (an object), got {shown(meta.get('data'))}"
         )
     scalars = meta.get("rng")
     if not isinstance(scalars, dict):
-        raise RankStateError(f"{path}: key 'rng': expected an object of RNG scalars, got {scalars!r}")
+        raise RankStateError(f"{path}: key 'rng': expected an object of RNG scalars, got {shown(scalars)}")
     for key, tp in _SCALARS.items():
         v = scalars.get(key)
         ok = (isinstance(v, tp) or (tp is float and isinstance(v, int))) and not isinstance(v, bool)
         if not ok or (tp is float and not math.isfinite(v)):
-            raise RankStateError(f"{path}: key 'rng.{key}': expected {tp.__name__}, got {v!r}")
+            raise RankStateError(f"{path}: key 'rng.{key}': expected {tp.__name__}, got {shown(v)}")
     gauss = scalars.get("python_gauss_next")
     if gauss is not None and not isinstance(gauss, (int, float)):
-        raise RankStateError(f"{path}: key 'rng.python_gauss_next': expected a number or null, got {gauss!r}")
+        raise RankStateError(
+            f"{path}: key 'rng.python_gauss_next': expected a number or null, got {shown(gauss)}"
+        )
     for key, dtype in _TENSORS.items():
         t = tensors.get(key)
         if t is None or t.dtype != dtype or t.dim() != 1:
