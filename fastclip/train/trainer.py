@@ -79,8 +79,8 @@ class TrainingInterrupted(Exception):
 class _StopSignals:
     """SIGTERM/SIGINT handlers for the run: the first asks the loop to stop after the current step (and
     save), a second one (later than SAME_REQUEST_S) leaves at once (status 128 + signal, no
-    checkpoint). Only the main thread can
-    install handlers; elsewhere the signals keep their behaviour. ``restore()`` puts back the previous ones."""
+    checkpoint). Only the main thread can install handlers; elsewhere the signals keep their
+    behaviour. ``restore()`` puts back the previous ones."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     # A repeat within this many seconds is the same request: Ctrl-C under torchrun reaches a worker
