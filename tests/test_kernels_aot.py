@@ -119,3 +119,18 @@ def test_distillation_kernels_compile_without_spills(tmp_path_factory):
         assert info["num_stages"] == 3 and info["cp_async"], (key, info)
         assert info["wgmma"] if info["arch"] == "hopper" else info["mma"], (key, info)
         assert 0 < info["shared"] <= SHARED_LIMIT[info["arch"]], (key, info)
+
+
+@pytest.mark.slow
+def test_family_kernels_compile_without_spills(tmp_path_factory):
+    """The contrastive family's epilogue kernels (masks, shifts, log-sum-exp, gradient tiles) for the
+    variant flags real calls get (hard negatives with every direction and the shifts; ids as positives with
+    smoothing and a bank; GIST's guide), fp32 and bf16, on sm_90 and sm_80: no spills, no stack, within
+    shared memory."""
+    built = _build("_aot_build_family.py", tmp_path_factory)
+    kinds = {(i["kernel"], i["variant"], i["arch"], i["prec"]) for i in built.values()}
+    assert len(kinds) == 2 * 3 * 2 * 2, sorted(kinds)
+    for key, info in built.items():
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (key, info)
+        assert info["stack_bytes"] == 0 and info["local_bytes"] == 0, (key, info)
+        assert info["shared"] <= SHARED_LIMIT[info["arch"]], (key, info)
