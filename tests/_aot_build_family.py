@@ -20,6 +20,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _aot_build as ab  # noqa: E402
 from fastclip.kernels import family as kf  # noqa: E402
+
 from fastclip.ops.family_variants import GistOptions, InfoNCEOptions, Layout, gist_spec, info_nce_spec  # noqa: E402
 
 # fp16 takes the bf16 code path but for the dtype of the stored gradient tile: bf16 and fp32 are built.
