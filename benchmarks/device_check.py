@@ -31,7 +31,7 @@ from device_report import GOAL_MATMUL_FRACTION, load_part  # noqa: E402
 
 PARTS = ("env", "correctness", "target", "phases", "million")
 WORKER_PARTS = ("cases",)  # started by "correctness", one process per precision
-EXTRA_PARTS = ("vit",)  # run only when named (device_check.sh --parts)
+EXTRA_PARTS = ("vit", "family")  # run only when named (device_check.sh --parts)
 # Sizes: (GPU, dry run on CPU).
 SIZES = {
     "target": ((32768, 768), (256, 32)),
@@ -39,6 +39,7 @@ SIZES = {
     "million": ((2**20, 768), (1024, 16)),
     "repeat": ((16387, 768), (130, 33)),
     "matmul": (8192, 256),
+    "family": ((16384, 768), (96, 24)),
 }
 
 
@@ -460,6 +461,100 @@ def part_vit(p: Part) -> None:
     packed = _packed_attention(p, device) if p.left() > 0 else {"error": "not run: time limit"}
     ok = all("error" not in r for r in rows)
     p.save(status="ok" if ok else "failed", rows=rows, packed=packed)
+
+
+def part_family(p: Part) -> None:
+    """The contrastive family's Triton epilogue on the GPU: its numbers against the chunked PyTorch
+    implementation for the variants real calls get (bf16 and fp32), then info_nce_loss with K = 0, 1
+    and 7 hard negatives, bf16, forward+backward: Triton vs the torch implementation vs the
+    materialized MNRL maths (time and peak extra memory, side by side)."""
+    import torch
+
+    from fastclip import functional as F
+    from fastclip.bench import family as bf
+    from fastclip.bench import timing
+    from fastclip.bench.memory import peak_extra_bytes
+
+    device = _device(p.dry)
+    b, d = _sizes("family", p.dry)
+    all_dirs = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+    variants = {
+        "mnrl": {},
+        "hard+all directions": dict(
+            directions=all_dirs, hardness="in_batch_negatives", hardness_strength=2.0
+        ),
+        "ids positive+smoothing": dict(
+            directions=all_dirs, duplicates="positive", label_smoothing=0.1, ids=True
+        ),
+    }
+    checks = []
+    p.save(batch=b, dim=d, checks=checks)
+    impl_fused = "triton"
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, kw in variants.items():
+            g = torch.Generator(device=device).manual_seed(0)
+            n = min(b, 4096) if not p.dry else b
+            ts = [torch.randn(n, d, generator=g, device=device).to(dtype) for _ in range(4)]
+            kw = dict(kw)
+            if kw.pop("ids", False):
+                kw["query_ids"] = torch.randint(0, n // 4, (n,), device=device, generator=g)
+            outs = {}
+            for impl in (impl_fused, "torch"):
+                leaves = [t.clone().requires_grad_() for t in ts]
+                loss = F.info_nce_loss(leaves[0], leaves[1], leaves[2:], impl=impl, **kw)
+                grads = torch.autograd.grad(loss, leaves)
+                outs[impl] = [loss.detach().float(), *(x.float() for x in grads)]
+            err = max(float((a - c).abs().max()) for a, c in zip(outs[impl_fused], outs["torch"]))
+            scale = max(float(x.abs().max()) for x in outs["torch"])
+            checks.append(
+                {"variant": name, "dtype": str(dtype), "n": n, "max_abs_diff": err, "max_abs": scale}
+            )
+            p.save(checks=checks)
+    rows = []
+    providers = {
+        "fastclip-triton": lambda q, pos, negs: F.info_nce_loss(
+            q, pos, negs, scale=bf.SCALE, impl=impl_fused
+        ),
+        "fastclip-torch": lambda q, pos, negs: F.info_nce_loss(q, pos, negs, scale=bf.SCALE, impl="torch"),
+        "materialized": bf.materialized_mnrl,
+    }
+    for k in (0, 1, 7):
+        if p.left() <= 10:
+            rows.append({"negatives": k, "error": "not run: time limit"})
+            continue
+        ts = [torch.randn(b, d, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(k + 2)]
+
+        def reset(ts=ts):
+            for t in ts:
+                t.grad = None
+
+        for pname, fn in providers.items():
+            if p.dry and pname == "fastclip-triton":
+                continue  # the interpreter is not timed
+            try:
+                reset()
+                peak, _ = peak_extra_bytes(lambda fn=fn, ts=ts: fn(ts[0], ts[1], ts[2:]).backward(), device)
+                samples = timing.time_iterations(
+                    lambda fn=fn, ts=ts: fn(ts[0], ts[1], ts[2:]),
+                    lambda out: out.backward(),
+                    reset,
+                    device,
+                    3 if not p.dry else 1,
+                )
+                ms = sorted(s[2] for s in samples)[len(samples) // 2]
+                rows.append(
+                    {"negatives": k, "provider": pname, "fwd_bwd_ms": ms, "peak_mem_bytes": int(peak)}
+                )
+            except Exception as exc:  # e.g. the materialized loss out of memory at K = 7
+                rows.append(
+                    {"negatives": k, "provider": pname, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                )
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            p.save(rows=rows)
+        del ts
+    tol_ok = all(c["max_abs_diff"] <= 3e-2 * max(1.0, c["max_abs"]) for c in checks)
+    p.save(status="ok" if tol_ok else "failed", checks=checks, rows=rows)
 
 
 def main(argv=None) -> int:

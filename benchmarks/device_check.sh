@@ -11,7 +11,9 @@
 #                 machine, `python benchmarks/device_report.py collect FILE DEST` unpacks it and draws the plots.
 #   --parts LIST  comma list of the parts to run (default: env,correctness,target,phases,million,pytest);
 #                 "vit" (not in the default: a ViT-B/16 training step with SDPA's flash backend and the
-#                 packed-attention path, about 40 s) runs only when named, e.g. --parts env,vit for a
+#                 packed-attention path, about 40 s) and "family" (the contrastive family's Triton epilogue
+#                 against its torch implementation, then info_nce_loss K = 0, 1, 7 bf16 vs the materialized
+#                 MNRL maths, about 40 s) run only when named, e.g. --parts env,vit for a
 #                 second call.
 #   --dry-run     the same parts on CPU with the Triton interpreter and tiny sizes (CI runs this);
 #                 with --wheels, pip only resolves the install (pip install --dry-run).
@@ -42,8 +44,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$OUT" ] || usage
 for p in ${PARTS//,/ }; do
-    case "$p" in env|correctness|target|phases|million|pytest|vit) ;;
-        *) echo "--parts: expected names from env,correctness,target,phases,million,pytest,vit; got '$p'" >&2; exit 2 ;;
+    case "$p" in env|correctness|target|phases|million|pytest|vit|family) ;;
+        *) echo "--parts: expected names from env,correctness,target,phases,million,pytest,vit,family; got '$p'" >&2; exit 2 ;;
     esac
 done
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -126,6 +128,7 @@ want target && dc target 150
 want phases && dc phases 45
 want million && dc million 100
 want vit && dc vit 60
+want family && dc family 60
 left() {  # seconds left of TOTAL, less what later parts keep back ($1), at least 30
     local n=$(( TOTAL - ( $(date +%s) - START ) - $1 ))
     [ "$n" -lt 30 ] && n=30

@@ -60,6 +60,22 @@ def test_parts_selects_what_runs(tmp_path):
     assert vit["packed"]["mask_ms"] > 0
 
 
+def test_family_part_dry_run(tmp_path):
+    """The contrastive family's part: Triton epilogue against torch per variant and dtype, then the
+    K = 0, 1, 7 timings (the interpreter's Triton is checked, not timed)."""
+    out = tmp_path / "family"
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", SCRIPT, str(out), "--dry-run", "--parts", "family"],
+                          env=env, capture_output=True, text=True, timeout=200)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert (out / "status.txt").read_text().split() == ["family", "0"]
+    part = json.loads((out / "part_family.json").read_text())
+    assert part["status"] == "ok" and len(part["checks"]) == 6
+    assert {r["negatives"] for r in part["rows"]} == {0, 1, 7}
+    assert all(r["fwd_bwd_ms"] > 0 and r["peak_mem_bytes"] > 0 for r in part["rows"])
+
+
 def _collect(*args):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
