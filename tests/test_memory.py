@@ -48,7 +48,7 @@ def _peak_bytes(loss, impl, b, d):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("loss", ["clip", "siglip", "mnrl"])
 def test_peak_memory_is_a_small_fraction_of_the_reference(loss):
     """Peak RSS above the inputs (VmHWM after clear_refs, docs/design.md "Platform facts") at B=4096, chunks of 128 rows."""
     b, d = 4096, 16
