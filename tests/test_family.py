@@ -467,3 +467,46 @@ def test_siglip_with_negative_columns(impl, dtype):
         assert_within_budget(f"siglip output {i}", a, r, w, dtype)
     with pytest.raises(ValueError, match=r"negatives\[0\]: expected shape \(21, 7\)"):
         FF.siglip_loss(ts[0], ts[1], 10.0, negatives=[torch.randn(20, 7, dtype=dtype)])
+
+
+def test_gradcache_with_hard_negatives_equals_one_large_step():
+    """GradCache (fastclip.train.gradcache) caches the negative captions' features like the others: the
+    parameter gradients of micro-batches of 3 equal one full-batch step."""
+    from fastclip.train.gradcache import gradcache_step
+
+    torch.manual_seed(0)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.img = torch.nn.Linear(5, 8)
+            self.txt = torch.nn.EmbeddingBag(30, 8)
+            self.logit_scale = torch.nn.Parameter(torch.tensor([2.5]))
+
+        def forward(self, images, texts):  # texts (B, 1 + K, T): the caption, then K negative captions
+            b, c, t = texts.shape
+            txt = self.txt(texts.reshape(b * c, t)).reshape(b, c, -1)
+            return {
+                "image_features": self.img(images),
+                "text_features": txt[:, 0],
+                "negative_features": txt[:, 1:],
+                "logit_scale": self.logit_scale.exp(),
+            }
+
+    def loss_fn(image_features, text_features, negative_features, logit_scale):
+        return FF.info_nce_loss(
+            image_features, text_features, negative_features, scale=logit_scale,
+            directions=("query_to_doc", "doc_to_query"), partition="per_direction", impl="torch",
+        )  # fmt: skip
+
+    model = Tiny()
+    images, texts = torch.randn(10, 5), torch.randint(0, 30, (10, 3, 4))
+    loss_full = loss_fn(**model(images, texts))
+    loss_full.backward()
+    full = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    loss_cached = gradcache_step(model, loss_fn, images, texts, micro_batch=3)
+    assert abs(float(loss_full) - float(loss_cached)) < 1e-5
+    for k, p in model.named_parameters():
+        err, where = max_err(p.grad, full[k])
+        assert err <= 1e-5, f"{k}: {err:.2e} at {where}"

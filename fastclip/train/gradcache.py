@@ -36,6 +36,10 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+# Per-sample outputs of the model's forward that the loss differentiates (cached, then re-forwarded).
+FEATURE_KEYS = ("image_features", "text_features", "negative_features")
+
+
 def gradcache_step(
     forward: Callable,
     loss_fn: Callable,
@@ -79,24 +83,28 @@ def gradcache_step(
             feats.append(_outputs(forward(imgs, txts)))
     end_state = _rng_state(device)
 
-    # The loss once over everything, differentiated with respect to the cached leaves.
-    image_f = torch.cat([f["image_features"] for f in feats]).requires_grad_(True)
-    text_f = torch.cat([f["text_features"] for f in feats]).requires_grad_(True)
+    # The loss once over everything, differentiated with respect to the cached leaves. Per-sample
+    # features (images, texts and, with hard negatives, the negative captions' (B, K, D) features) are
+    # concatenated over the micro-batches; the scale and bias are shared.
+    keys = [k for k in FEATURE_KEYS if k in feats[0]]
+    batch_f = {k: torch.cat([f[k] for f in feats]).requires_grad_(True) for k in keys}
     head = {
         k: v.clone().requires_grad_(True) for k, v in feats[0].items() if k in ("logit_scale", "logit_bias")
     }
-    loss = loss_fn(image_features=image_f, text_features=text_f, **head)
+    loss = loss_fn(**batch_f, **head)
     _check_loss(loss)
-    leaves = [image_f, text_f, *head.values()]
+    leaves = [*batch_f.values(), *head.values()]
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    g_image, g_text = (g.split(micro_batch) for g in grads[:2])
-    g_head = dict(zip(head, grads[2:]))
+    g_batch = {
+        k: (torch.zeros_like(batch_f[k]) if g is None else g).split(micro_batch) for k, g in zip(keys, grads)
+    }
+    g_head = dict(zip(head, grads[len(keys) :]))
 
     # Pass 2: re-forward with autograd under the same randomness; backpropagate the cached gradients.
     for i, (imgs, txts) in enumerate(chunks):
         _set_rng_state(states[i], device)
         out = forward(imgs, txts)
-        surrogate = _dot(out["image_features"], g_image[i]) + _dot(out["text_features"], g_text[i])
+        surrogate = sum(_dot(out[k], g_batch[k][i]) for k in keys)
         if i == 0:  # the scale and bias are shared by all micro-batches: their gradient counts once
             for key, g in g_head.items():
                 if g is not None:
