@@ -85,7 +85,7 @@ def _lines(text, prefix="fastclip train:"):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_resumes_to_the_same_losses_and_a_second_run_is_refused(tmp_path):
+def test_sigterm_saves_and_the_same_command_resumes_to_the_same_losses(tmp_path):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
     p = _run(_cmd(ref))
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
@@ -96,16 +96,7 @@ def test_sigterm_saves_resumes_to_the_same_losses_and_a_second_run_is_refused(tm
     proc = _start(_cmd(out))
     try:
         _wait_for_step(proc, out, 3)
-        # (1) a second trainer on the same directory: one line naming the holder's pid, nothing moved
-        before = sorted(os.listdir(out))
-        second = _run(_cmd(out, "--checkpoint.resume", "never"), timeout=120)
-        assert second.returncode == 2, (second.stdout + second.stderr)[-3000:]
-        (line,) = _lines(second.stderr)
-        assert f"is in use by another fastclip run (pid {proc.pid})" in line, line
-        assert "Traceback" not in second.stderr
-        assert not [n for n in os.listdir(out) if n.startswith("previous-")], "nothing was moved aside"
-        assert sorted(os.listdir(out)) == before
-        # (2) SIGTERM: the step finishes, a checkpoint is written, one line, status 143
+        # SIGTERM: the step finishes, a checkpoint is written, one line, status 143
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -129,7 +120,7 @@ def test_sigterm_saves_resumes_to_the_same_losses_and_a_second_run_is_refused(tm
     # a killed save's marker left behind: removed on the next start
     open(os.path.join(root, "latest.tmp424242"), "w").write("step_000")
 
-    # (3) the same command again resumes (nothing moved aside) and reaches the uninterrupted losses
+    # the same command again resumes (nothing moved aside) and reaches the uninterrupted losses
     p = _run(_cmd(out))
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert f"resumed from {m.group(2)} at step {stopped}" in p.stderr
@@ -173,9 +164,10 @@ def test_sigint_saves_with_status_130_and_records_the_thread_default(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_signal_exits_at_once(tmp_path):
-    """A step that never ends (the test hook hangs step 3, as a stuck collective would): the first
-    SIGTERM waits for the step, the second leaves at once with status 143 and no checkpoint."""
+def test_a_second_run_is_refused_and_a_second_signal_exits_at_once(tmp_path):
+    """A step that never ends (the test hook hangs step 3, as a stuck collective would): a second
+    trainer on the directory is refused; the first SIGTERM waits for the step, the second leaves at
+    once with status 143 and no checkpoint."""
     out = str(tmp_path / "run")
     proc = subprocess.Popen(
         _cmd(out), env={**_env(), "FASTCLIP_TEST_HANG": "3:0"},
@@ -183,6 +175,16 @@ def test_a_second_signal_exits_at_once(tmp_path):
     )  # fmt: skip
     try:
         _wait_for_step(proc, out, 2)
+        # the run is held at step 3: a second trainer on the same directory refuses in one line naming
+        # the holder's pid, before moving anything aside
+        before = sorted(os.listdir(out))
+        second = _run(_cmd(out, "--checkpoint.resume", "never"), timeout=120)
+        assert second.returncode == 2, (second.stdout + second.stderr)[-3000:]
+        (line,) = _lines(second.stderr)
+        assert f"is in use by another fastclip run (pid {proc.pid})" in line, line
+        assert "Traceback" not in second.stderr
+        assert not [n for n in os.listdir(out) if n.startswith("previous-")], "nothing was moved aside"
+        assert sorted(os.listdir(out)) == before
         proc.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         assert proc.poll() is None, "the first signal waits for the step to end"
