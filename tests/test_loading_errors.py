@@ -127,6 +127,31 @@ def test_open_clip_config_that_is_not_json(tmp_path, capsys):
         load_pretrained(d)
 
 
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda c: c["vision"].update(width=10**9), r"vision\.width: expected a positive int of at most"),
+        (lambda c: c["vision"].pop("width"), r"missing key vision\.width"),
+        (
+            lambda c: c["vision"].update(width=1024, mlp_dim=4096),
+            r"vision\.width is 1024, the weights have 96",
+        ),
+    ],
+    ids=["oversized", "missing", "does-not-fit"],
+)
+def test_fastclip_config_in_an_open_clip_dir(tmp_path, real_builds, edit, match):
+    d = _open_clip_dir(tmp_path)
+    cfg = d / "open_clip_config.json"
+    oc = json.loads(cfg.read_text())
+    edit(oc["fastclip_config"])
+    cfg.write_text(json.dumps(oc))
+    real_builds.clear()
+    with pytest.raises(ValueError, match=match) as e:
+        load_pretrained(d)
+    assert str(cfg) in str(e.value).splitlines()[0]
+    assert real_builds == []
+
+
 def test_hf_config_that_is_not_json(tmp_path):
     d = tmp_path / "hf"
     d.mkdir()

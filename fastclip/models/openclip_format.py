@@ -179,12 +179,13 @@ def text_settings(oc: dict) -> dict:
     }
 
 
-def config_from_open_clip(oc: dict, sd: dict) -> ModelConfig:
-    """ModelConfig of an open_clip_config.json (``oc``) and its open_clip-named tensors ``sd``."""
+def config_from_open_clip(oc: dict, sd: dict, source: str = OPEN_CLIP_CONFIG) -> ModelConfig:
+    """ModelConfig of an open_clip_config.json (``oc``, read from ``source``: errors name it) and its
+    open_clip-named tensors ``sd``."""
     from fastclip.models.layouts import infer_open_clip_config
 
     if FASTCLIP_KEY in oc:
-        return config_from_file_dict(oc[FASTCLIP_KEY], f"{OPEN_CLIP_CONFIG}: key {FASTCLIP_KEY!r}")
+        return config_from_file_dict(oc[FASTCLIP_KEY], f"{source}: key {FASTCLIP_KEY!r}")
     mc = oc["model_cfg"]
     vc, tc = mc.get("vision_cfg") or {}, mc.get("text_cfg") or {}
     for bad, where in (
@@ -194,11 +195,9 @@ def config_from_open_clip(oc: dict, sd: dict) -> ModelConfig:
         ("output_tokens", vc),
     ):
         if where.get(bad):
-            raise ValueError(
-                f"open_clip_config.json: {bad}={where[bad]!r} is not supported by fastclip's towers"
-            )
+            raise ValueError(f"{source}: {bad}={where[bad]!r} is not supported by fastclip's towers")
     if isinstance(vc.get("layers"), (list, tuple)):
-        raise ValueError("open_clip_config.json: ResNet vision towers (layers as a list) are not supported")
+        raise ValueError(f"{source}: ResNet vision towers (layers as a list) are not supported")
     base = infer_open_clip_config(sd)
     quick = bool(mc.get("quick_gelu", False))
     vis: dict = {}
@@ -212,7 +211,7 @@ def config_from_open_clip(oc: dict, sd: dict) -> ModelConfig:
         vis["pre_norm"] = not vc.get("no_ln_pre", False)
         pool = vc.get("pool_type", "avg" if vc.get("global_average_pool") else "tok")
         if pool not in ("tok", "avg"):
-            raise ValueError(f"open_clip_config.json: vision pool_type {pool!r} is not supported")
+            raise ValueError(f"{source}: vision pool_type {pool!r} is not supported")
         vis["pool"] = "mean" if pool == "avg" else "tok"
         if "eps" in (vc.get("norm_kwargs") or {}):
             vis["norm_eps"] = float(vc["norm_kwargs"]["eps"])
@@ -247,7 +246,7 @@ def read_open_clip_dir(directory: str) -> tuple[ModelConfig, dict]:
         if os.path.isfile(path):
             sd, _ = read_state_dict(path)
             try:
-                return config_from_open_clip(oc, sd), sd
+                return config_from_open_clip(oc, sd, os.path.join(directory, OPEN_CLIP_CONFIG)), sd
             except (AttributeError, KeyError, TypeError) as exc:  # an object where another kind was expected
                 raise ValueError(
                     f"{os.path.join(directory, OPEN_CLIP_CONFIG)}: not an open_clip model config "
