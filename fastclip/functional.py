@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from fastclip import _checks
-from fastclip.ops import distill
 from fastclip.ops.amp import no_autocast
 from fastclip.ops.clip import clip_loss_fused
+from fastclip.ops.distill import distill_block_loss
 from fastclip.ops.family import gist_fused, info_nce_fused
 from fastclip.ops.family_inputs import (
     Common,
@@ -26,7 +26,7 @@ from fastclip.ops.family_inputs import (
     settle,
 )
 from fastclip.ops.family_variants import InfoNCEOptions
-from fastclip.ops.inputs import nan_if_not_finite, prepare
+from fastclip.ops.inputs import nan_if_not_finite, prepare, prepare_distill
 from fastclip.ops.siglip import siglip_loss_fused
 from fastclip.reference import clip_loss_reference, distill_clip_loss_reference, siglip_loss_reference
 from fastclip.reference_family import gist_reference, info_nce_reference, siglip_negatives_reference
@@ -148,18 +148,14 @@ def distill_clip_loss(
     accumulation; mixed feature dtypes, accepted under autocast only, are cast as the
     materialized loss's matmul would cast them).
     """
-    x, y, s, xt, yt, t = distill.check_distill_inputs(
+    a = prepare_distill(
         image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
-        check_finite=check_finite,
+        impl=impl, chunk_size=chunk_size, check_finite=check_finite,
     )  # fmt: skip
-    impl = distill.resolve_distill_impl(impl, x, xt)
-    chunk_size = _checks.check_chunk_size(chunk_size)
-    if impl == "reference":
-        with no_autocast(x.device):
-            return distill_clip_loss_reference(x, y, s, xt, yt, t)
-    return distill.distill_block_loss(
-        x, y, s, xt, yt, t, offset=0, both=True, impl=impl, chunk_size=chunk_size
-    )
+    if a.impl == "reference":
+        with no_autocast(a.x.device):
+            return distill_clip_loss_reference(*a.tensors)
+    return distill_block_loss(*a.tensors, offset=0, both=True, impl=a.impl, chunk_size=a.chunk_size)
 
 
 def info_nce_loss(

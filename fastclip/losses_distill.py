@@ -13,7 +13,8 @@ from torch import nn
 from fastclip import _checks
 from fastclip.functional import distill_clip_loss
 from fastclip.losses import ClipLoss, _check_world, gather_like_open_clip
-from fastclip.ops.distill import check_distill_inputs, distill_block_loss, resolve_distill_impl
+from fastclip.ops.distill import distill_block_loss
+from fastclip.ops.inputs import prepare_distill
 
 
 class DistillClipLoss(ClipLoss):
@@ -73,8 +74,11 @@ class DistillClipLoss(ClipLoss):
         from fastclip.comm import check_batch_sizes
 
         _check_world(self.group, self.rank, self.world_size)
-        x, y, s, xt, yt, t = check_distill_inputs(x, y, s, xt, yt, t, check_finite=self.check_finite)
-        impl = resolve_distill_impl(self.impl, x, xt)
+        a = prepare_distill(
+            x, y, s, xt, yt, t, impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite
+        )
+        x, y, s, xt, yt, t = a.tensors
+        impl = a.impl
         if impl == "reference":
             impl = "torch"  # no materialized multi-rank form: the chunked one gives the same numbers
         if self.check_batch_sizes:

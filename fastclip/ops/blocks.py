@@ -11,6 +11,8 @@ strategy call these three primitives:
   where ``P`` marks the positives: ``dx = s G y``, ``dy = s G^T x``, ``ds = sum(G * x y^T)``.
 * ``siglip_block(x, y, s, b, offset, need_grad)`` -> ``sum(softplus(-z L))`` and, with ``need_grad``,
   ``dx, dy, ds, db`` for ``G = sigmoid(L) - P`` (``z = +1`` on positives, ``-1`` elsewhere).
+* ``distill_stats`` and ``distill_grad``: the two passes of the distillation loss over a student and a
+  teacher block of the same shape (the math is in ``fastclip/ops/distill.py``).
 
 Results are in the accumulation dtype (float32; float64 for float64 inputs). None of them holds
 more than a bounded chunk of the n×N logits. Under ``torch.compile`` they run as the custom ops of
@@ -28,7 +30,16 @@ from fastclip import _checks
 from fastclip.ops import library
 from fastclip.ops.torch_impl import positive_logits, positive_rows
 
-__all__ = ["InputMeta", "clip_grad", "clip_lse", "positive_logits", "positive_rows", "siglip_block"]
+__all__ = [
+    "InputMeta",
+    "clip_grad",
+    "clip_lse",
+    "distill_grad",
+    "distill_stats",
+    "positive_logits",
+    "positive_rows",
+    "siglip_block",
+]
 
 
 def _block_impl(impl: str) -> str:
@@ -86,6 +97,28 @@ def siglip_block(x, y, scale, bias, offset, need_grad, *, impl="torch", chunk_si
     if not need_grad:
         dx = dy = None
     return total, dx, dy, ds, db
+
+
+def distill_stats(x, y, s, xt, yt, t, *, both, impl="torch", chunk_size=None):
+    """Pass 1 of the distillation loss: ``(lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col)``,
+    the column entries None unless ``both``. Inputs are detached."""
+    args = (x.detach(), y.detach(), s.detach(), xt.detach(), yt.detach(), t.detach())
+    out = _run_block(
+        library.distill_stats_op, library.distill_stats_impl, *args, bool(both), _block_impl(impl), chunk_size
+    )
+    return out if both else (*out[:3], None, None, None)
+
+
+def distill_grad(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, *, impl, chunk_size):
+    """Pass 2 of the distillation loss: ``(dx, dy, ds, dxt, dyt, dt)``, None where not needed. ``stats``:
+    pass 1's six results; ``coefs``: the 5-element coefficient tensor. Inputs are detached."""
+    det = tuple(None if v is None else v.detach() for v in (x, y, s, xt, yt, t, *stats, coefs))
+    out = _run_block(
+        library.distill_grad_op, library.distill_grad_impl,
+        *det, offset, bool(need_student), bool(need_teacher), _block_impl(impl), chunk_size,
+    )  # fmt: skip
+    keep = (need_student,) * 3 + (need_teacher,) * 3
+    return tuple(v if k else None for v, k in zip(out, keep))
 
 
 @dataclass(frozen=True)

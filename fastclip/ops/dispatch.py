@@ -11,6 +11,9 @@ import torch
 # a few fp32 temporaries of that size exist at once (~4 x 16 MiB at the default). Measured on the
 # 2-core CPU machine (benchmarks/results/): 2**22 keeps time within the reference's at B=16384.
 CHUNK_ELEMENTS = 2**22
+# The distillation passes hold two logit tiles (student and teacher) per chunk and measured fastest at
+# twice the budget (B = 16384, D = 256 on the 2-core machine: 512-row chunks beat 256 and 1024).
+DISTILL_CHUNK_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 # Input dtypes of the Triton kernels (float64 runs on the chunked PyTorch path).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,11 +60,12 @@ def resolve_impl(impl: str, device: torch.device, *, dtype: torch.dtype | None =
     return impl
 
 
-def chunk_rows(n_rows: int, n_cols: int, chunk_size: int | None) -> int:
-    """Rows per chunk: the caller's ``chunk_size`` or the default budget of CHUNK_ELEMENTS logits."""
+def chunk_rows(n_rows: int, n_cols: int, chunk_size: int | None, budget: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk: the caller's ``chunk_size`` or the default ``budget`` of logits per chunk
+    (CHUNK_ELEMENTS; DISTILL_CHUNK_ELEMENTS for the distillation passes)."""
     if chunk_size is not None:
         return max(1, min(n_rows, chunk_size))
-    return max(1, min(n_rows, CHUNK_ELEMENTS // max(1, n_cols)))
+    return max(1, min(n_rows, budget // max(1, n_cols)))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -31,40 +31,15 @@ from __future__ import annotations
 
 import torch
 
-from fastclip import _checks
-from fastclip.ops import distill_library
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
-from fastclip.ops.dispatch import resolve_impl
-from fastclip.ops.distill_impl import distill_grad_eager, distill_stats_eager
-from fastclip.ops.inputs import nan_if_not_finite, settle_pair
+from fastclip.ops.blocks import distill_grad, distill_stats
+from fastclip.ops.inputs import nan_if_not_finite
 from fastclip.ops.torch_impl import positive_logits
 
+__all__ = ["DistillLossFunction", "distill_block_loss", "distill_grad", "distill_stats"]
+
 # ----------------------------------------------------------------------------------------------------
-# the two passes behind one switch, and the autograd Function
-
-
-def distill_stats(x, y, s, xt, yt, t, *, both, impl="torch", chunk_size=None):
-    """Pass 1 (see the module docstring); inputs are detached. Under ``torch.compile`` it runs as the
-    custom op ``torch.ops.fastclip.distill_stats`` (``fastclip/ops/distill_library.py``)."""
-    args = (x.detach(), y.detach(), s.detach(), xt.detach(), yt.detach(), t.detach(), both, impl, chunk_size)
-    if _checks._is_compiling():
-        out = distill_library.distill_stats_op(*args)
-        return out if both else (*out[:3], None, None, None)
-    return distill_stats_eager(*args)
-
-
-def distill_grad(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, *, impl, chunk_size):
-    """Pass 2 (see the module docstring); inputs are detached. Under ``torch.compile`` it runs as the
-    custom op ``torch.ops.fastclip.distill_grad``."""
-    det = tuple(None if v is None else v.detach() for v in (x, y, s, xt, yt, t, *stats, coefs))
-    if _checks._is_compiling():
-        out = distill_library.distill_grad_op(*det, offset, need_student, need_teacher, impl, chunk_size)
-        keep = (need_student,) * 3 + (need_teacher,) * 3
-        return tuple(v if k else None for v, k in zip(out, keep))
-    x, y, s, xt, yt, t = det[:6]
-    return distill_grad_eager(
-        x, y, s, xt, yt, t, det[6:12], det[12], offset, need_student, need_teacher, impl, chunk_size
-    )
+# the autograd Function over the two passes (``fastclip.ops.blocks.distill_stats`` / ``distill_grad``)
 
 
 def _direction_weights(n: int, N: int, both: bool) -> tuple[float, float]:
@@ -125,43 +100,8 @@ class DistillLossFunction(torch.autograd.Function):
         return tuple(out)
 
 
-# ----------------------------------------------------------------------------------------------------
-# input handling shared by the functional form and the module
-
-
-FEATURE_NAMES = ("image_features", "text_features", "dist_image_features", "dist_text_features")
-
-
-def check_distill_inputs(x, y, s, xt, yt, t, *, check_finite=False):
-    """Checks of the six inputs (messages name the argument); returns them with one dtype per pair and
-    the scales as tensors on the features' device. The teacher's feature dim may differ."""
-    x, y = settle_pair(x, y, *FEATURE_NAMES[:2])
-    xt, yt = settle_pair(xt, yt, *FEATURE_NAMES[2:])
-    if xt.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"dist_image_features: expected batch size {x.shape[0]} (as image_features), got {xt.shape[0]}"
-        )
-    if xt.device != x.device:
-        raise ValueError(
-            f"dist_image_features: expected device {x.device} (as image_features), got {xt.device}"
-        )
-    s = _checks.check_scalar("logit_scale", s, device=x.device)
-    t = _checks.check_scalar("dist_logit_scale", t, device=x.device)
-    _checks.check_bool("check_finite", check_finite)
-    if check_finite:
-        for name, v in zip((*FEATURE_NAMES, "logit_scale", "dist_logit_scale"), (x, y, xt, yt, s, t)):
-            _checks.check_all_finite(name, v)
-    return x, y, s, xt, yt, t
-
-
-def resolve_distill_impl(impl, x, xt) -> str:
-    impl = _checks.check_impl(impl)
-    # float64 anywhere runs on the chunked PyTorch path (the kernels take 16/32-bit inputs).
-    dtype = torch.float64 if torch.float64 in (x.dtype, xt.dtype) else x.dtype
-    return resolve_impl(impl, x.device, dtype=dtype)
-
-
 def distill_block_loss(x, y, s, xt, yt, t, *, offset, both, impl, chunk_size):
-    """The Function under autocast disabled (checked inputs; ``impl`` resolved, never "reference")."""
+    """The Function under autocast disabled (inputs checked by ``fastclip.ops.inputs.prepare_distill``;
+    ``impl`` resolved, never "reference")."""
     with no_autocast(x.device):
         return DistillLossFunction.apply(x, y, s, xt, yt, t, offset, both, impl, chunk_size)

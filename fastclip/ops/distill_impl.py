@@ -1,28 +1,21 @@
-"""The two passes of the distillation loss, eagerly: the chunked PyTorch implementation and the switch
-to the Triton launchers. The math is stated in ``fastclip/ops/distill.py``; the custom ops wrapping
-these bodies for ``torch.compile`` are in ``fastclip/ops/distill_library.py``.
+"""The two passes of the distillation loss in chunked PyTorch. The math is stated in
+``fastclip/ops/distill.py``; the custom ops over these functions and the Triton launchers are in
+``fastclip/ops/library.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastclip.ops.dispatch import acc_dtype, chunk_rows
+from fastclip.ops.dispatch import DISTILL_CHUNK_ELEMENTS, acc_dtype, chunk_rows
 from fastclip.ops.torch_impl import positive_rows
 
-# ----------------------------------------------------------------------------------------------------
-# "torch" implementation of the two passes
-
-# Default logits per chunk (each of the student and teacher tiles): twice the CLIP loss's budget
-# (fastclip.ops.dispatch.CHUNK_ELEMENTS). Measured on the 2-core CPU machine at B = 16384, D = 256
-# (interleaved, loaded machine): 512-row chunks beat 256 and 1024 rows; fewer chunks also means
-# fewer small ops, which matters when the cores are shared. Four to five fp32 buffers of this size
-# live at once: ~160 MiB, against several GiB for the materialized loss at that batch.
-CHUNK_ELEMENTS = 2**23
+# Four to five fp32 buffers of DISTILL_CHUNK_ELEMENTS logits live at once per chunk: ~160 MiB, against
+# several GiB for the materialized loss at B = 16384.
 
 
 def _rows(n: int, N: int, chunk_size: int | None) -> int:
-    return chunk_rows(n, N, chunk_size if chunk_size is not None else max(1, CHUNK_ELEMENTS // max(1, N)))
+    return chunk_rows(n, N, chunk_size, DISTILL_CHUNK_ELEMENTS)
 
 
 def _merge_col(lse_acc, m_acc, lse_part, m_part):
@@ -139,29 +132,3 @@ def distill_grad_torch(x, y, s, xt, yt, t, stats, coefs, offset, need_student, n
             dxt[i0:i1] = gy.mul_(t)
             dyt.addmm_(gt.t(), xtc, alpha=t)
     return dx, dy, ds, dxt, dyt, dt
-
-
-# ----------------------------------------------------------------------------------------------------
-# eager bodies (the Triton launchers or the chunked PyTorch code)
-
-
-def distill_stats_eager(x, y, s, xt, yt, t, both, impl, chunk_size):
-    """The eager body of pass 1: the Triton launcher or the chunked PyTorch code."""
-    if impl == "triton":
-        from fastclip.kernels.distill import distill_stats as launch
-
-        return launch(x, y, s, xt, yt, t, both)
-    return distill_stats_torch(x, y, s, xt, yt, t, both, chunk_size)
-
-
-def distill_grad_eager(
-    x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, impl, chunk_size
-):
-    """The eager body of pass 2."""
-    if impl == "triton":
-        from fastclip.kernels.distill import distill_grad as launch
-
-        return launch(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher)
-    return distill_grad_torch(
-        x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, chunk_size
-    )

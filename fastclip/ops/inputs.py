@@ -1,6 +1,6 @@
 """The one input-validation path of every loss entry point (functional, module, distributed).
 
-``prepare`` checks the public arguments (names, expected and received values in every message),
+``prepare`` (CLIP, SigLIP) and ``prepare_distill`` (distillation) check the public arguments (names, expected and received values in every message),
 settles the feature dtype (mixed dtypes only under autocast, cast as the materialized loss's matmul
 would) and resolves ``impl``. It never reads a tensor's values unless ``check_finite=True``: no host
 synchronisation on the default path.
@@ -81,6 +81,53 @@ def prepare(
         if bias is not None:
             _checks.check_all_finite("logit_bias", bias)
     return LossInputs(x, y, scale, bias, impl, chunk_size)
+
+
+DISTILL_NAMES = ("image_features", "text_features", "dist_image_features", "dist_text_features")
+
+
+@dataclass
+class DistillInputs:
+    """Checked inputs of the distillation loss: student and teacher pairs of one dtype each (the
+    teacher's feature dim may differ), the scales as tensors on the features' device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    scale: torch.Tensor
+    xt: torch.Tensor
+    yt: torch.Tensor
+    dist_scale: torch.Tensor
+    impl: str
+    chunk_size: int | None
+
+    @property
+    def tensors(self) -> tuple:
+        return self.x, self.y, self.scale, self.xt, self.yt, self.dist_scale
+
+
+def prepare_distill(x, y, s, xt, yt, t, *, impl: str, chunk_size, check_finite) -> DistillInputs:
+    """:func:`prepare` for the distillation loss's six inputs (messages name the argument)."""
+    x, y = settle_pair(x, y, *DISTILL_NAMES[:2])
+    xt, yt = settle_pair(xt, yt, *DISTILL_NAMES[2:])
+    if xt.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"dist_image_features: expected batch size {x.shape[0]} (as image_features), got {xt.shape[0]}"
+        )
+    if xt.device != x.device:
+        raise ValueError(
+            f"dist_image_features: expected device {x.device} (as image_features), got {xt.device}"
+        )
+    s = _checks.check_scalar("logit_scale", s, device=x.device)
+    t = _checks.check_scalar("dist_logit_scale", t, device=x.device)
+    _checks.check_bool("check_finite", check_finite)
+    if check_finite:
+        for name, v in zip((*DISTILL_NAMES, "logit_scale", "dist_logit_scale"), (x, y, xt, yt, s, t)):
+            _checks.check_all_finite(name, v)
+    _checks.check_impl(impl)
+    # float64 anywhere runs on the chunked PyTorch path (the kernels take 16/32-bit inputs).
+    dtype = torch.float64 if torch.float64 in (x.dtype, xt.dtype) else x.dtype
+    impl = resolve_impl(impl, x.device, dtype=dtype)
+    return DistillInputs(x, y, s, xt, yt, t, impl, _checks.check_chunk_size(chunk_size))
 
 
 def nan_if_not_finite(loss: torch.Tensor, *tensors) -> torch.Tensor:

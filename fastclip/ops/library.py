@@ -7,14 +7,20 @@ Dynamo and Inductor trace a training step that calls ``fastclip.clip_loss``/``si
 stepping into Python chunk loops or Triton launchers. The autograd ``Function``s call these ops with
 detached inputs; gradients are formed explicitly by ``clip_grad``/``siglip_block``.
 
+``torch.ops.fastclip.distill_stats`` and ``.distill_grad`` are the two passes of the distillation loss
+(``fastclip/ops/distill.py`` states the math) over ``fastclip.ops.distill_impl`` or
+``fastclip.kernels.distill``, on the same terms.
+
 Custom ops cannot return None: ``siglip_block`` returns empty ``(0,)`` tensors for ``dx, dy`` when
-``need_grad`` is False, and the Python wrapper turns them back into None.
+``need_grad`` is False, the distillation passes for absent outputs (column statistics of a row-only
+block, gradients not asked for), and the Python wrappers in ``fastclip/ops/blocks.py`` turn them back
+into None.
 """
 
 import torch
 from torch.library import custom_op
 
-from fastclip.ops import torch_impl
+from fastclip.ops import distill_impl, torch_impl
 from fastclip.ops.dispatch import acc_dtype
 
 
@@ -131,6 +137,111 @@ def _siglip_block_fake(x, y, scale, bias, offset, need_grad, impl, chunk_size):
     else:
         dx, dy = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
     return x.new_empty((), dtype=acc), dx, dy, x.new_empty((), dtype=acc), x.new_empty((), dtype=acc)
+
+
+def distill_stats_impl(x, y, s, xt, yt, t, both, impl, chunk_size):
+    """The eager body of ``distill_stats`` (pass 1): ``(lse_s_row, lse_t_row, m_row, lse_s_col,
+    lse_t_col, m_col)``, the column entries None unless ``both``."""
+    if impl == "triton":
+        from fastclip.kernels.distill import distill_stats
+
+        return distill_stats(x, y, s, xt, yt, t, both)
+    return distill_impl.distill_stats_torch(x, y, s, xt, yt, t, both, chunk_size)
+
+
+def distill_grad_impl(
+    x, y, s, xt, yt, t, lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col, coefs, offset,
+    need_student, need_teacher, impl, chunk_size,
+):  # fmt: skip
+    """The eager body of ``distill_grad`` (pass 2): ``(dx, dy, ds, dxt, dyt, dt)``, None where not needed."""
+    stats = (lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col)
+    if impl == "triton":
+        from fastclip.kernels.distill import distill_grad
+
+        return distill_grad(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher)
+    return distill_impl.distill_grad_torch(
+        x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, chunk_size
+    )
+
+
+def _distill_acc(x: torch.Tensor, impl: str) -> torch.dtype:
+    # The distillation kernels accumulate in float32 whatever the input dtype.
+    return torch.float32 if impl == "triton" else acc_dtype(x.dtype)
+
+
+def _distill_empty(x: torch.Tensor, impl: str) -> torch.Tensor:
+    return x.new_empty((0,), dtype=_distill_acc(x, impl))
+
+
+@custom_op("fastclip::distill_stats", mutates_args=())
+def distill_stats_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: torch.Tensor,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    t: torch.Tensor,
+    both: bool,
+    impl: str,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = distill_stats_impl(x, y, s, xt, yt, t, both, impl, chunk_size)
+    out = tuple(_distill_empty(x, impl) if v is None else v for v in out)
+    return _own((x, y, s, xt, yt, t), out)
+
+
+@distill_stats_op.register_fake
+def _distill_stats_fake(x, y, s, xt, yt, t, both, impl, chunk_size):
+    acc = _distill_acc(x, impl)
+    n, N = x.shape[0], y.shape[0]
+    rows = [x.new_empty((n,), dtype=acc) for _ in range(3)]
+    cols = [x.new_empty((N,) if both else (0,), dtype=acc) for _ in range(3)]
+    return (*rows, *cols)
+
+
+@custom_op("fastclip::distill_grad", mutates_args=())
+def distill_grad_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: torch.Tensor,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    t: torch.Tensor,
+    lse_s_row: torch.Tensor,
+    lse_t_row: torch.Tensor,
+    m_row: torch.Tensor,
+    lse_s_col: torch.Tensor | None,
+    lse_t_col: torch.Tensor | None,
+    m_col: torch.Tensor | None,
+    coefs: torch.Tensor,
+    offset: int,
+    need_student: bool,
+    need_teacher: bool,
+    impl: str,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats = (lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col)
+    out = distill_grad_impl(
+        x, y, s, xt, yt, t, *stats, coefs, offset, need_student, need_teacher, impl, chunk_size
+    )
+    out = tuple(_distill_empty(x, impl) if v is None else v for v in out)
+    return _own((x, y, s, xt, yt, t, *(v for v in stats if v is not None), coefs), out)
+
+
+@distill_grad_op.register_fake
+def _distill_grad_fake(
+    x, y, s, xt, yt, t, lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col, coefs, offset,
+    need_student, need_teacher, impl, chunk_size,
+):  # fmt: skip
+    acc = _distill_acc(x, impl)
+
+    def shaped(shape, need):
+        return x.new_empty(shape if need else (0,), dtype=acc)
+
+    return (
+        shaped(x.shape, need_student), shaped(y.shape, need_student), shaped((), need_student),
+        shaped(xt.shape, need_teacher), shaped(yt.shape, need_teacher), shaped((), need_teacher),
+    )  # fmt: skip
 
 
 def family_impl(spec_json, ts, ids, guides, thr, scale, need, need_scale, impl, chunk_size):
