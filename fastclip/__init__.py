@@ -6,6 +6,8 @@ from fastclip import clip_loss, siglip_loss    # functional forms
 from fastclip import info_nce_loss, InfoNCELoss  # the contrastive family: hard negatives, directions, ids, ...
 """
 
+import sys as _sys
+
 __version__ = "0.1.0"
 
 # Every name is imported on first use (`fastclip.X` or `from fastclip import X`), so that `import fastclip`
@@ -34,6 +36,13 @@ _LAZY = {
     "info_nce_loss_distributed": "fastclip.distributed",
     "gist_loss_distributed": "fastclip.distributed",
 }
+
+
+# torch.ops.fastclip.* (the custom ops torch.compile traces through) are registered when fastclip.ops is
+# imported. When torch is loaded already, importing it costs little: do it, so that `import torch, fastclip`
+# registers them as it always did; the `fastclip` command and a bare `import fastclip` stay torch-free.
+if "torch" in _sys.modules:
+    import fastclip.ops.library  # noqa: F401
 
 
 def __getattr__(name):

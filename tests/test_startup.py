@@ -94,3 +94,15 @@ def test_differentiable_gather_is_still_compile_disabled():
         check=True,
     ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == [True, False]
+
+
+def test_import_after_torch_registers_the_custom_ops():
+    """``import torch, fastclip`` registers ``torch.ops.fastclip.*`` as the eager import did (torch.compile
+    users and ``torch.library.opcheck`` reach them directly), still without the compiler stack."""
+    code = (
+        "import torch\nimport fastclip\n"
+        "assert hasattr(torch.ops.fastclip, 'clip_lse') and hasattr(torch.ops.fastclip, 'siglip_block')"
+    )
+    loaded = _modules_after(code)
+    assert "fastclip.ops.library" in loaded
+    assert not [m for m in HEAVY if m in loaded], f"imported {[m for m in HEAVY if m in loaded]}"
