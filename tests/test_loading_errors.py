@@ -257,7 +257,7 @@ def test_export_without_metadata_uses_the_run_config_beside_it(run, tmp_path):
         load_pretrained(tmp_path / "elsewhere")
 
 
-def test_export_refuses_a_config_that_does_not_fit(tmp_path):
+def test_export_refuses_a_config_that_does_not_fit(tmp_path, capsys):
     from fastclip.train.checkpoint import CheckpointError
     from fastclip.train.export import _config_metadata
 
@@ -267,6 +267,14 @@ def test_export_refuses_a_config_that_does_not_fit(tmp_path):
         _config_metadata(cfg, state, str(tmp_path))
     assert FORMAT_KEY in _config_metadata(create_model("tiny").config, state, str(tmp_path))
     assert _config_metadata(None, state, str(tmp_path)) == {}  # no model_config.json anywhere
+    # a run of a model of the caller's own: its model_config.json is no fastclip config; left out, said so
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "model_config.json").write_text(json.dumps({"hidden": 12}))
+    assert _config_metadata(None, state, str(run / "checkpoints" / "step_00000001")) == {}
+    assert "written without a model config" in capsys.readouterr().err
+    (run / "model_config.json").write_text(json.dumps(create_model("tiny").config.to_dict()))
+    assert FORMAT_KEY in _config_metadata(None, state, str(run / "checkpoints" / "step_00000001"))
     with pytest.raises(TypeError, match="model_config: expected"):
         _config_metadata(3, state, str(tmp_path))
 

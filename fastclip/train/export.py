@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -35,15 +36,22 @@ def find_model_config(ckpt_dir: str) -> str | None:
 
 def _config_metadata(model_config, state: dict, ckpt_dir: str) -> dict:
     """``{"fastclip_config": JSON}`` for ``model_config`` (a ModelConfig, a dict, a path to a JSON file, or
-    None: the run's model_config.json, if any), checked against the weights; {} when there is none."""
+    None: the run's model_config.json, if any), checked against the weights; {} when there is none. A
+    config given that does not fit raises; a run's model_config.json that does not (a model of the
+    caller's own, see ``train(cfg, model=...)``) is left out with a one-line note on stderr."""
     from fastclip.models.configs import ModelConfig, config_from_file_dict
     from fastclip.models.jsonfile import read_json
     from fastclip.models.weights import FORMAT_KEY, check_state_dict, expected_shapes
 
     where = "model_config"
     if model_config is None:
-        model_config = find_model_config(ckpt_dir)
-        if model_config is None:
+        found = find_model_config(ckpt_dir)
+        if found is None:
+            return {}
+        try:
+            return _config_metadata(found, state, ckpt_dir)
+        except (CheckpointError, TypeError, ValueError) as exc:  # e.g. a run with a model of the caller's own
+            print(f"fastclip export: the weights are written without a model config: {exc}", file=sys.stderr)
             return {}
     if isinstance(model_config, (str, os.PathLike)):
         where = os.fspath(model_config)
