@@ -86,11 +86,39 @@ def test_offline_switch_makes_no_connection(no_hub, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     attempts = []
-    real = socket.create_connection
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: attempts.append(a) or real(*a, **k))
+    real = socket.getaddrinfo  # every connection, huggingface_hub's and fastclip's probe, resolves first
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: attempts.append(a) or real(*a, **k))
     with pytest.raises(HubError, match=r"downloads are off \(HF_HUB_OFFLINE=1\)"):
         get_tokenizer("ViT-B-32")
     assert attempts == [] and no_hub.sleeps == []
+
+
+def test_probe_gives_up_on_a_resolver_that_does_not_answer(monkeypatch):
+    from huggingface_hub import constants
+
+    from fastclip.models.hub import hub_unreachable
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example.invalid")
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(30))
+    t0 = time.perf_counter()
+    why = hub_unreachable(timeout=0.2)
+    assert time.perf_counter() - t0 < 5
+    assert why == "no connection to hub.example.invalid:443: the name did not resolve within 0.2 s"
+
+
+def test_probe_reaches_a_listening_endpoint(monkeypatch):
+    from huggingface_hub import constants
+
+    from fastclip.models.hub import hub_unreachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_unreachable() is None
 
 
 # ---- a training set smaller than one batch -----------------------------------------------------

@@ -112,6 +112,7 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     to the cache; one connection attempt tells the same in milliseconds (a name that does not resolve, a
     refused or timed-out connection)."""
     import socket
+    import threading
     import urllib.request
     from urllib.parse import urlsplit
 
@@ -127,11 +128,34 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
         if not p.hostname:
             return None
         host, port = p.hostname, p.port or (443 if p.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        return f"no connection to {host}:{port}: {exc.strerror or exc}"
-    return None
+    # Name resolution has no timeout of its own (a resolver that never answers blocks for minutes): it
+    # runs in a daemon thread that is given up on after ``timeout``.
+    found: dict = {}
+
+    def resolve():
+        try:
+            found["addrs"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            found["error"] = exc
+
+    worker = threading.Thread(target=resolve, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return f"no connection to {host}:{port}: the name did not resolve within {timeout:g} s"
+    if "error" in found or not found.get("addrs"):
+        exc = found.get("error")
+        return f"no connection to {host}:{port}: {getattr(exc, 'strerror', None) or exc or 'no address'}"
+    last = None
+    for family, kind, proto, _, address in found["addrs"]:
+        try:
+            with socket.socket(family, kind, proto) as conn:
+                conn.settimeout(timeout)
+                conn.connect(address)
+            return None
+        except OSError as exc:
+            last = exc
+    return f"no connection to {host}:{port}: {getattr(last, 'strerror', None) or last}"
 
 
 class _Fetcher:
