@@ -510,3 +510,33 @@ def test_gradcache_with_hard_negatives_equals_one_large_step():
     for k, p in model.named_parameters():
         err, where = max_err(p.grad, full[k])
         assert err <= 1e-5, f"{k}: {err:.2e} at {where}"
+
+
+def test_gist_builds_no_n_by_N_matrix_and_works_under_autocast():
+    n, d, chunk = 384, 16, 32
+    ts, gs = _gist_case(n=n, d=d, dg=8)
+    q, p, neg = (t.float().requires_grad_() for t in ts)
+    with LargestOutput() as mode:
+        loss = FF.gist_loss(
+            q,
+            p,
+            neg,
+            guide_query=gs[0],
+            guide_positive=gs[1],
+            guide_negative=gs[2],
+            impl="torch",
+            chunk_size=chunk,
+        )
+        loss.backward()
+    assert mode.largest <= chunk * n + n * d, f"largest tensor {mode.largest}: more than one chunk"
+    want = _grads(lambda t, _: _gist(gist_reference, t, gs, dict(temperature=0.01)), ts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        leaves = [t.float().requires_grad_() for t in ts]
+        lin = [x * 1.0 for x in leaves]  # stays fp32; the loss casts nothing outside what autocast would
+        loss = FF.gist_loss(
+            lin[0].bfloat16(), lin[1], lin[2], guide_query=gs[0], guide_positive=gs[1], guide_negative=gs[2]
+        )
+        loss.backward()
+    assert abs(float(loss) - float(want[0])) <= 0.05 * abs(float(want[0]))
+    for leaf, w in zip(leaves, want[1]):
+        assert max_err(leaf.grad, w)[0] <= 0.05 * max(1.0, float(w.abs().max()))
