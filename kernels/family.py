@@ -5,7 +5,9 @@ Design (docs/kernels.md, "The contrastive family"): **chunk-materialized, one pa
 
 1. cuBLAS forms each block's similarity chunk ``S = R_c @ C^T`` in fp32 (``gemm.mm_f32``: no 16-bit
    rounding of the products), and the guide's ``S_g`` for GIST blocks;
-2. ``_family_stats_kernel`` walks each row's columns in ``BN`` tiles: ``L' = s S + alpha S`` on the
+2. ``_family_stats_kernel`` walks each row's columns in ``BN`` tiles (the columns split between a few
+   programs per row block when the chunk has too few row blocks to fill the GPU, their partials merged
+   in a fixed order): ``L' = s S + alpha S`` on the
    shifted columns, removal (own column, equal ids, guide over threshold) to ``-inf``, written back in
    place, while the row's log-sum-exp (online max/sum), positive and valid-column sums accumulate;
 3. the host merges the blocks' log-sum-exps per part (``(c,)`` vectors);
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastclip.kernels import gemm
+from fastclip.kernels import config, gemm
 
 # Logits of one chunk across all blocks, fp32 elements (as the torch implementation's budget).
 FAMILY_WORKSPACE_ELEMENTS = 2**24
@@ -71,8 +73,8 @@ def _family_stats_kernel(
     row_ids_ptr,
     col_ids_ptr,
     scale_ptr,
-    lse_ptr,  # (m,) out: this block's log-sum-exp per row
-    pos_sum_ptr,  # (m,) in/out
+    lse_ptr,  # (splits, m) out: each column split's log-sum-exp per row
+    pos_sum_ptr,  # (splits, m) out
     pos_cnt_ptr,
     val_sum_ptr,
     val_cnt_ptr,
@@ -81,6 +83,7 @@ def _family_stats_kernel(
     Nb,
     own_off,
     alpha,
+    cols_per_split,
     # strides
     stride_sm,
     stride_gm,
@@ -97,8 +100,11 @@ def _family_stats_kernel(
     BN: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BM + tl.arange(0, BM)
     row_mask = rows < m
+    col_start = split * cols_per_split
+    col_end = tl.minimum(Nb, col_start + cols_per_split)
     s = tl.load(scale_ptr).to(tl.float32)
     thr = tl.zeros((BM,), dtype=tl.float32)
     if GUIDE:
@@ -110,9 +116,9 @@ def _family_stats_kernel(
     v_sum = tl.zeros((BM,), dtype=tl.float32)
     v_cnt = tl.zeros((BM,), dtype=tl.float32)
     s_rows = s_ptr + rows.to(tl.int64)[:, None] * stride_sm
-    for j0 in range(0, Nb, BN):
+    for j0 in range(col_start, col_end, BN):
         cols = j0 + tl.arange(0, BN)
-        col_mask = cols < Nb
+        col_mask = cols < col_end
         inb, own, same = _cell_flags(
             rows, cols, row_mask, col_mask, own_off, row_ids_ptr, col_ids_ptr, HAS_OWN, USE_IDS
         )
@@ -159,13 +165,13 @@ def _family_stats_kernel(
             v_sum += tl.sum(tl.where(valid, logit, 0.0), 1)
             v_cnt += tl.sum(valid.to(tl.float32), 1)
     lse = tl.where(run_max == float("-inf"), float("-inf"), run_max + tl.log(run_sum))
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    if POSITIVE or IDS_POSITIVE:
-        tl.store(pos_sum_ptr + rows, tl.load(pos_sum_ptr + rows, mask=row_mask) + p_sum, mask=row_mask)
-        tl.store(pos_cnt_ptr + rows, tl.load(pos_cnt_ptr + rows, mask=row_mask) + p_cnt, mask=row_mask)
+    out = split.to(tl.int64) * m + rows
+    tl.store(lse_ptr + out, lse, mask=row_mask)
+    tl.store(pos_sum_ptr + out, p_sum, mask=row_mask)
+    tl.store(pos_cnt_ptr + out, p_cnt, mask=row_mask)
     if SMOOTH:
-        tl.store(val_sum_ptr + rows, tl.load(val_sum_ptr + rows, mask=row_mask) + v_sum, mask=row_mask)
-        tl.store(val_cnt_ptr + rows, tl.load(val_cnt_ptr + rows, mask=row_mask) + v_cnt, mask=row_mask)
+        tl.store(val_sum_ptr + out, v_sum, mask=row_mask)
+        tl.store(val_cnt_ptr + out, v_cnt, mask=row_mask)
 
 
 @triton.jit
@@ -229,6 +235,16 @@ def _family_grad_kernel(
 # launcher
 
 
+def _column_splits(m: int, nb: int, device: torch.device) -> int:
+    """Programs per row block: enough to fill the GPU (a few per SM) when a chunk has few row blocks;
+    2 under the interpreter (so that the merge of the splits' partials is tested), 1 for one tile."""
+    tiles = triton.cdiv(nb, BLOCK_N)
+    if config.interpreting() or device.type != "cuda":
+        return min(2, tiles)
+    want = triton.cdiv(config.PROGRAMS_PER_SM * config.num_sms(device), triton.cdiv(m, BLOCK_M))
+    return max(1, min(tiles, want))
+
+
 def _rows_per_chunk(n: int, width: int) -> int:
     c = max(BLOCK_M, FAMILY_WORKSPACE_ELEMENTS // max(1, width) // BLOCK_M * BLOCK_M)
     return max(1, min(n, c))
@@ -274,7 +290,9 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale):
             r_ids = ids[b.row][i0:i1].contiguous() if use_ids else dummy_i
             c_ids = ids[b.col].contiguous() if use_ids else dummy_i
             own_off = (0 if b.local else spec.offset) + i0  # chunk row r owns column r + own_off
-            lse_b = torch.empty(m, dtype=f32, device=dev)
+            splits = _column_splits(m, nb, dev)
+            per_split = triton.cdiv(triton.cdiv(nb, splits), BLOCK_N) * BLOCK_N
+            part = torch.empty((5 if eps else 3, splits, m), dtype=f32, device=dev)
             flags = dict(
                 HAS_OWN=b.own,
                 POSITIVE=b.positive,
@@ -282,15 +300,23 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale):
                 IDS_POSITIVE=use_ids and spec.duplicates == "positive" and b.positive_capable,
                 SMOOTH=bool(eps),
             )
-            _family_stats_kernel[(triton.cdiv(m, BLOCK_M),)](
+            _family_stats_kernel[(triton.cdiv(m, BLOCK_M), splits)](
                 sim, gsim, thr[i0:i1].to(f32).contiguous() if b.guide else dummy_f, r_ids, c_ids, s,
-                lse_b, pos_sum, pos_cnt, val_sum, val_cnt,
-                m, nb, own_off, float(spec.hardness),
+                part[0], part[1], part[2], part[3] if eps else dummy_f, part[4] if eps else dummy_f,
+                m, nb, own_off, float(spec.hardness), per_split,
                 sim.stride(0), gsim.stride(0) if b.guide else 0,
                 SHIFT=SHIFT_CODES[b.shift] if spec.hardness else 0, EXCLUDE_OWN=b.exclude_own, GUIDE=b.guide,
                 BM=BLOCK_M, BN=BLOCK_N, **flags,
             )  # fmt: skip
             del gsim
+            # The splits' partials, merged in a fixed order (deterministic).
+            lse_b = torch.logsumexp(part[0], 0)
+            pos_sum += part[1].sum(0)
+            pos_cnt += part[2].sum(0)
+            if eps:
+                val_sum += part[3].sum(0)
+                val_cnt += part[4].sum(0)
+            del part
             lse_parts[b.part] = torch.logaddexp(lse_parts[b.part], lse_b)
             kept.append((b, rows, cols, sim, r_ids, c_ids, own_off, flags))
         total = sum(w * part for w, part in zip(spec.weights, lse_parts))
