@@ -2,7 +2,7 @@
 
 This layer offers every ``impl``: the fused ones (``fastclip.ops``) and the materialized
 ``"reference"`` (``fastclip.reference``), behind the one input-validation path
-(``fastclip.ops.inputs.prepare``). Under ``torch.autocast`` the losses compute on their own terms
+(``fastclip.ops.inputs``). Under ``torch.autocast`` the losses compute on their own terms
 (autocast off inside, float32 accumulation) and accept the mixed feature dtypes autocast produces.
 """
 
@@ -26,7 +26,7 @@ from fastclip.ops.family_inputs import (
     settle,
 )
 from fastclip.ops.family_variants import InfoNCEOptions
-from fastclip.ops.inputs import nan_if_not_finite, prepare, prepare_distill
+from fastclip.ops.inputs import loss_options, nan_if_not_finite, prepare_distill, prepare_with_options
 from fastclip.ops.siglip import siglip_loss_fused
 from fastclip.reference import clip_loss_reference, distill_clip_loss_reference, siglip_loss_reference
 from fastclip.reference_family import gist_reference, info_nce_reference, siglip_negatives_reference
@@ -66,10 +66,14 @@ def clip_loss(
     rows at a time) or "reference" (materialized). NaN/Inf in the features, scale or bias give a NaN
     loss; ``check_finite=True`` raises a ``ValueError`` instead (one reduction and host sync).
     """
-    a = prepare(
-        image_features, text_features, logit_scale, logit_bias,
-        impl=impl, chunk_size=chunk_size, check_finite=check_finite,
-    )  # fmt: skip
+    options = loss_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    return clip_loss_with_options(image_features, text_features, logit_scale, logit_bias, options=options)
+
+
+def clip_loss_with_options(image_features, text_features, logit_scale, logit_bias=None, *, options: Common):
+    """:func:`clip_loss` with options checked once (:func:`fastclip.ops.inputs.loss_options`; the
+    modules' entry: no re-validation)."""
+    a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
     return _run(a, clip_loss_fused, clip_loss_reference)
 
 
@@ -99,16 +103,23 @@ def siglip_loss(
     with every one of them as a negative term, ``loss += sum softplus(s x n^T + b) / B`` (gradients
     reach them too).
     """
-    a = prepare(
-        image_features, text_features, logit_scale, logit_bias,
-        impl=impl, chunk_size=chunk_size, check_finite=check_finite,
-    )  # fmt: skip
+    options = loss_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    return siglip_loss_with_options(
+        image_features, text_features, logit_scale, logit_bias, negatives=negatives, options=options
+    )
+
+
+def siglip_loss_with_options(
+    image_features, text_features, logit_scale, logit_bias=None, *, negatives=None, options: Common
+):
+    """:func:`siglip_loss` with options checked once (the modules' entry: no re-validation)."""
+    a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
     if negatives is None:
         return _run(a, siglip_loss_fused, siglip_loss_reference)
     negs = negatives_list(negatives, a.x.shape[0], a.x.shape[1])
     negs = settle([("image_features", a.x)] + [(f"negatives[{k}]", t) for k, t in enumerate(negs)])[1:]
     negs = [t if t.dtype == a.x.dtype else t.to(a.x.dtype) for t in negs]
-    if check_finite:
+    if options.check_finite:
         for k, t in enumerate(negs):
             _checks.check_all_finite(f"negatives[{k}]", t)
     if a.impl == "reference":
@@ -148,9 +159,21 @@ def distill_clip_loss(
     accumulation; mixed feature dtypes, accepted under autocast only, are cast as the
     materialized loss's matmul would cast them).
     """
+    options = loss_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    return distill_clip_loss_with_options(
+        image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+        options=options,
+    )  # fmt: skip
+
+
+def distill_clip_loss_with_options(
+    image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+    *, options: Common,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`distill_clip_loss` with options checked once (the modules' entry: no re-validation)."""
     a = prepare_distill(
         image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
-        impl=impl, chunk_size=chunk_size, check_finite=check_finite,
+        options,
     )  # fmt: skip
     if a.impl == "reference":
         with no_autocast(a.x.device):

@@ -2,123 +2,56 @@
 
 Same constructor arguments, same ``forward`` signature, same return conventions, same helper
 methods (``get_logits``, ``get_ground_truth``); fastclip-only options are keyword-only and come
-after open_clip's. The modules are thin shells: flags and process-group checks here, inputs checked
-by ``fastclip.ops.inputs.prepare``, the math in ``fastclip.ops`` / ``fastclip.distributed``.
+after open_clip's. The modules are thin shells: they hold flags checked once at construction (the
+options by ``fastclip.ops.inputs.loss_options``, the process group by ``fastclip.distributed.world``)
+and call one entry: ``fastclip.functional`` for one process, ``fastclip.distributed`` for several.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
 from fastclip import _checks
-from fastclip.comm import all_gather_rows, all_gather_with_grad
-from fastclip.distributed.clip import CLIP_DIST_IMPLS, clip_loss_distributed_fused
-from fastclip.distributed.siglip import SIGLIP_DIST_IMPLS, siglip_loss_distributed_fused
-from fastclip.functional import clip_loss, siglip_loss
-from fastclip.ops.amp import no_autocast
-from fastclip.ops.inputs import nan_if_not_finite, prepare
-from fastclip.reference import clip_loss_distributed_reference, siglip_loss_distributed_reference
+from fastclip.distributed.clip import check_clip_dist_impl, clip_loss_distributed_with_options
+from fastclip.distributed.siglip import SIGLIP_DIST_IMPLS, siglip_loss_distributed_with_options
+from fastclip.distributed.world import check_world, gather_like_open_clip, resolve_world
+from fastclip.functional import clip_loss_with_options, siglip_loss_with_options
+from fastclip.ops.inputs import loss_options, prepare
 
 
-def _check_rank(rank, world_size) -> None:
-    _checks.check_int("world_size", world_size, minimum=1)
-    _checks.check_int("rank", rank, minimum=0)
-    if rank >= world_size:
-        raise ValueError(
-            f"rank: expected an int in [0, {world_size}) for world_size={world_size}, got {rank}"
-        )
+def _option(name: str) -> property:
+    """A module attribute backed by the checked options (``self.options``); setting it re-checks."""
 
+    def get(self):
+        return getattr(self.options, name)
 
-def _resolve_group(group, rank: int, world_size: int) -> tuple[int, int]:
-    """(rank, world_size) from ``group`` when given, checked against explicit ``rank``/``world_size``."""
-    if group is None:
-        return rank, world_size
-    import torch.distributed as dist
+    def set_(self, value):
+        fields = dataclasses.asdict(self.options) | {name: value}
+        self.options = loss_options(**fields)
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(
-            "group: expected a process group of an initialized torch.distributed, got one without it"
-        )
-    g_rank = dist.get_rank(group)  # -1 when this process is not a member
-    if g_rank < 0:
-        raise ValueError(
-            f"group: expected a group that contains this process (global rank {dist.get_rank()})"
-        )
-    g_size = dist.get_world_size(group)
-    if (rank, world_size) != (0, 1) and (rank, world_size) != (g_rank, g_size):
-        raise ValueError(
-            f"rank/world_size: expected the group's ({g_rank}, {g_size}) or the defaults (0, 1) when group "
-            f"is given, got ({rank}, {world_size})"
-        )
-    return g_rank, g_size
-
-
-def _check_world(group, rank: int, world_size: int) -> None:
-    """Before a distributed forward: torch.distributed is up and agrees with rank/world_size."""
-    if group is not None:
-        return  # checked in __init__ (rank and world size came from the group)
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"world_size={world_size} needs torch.distributed: call torch.distributed.init_process_group(...) "
-            "before the first forward"
-        )
-    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
-        raise ValueError(
-            f"rank/world_size: expected the default group's ({dist.get_rank()}, {dist.get_world_size()}), "
-            f"got ({rank}, {world_size}); pass group= to use another process group"
-        )
-
-
-def gather_like_open_clip(a, b, *, local_loss, gather_with_grad, rank, group):
-    """open_clip's ``gather_features`` for one (image, text) pair: ``(W·n, D)`` each, in rank order.
-
-    With grad: a differentiable all-gather (gradients summed over ranks). Without: a plain gather,
-    and for the global loss the local slot is the local tensor itself (gradients of the own rows only).
-    One collective for both tensors (concatenated along the feature dim).
-    """
-    d = a.shape[1]
-    both = torch.cat([a, b], dim=1)
-    if gather_with_grad:
-        gathered = all_gather_with_grad(both, group)
-    else:
-        gathered = all_gather_rows(both, group)
-        if not local_loss:
-            n = a.shape[0]
-            gathered = torch.cat([gathered[: rank * n], both, gathered[(rank + 1) * n :]], dim=0)
-    return gathered[:, :d], gathered[:, d:]
+    return property(get, set_, doc=f"``{name}``, as checked into ``self.options``.")
 
 
 class _LossBase(nn.Module):
-    """What both modules share: fastclip's keyword options and the multi-rank prologue."""
+    """What the modules share: fastclip's keyword options, checked once at construction."""
+
+    impl = _option("impl")
+    chunk_size = _option("chunk_size")
+    check_finite = _option("check_finite")
 
     def _init_options(self, impl, group, chunk_size, check_finite, check_batch_sizes, rank, world_size):
-        _checks.check_bool("check_finite", check_finite)
-        _checks.check_bool("check_batch_sizes", check_batch_sizes)
-        _check_rank(rank, world_size)
-        _checks.check_impl(impl)
-        self.rank, self.world_size = _resolve_group(group, rank, world_size)
-        self.impl = impl
+        self.check_batch_sizes = _checks.check_bool("check_batch_sizes", check_batch_sizes)
+        self.options = loss_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+        self.rank, self.world_size = resolve_world(group, rank, world_size)
         self.group = group
-        self.chunk_size = _checks.check_chunk_size(chunk_size)
-        self.check_finite = check_finite
-        self.check_batch_sizes = check_batch_sizes
 
-    def _prepare_distributed(self, image_features, text_features, logit_scale, logit_bias):
-        """The process group, the inputs, the implementation and (unless turned off) equal local
-        batches, dtypes and devices on every rank."""
-        from fastclip import comm
-
-        _check_world(self.group, self.rank, self.world_size)
-        a = prepare(
-            image_features, text_features, logit_scale, logit_bias,
-            impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite,
-        )  # fmt: skip
-        if self.check_batch_sizes:
-            comm.check_batch_sizes(a.x, self.group)
-        return a
+    def _world(self) -> dict:
+        """The keywords of a distributed entry (``check_world`` first: the group is up and agrees)."""
+        check_world(self.group, self.rank, self.world_size)
+        return dict(options=self.options, group=self.group, check_batch_sizes=self.check_batch_sizes)
 
 
 class ClipLoss(_LossBase):
@@ -166,8 +99,7 @@ class ClipLoss(_LossBase):
             _checks.check_bool(name, value)
         if use_horovod:
             raise ValueError("use_horovod: expected False (fastclip uses torch.distributed), got True")
-        if dist_impl not in CLIP_DIST_IMPLS:
-            raise ValueError(f"dist_impl: expected one of {CLIP_DIST_IMPLS}, got {dist_impl!r}")
+        check_clip_dist_impl(dist_impl)
         self._init_options(impl, group, chunk_size, check_finite, check_batch_sizes, rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
@@ -178,23 +110,15 @@ class ClipLoss(_LossBase):
         self.labels = {}
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        args = (image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
-            loss = self._forward_distributed(image_features, text_features, logit_scale, logit_bias)
-        else:
-            loss = clip_loss(
-                image_features, text_features, logit_scale, logit_bias,
-                impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite,
+            loss = clip_loss_distributed_with_options(
+                *args, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+                dist_impl=self.dist_impl, **self._world(),
             )  # fmt: skip
+        else:
+            loss = clip_loss_with_options(*args, options=self.options)
         return {"contrastive_loss": loss} if output_dict else loss
-
-    def _forward_distributed(self, image_features, text_features, logit_scale, logit_bias):
-        a = self._prepare_distributed(image_features, text_features, logit_scale, logit_bias)
-        flags = dict(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, group=self.group)
-        if a.impl == "reference":
-            with no_autocast(a.x.device):
-                loss = clip_loss_distributed_reference(a.x, a.y, a.scale, a.bias, **flags)
-                return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
-        return clip_loss_distributed_fused(a, dist_impl=self.dist_impl, **flags)
 
     def get_ground_truth(self, device, num_logits) -> torch.Tensor:
         """open_clip's labels: ``arange(num_logits)`` (+ ``num_logits * rank`` with ``local_loss`` on
@@ -220,7 +144,7 @@ class ClipLoss(_LossBase):
                     chunk_size=None, check_finite=False)  # fmt: skip
         x, y = a.x, a.y
         if self.world_size > 1:
-            _check_world(self.group, self.rank, self.world_size)
+            check_world(self.group, self.rank, self.world_size)
             all_x, all_y = gather_like_open_clip(
                 x, y, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, rank=self.rank,
                 group=self.group,
@@ -285,22 +209,12 @@ class SigLipLoss(_LossBase):
         self.labels = {}
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        args = (image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
-            loss = self._forward_distributed(image_features, text_features, logit_scale, logit_bias)
+            loss = siglip_loss_distributed_with_options(*args, dist_impl=self.dist_impl, **self._world())
         else:
-            loss = siglip_loss(
-                image_features, text_features, logit_scale, logit_bias,
-                impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite,
-            )  # fmt: skip
+            loss = siglip_loss_with_options(*args, options=self.options)
         return {"contrastive_loss": loss} if output_dict else loss
-
-    def _forward_distributed(self, image_features, text_features, logit_scale, logit_bias):
-        a = self._prepare_distributed(image_features, text_features, logit_scale, logit_bias)
-        if a.impl == "reference":
-            with no_autocast(a.x.device):
-                loss = siglip_loss_distributed_reference(a.x, a.y, a.scale, a.bias, group=self.group)
-                return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
-        return siglip_loss_distributed_fused(a, dist_impl=self.dist_impl, group=self.group)
 
     def get_ground_truth(self, device, dtype, num_logits, negative_only=False) -> torch.Tensor:
         """open_clip's ``(num_logits, num_logits)`` labels: +1 on the diagonal, -1 elsewhere (all -1
@@ -319,4 +233,5 @@ class SigLipLoss(_LossBase):
         return logits if a.bias is None else logits + a.bias
 
 
+# gather_like_open_clip: importable from here as before (it lives in fastclip/distributed/world.py).
 __all__ = ["ClipLoss", "SigLipLoss"]

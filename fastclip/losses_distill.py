@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from fastclip import _checks
-from fastclip.functional import distill_clip_loss
-from fastclip.losses import ClipLoss, _check_world, gather_like_open_clip
-from fastclip.ops.distill import distill_block_loss
-from fastclip.ops.inputs import prepare_distill
+from fastclip.distributed.distill import distill_clip_loss_distributed_with_options
+from fastclip.functional import distill_clip_loss_with_options
+from fastclip.losses import ClipLoss
 
 
 class DistillClipLoss(ClipLoss):
@@ -56,45 +55,24 @@ class DistillClipLoss(ClipLoss):
         dist_logit_scale,
         output_dict=False,
     ):
+        args = (
+            image_features,
+            text_features,
+            logit_scale,
+            dist_image_features,
+            dist_text_features,
+            dist_logit_scale,
+        )
         if self.world_size > 1:
-            contrastive, distill = self._forward_distributed(
-                image_features, text_features, logit_scale, dist_image_features, dist_text_features,
-                dist_logit_scale,
+            contrastive, distill = distill_clip_loss_distributed_with_options(
+                *args, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, rank=self.rank,
+                **self._world(),
             )  # fmt: skip
         else:
-            contrastive, distill = distill_clip_loss(
-                image_features, text_features, logit_scale, dist_image_features, dist_text_features,
-                dist_logit_scale, impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite,
-            )  # fmt: skip
+            contrastive, distill = distill_clip_loss_with_options(*args, options=self.options)
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
         return contrastive, distill
-
-    def _forward_distributed(self, x, y, s, xt, yt, t):
-        from fastclip.comm import check_batch_sizes
-
-        _check_world(self.group, self.rank, self.world_size)
-        a = prepare_distill(
-            x, y, s, xt, yt, t, impl=self.impl, chunk_size=self.chunk_size, check_finite=self.check_finite
-        )
-        x, y, s, xt, yt, t = a.tensors
-        impl = a.impl
-        if impl == "reference":
-            impl = "torch"  # no materialized multi-rank form: the chunked one gives the same numbers
-        if self.check_batch_sizes:
-            check_batch_sizes(x, self.group)
-        flags = dict(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, group=self.group)
-        x_all, y_all = gather_like_open_clip(x, y, rank=self.rank, **flags)
-        xt_all, yt_all = gather_like_open_clip(xt, yt, rank=self.rank, **flags)
-        kw = dict(impl=impl, chunk_size=self.chunk_size)
-        if not self.local_loss:
-            # open_clip's global loss: the square (N, N) problem on the gathered features, on every rank.
-            return distill_block_loss(x_all, y_all, s, xt_all, yt_all, t, offset=0, both=True, **kw)
-        # Local loss: own image rows against all texts, own text rows against all images.
-        offset = self.rank * x.shape[0]
-        c_img, d_img = distill_block_loss(x, y_all, s, xt, yt_all, t, offset=offset, both=False, **kw)
-        c_txt, d_txt = distill_block_loss(y, x_all, s, yt, xt_all, t, offset=offset, both=False, **kw)
-        return (c_img + c_txt) / 2, (d_img + d_txt) / 2
 
 
 class CoCaLoss(ClipLoss):

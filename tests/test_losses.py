@@ -312,3 +312,57 @@ def test_triton_unavailable_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"impl='triton' is not available here.*device cpu"):
         clip_loss(GOOD["x"], GOOD["y"], GOOD["s"], impl="triton")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the boundary: arguments checked once, a missing process group is a ValueError
+
+
+def test_world_size_without_a_process_group_is_a_value_error_naming_world_size():
+    import torch.distributed as dist
+
+    from fastclip import DistillClipLoss
+
+    assert not (dist.is_available() and dist.is_initialized())
+    x, y, s, b = _inputs(3, 4, torch.float32)
+    calls = [
+        lambda: ClipLoss(world_size=2)(x, y, s),
+        lambda: ClipLoss(rank=1, world_size=2, local_loss=True)(x, y, s),
+        lambda: SigLipLoss(world_size=2)(x, y, s, b),
+        lambda: DistillClipLoss(world_size=2)(x, y, s, x, y, s),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^world_size: .*world_size=2.*init_process_group") as info:
+            call()
+        assert isinstance(info.value, RuntimeError)  # what earlier versions raised, still caught
+    for fn in (fastclip.clip_loss_distributed, fastclip.siglip_loss_distributed):
+        with pytest.raises(ValueError, match=r"^group: .*init_process_group"):
+            fn(x, y, s, b)
+    with pytest.raises(ValueError, match=r"^group: .*init_process_group"):
+        ClipLoss(group=object())
+
+
+def test_modules_check_impl_and_chunk_size_once_at_construction(monkeypatch):
+    from fastclip import DistillClipLoss, _checks
+
+    x, y, s, b = _inputs(5, 4, torch.float32)
+    losses = [
+        (ClipLoss(impl="torch", chunk_size=2), (x, y, s)),
+        (SigLipLoss(impl="torch", chunk_size=2), (x, y, s, b)),
+        (DistillClipLoss(impl="torch", chunk_size=2), (x, y, s, x, y, s)),
+    ]
+    seen = []
+    for name in ("check_impl", "check_chunk_size"):
+        real = getattr(_checks, name)
+        monkeypatch.setattr(_checks, name, lambda v, real=real, name=name: seen.append(name) or real(v))
+    for loss, args in losses:
+        loss(*args)
+    assert seen == []  # forward re-checks nothing the constructor checked
+    loss = ClipLoss()
+    seen.clear()
+    loss.chunk_size = 3  # setting an option checks it, once
+    assert seen == ["check_impl", "check_chunk_size"] and loss.options.chunk_size == 3
+    with pytest.raises(ValueError, match=r"chunk_size: expected a positive int or None, got 0"):
+        loss.chunk_size = 0
+    with pytest.raises(ValueError, match=r"impl: expected one of"):
+        ClipLoss(impl="fast")

@@ -16,14 +16,16 @@ from fastclip.comm import (
     all_gather_rows,
     all_reduce_logsumexp,
     all_reduce_sum,
-    group_rank_and_size,
     reduce_scatter_rows,
     ring_exchange,
 )
+from fastclip.distributed.world import require_process_group
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import InputMeta, clip_grad, clip_lse, positive_logits
 from fastclip.ops.dispatch import acc_dtype
-from fastclip.ops.inputs import LossInputs, all_finite, nan_if_not_finite, prepare
+from fastclip.ops.family_inputs import Common
+from fastclip.ops.inputs import LossInputs, all_finite, loss_options, nan_if_not_finite, prepare_with_options
+from fastclip.reference import clip_loss_distributed_reference
 
 CLIP_DIST_IMPLS = ("gather", "ring")
 
@@ -305,15 +307,34 @@ def clip_loss_distributed(
     _checks.check_bool("local_loss", local_loss)
     _checks.check_bool("gather_with_grad", gather_with_grad)
     _checks.check_bool("check_batch_sizes", check_batch_sizes)
+    check_clip_dist_impl(dist_impl)
+    options = loss_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
+    require_process_group("group", "a distributed loss")
+    return clip_loss_distributed_with_options(
+        image_features, text_features, logit_scale, logit_bias, options=options, local_loss=local_loss,
+        gather_with_grad=gather_with_grad, dist_impl=dist_impl, group=group, check_batch_sizes=check_batch_sizes,
+    )  # fmt: skip
+
+
+def check_clip_dist_impl(dist_impl) -> str:
     if dist_impl not in CLIP_DIST_IMPLS:
         raise ValueError(f"dist_impl: expected one of {CLIP_DIST_IMPLS}, got {dist_impl!r}")
-    a = prepare(
-        image_features, text_features, logit_scale, logit_bias, impl=impl, chunk_size=chunk_size,
-        check_finite=check_finite, allow_reference=False,
-    )  # fmt: skip
-    group_rank_and_size(group)  # raises when torch.distributed is not initialized
+    return dist_impl
+
+
+def clip_loss_distributed_with_options(
+    image_features, text_features, logit_scale, logit_bias=None, *, options: Common, local_loss: bool,
+    gather_with_grad: bool, dist_impl: str, group, check_batch_sizes: bool,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`clip_loss_distributed` of arguments checked at the boundary (the functional form above,
+    or ``fastclip.ClipLoss`` at construction): no re-validation. ``impl="reference"`` runs the
+    materialized distributed loss (``fastclip.reference``)."""
+    a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
     if check_batch_sizes:
         comm.check_batch_sizes(a.x, group)
-    return clip_loss_distributed_fused(
-        a, local_loss=local_loss, gather_with_grad=gather_with_grad, dist_impl=dist_impl, group=group
-    )
+    flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, group=group)
+    if a.impl == "reference":
+        with no_autocast(a.x.device):
+            loss = clip_loss_distributed_reference(a.x, a.y, a.scale, a.bias, **flags)
+            return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
+    return clip_loss_distributed_fused(a, dist_impl=dist_impl, **flags)

@@ -12,17 +12,14 @@ import torch
 import torch.distributed as dist
 
 from fastclip import _checks, comm
-from fastclip.comm import (
-    all_gather_rows,
-    group_rank_and_size,
-    reduce_scatter_rows,
-    ring_exchange,
-    stream_hops,
-)
+from fastclip.comm import all_gather_rows, reduce_scatter_rows, ring_exchange, stream_hops
+from fastclip.distributed.world import require_process_group
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import InputMeta, siglip_block
 from fastclip.ops.dispatch import acc_dtype
-from fastclip.ops.inputs import LossInputs, all_finite, nan_if_not_finite, prepare
+from fastclip.ops.family_inputs import Common
+from fastclip.ops.inputs import LossInputs, all_finite, loss_options, nan_if_not_finite, prepare_with_options
+from fastclip.reference import siglip_loss_distributed_reference
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -154,13 +151,33 @@ def siglip_loss_distributed(
     ring (both directions, or to the right only). Shapes as ``clip_loss_distributed``;
     ``logit_bias=None`` computes without a bias."""
     _checks.check_bool("check_batch_sizes", check_batch_sizes)
+    check_siglip_dist_impl(dist_impl)
+    options = loss_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
+    require_process_group("group", "a distributed loss")
+    return siglip_loss_distributed_with_options(
+        image_features, text_features, logit_scale, logit_bias, options=options, dist_impl=dist_impl,
+        group=group, check_batch_sizes=check_batch_sizes,
+    )  # fmt: skip
+
+
+def check_siglip_dist_impl(dist_impl) -> str:
     if dist_impl not in SIGLIP_DIST_IMPLS:
         raise ValueError(f"dist_impl: expected one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
-    a = prepare(
-        image_features, text_features, logit_scale, logit_bias, impl=impl, chunk_size=chunk_size,
-        check_finite=check_finite, allow_reference=False,
-    )  # fmt: skip
-    group_rank_and_size(group)
+    return dist_impl
+
+
+def siglip_loss_distributed_with_options(
+    image_features, text_features, logit_scale, logit_bias=None, *, options: Common, dist_impl: str, group,
+    check_batch_sizes: bool,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`siglip_loss_distributed` of arguments checked at the boundary (the functional form above,
+    or ``fastclip.SigLipLoss`` at construction): no re-validation. ``impl="reference"`` runs the
+    materialized distributed loss (``fastclip.reference``)."""
+    a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
     if check_batch_sizes:
         comm.check_batch_sizes(a.x, group)
+    if a.impl == "reference":
+        with no_autocast(a.x.device):
+            loss = siglip_loss_distributed_reference(a.x, a.y, a.scale, a.bias, group=group)
+            return nan_if_not_finite(loss, a.x, a.y, a.scale, a.bias)
     return siglip_loss_distributed_fused(a, dist_impl=dist_impl, group=group)

@@ -1,9 +1,12 @@
 """The one input-validation path of every loss entry point (functional, module, distributed).
 
-``prepare`` (CLIP, SigLIP) and ``prepare_distill`` (distillation) check the public arguments (names, expected and received values in every message),
+Validation happens once, at the public boundary: :func:`loss_options` checks ``impl``, ``chunk_size``
+and ``check_finite`` into a frozen options object (a module does it at construction), and
+:func:`prepare_with_options` (CLIP, SigLIP) or :func:`prepare_distill` checks the tensors against it,
 settles the feature dtype (mixed dtypes only under autocast, cast as the materialized loss's matmul
-would) and resolves ``impl``. It never reads a tensor's values unless ``check_finite=True``: no host
-synchronisation on the default path.
+would) and resolves ``impl``; :func:`prepare` is both steps at once. Every message names the
+argument, the expected and the received value. Nothing here reads a tensor's values unless
+``check_finite=True``: no host synchronisation on the default path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from fastclip import _checks
 from fastclip.ops.amp import autocast_active, common_dtype
 from fastclip.ops.dispatch import resolve_impl
+from fastclip.ops.family_inputs import Common, common_options
 
 
 @dataclass
@@ -46,6 +50,18 @@ def settle_pair(a, b, name_a="image_features", name_b="text_features", *, same_b
     return a.to(dtype), b.to(dtype)
 
 
+def loss_options(*, impl, chunk_size, check_finite, allow_reference: bool = True) -> Common:
+    """``impl``, ``chunk_size`` and ``check_finite`` checked once, at the boundary, into the frozen
+    options every entry below takes (the family's :class:`~fastclip.ops.family_inputs.Common`)."""
+    options = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    if options.impl == "reference" and not allow_reference:
+        raise ValueError(
+            "impl: expected 'auto', 'triton' or 'torch' here, got 'reference' "
+            "(the materialized losses are in fastclip.reference)"
+        )
+    return options
+
+
 def prepare(
     image_features,
     text_features,
@@ -59,28 +75,41 @@ def prepare(
     same_batch: bool = True,
     allow_reference: bool = True,
 ) -> LossInputs:
-    _checks.check_bool("check_finite", check_finite)
+    """:func:`prepare_with_options` of options checked here."""
+    options = loss_options(
+        impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=allow_reference
+    )
+    return prepare_with_options(
+        image_features, text_features, logit_scale, logit_bias, options,
+        bias_required=bias_required, same_batch=same_batch,
+    )  # fmt: skip
+
+
+def prepare_with_options(
+    image_features,
+    text_features,
+    logit_scale,
+    logit_bias,
+    options: Common,
+    *,
+    bias_required: bool = False,
+    same_batch: bool = True,
+) -> LossInputs:
+    """The tensors checked against checked ``options`` (:func:`loss_options`); ``impl`` resolved."""
     x, y = settle_pair(image_features, text_features, same_batch=same_batch)
     device = x.device
     scale = _checks.check_scalar("logit_scale", logit_scale, device=device)
     if logit_bias is None and bias_required:
         raise ValueError("logit_bias: expected a 0-dim or 1-element tensor (SigLIP needs a bias), got None")
     bias = None if logit_bias is None else _checks.check_scalar("logit_bias", logit_bias, device=device)
-    _checks.check_impl(impl)
-    if impl == "reference" and not allow_reference:
-        raise ValueError(
-            "impl: expected 'auto', 'triton' or 'torch' here, got 'reference' "
-            "(the materialized losses are in fastclip.reference)"
-        )
-    impl = resolve_impl(impl, device, dtype=x.dtype)
-    chunk_size = _checks.check_chunk_size(chunk_size)
-    if check_finite:
+    impl = resolve_impl(options.impl, device, dtype=x.dtype)
+    if options.check_finite:
         _checks.check_all_finite("image_features", image_features)
         _checks.check_all_finite("text_features", text_features)
         _checks.check_all_finite("logit_scale", scale)
         if bias is not None:
             _checks.check_all_finite("logit_bias", bias)
-    return LossInputs(x, y, scale, bias, impl, chunk_size)
+    return LossInputs(x, y, scale, bias, impl, options.chunk_size)
 
 
 DISTILL_NAMES = ("image_features", "text_features", "dist_image_features", "dist_text_features")
@@ -105,8 +134,8 @@ class DistillInputs:
         return self.x, self.y, self.scale, self.xt, self.yt, self.dist_scale
 
 
-def prepare_distill(x, y, s, xt, yt, t, *, impl: str, chunk_size, check_finite) -> DistillInputs:
-    """:func:`prepare` for the distillation loss's six inputs (messages name the argument)."""
+def prepare_distill(x, y, s, xt, yt, t, options: Common) -> DistillInputs:
+    """:func:`prepare_with_options` for the distillation loss's six inputs (messages name the argument)."""
     x, y = settle_pair(x, y, *DISTILL_NAMES[:2])
     xt, yt = settle_pair(xt, yt, *DISTILL_NAMES[2:])
     if xt.shape[0] != x.shape[0]:
@@ -119,15 +148,13 @@ def prepare_distill(x, y, s, xt, yt, t, *, impl: str, chunk_size, check_finite) 
         )
     s = _checks.check_scalar("logit_scale", s, device=x.device)
     t = _checks.check_scalar("dist_logit_scale", t, device=x.device)
-    _checks.check_bool("check_finite", check_finite)
-    if check_finite:
+    if options.check_finite:
         for name, v in zip((*DISTILL_NAMES, "logit_scale", "dist_logit_scale"), (x, y, xt, yt, s, t)):
             _checks.check_all_finite(name, v)
-    _checks.check_impl(impl)
     # float64 anywhere runs on the chunked PyTorch path (the kernels take 16/32-bit inputs).
     dtype = torch.float64 if torch.float64 in (x.dtype, xt.dtype) else x.dtype
-    impl = resolve_impl(impl, x.device, dtype=dtype)
-    return DistillInputs(x, y, s, xt, yt, t, impl, _checks.check_chunk_size(chunk_size))
+    impl = resolve_impl(options.impl, x.device, dtype=dtype)
+    return DistillInputs(x, y, s, xt, yt, t, impl, options.chunk_size)
 
 
 def nan_if_not_finite(loss: torch.Tensor, *tensors) -> torch.Tensor:
