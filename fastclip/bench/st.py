@@ -11,7 +11,7 @@ Providers (forward + backward to the embeddings, the same inputs):
   with_backward=True)`` on the mini-batched embeddings (``mini_batch_size`` row chunks of the scores,
   a backward per chunk) -- the loss stage of its GradCache step (2).
 
-Time: median wall seconds (min and max beside it) of ``reps`` calls after one warm-up. Memory: the
+Time: median wall seconds (min and max beside it) of ``reps`` calls after ``warmup`` calls. Memory: the
 peak *extra* bytes of one call (:func:`fastclip.bench.memory.peak_extra_bytes`: the profiler's
 allocation replay on CPU), which includes the embeddings' gradients (every provider produces them).
 Results: ``<out>/st_loss_stage_<date>_<device>.json`` and ``.log``.
@@ -85,6 +85,7 @@ def run_bench(
     mini_batch_size: int = 32,
     seed: int = 0,
     log=print,
+    warmup: int = 1,
     big_batch: int | None = None,
     big_negatives: int = 1,
 ) -> dict:
@@ -99,7 +100,8 @@ def run_bench(
         losses = {}
         for provider in providers:
             step = make_step(provider, embeddings, mini_batch_size)
-            step()  # warm-up
+            for _ in range(warmup):
+                step()
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
@@ -118,6 +120,7 @@ def run_bench(
                 "min_s": times[0],
                 "max_s": times[-1],
                 "reps": reps,
+                "warmup": warmup,
                 "peak_extra_bytes": int(peak),
                 "loss": value.item(),
             }
@@ -208,6 +211,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negatives", default="0,1", help="hard negatives per row K, comma list (default 0,1)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {', '.join(PROVIDERS)}")
     p.add_argument("--reps", type=int, default=3, help="timed calls per provider (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument(
         "--mini-batch-size", type=int, default=32, help="st_cached's mini_batch_size (ST's default 32)"
     )
@@ -249,13 +253,16 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     log(f"fastclip bench st: B={args.batch} D={args.dim} K={negatives} providers={providers} reps={args.reps} "
         f"threads={torch.get_num_threads()}")  # fmt: skip
+    if args.warmup < 0:
+        print("fastclip bench st: --warmup: expected an int >= 0", file=sys.stderr)
+        return 2
     if args.big_batch is not None and (args.big_batch < 1 or args.big_negatives < 0):
         print(
             "fastclip bench st: --big-batch: expected a positive int, --big-negatives >= 0", file=sys.stderr
         )
         return 2
     doc = run_bench(args.batch, args.dim, negatives, providers, args.reps, args.mini_batch_size, log=log,
-                    big_batch=args.big_batch, big_negatives=args.big_negatives)  # fmt: skip
+                    big_batch=args.big_batch, warmup=args.warmup, big_negatives=args.big_negatives)  # fmt: skip
     log("")
     log(ratio_table(doc["records"]))
     if not args.no_save:
