@@ -1,6 +1,8 @@
 """Per-rank training streams over CSV tables and webdataset shards, loaded by worker processes.
 
-Both have ``next_batch() -> (images (b, 3, H, W) float32, captions list[str] or token ids (b, L))``,
+Both have ``next_batch() -> (images (b, 3, H, W) float32, captions list[str] or token ids (b, L))``
+(CSV with ``data.negative_keys``: lists [caption, *negatives] or token ids (b, 1 + K, L); with
+``data.id_key`` a third item, the rows' int64 ids (b,)),
 ``state_dict()`` (JSON-serialisable position) and ``load_state_dict()``; ``skipped`` counts samples
 dropped for unreadable images. Images are decoded, transformed and (with a tokenizer) captions
 tokenized inside torch DataLoader workers (``data.workers``; 0 loads in the training process),
@@ -24,7 +26,7 @@ import torch
 
 from fastclip.data.common import DataError, collate, report_skips, resolve_workers
 from fastclip.data.shards import ShardPlan, ShardReader, expand_shards
-from fastclip.data.table import TableDataset, collate_rows, read_table
+from fastclip.data.table import TableDataset, collate_rows, read_extra_columns, read_table
 from fastclip.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_transform
 
 
@@ -129,7 +131,12 @@ class CsvStream(_LoaderStream):
         transform = train_transform(
             cfg, image_size, mean, std, resize_mode=resize_mode, interpolation=interpolation
         )
-        self.dataset = TableDataset(images, captions, transform, seed, getattr(cfg, "fast_decode", True))
+        negatives, ids = read_extra_columns(
+            path, getattr(cfg, "negative_keys", None), getattr(cfg, "id_key", None), cfg.delimiter
+        )
+        self.dataset = TableDataset(
+            images, captions, transform, seed, getattr(cfg, "fast_decode", True), negatives=negatives, ids=ids
+        )
         self.global_batch, self.world_size, self.seed = global_batch, world_size, seed
         self.tokenizer = tokenizer
         self._init_loader(cfg, rank, pin_memory)
@@ -145,6 +152,8 @@ class CsvStream(_LoaderStream):
         item = next(self._iter)
         self._account(item)
         self.position += 1
+        if "ids" in item:  # data.id_key: the rows' integer ids come third
+            return item["images"], item["texts"], item["ids"]
         return item["images"], item["texts"]
 
     def state_dict(self) -> dict:

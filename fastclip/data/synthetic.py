@@ -9,6 +9,8 @@ combinations, on images of the held-out combinations only, measures whether the 
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from fastclip.data.common import DataError
@@ -92,6 +94,53 @@ class SyntheticShapes:
 
     def batch(self, split: str, index: int, size: int):
         """Batch ``index`` of ``split``: images (size, 3, H, W) normalised, captions, labels (size,)."""
+        images, captions, labels, _ = self._draw(split, index, size)
+        return images, captions, labels
+
+    def batch_with_negatives(self, split: str, index: int, size: int, negatives: int):
+        """:meth:`batch` (the same images and captions) plus ``negatives`` hard-negative captions per
+        sample: the caption's template with its colour or its shape changed (whichever the template
+        names; one of them at random when it names both) to another pair of ``split`` (so the held-out
+        pairs never appear in training text), distinct from each other where possible. Returns images,
+        captions as lists [caption, negative_1, ..., negative_K], and ids (size, 1 + K) int64: the
+        colour-shape class of the caption (the sample's label) and of each negative. Drawn from their own
+        generator, a pure function of (seed, split, index)."""
+        if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
+            raise ValueError(f"negatives: expected an int >= 0, got {negatives!r}")
+        images, captions, labels, attrs = self._draw(split, index, size)
+        code = {"train": 0, "heldout": 1, "seen": 2}[split]
+        rng = random.Random(f"fastclip-synthetic-negatives-{self.seed}-{code}-{int(index)}")
+        allowed = set(self._pairs[split])
+        ns, names = len(self.shapes), list(POSITIONS)
+        texts, ids = [], []
+        for caption, (k, c, s, b, p) in zip(captions, attrs):
+            template = CAPTIONS[k]
+            fields = [f for f in ("color", "shape") if "{" + f + "}" in template]
+            options = {}
+            for f in fields:
+                alt = (
+                    [(c2, s) for c2 in range(len(self.colors)) if c2 != c]
+                    if f == "color"
+                    else [(c, s2) for s2 in range(ns) if s2 != s]
+                )
+                options[f] = [pair for pair in alt if pair in allowed]
+            row, row_ids, used = [caption], [c * ns + s], set()
+            for _ in range(negatives):
+                f = rng.choice([f for f in fields if options[f]])
+                fresh = [pair for pair in options[f] if pair not in used] or options[f]
+                c2, s2 = rng.choice(fresh)
+                used.add((c2, s2))
+                row.append(
+                    template.format(
+                        color=self.colors[c2], shape=self.shapes[s2], size=SIZES[b], position=names[p]
+                    )
+                )
+                row_ids.append(c2 * ns + s2)
+            texts.append(row)
+            ids.append(row_ids)
+        return images, texts, torch.tensor(ids, dtype=torch.int64).view(size, 1 + negatives)
+
+    def _draw(self, split: str, index: int, size: int):
         if split not in self._pairs:
             raise ValueError(f"split: expected one of {list(self._pairs)}, got {split!r}")
         code = {"train": 0, "heldout": 1, "seen": 2}[split]
@@ -104,17 +153,13 @@ class SyntheticShapes:
         caption_kind = torch.randint(len(CAPTIONS), (size,), generator=g)
         images = self._render(color, shape, big, pos, g)
         names = list(POSITIONS)
+        attrs = list(zip(caption_kind.tolist(), color.tolist(), shape.tolist(), big.tolist(), pos.tolist()))
         captions = [
-            CAPTIONS[int(k)].format(
-                color=self.colors[int(c)],
-                shape=self.shapes[int(s)],
-                size=SIZES[int(b)],
-                position=names[int(p)],
-            )
-            for k, c, s, b, p in zip(caption_kind, color, shape, big, pos)
+            CAPTIONS[k].format(color=self.colors[c], shape=self.shapes[s], size=SIZES[b], position=names[p])
+            for k, c, s, b, p in attrs
         ]
         labels = color * len(self.shapes) + shape
-        return images, captions, labels
+        return images, captions, labels, attrs
 
     def _render(self, color, shape, big, pos, g):
         n = color.shape[0]
@@ -147,15 +192,31 @@ class SyntheticStream:
     """Per-rank stream over the synthetic "train" split; the global batch at step k is identical for
     any world size, and each rank takes its slice."""
 
-    def __init__(self, dataset: SyntheticShapes, global_batch: int, rank: int, world_size: int):
+    def __init__(
+        self, dataset: SyntheticShapes, global_batch: int, rank: int, world_size: int,
+        *, negatives: int = 0, ids: bool = False,
+    ):  # fmt: skip
         self.dataset, self.global_batch, self.rank, self.world_size = dataset, global_batch, rank, world_size
         self.local = global_batch // world_size
+        self.negatives, self.ids = negatives, bool(ids)
         self.position = 0  # batches consumed
 
     def next_batch(self):
-        images, captions, _ = self.dataset.batch("train", self.position, self.global_batch)
+        """(images, captions) of this rank; with ``negatives`` K > 0 each caption is a list
+        [caption, K hard negatives]; with ``ids``, a third item: the (b, 1 + K) int64 class ids of the
+        captions (column 0: the sample's, then its negatives')."""
         lo, hi = self.rank * self.local, (self.rank + 1) * self.local
+        if self.negatives or self.ids:
+            images, captions, ids = self.dataset.batch_with_negatives(
+                "train", self.position, self.global_batch, self.negatives
+            )
+        else:
+            images, captions, _ = self.dataset.batch("train", self.position, self.global_batch)
         self.position += 1
+        if not self.negatives:
+            captions = [row[0] for row in captions] if self.ids else captions
+        if self.ids:
+            return images[lo:hi], captions[lo:hi], ids[lo:hi]
         return images[lo:hi], captions[lo:hi]
 
     def state_dict(self) -> dict:

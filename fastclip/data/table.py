@@ -88,15 +88,70 @@ def read_table(path, image_key, caption_key, label_key=None, delimiter=None, roo
     return images, captions, labels
 
 
+def read_extra_columns(path, negative_keys=None, id_key=None, delimiter=None):
+    """The hard-negative captions and ids of a CSV/TSV file's rows (the rows :func:`read_table` reads, in
+    its order): (negatives: one list [negative_1, ..., negative_K] per row, or None; ids: int64 (rows,)
+    or None). A missing column, an empty negative caption or an id that is not an integer is a
+    :class:`DataError` naming the file, the row (the header is row 1) and the column."""
+    if not negative_keys and id_key is None:
+        return None, None
+    path = os.fspath(path)
+    if delimiter is None:
+        delimiter = "\t" if path.endswith(".tsv") else ","
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            header = reader.fieldnames or []
+            wanted = [(k, "data.negative_keys") for k in negative_keys or []]
+            wanted += [(id_key, "data.id_key")] if id_key is not None else []
+            for key, what in wanted:
+                if key not in header:
+                    raise DataError(f"{path}: expected a column {key!r} ({what}), found columns {header}")
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: expected UTF-8 text ({exc})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV/TSV file ({exc})") from None
+    negatives = [] if negative_keys else None
+    ids = [] if id_key is not None else None
+    for i, r in enumerate(rows, start=2):
+        if negative_keys:
+            row = []
+            for key in negative_keys:
+                text = r.get(key)
+                if text is None or not text.strip():
+                    raise DataError(
+                        f"{path}: row {i}: empty {key!r} (hard-negative caption, data.negative_keys)"
+                    )
+                row.append(text.strip())
+            negatives.append(row)
+        if id_key is not None:
+            value = (r.get(id_key) or "").strip()
+            try:
+                ids.append(int(value))
+            except ValueError:
+                raise DataError(
+                    f"{path}: row {i}: column {id_key!r} (data.id_key) expected an integer id, got {value[:200]!r}"
+                ) from None
+            if not -(2**63) <= ids[-1] < 2**63:
+                raise DataError(
+                    f"{path}: row {i}: column {id_key!r} (data.id_key): id {value[:200]} exceeds int64"
+                )
+    return negatives, (torch.tensor(ids, dtype=torch.int64) if ids is not None else None)
+
+
 class TableDataset(torch.utils.data.Dataset):
-    """Row ``(i, epoch)`` -> (image tensor, caption, skipped). An unreadable image is replaced by the
-    next readable row (deterministically, so a resumed run reads the same), and counted."""
+    """Row ``(i, epoch)`` -> (image tensor, caption, skipped[, id]). An unreadable image is replaced by
+    the next readable row (deterministically, so a resumed run reads the same), and counted. With
+    ``negatives`` (one list of K captions per row) the caption is a list [caption, *negatives]; with
+    ``ids`` (int64 (rows,)) the row's id comes fourth."""
 
     MAX_SKIP = 64
 
-    def __init__(self, images, captions, transform, seed=0, fast_decode=True):
+    def __init__(self, images, captions, transform, seed=0, fast_decode=True, *, negatives=None, ids=None):
         self.images, self.captions, self.transform, self.seed = images, captions, transform, seed
         self.draft = draft_size(transform) if fast_decode else None
+        self.negatives, self.ids = negatives, ids
 
     def __len__(self):
         return len(self.images)
@@ -112,19 +167,34 @@ class TableDataset(torch.utils.data.Dataset):
                 skips.add(self.images[i], f"unreadable image ({type(exc).__name__}: {exc})")
                 continue
             x = self.transform(img, generator=sample_generator(self.seed, "aug", epoch, i))
-            return x, self.captions[i], skips
+            text = self.captions[i] if self.negatives is None else [self.captions[i], *self.negatives[i]]
+            if self.ids is not None:
+                return x, text, skips, int(self.ids[i])
+            return x, text, skips
         raise DataError(
             f"{self.MAX_SKIP} consecutive unreadable images from {self.images[row]!r} on; check the data"
         )
 
 
 def collate_rows(items, tokenizer=None):
-    images = torch.stack([x for x, _, _ in items])
-    captions = [c for _, c, _ in items]
-    skipped = sum(s.count for _, _, s in items)
-    reasons = [r for _, _, s in items for r in s.reasons]
-    texts = tokenizer(captions) if tokenizer is not None else captions
-    return {"images": images, "texts": texts, "skipped": skipped, "reasons": reasons}
+    """Rows of :class:`TableDataset` -> {images, texts, skipped, reasons[, ids]}. Captions with hard
+    negatives (lists of 1 + K) are tokenized together into (b, 1 + K, L)."""
+    images = torch.stack([it[0] for it in items])
+    captions = [it[1] for it in items]
+    skipped = sum(it[2].count for it in items)
+    reasons = [r for it in items for r in it[2].reasons]
+    if tokenizer is None:
+        texts = captions
+    elif captions and isinstance(captions[0], list):
+        group = len(captions[0])
+        tokens = tokenizer([t for row in captions for t in row])
+        texts = tokens.view(len(captions), group, *tokens.shape[1:])
+    else:
+        texts = tokenizer(captions)
+    out = {"images": images, "texts": texts, "skipped": skipped, "reasons": reasons}
+    if items and len(items[0]) > 3:
+        out["ids"] = torch.tensor([it[3] for it in items], dtype=torch.int64)
+    return out
 
 
 class EvalSet:

@@ -1,7 +1,7 @@
 """The model, its tokenizer and the loss, from the run's config.
 
 tokenizer, model = build_model(cfg, out_dir, rank)          # or the caller's model/tokenizer
-loss_fn = build_loss(cfg, model, rank, world)              # fastclip.ClipLoss / SigLipLoss
+loss_fn = build_loss(cfg, model, rank, world)              # fastclip.ClipLoss / SigLipLoss / FamilyLoss
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import difflib
 import os
 import re
 
+from fastclip.data.table import read_extra_columns
 from fastclip.train import data as data_lib
 from fastclip.train.config import ConfigError, check_dist_impl
 
@@ -56,7 +57,9 @@ def build_model(cfg, out_dir: str, rank: int, model=None, tokenizer=None):
             extra = " ".join(
                 (cfg.eval.templates or []) + (data_lib.read_classnames(cfg.eval.classnames) or [])
             )
-            tokenizer = WordTokenizer(_words(captions + [extra]), context_length=context)
+            negatives, _ = read_extra_columns(dc.train, dc.negative_keys, None, dc.delimiter)
+            negative_texts = [t for row in negatives or [] for t in row]
+            tokenizer = WordTokenizer(_words(captions + negative_texts + [extra]), context_length=context)
         else:
             raise ConfigError(
                 "data.tokenizer: webdataset data needs a tokenizer: expected the path of a Hugging Face "
@@ -86,14 +89,68 @@ def _model_call(key: str, fn, *args, **kwargs):
         raise ConfigError(f"{key}: {exc}") from None
 
 
+class FamilyLoss:
+    """model.loss "info_nce": CLIP's symmetric softmax on the contrastive family's core (NegCLIP with
+    hard negatives): ``fastclip.info_nce_loss(image_features, text_features, negative_features,
+    similarity="dot", scale=logit_scale, directions=("query_to_doc", "doc_to_query"),
+    partition="per_direction")``, with ids the duplicate mask of ``model.duplicates``. Without negatives
+    or ids it equals ``fastclip.clip_loss``. Several ranks: ``info_nce_loss_distributed`` with
+    ``model.dist_impl`` ("gather" by default, or "ring"), this rank's rows against every rank's columns.
+
+    ``loss(image_features, text_features, logit_scale, negative_features=None, ids=None)``: ``ids`` is
+    (b,) (the samples' ids) or (b, 1 + K) (column 0 the sample's, then its negatives' ids)."""
+
+    def __init__(self, cfg, world: int):
+        from fastclip import InfoNCELoss
+
+        mc = cfg.model
+        self.k, self.duplicates = int(mc.hard_negatives), mc.duplicates
+        self.loss = InfoNCELoss(
+            similarity="dot", directions=("query_to_doc", "doc_to_query"), partition="per_direction",
+            hardness=mc.hardness, hardness_strength=float(mc.hardness_strength),
+            duplicates=mc.duplicates or "ignore", distributed=world > 1, dist_impl=mc.dist_impl or "gather",
+            impl=mc.loss_impl,
+        )  # fmt: skip
+
+    def __call__(self, image_features, text_features, logit_scale, negative_features=None, ids=None):
+        if (negative_features is None) != (self.k == 0) or (
+            negative_features is not None and negative_features.shape[1] != self.k
+        ):
+            got = None if negative_features is None else tuple(negative_features.shape)
+            raise ValueError(
+                f"negative_features: expected (B, {self.k}, D) for model.hard_negatives {self.k}, got {got}"
+            )
+        kw = {}
+        if self.duplicates is not None:
+            if ids is None:
+                raise ValueError(f"ids: model.duplicates {self.duplicates!r} needs the batch's ids, got None")
+            if ids.dim() == 2:
+                kw["query_ids"] = ids[:, 0]
+                if self.k and ids.shape[1] == 1 + self.k:
+                    kw["negative_ids"] = ids[:, 1:]
+            else:
+                kw["query_ids"] = ids
+        return self.loss(image_features, text_features, negative_features, scale=logit_scale, **kw)
+
+
 def build_loss(cfg, model, rank: int, world: int):
-    """(loss module, kind): ``fastclip.ClipLoss``/``SigLipLoss``; across ranks with ``model.dist_impl``."""
+    """(loss, kind): ``fastclip.ClipLoss``/``SigLipLoss``, or :class:`FamilyLoss` for "info_nce";
+    across ranks with ``model.dist_impl``."""
     from fastclip import ClipLoss, SigLipLoss
 
     kind = cfg.model.loss
     siglip = getattr(model, "logit_bias", None) is not None
     if kind == "auto":
         kind = "siglip" if siglip else "clip"
+    if kind == "info_nce":
+        if siglip:
+            raise ConfigError(
+                f"model.loss: 'info_nce' is a softmax loss and would leave the logit_bias of "
+                f"{cfg.model.name!r} untrained; use a CLIP model or model.loss 'siglip'"
+            )
+        if cfg.model.dist_impl is not None:
+            check_dist_impl(kind, cfg.model.dist_impl)
+        return FamilyLoss(cfg, world), kind
     if kind == "siglip" and not siglip:
         raise ConfigError(
             f"model.loss: 'siglip' needs a model with a logit_bias ({cfg.model.name!r} has none)"

@@ -40,11 +40,25 @@ class ModelConfig:
     """Keyword overrides for ``create_model(name, **overrides)``. None: {patch_size: 8} for "tiny" and
     "tiny-siglip" (the demo's 4x4 patch grid, 3x faster than 8x8 on CPU), {} for other models."""
     loss: str = "auto"
-    """"clip" (softmax), "siglip" (sigmoid) or "auto" (siglip when the model has a logit_bias)."""
+    """"clip" (softmax), "siglip" (sigmoid), "info_nce" (CLIP's symmetric softmax on the contrastive
+    family's core: takes model.hard_negatives, model.duplicates and model.hardness) or "auto" (siglip
+    when the model has a logit_bias, else clip)."""
     loss_impl: str = "auto"
     """Loss implementation: "auto", "triton", "torch" or "reference"."""
     dist_impl: str | None = None
-    """Distributed strategy of the loss (None: the loss's default)."""
+    """Distributed strategy of the loss (None: the loss's default; info_nce: "gather" or "ring")."""
+    hard_negatives: int = 0
+    """info_nce: K hard-negative captions per sample (negatives for every image of the batch); synthetic
+    data draws them (the true caption with its colour or shape changed), csv data reads them from
+    data.negative_keys."""
+    duplicates: str | None = None
+    """info_nce: columns sharing a sample's id (synthetic: its colour-shape class; csv: data.id_key) are
+    "ignore"d (removed from the softmax) or all count as "positive"s; None: no ids, no masking."""
+    hardness: str | None = None
+    """info_nce: add model.hardness_strength * stop_grad(similarity) to the logits of
+    "in_batch_negatives", "hard_negatives" or "all_negatives" (None: off)."""
+    hardness_strength: float = 0.0
+    """info_nce: the strength of model.hardness (>= 0)."""
 
 
 @dataclass
@@ -61,6 +75,12 @@ class DataConfig:
     """CSV column (or webdataset extension) holding the caption."""
     label_key: str = "label"
     """CSV column holding the class index of an evaluation row (zero-shot), if present."""
+    negative_keys: list | None = None
+    """CSV columns holding hard-negative captions of each row (model.hard_negatives of them, tokenized in
+    the loader workers like the caption); not supported for webdataset yet."""
+    id_key: str | None = None
+    """CSV column holding an integer id per row (equal ids: duplicates, masked by model.duplicates);
+    not supported for webdataset yet."""
     delimiter: str | None = None
     """CSV delimiter (None: tab for .tsv files, comma otherwise)."""
     workers: int | None = None
@@ -254,13 +274,14 @@ class Config:
             self.checkpoint,
             self.log,
         )
-        choice("model.loss", m.loss, ("auto", "clip", "siglip"))
+        choice("model.loss", m.loss, ("auto", "clip", "siglip", "info_nce"))
         choice("model.loss_impl", m.loss_impl, ("auto", "triton", "torch", "reference"))
         if not m.name:
             raise ConfigError("model.name: expected a model name such as 'tiny', got an empty string")
         if m.dist_impl is not None:
             check_dist_impl(m.loss, m.dist_impl)
         choice("data.kind", d.kind, ("synthetic", "webdataset", "csv"))
+        self._validate_family()
         if d.kind != "synthetic" and not d.train:
             raise ConfigError(f"data.train: expected a path for data.kind={d.kind!r}, got {shown(d.train)}")
         if d.kind == "synthetic" and (d.train or d.eval):
@@ -318,6 +339,69 @@ class Config:
         minimum("log.every", lg.every, 1)
         return self
 
+    def _validate_family(self) -> None:
+        """The info_nce keys (model.hard_negatives/duplicates/hardness) and their data keys."""
+        m, d = self.model, self.data
+        minimum("model.hard_negatives", m.hard_negatives, 0)
+        if m.duplicates is not None:
+            choice("model.duplicates", m.duplicates, ("ignore", "positive"))
+        if m.hardness is not None:
+            choice("model.hardness", m.hardness, ("in_batch_negatives", "hard_negatives", "all_negatives"))
+        nonneg_float("model.hardness_strength", m.hardness_strength)
+        if m.hardness is None and m.hardness_strength:
+            raise ConfigError(
+                f"model.hardness_strength: {m.hardness_strength!r} needs model.hardness "
+                "('in_batch_negatives', 'hard_negatives' or 'all_negatives'), got None"
+            )
+        for key, used in (
+            ("model.hard_negatives", m.hard_negatives > 0),
+            ("model.duplicates", m.duplicates is not None),
+            ("model.hardness", m.hardness is not None),
+        ):
+            if used and m.loss != "info_nce":
+                raise ConfigError(
+                    f"{key}: needs model.loss 'info_nce' (clip/siglip take no such option), got {m.loss!r}"
+                )
+        keys = d.negative_keys
+        if keys is not None and (
+            not keys or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys)
+        ):
+            raise ConfigError(
+                f"data.negative_keys: expected a list of distinct CSV column names, got {shown(keys)}"
+            )
+        if d.id_key is not None and not d.id_key:
+            raise ConfigError("data.id_key: expected a CSV column name, got ''")
+        if d.kind == "webdataset":
+            for key, used in (
+                ("data.negative_keys", keys is not None),
+                ("data.id_key", d.id_key is not None),
+                ("model.hard_negatives", m.hard_negatives > 0),
+                ("model.duplicates", m.duplicates is not None),
+            ):
+                if used:
+                    raise ConfigError(
+                        f"{key}: hard negatives and ids are not supported for webdataset yet (use csv data)"
+                    )
+        elif d.kind == "synthetic":
+            for key, value in (("data.negative_keys", keys), ("data.id_key", d.id_key)):
+                if value is not None:
+                    raise ConfigError(
+                        f"{key}: synthetic data draws its own hard negatives and ids (model.hard_negatives, "
+                        f"model.duplicates); got {shown(value)}"
+                    )
+        else:  # csv
+            if len(keys or []) != m.hard_negatives:
+                raise ConfigError(
+                    f"model.hard_negatives: expected len(data.negative_keys) = {len(keys or [])} for csv "
+                    f"data, got {m.hard_negatives}"
+                )
+            if keys and d.caption_key in keys:
+                raise ConfigError(f"data.negative_keys: holds the caption column {d.caption_key!r}")
+            if m.duplicates is not None and d.id_key is None:
+                raise ConfigError(
+                    f"data.id_key: model.duplicates {m.duplicates!r} needs the CSV column of ids, got None"
+                )
+
     def check_world(self, world_size: int) -> tuple[int, int, int]:
         """Per-rank batch, micro-batch and number of gradient-cache chunks for ``world_size`` ranks."""
         t = self.train
@@ -341,6 +425,15 @@ def check_dist_impl(loss: str, dist_impl: str) -> None:
     The losses' own constructors are the authority on the names (the public ``ClipLoss``/``SigLipLoss``)."""
     from fastclip import ClipLoss, SigLipLoss
 
+    if loss == "info_nce":
+        from fastclip.distributed.family import FAMILY_DIST_IMPLS
+
+        if dist_impl not in FAMILY_DIST_IMPLS:
+            raise ConfigError(
+                f"model.dist_impl: {shown(dist_impl)} is not a strategy of model.loss='info_nce' "
+                f"(expected one of {list(FAMILY_DIST_IMPLS)})"
+            )
+        return
     kinds = {"clip": [ClipLoss], "siglip": [SigLipLoss], "auto": [ClipLoss, SigLipLoss]}[loss]
     reasons = []
     for cls in kinds:

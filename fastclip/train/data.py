@@ -1,7 +1,9 @@
 """The trainer's view of :mod:`fastclip.data` (kept so ``fastclip.train.data`` stays importable).
 
 Every training source is a per-rank stream with ``next_batch() -> (images, captions or token ids)``
-and a JSON ``state_dict()`` that a checkpoint stores; see :mod:`fastclip.data.streams`.
+(``(images, texts, ids)`` when the run masks duplicates by id; with hard negatives each sample's texts
+are its caption and K negatives) and a JSON ``state_dict()`` that a checkpoint stores; see
+:mod:`fastclip.data.streams`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ def build_data(cfg, model, tokenizer, rank: int, world: int, device=None):
     mean, std = tuple(getattr(vision, "mean", MEAN)), tuple(getattr(vision, "std", STD))
     if dc.kind == "synthetic":  # procedural images, trained from scratch: one fixed normalisation
         shapes = SyntheticShapes(size, seed=seed)
-        return SyntheticStream(shapes, gb, rank, world), synthetic_eval_sets(shapes, dc.eval_size)
+        mc = cfg.model
+        stream = SyntheticStream(
+            shapes, gb, rank, world, negatives=mc.hard_negatives, ids=mc.duplicates is not None
+        )
+        return stream, synthetic_eval_sets(shapes, dc.eval_size)
     pin = device is not None and getattr(device, "type", str(device)) == "cuda"
     kind = CsvStream if dc.kind == "csv" else WebDatasetStream
     view = {  # the model's preprocessing: eval resize and resampling filter

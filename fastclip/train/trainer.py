@@ -283,13 +283,10 @@ class Trainer:
             hang_point(self.step + 1, self.rank)
             try:
                 t_wait = time.perf_counter()
-                images, texts = self.stream.next_batch()  # token ids when the loader workers tokenized
+                batch = self.stream.next_batch()  # token ids when the loader workers tokenized
                 waited += time.perf_counter() - t_wait
-                images = images.to(self.device, self.dtype, non_blocking=True)
-                if not torch.is_tensor(texts):
-                    texts = self.tokenizer(list(texts))
-                texts = texts.to(self.device, non_blocking=True)
-                loss = self._train_step(images, texts)
+                images, texts, ids = self._batch_tensors(batch)
+                loss = self._train_step(images, texts, ids)
             except RuntimeError as exc:
                 if not self.comm.is_timeout(exc):
                     raise
@@ -332,12 +329,59 @@ class Trainer:
         self._finish()
         return final
 
-    def _train_step(self, images, texts) -> torch.Tensor:
+    def _batch_tensors(self, batch):
+        """A stream's batch -> (images, token ids (b, T) or with hard negatives (b, 1 + K, T), ids or
+        None) on the device. Captions not yet tokenized (lists of 1 + K with hard negatives) are
+        tokenized here."""
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise TypeError(
+                f"next_batch: expected (images, texts) or (images, texts, ids), got {type(batch).__name__}"
+            )
+        images, texts = batch[0], batch[1]
+        ids = batch[2] if len(batch) == 3 and self.cfg.model.duplicates is not None else None
+        k = int(self.cfg.model.hard_negatives)
+        if not torch.is_tensor(texts):
+            texts = list(texts)
+            if k:
+                flat = [t for row in texts for t in row]
+                if len(flat) != len(texts) * (1 + k):
+                    raise ValueError(
+                        f"next_batch: expected each sample's caption and {k} hard negatives, got {len(flat)} "
+                        f"captions for {len(texts)} samples"
+                    )
+                tokens = self.tokenizer(flat)
+                texts = tokens.view(len(texts), 1 + k, *tokens.shape[1:])
+            else:
+                texts = self.tokenizer(texts)
+        if k and (texts.dim() != 3 or texts.shape[1] != 1 + k):
+            raise ValueError(
+                f"next_batch: expected token ids (b, {1 + k}, T) for model.hard_negatives {k}, "
+                f"got {tuple(texts.shape)}"
+            )
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        texts = texts.to(self.device, non_blocking=True)
+        if ids is not None:
+            ids = torch.as_tensor(ids).to(self.device, non_blocking=True)
+        return images, texts, ids
+
+    def _forward(self, images, texts) -> dict:
+        """The engine's forward; with hard negatives the (b, 1 + K, T) texts go through the text tower in
+        the same call, flattened, and come back as text_features (b, D) and negative_features (b, K, D)."""
+        if texts.dim() != 3:
+            return self.engine(images, texts)
+        b, group = texts.shape[:2]
+        out = dict(self.engine(images, texts.reshape(b * group, *texts.shape[2:])))
+        feats = out["text_features"]
+        feats = feats.view(b, group, *feats.shape[1:])
+        out["text_features"], out["negative_features"] = feats[:, 0], feats[:, 1:]
+        return out
+
+    def _train_step(self, images, texts, ids=None) -> torch.Tensor:
         engine, step = self.engine, self.step + 1
-        loss_fn = _DivergenceGuard(self.loss, step)
+        loss_fn = _DivergenceGuard(self.loss, step, ids)
         try:
             if self.chunks == 1:
-                loss = loss_fn(**engine(images, texts))
+                loss = loss_fn(**self._forward(images, texts))
                 engine.backward(loss)
                 engine.step()
                 loss = loss.detach()
@@ -349,7 +393,7 @@ class Trainer:
                     engine.backward(surrogate, scale_wrt_gas=False)
                     engine.step()
 
-                loss = gradcache_step(engine, loss_fn, images, texts, self.micro, backward=backward)
+                loss = gradcache_step(self._forward, loss_fn, images, texts, self.micro, backward=backward)
         except FloatingPointError as exc:  # gradcache's non-finite-loss check: add the step
             raise FloatingPointError(
                 str(exc) if str(exc).startswith("step ") else f"step {step}: {exc}"
@@ -457,16 +501,21 @@ class _DivergenceGuard:
     """The loss, preceded by a finiteness check of its inputs: a diverged model (NaN/Inf logit scale,
     bias or features) stops the run with the step number instead of the loss's input error."""
 
-    def __init__(self, loss, step: int):
-        self.loss, self.step = loss, step
+    def __init__(self, loss, step: int, ids=None):
+        self.loss, self.step, self.ids = loss, step, ids  # ids: the whole (per-rank) batch's, or None
 
-    def __call__(self, image_features, text_features, logit_scale, logit_bias=None):
+    def __call__(self, image_features, text_features, logit_scale, logit_bias=None, negative_features=None):
         for name, t in (("logit_scale", logit_scale), ("logit_bias", logit_bias),
-                        ("image_features", image_features), ("text_features", text_features)):  # fmt: skip
+                        ("image_features", image_features), ("text_features", text_features),
+                        ("negative_features", negative_features)):  # fmt: skip
             if t is not None and not bool(torch.isfinite(t.detach()).all()):
                 bad = t.detach().reshape(-1)[~torch.isfinite(t.detach().reshape(-1))][0].item()
                 raise FloatingPointError(
                     f"step {self.step}: the model diverged ({name} holds {bad}); stopping (lower optim.lr?)"
                 )
         extra = {} if logit_bias is None else {"logit_bias": logit_bias}
+        if negative_features is not None:
+            extra["negative_features"] = negative_features
+        if self.ids is not None:
+            extra["ids"] = self.ids
         return self.loss(image_features, text_features, logit_scale, **extra)
