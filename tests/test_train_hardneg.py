@@ -335,6 +335,25 @@ def test_gradcache_through_the_trainer_equals_the_direct_step(tmp_path):
         assert err <= 2e-5 * max(1.0, float(g1[name].abs().max())), f"{name}: max |diff| {err:.3e}"
 
 
+@pytest.mark.slow
+def test_resume_with_hard_negatives_and_ids_equals_the_uninterrupted_run(tmp_path):
+    from fastclip.train import train
+
+    run = {
+        "train.steps": 4,
+        "train.batch_size": 16,
+        "log.every": 1,
+        "model.overrides": TINY,
+        "checkpoint.every": 2,
+    }
+    train(CONFIG, overrides=_run_overrides(tmp_path / "a", **run))
+    step2 = str(tmp_path / "a" / "checkpoints" / "step_00000002")
+    train(CONFIG, overrides=_run_overrides(tmp_path / "b", **run, **{"checkpoint.resume": step2}))
+    a, b = _losses(str(tmp_path / "a")), _losses(str(tmp_path / "b"))
+    assert len(a) == 4 and len(b) == 2
+    assert all(abs(x - y) <= 1e-6 * max(1.0, abs(x)) for x, y in zip(a[2:], b)), (a, b)
+
+
 def _torchrun_worker(out):
     from fastclip.train import train
 
