@@ -95,6 +95,20 @@ def test_info_nce_with_negatives_and_ids_equals_materialized_negclip(with_neg_id
     assert abs(float(plain.detach()) - float(_negclip_reference(x, y, negs, scale).detach())) < 1e-9
 
 
+def test_reference_impl_across_ranks_is_a_config_error():
+    cfg = load_config(None, {"model.loss": "info_nce", "model.loss_impl": "reference"})
+    FamilyLoss(cfg, 1)  # one process: the materialized loss is available
+    with pytest.raises(ConfigError, match="model.loss_impl: impl: expected 'auto', 'triton' or 'torch'"):
+        FamilyLoss(cfg, 2)
+    from fastclip.train.build import build_loss
+
+    siglip_model = types.SimpleNamespace(logit_bias=torch.zeros(1))
+    with pytest.raises(ConfigError, match="model.loss: 'info_nce' is a softmax loss"):
+        build_loss(cfg, siglip_model, 0, 1)
+    loss, kind = build_loss(cfg, types.SimpleNamespace(logit_bias=None), 0, 1)
+    assert kind == "info_nce" and isinstance(loss, FamilyLoss)
+
+
 def test_family_loss_checks_its_inputs():
     x, y, negs, scale = _feats(4, 2)
     with pytest.raises(ValueError, match=r"negative_features: expected \(B, 2, D\)"):

@@ -105,12 +105,16 @@ class FamilyLoss:
 
         mc = cfg.model
         self.k, self.duplicates = int(mc.hard_negatives), mc.duplicates
-        self.loss = InfoNCELoss(
-            similarity="dot", directions=("query_to_doc", "doc_to_query"), partition="per_direction",
-            hardness=mc.hardness, hardness_strength=float(mc.hardness_strength),
-            duplicates=mc.duplicates or "ignore", distributed=world > 1, dist_impl=mc.dist_impl or "gather",
-            impl=mc.loss_impl,
-        )  # fmt: skip
+        try:
+            self.loss = InfoNCELoss(
+                similarity="dot", directions=("query_to_doc", "doc_to_query"), partition="per_direction",
+                hardness=mc.hardness, hardness_strength=float(mc.hardness_strength),
+                duplicates=mc.duplicates or "ignore", distributed=world > 1, dist_impl=mc.dist_impl or "gather",
+                impl=mc.loss_impl,
+            )  # fmt: skip
+        except ValueError as exc:  # e.g. loss_impl "reference" across ranks
+            where = f" with {world} processes" if world > 1 else ""
+            raise ConfigError(f"model.loss_impl: {exc}{where}") from None
 
     def __call__(self, image_features, text_features, logit_scale, negative_features=None, ids=None):
         if (negative_features is None) != (self.k == 0) or (
