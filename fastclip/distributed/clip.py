@@ -84,8 +84,10 @@ class _ClipGather(torch.autograd.Function):
         n = x.shape[0]
         g = grad_out.to(lse_img.dtype)
         kw = dict(impl=impl, chunk_size=chunk_size)
-        gx, gy_all, gs1 = clip_grad(x, y_all, scale, lse_img, None, coef, 0.0, rank * n, coef, **kw)
-        gy, gx_all, gs2 = clip_grad(y, x_all, scale, lse_txt, None, coef, 0.0, rank * n, coef, **kw)
+        # Row-direction blocks only (no column log-sum-exp): image rows, then text rows, positives at rank * n.
+        row_terms = dict(lse_col=None, coef_row=coef, coef_col=0.0, offset=rank * n, pos_coef=coef, **kw)
+        gx, gy_all, gs1 = clip_grad(x, y_all, scale, lse_row=lse_img, **row_terms)
+        gy, gx_all, gs2 = clip_grad(y, x_all, scale, lse_row=lse_txt, **row_terms)
         ds = gs1 + gs2
         if mode == "local_nograd":
             # open_clip gathers without grad and keeps no local slot: only the own-row terms reach x, y.
@@ -146,18 +148,9 @@ class _ClipGatherGlobal(torch.autograd.Function):
         g = grad_out.to(lse_img.dtype)
         # x_r appears only in this rank's rows of L, so gx is complete; every rank's rows touch y_r.
         gx, gy_all, gs = clip_grad(
-            x,
-            y_all,
-            scale,
-            lse_img,
-            lse_col,
-            coef,
-            coef,
-            rank * n,
-            2 * coef,
-            impl=impl,
-            chunk_size=chunk_size,
-        )
+            x, y_all, scale, lse_row=lse_img, lse_col=lse_col, coef_row=coef, coef_col=coef, offset=rank * n,
+            pos_coef=2 * coef, impl=impl, chunk_size=chunk_size,
+        )  # fmt: skip
         gy = reduce_scatter_rows(gy_all, group)
         red = all_reduce_sum(torch.stack([gs, g]), group)
         # g_r times dL/d(features) without grad through the gather, (sum_q g_q) times it with it.
@@ -233,8 +226,14 @@ class _ClipRing(torch.autograd.Function):
             if local:
                 # Split the block into its two owners' terms: the rows belong to L_r (weight g_r),
                 # the columns are text rows of L_q (weight g_q); ds of each goes to its owner.
-                gx1, gy1, gs1 = clip_grad(x_d, yq, scale, lse_img, None, coef, 0.0, offset, coef, **kw)
-                gx2, gy2, gs2 = clip_grad(x_d, yq, scale, None, lse_q, 0.0, coef, offset, coef, **kw)
+                gx1, gy1, gs1 = clip_grad(
+                    x_d, yq, scale, lse_row=lse_img, lse_col=None, coef_row=coef, coef_col=0.0, offset=offset,
+                    pos_coef=coef, **kw,
+                )  # fmt: skip
+                gx2, gy2, gs2 = clip_grad(
+                    x_d, yq, scale, lse_row=None, lse_col=lse_q, coef_row=0.0, coef_col=coef, offset=offset,
+                    pos_coef=coef, **kw,
+                )  # fmt: skip
                 state["ds"] += gs1 * g
                 if mode == "local_nograd":
                     # open_clip: no grad through the gathered features, so x only gets its own rows'
@@ -246,7 +245,10 @@ class _ClipRing(torch.autograd.Function):
                     dyq = gy1 * g + gy2 * g_q
                 part = torch.cat([dyq.reshape(-1), (gs2 * g_q).reshape(1)])
             else:
-                gx, gy, gs = clip_grad(x_d, yq, scale, lse_img, lse_q, coef, coef, offset, 2 * coef, **kw)
+                gx, gy, gs = clip_grad(
+                    x_d, yq, scale, lse_row=lse_img, lse_col=lse_q, coef_row=coef, coef_col=coef, offset=offset,
+                    pos_coef=2 * coef, **kw,
+                )  # fmt: skip
                 state["dx"] += gx
                 state["ds"] += gs
                 part = gy.reshape(-1)

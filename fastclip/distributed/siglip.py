@@ -38,7 +38,7 @@ class _SigLipGather(torch.autograd.Function):
         y_all = all_gather_rows(y, group)  # (N, D)
         need_grad = any(ctx.needs_input_grad[:4])
         total, gx, gy_all, gs, gb = siglip_block(
-            x, y_all, scale, bias, rank * n, need_grad, impl=impl, chunk_size=chunk_size
+            x, y_all, scale, bias, offset=rank * n, need_grad=need_grad, impl=impl, chunk_size=chunk_size
         )
         loss = nan_if_not_finite(total / n, x, y_all, scale, bias)
         if need_grad:
@@ -76,7 +76,9 @@ class _SigLipRing(torch.autograd.Function):
             if owner != rank:
                 state["ok"] = state["ok"] & all_finite(yq)
             offset = 0 if owner == rank else None
-            total, *_ = siglip_block(x_d, yq, scale, bias, offset, False, impl=impl, chunk_size=chunk_size)
+            total, *_ = siglip_block(
+                x_d, yq, scale, bias, offset=offset, need_grad=False, impl=impl, chunk_size=chunk_size
+            )
             state["total"] = state["total"] + total
             return None
 
@@ -109,7 +111,7 @@ class _SigLipRing(torch.autograd.Function):
             (yq,) = payload
             offset = 0 if owner == rank else None
             _, gx, gy, gs, gb = siglip_block(
-                x_d, yq, scale, bias, offset, True, impl=impl, chunk_size=chunk_size
+                x_d, yq, scale, bias, offset=offset, need_grad=True, impl=impl, chunk_size=chunk_size
             )
             state["dx"] = state["dx"] + gx * g
             state["ds"] = state["ds"] + gs * g

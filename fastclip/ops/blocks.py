@@ -6,10 +6,10 @@ A *block* is a rectangular problem: ``n`` query rows ``x`` against ``N`` columns
 strategy call these three primitives:
 
 * ``clip_lse(x, y, s)`` -> (row log-sum-exp ``(n,)``, column log-sum-exp ``(N,)``).
-* ``clip_grad(x, y, s, lse_row, lse_col, coef_row, coef_col, offset, pos_coef)`` -> ``dx, dy, ds`` for
+* ``clip_grad(x, y, s, *, lse_row, lse_col, coef_row, coef_col, offset, pos_coef)`` -> ``dx, dy, ds`` for
   ``G = coef_row * exp(L - lse_row[:, None]) + coef_col * exp(L - lse_col[None, :]) - pos_coef * P``
   where ``P`` marks the positives: ``dx = s G y``, ``dy = s G^T x``, ``ds = sum(G * x y^T)``.
-* ``siglip_block(x, y, s, b, offset, need_grad)`` -> ``sum(softplus(-z L))`` and, with ``need_grad``,
+* ``siglip_block(x, y, s, b, *, offset, need_grad)`` -> ``sum(softplus(-z L))`` and, with ``need_grad``,
   ``dx, dy, ds, db`` for ``G = sigmoid(L) - P`` (``z = +1`` on positives, ``-1`` elsewhere).
 * ``distill_stats`` and ``distill_grad``: the two passes of the distillation loss over a student and a
   teacher block of the same shape (the math is in ``fastclip/ops/distill.py``).
@@ -60,9 +60,10 @@ def clip_lse(x, y, scale, *, impl="torch", chunk_size=None):
 
 
 def clip_grad(
-    x, y, scale, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, *, impl="torch", chunk_size=None
+    x, y, scale, *, lse_row, lse_col, coef_row, coef_col, offset, pos_coef, impl="torch", chunk_size=None
 ):
-    """Gradients of a softmax block (see the module docstring): ``dx, dy, ds``. Inputs are detached."""
+    """Gradients of a softmax block (see the module docstring): ``dx, dy, ds``. Inputs are detached.
+    The coefficients are keyword-only (call sites name them); the custom op takes them positionally."""
     args = (
         x.detach(),
         y.detach(),
@@ -79,7 +80,7 @@ def clip_grad(
     return _run_block(library.clip_grad_op, library.clip_grad_impl, *args)
 
 
-def siglip_block(x, y, scale, bias, offset, need_grad, *, impl="torch", chunk_size=None):
+def siglip_block(x, y, scale, bias, *, offset, need_grad, impl="torch", chunk_size=None):
     """One block of the sigmoid loss: ``(loss_sum, dx, dy, ds, db)``, ``dx, dy`` None without
     ``need_grad`` (see the module docstring). Inputs are detached."""
     total, dx, dy, ds, db = _run_block(

@@ -40,7 +40,8 @@ class ClipLossFunction(torch.autograd.Function):
         if need_x or need_y or need_s:
             coef = 1.0 / (2 * n)
             gx, gy, gs = clip_grad(
-                x, y, scale, lse_row, lse_col, coef, coef, 0, 2 * coef, impl=ctx.impl, chunk_size=ctx.chunk_size
+                x, y, scale, lse_row=lse_row, lse_col=lse_col, coef_row=coef, coef_col=coef, offset=0,
+                pos_coef=2 * coef, impl=ctx.impl, chunk_size=ctx.chunk_size,
             )  # fmt: skip
             g = grad_out.to(gx.dtype)
             # In place: gx, gy are fresh fp32 buffers; no third (n, D) fp32 temporary at the peak.

@@ -25,12 +25,12 @@ class SigLipLossFunction(torch.autograd.Function):
         n = x.shape[0]
         need_grad = any(ctx.needs_input_grad[:4]) or any(ctx.needs_input_grad[6:])
         total, gx, gy, gs, gb = siglip_block(
-            x, y, scale, bias, 0, need_grad, impl=impl, chunk_size=chunk_size
+            x, y, scale, bias, offset=0, need_grad=need_grad, impl=impl, chunk_size=chunk_size
         )
         gnegs = []
         for t in negs:  # negative-only blocks (offset None)
             t_total, t_gx, t_gy, t_gs, t_gb = siglip_block(
-                x, t, scale, bias, None, need_grad, impl=impl, chunk_size=chunk_size
+                x, t, scale, bias, offset=None, need_grad=need_grad, impl=impl, chunk_size=chunk_size
             )
             total = total + t_total
             if need_grad:
