@@ -28,7 +28,7 @@ REQUIRED_RECORD_KEYS = (
     "tflops",
     "status",
 )
-STATUSES = ("ok", "oom", "error")
+STATUSES = ("ok", "oom", "error", "skipped")  # skipped: not started, the reason in "message"
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
