@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from fastclip import comm
 from fastclip.comm import all_gather_rows, all_gather_with_grad, group_rank_and_size, ring_exchange
+from fastclip.distributed.world import require_process_group
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.family import gist_fused, info_nce_fused
 from fastclip.ops.family_impl import family_torch
@@ -48,10 +49,8 @@ def _check_dist(dist_impl, check_batch_sizes, group):
         raise ValueError(f"dist_impl: expected one of {FAMILY_DIST_IMPLS}, got {dist_impl!r}")
     if not isinstance(check_batch_sizes, bool):
         raise TypeError(f"check_batch_sizes: expected a bool, got {type(check_batch_sizes).__name__}")
-    try:
-        return group_rank_and_size(group)
-    except RuntimeError as e:  # a usage error, not a runtime failure
-        raise ValueError(str(e)) from None
+    require_process_group("group", "a multi-process loss")
+    return group_rank_and_size(group)
 
 
 def _gather_ids(t, group):

@@ -14,6 +14,12 @@ CHUNK_ELEMENTS = 2**22
 # The distillation passes hold two logit tiles (student and teacher) per chunk and measured fastest at
 # twice the budget (B = 16384, D = 256 on the 2-core machine: 512-row chunks beat 256 and 1024).
 DISTILL_CHUNK_ELEMENTS = 2 * CHUNK_ELEMENTS
+# The contrastive family (fastclip/ops/family_impl.py): the same budget over all blocks' columns of a
+# chunk, but at least FAMILY_MIN_CHUNK_ROWS rows whatever the width, because its column gradient
+# dC += G^T R rewrites all of dC once per chunk: at N = 131072, D = 384 that is 128 passes over a
+# 200 MiB dC, not 512 (the workspace is then FAMILY_MIN_CHUNK_ROWS x N: bounded rows, never n x N).
+FAMILY_CHUNK_ELEMENTS = CHUNK_ELEMENTS
+FAMILY_MIN_CHUNK_ROWS = 128
 
 # Input dtypes of the Triton kernels (float64 runs on the chunked PyTorch path).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

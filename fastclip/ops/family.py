@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from fastclip import _checks
 from fastclip.ops import library
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
+from fastclip.ops.blocks import _run_block
 from fastclip.ops.family_inputs import gist_threshold
 from fastclip.ops.family_spec import FamilySpec
 from fastclip.ops.family_variants import Layout, gist_spec, info_nce_spec
@@ -49,10 +49,7 @@ class FamilyFunction(torch.autograd.Function):
             _block_impl(impl),
             chunk_size,
         )
-        if _checks._is_compiling():
-            out = library.family_op(*args)
-        else:
-            out = library.family_impl(*args)
+        out = _run_block(library.family_op, library.family_impl, *args)
         loss, ds, grads = out[0], out[1], list(out[2:])
         loss = nan_if_not_finite(loss, scale, *ts)
         saved = [g if want else None for g, want in zip(grads, need)]

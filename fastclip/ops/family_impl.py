@@ -20,16 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastclip.ops.dispatch import acc_dtype
+from fastclip.ops.dispatch import FAMILY_CHUNK_ELEMENTS, FAMILY_MIN_CHUNK_ROWS, acc_dtype
 from fastclip.ops.family_spec import FamilySpec
 from fastclip.ops.torch_impl import positive_rows
-
-# Logits of one chunk across all blocks (fp32 elements): 2**22 = 16 MiB, as the CLIP chunks. The column
-# gradient dC += G^T R rewrites all of dC once per chunk, so a chunk has at least MIN_CHUNK_ROWS rows
-# whatever the width: at N = 131072, D = 384 that is 128 passes over a 200 MiB dC, not 512 (the
-# workspace is then MIN_CHUNK_ROWS x N: still bounded rows, never n x N).
-FAMILY_CHUNK_ELEMENTS = 2**22
-MIN_CHUNK_ROWS = 128
 
 
 @dataclass
@@ -81,7 +74,7 @@ def family_chunk_rows(n: int, width: int, chunk_size: int | None) -> int:
     """Rows per chunk: the caller's ``chunk_size`` or the default budget over all blocks' columns."""
     if chunk_size is not None:
         return max(1, min(n, chunk_size))
-    return max(1, min(n, max(MIN_CHUNK_ROWS, FAMILY_CHUNK_ELEMENTS // max(1, width))))
+    return max(1, min(n, max(FAMILY_MIN_CHUNK_ROWS, FAMILY_CHUNK_ELEMENTS // max(1, width))))
 
 
 def family_torch(

@@ -22,6 +22,7 @@ from fastclip.ops.family_variants import (
     GistOptions,
     InfoNCEOptions,
 )
+from fastclip.ops.inputs import Common, common_options  # noqa: F401  (re-exported: the family entries use them)
 
 SIMILARITIES = ("cos", "dot")
 
@@ -81,24 +82,6 @@ def gist_options(*, margin_strategy, margin, contrast_anchors, contrast_positive
     _checks.check_bool("contrast_anchors", contrast_anchors)
     _checks.check_bool("contrast_positives", contrast_positives)
     return GistOptions(margin_strategy, margin, contrast_anchors, contrast_positives)
-
-
-@dataclass(frozen=True)
-class Common:
-    """Checked ``impl``, ``chunk_size`` and ``check_finite`` (shared by every family entry point)."""
-
-    impl: str = "auto"
-    chunk_size: int | None = None
-    check_finite: bool = False
-
-
-def common_options(*, impl, chunk_size, check_finite, allow_reference=True) -> Common:
-    _checks.check_impl(impl)
-    if impl == "reference" and not allow_reference:
-        raise ValueError("impl: expected 'auto', 'triton' or 'torch' here, got 'reference'")
-    return Common(
-        impl, _checks.check_chunk_size(chunk_size), _checks.check_bool("check_finite", check_finite)
-    )
 
 
 def negatives_list(negatives, n: int, dim: int, name: str = "negatives") -> list[torch.Tensor]:

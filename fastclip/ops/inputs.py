@@ -18,7 +18,24 @@ import torch
 from fastclip import _checks
 from fastclip.ops.amp import autocast_active, common_dtype
 from fastclip.ops.dispatch import resolve_impl
-from fastclip.ops.family_inputs import Common, common_options
+
+
+@dataclass(frozen=True)
+class Common:
+    """Checked ``impl``, ``chunk_size`` and ``check_finite`` (shared by every family entry point)."""
+
+    impl: str = "auto"
+    chunk_size: int | None = None
+    check_finite: bool = False
+
+
+def common_options(*, impl, chunk_size, check_finite, allow_reference=True) -> Common:
+    _checks.check_impl(impl)
+    if impl == "reference" and not allow_reference:
+        raise ValueError("impl: expected 'auto', 'triton' or 'torch' here, got 'reference'")
+    return Common(
+        impl, _checks.check_chunk_size(chunk_size), _checks.check_bool("check_finite", check_finite)
+    )
 
 
 @dataclass
