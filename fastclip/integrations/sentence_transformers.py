@@ -25,8 +25,8 @@ forwards, the cached losses' mini-batches, RNG replay of dropout, the backward h
 * ``gather_across_devices=True`` with an initialized process group ->
   :mod:`fastclip.distributed` (each rank's rows against every rank's columns, in
   sentence-transformers' column order and rank offset; gradients flow back to each rank). The
-  attribute ``dist_impl`` (default ``"gather"``) passes the core's ``dist_impl`` on (a ring, never
-  all ranks' embeddings at once, where ``fastclip.distributed`` offers one); ``impl`` chooses the
+  attribute ``dist_impl`` (default ``"gather"``) passes the core's ``dist_impl`` on: ``"ring"``
+  passes the columns around a ring, never all ranks' embeddings at once. ``impl`` chooses the
   core's implementation (``"auto"``, ``"torch"``, ``"triton"``).
 * ``MultipleNegativesSymmetricRankingLoss`` and its cached form are deprecated in
   sentence-transformers 6 (``MultipleNegativesRankingLoss(directions=("query_to_doc",
@@ -116,7 +116,7 @@ class _FusedOptions:
 
     ``impl``: the core's implementation (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``);
     ``dist_impl``: with ``gather_across_devices=True``, one of ``fastclip.distributed``'s
-    ``FAMILY_DIST_IMPLS`` (``"gather"``: all-gather, as sentence-transformers).
+    ``FAMILY_DIST_IMPLS`` (``"gather"``: all-gather, as sentence-transformers; ``"ring"``).
     """
 
     impl: str = "auto"
