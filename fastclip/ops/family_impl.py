@@ -118,7 +118,7 @@ def family_torch(
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         m = i1 - i0
-        lse = [torch.full((m,), neg_inf, dtype=acc, device=dev) for _ in spec.weights]
+        row_max = [torch.full((m,), neg_inf, dtype=acc, device=dev) for _ in spec.weights]
         pos_sum = torch.zeros(m, dtype=acc, device=dev)
         pos_cnt = torch.zeros(m, dtype=acc, device=dev)
         val_sum = torch.zeros(m, dtype=acc, device=dev) if eps else None
@@ -165,7 +165,8 @@ def family_torch(
                 logits[orow, ocol] = neg_inf
                 if extra_pos is not None:
                     extra_pos[orow, ocol] = False
-            lse[b.part] = torch.logaddexp(lse[b.part], torch.logsumexp(logits, dim=1))
+            # Each part's row maximum over its blocks; the exponentials are taken in place below.
+            row_max[b.part] = torch.maximum(row_max[b.part], logits.amax(1))
             if b.positive:
                 pos_sum[orow] += logits[orow, ocol]
                 pos_cnt[orow] += 1
@@ -178,6 +179,14 @@ def family_torch(
                 val_sum += torch.where(valid, logits, 0.0).sum(1)
                 val_cnt += valid.sum(1)
             kept.append((b, rows, cols, orow, ocol, logits, extra_pos, valid))
+        # exp(L - max) in place (the logits are not needed again: the target terms were read above),
+        # its row sums give the log-sum-exps, and the softmax is that buffer times 1 / sum: one pass of
+        # exp per chunk and no temporary of the chunk's size (logsumexp would make one).
+        shift = [torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)) for mx in row_max]
+        sums = [torch.zeros(m, dtype=acc, device=dev) for _ in spec.weights]
+        for b, _, _, _, _, logits, _, _ in kept:
+            sums[b.part] += logits.sub_(shift[b.part][:, None]).exp_().sum(1)
+        lse = [sh + sm.log() for sh, sm in zip(shift, sums)]
         if stats_only:
             out_stats.put(i0, i1, lse, pos_sum, pos_cnt, val_sum, val_cnt)
             continue
@@ -194,8 +203,11 @@ def family_torch(
             continue
         w_pos = (coef * (1.0 - eps)) / pos_cnt  # (m,)
         w_val = (coef * eps) / val_cnt if eps else None
+        # softmax_P = exp(L - shift_P) * exp(shift_P - lse_P), lse_P this chunk's or (split form) the
+        # complete one: a per-row factor on the exponentials already in the buffers.
+        factor = [(sh - ls).exp_().mul_(coef * w) for sh, ls, w in zip(shift, lse, spec.weights)]
         for b, rows, cols, orow, ocol, logits, extra_pos, valid in kept:
-            grad = logits.sub_(lse[b.part][:, None]).exp_().mul_(coef * spec.weights[b.part])
+            grad = logits.mul_(factor[b.part][:, None])
             if b.positive:
                 grad[orow, ocol] -= w_pos[orow]
             if extra_pos is not None:
