@@ -245,7 +245,7 @@ def info_nce_with_options(
     if a.impl == "reference":
         with no_autocast(a.q.device):
             return info_nce_reference(
-                a.q, a.p, a.negs, scale=a.scale, similarity="dot", directions=o.directions,
+                a.q, a.p, a.negs, scale=a.scale, similarity=o.similarity, directions=o.directions,
                 partition=o.partition, hardness=o.hardness, hardness_strength=o.hardness_strength,
                 query_ids=a.q_ids, doc_ids=a.p_ids, negative_ids=a.neg_ids if a.q_ids is not None else None,
                 duplicates=o.duplicates, label_smoothing=o.label_smoothing, bank=a.bank,

@@ -35,6 +35,7 @@ from fastclip.ops.family_inputs import (
     common_options,
     gist_options,
     info_nce_options,
+    normalize,
     prepare_gist,
     prepare_info_nce,
 )
@@ -317,5 +318,9 @@ def _info_nce_ring(a, o, chunk_size, group, rank, world):
     neg_has_ids = tuple(has_ids and t is not None for t in a.neg_ids)
     ids = [a.q_ids, a.p_ids, *(t for t, has in zip(a.neg_ids, neg_has_ids) if has)] if has_ids else []
     plan = _RingPlan(o, len(a.negs), needs_q, has_ids, neg_has_ids, a.bank is not None, rank, a.q.shape[0])
-    with no_autocast(a.q.device):
-        return _InfoNCERing.apply(plan, group, chunk_size, a.scale, a.q, a.p, a.bank, *a.negs, *ids)
+    q, p, negs, bank = a.q, a.p, list(a.negs), a.bank
+    if o.similarity == "cos":  # unit rows by autograd: the shards travel normalized
+        q, p, negs = normalize(q), normalize(p), [normalize(t) for t in negs]
+        bank = None if bank is None else normalize(bank)
+    with no_autocast(q.device):
+        return _InfoNCERing.apply(plan, group, chunk_size, a.scale, q, p, bank, *negs, *ids)

@@ -26,20 +26,27 @@ def _block_impl(impl: str) -> str:
 
 
 class FamilyFunction(torch.autograd.Function):
-    """Inputs: ``spec_json, impl, chunk_size, n_ops, scale, *operands, *ids, *guides, thr``."""
+    """Inputs: ``spec_json, impl, chunk_size, (n_ops, unit), scale, *operands, *ids, *guides, thr``."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, spec_json, impl, chunk_size, n_ops, scale, *rest):
+    def forward(ctx, spec_json, impl, chunk_size, layout, scale, *rest):
+        n_ops, unit = layout  # unit: normalize the operands (cosine similarity) inside
         ts = list(rest[:n_ops])
         ids = list(rest[n_ops : 2 * n_ops])
         guides = list(rest[2 * n_ops : 3 * n_ops])
         thr = rest[3 * n_ops]
         need = [bool(ctx.needs_input_grad[5 + i]) for i in range(n_ops)]
         need_s = bool(ctx.needs_input_grad[4])
+        feats = [t.detach() for t in ts]
+        norms = None
+        if unit:
+            # Unit rows here, not by autograd outside: the normalized copies live only during this
+            # forward, and the normalization's Jacobian is applied to the gradients below (O(n·D)).
+            feats, norms = zip(*(_unit_rows(t) for t in feats))
         args = (
             spec_json,
-            [t.detach() for t in ts],
+            list(feats),
             [None if t is None else t.detach() for t in ids],
             [None if t is None else t.detach() for t in guides],
             None if thr is None else thr.detach(),
@@ -52,6 +59,11 @@ class FamilyFunction(torch.autograd.Function):
         out = _run_block(library.family_op, library.family_impl, *args)
         loss, ds, grads = out[0], out[1], list(out[2:])
         loss = nan_if_not_finite(loss, scale, *ts)
+        if unit:
+            for g, want, xh, nrm in zip(grads, need, feats, norms):
+                if want:
+                    _through_unit_rows(g, xh, nrm)
+        del feats
         saved = [g if want else None for g, want in zip(grads, need)]
         ctx.save_for_backward(ds, *saved)
         ctx.n_ops = n_ops
@@ -82,6 +94,25 @@ class FamilyFunction(torch.autograd.Function):
         return (None, None, None, None, d_scale, *out, *([None] * (2 * n + 1)))
 
 
+NORM_EPS = 1e-12  # F.normalize's
+
+
+def _unit_rows(t: torch.Tensor):
+    """``(x / max(|x|, eps), |x|)``: F.normalize's rows (computed in float32 for 16-bit inputs, returned
+    in the input dtype) and the (n, 1) norms in the accumulation dtype."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    nrm = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=acc)
+    return (t.to(acc) / nrm.clamp_min(NORM_EPS)).to(t.dtype), nrm
+
+
+def _through_unit_rows(g: torch.Tensor, xh: torch.Tensor, nrm: torch.Tensor) -> None:
+    """In place: ``g`` (the gradient w.r.t. the unit rows) becomes the gradient w.r.t. the raw rows,
+    ``(g - xh (xh . g)) / |x|`` (``g / eps`` where ``|x| <= eps``, as F.normalize's clamp gives)."""
+    x = xh.to(g.dtype)
+    proj = (x * g).sum(-1, keepdim=True).mul_((nrm > NORM_EPS).to(g.dtype))
+    g.addcmul_(x, proj, value=-1.0).div_(nrm.clamp_min(NORM_EPS).to(g.dtype))
+
+
 def family_loss(
     spec: FamilySpec,
     operands: list[torch.Tensor],
@@ -92,9 +123,11 @@ def family_loss(
     thr: torch.Tensor | None = None,
     impl: str = "torch",
     chunk_size: int | None = None,
+    unit: bool = False,
 ) -> torch.Tensor:
     """The loss of ``spec`` over checked operands of one dtype (autocast off inside). ``impl`` is a
-    resolved implementation ("torch" or "triton")."""
+    resolved implementation ("torch" or "triton"); ``unit``: the similarity is the cosine (operands
+    normalized inside, their gradients taken through the normalization)."""
     n_ops = len(operands)
     ids = list(ids) if ids is not None else [None] * n_ops
     guides = list(guides) if guides is not None else [None] * n_ops
@@ -113,7 +146,7 @@ def family_loss(
     assert len({id(t) for t in operands}) == n_ops, "an operand passed twice"
     with no_autocast(operands[0].device):
         return FamilyFunction.apply(
-            spec.to_text(), impl, chunk_size, n_ops, scale, *operands, *ids, *guides, thr
+            spec.to_text(), impl, chunk_size, (n_ops, bool(unit)), scale, *operands, *ids, *guides, thr
         )
 
 
@@ -152,7 +185,8 @@ def info_nce_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.
     )
     lay = Layout(q=0, p=1, Q=Q, P=P, N=tuple(N), bank=bank, with_ids=with_ids, offset=offset)
     spec = info_nce_spec(o, lay, a.q.shape[0])
-    return family_loss(spec, ops, a.scale, ids=ids, impl=a.impl, chunk_size=chunk_size)
+    unit = o.similarity == "cos"
+    return family_loss(spec, ops, a.scale, ids=ids, impl=a.impl, chunk_size=chunk_size, unit=unit)
 
 
 def gist_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.Tensor:
@@ -167,4 +201,6 @@ def gist_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.Tens
         lay = Layout(q=0, p=1, Q=0, P=2, N=tuple(range(3, 3 + len(N))), offset=offset)
     thr = gist_threshold(a.gq, a.gp, o)
     spec = gist_spec(o, lay, a.q.shape[0])
-    return family_loss(spec, ops, a.scale, guides=guides, thr=thr, impl=a.impl, chunk_size=chunk_size)
+    return family_loss(
+        spec, ops, a.scale, guides=guides, thr=thr, impl=a.impl, chunk_size=chunk_size, unit=True
+    )

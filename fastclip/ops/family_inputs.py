@@ -197,7 +197,7 @@ def check_finite_all(named) -> None:
 
 @dataclass
 class InfoNCEInputs:
-    """Checked tensors of an InfoNCE call: features of one dtype (normalized for ``"cos"``)."""
+    """Checked tensors of an InfoNCE call: features of one dtype, as given (``"cos"`` normalizes later)."""
 
     q: torch.Tensor
     p: torch.Tensor
@@ -235,8 +235,8 @@ def prepare_info_nce(
     neg_ids = negative_ids_list(negative_ids, n, len(negs), device)
     if c.check_finite:
         check_finite_all(named + [("scale", s)])
-    if o.similarity == "cos":
-        feats = [normalize(t) for t in feats]
+    # "cos": the features stay raw here; the fused Function normalizes them inside (its gradients go
+    # through the normalization), the reference and the ring normalize with autograd.
     q, p, *rest = feats
     bank_t = rest.pop() if bank is not None else None
     impl = resolve(c, device, q.dtype)
@@ -287,7 +287,7 @@ def prepare_gist(
         raise ValueError(f"guide_query: expected device {feats[0].device} (as query), got {guides[0].device}")
     if c.check_finite:
         check_finite_all(named + gnamed)
-    feats = [normalize(t) for t in feats]
+    # The model's features stay raw: the fused Function normalizes them inside (as for InfoNCE "cos").
     # The guide's cosine, in float32 at least: its comparisons decide the masks.
     guides = [F.normalize(g.to(torch.promote_types(g.dtype, torch.float32)), p=2, dim=-1) for g in guides]
     s = torch.tensor(1.0 / temperature, device=feats[0].device)
