@@ -123,6 +123,9 @@ def family_torch(
         pos_cnt = torch.zeros(m, dtype=acc, device=dev)
         val_sum = torch.zeros(m, dtype=acc, device=dev) if eps else None
         val_cnt = torch.zeros(m, dtype=acc, device=dev) if eps else None
+        # Release the previous chunk's buffers before this one allocates its own (the loop names would
+        # otherwise keep its last block's logits alive: two chunks at the peak instead of one).
+        kept = logits = grad = None
         kept = []
         for b in blocks:
             rows, cols = full[b.row][i0:i1], full[b.col]
