@@ -415,3 +415,19 @@ def test_two_processes_train_with_hard_negatives(tmp_path, dist_impl):
 
 if __name__ == "__main__":
     _torchrun_worker(sys.argv[1])
+
+
+def test_a_checkpoint_from_before_the_new_keys_still_resumes():
+    """A saved config without the hard-negative keys (written before they existed) is no config change."""
+    from fastclip.train.config import Config
+    from fastclip.train.rundir import config_changes
+
+    current = Config().to_dict()
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in current.items()}
+    for key in ("hard_negatives", "duplicates", "hardness", "hardness_strength"):
+        saved["model"].pop(key, None)
+    for key in ("negative_keys", "id_key"):
+        saved["data"].pop(key, None)
+    assert config_changes(saved, current) == {}
+    saved["model"]["loss"] = "siglip"
+    assert set(config_changes(saved, current)) == {"model.loss"}

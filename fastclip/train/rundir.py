@@ -209,8 +209,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_changes(saved: dict, current: dict) -> dict:
-    """{key: (saved, current)} for keys that affect training and differ."""
-    a, b = _flat(saved), _flat(current)
+    """{key: (saved, current)} for keys that affect training and differ. A key the saved config lacks
+    (a checkpoint from before the key existed) counts as its default: adding an option does not stop
+    older runs from resuming."""
+    from fastclip.train.config import Config
+
+    defaults = _flat(Config().to_dict())
+    a, b = {**defaults, **_flat(saved)}, _flat(current)
     out = {}
     for key in sorted(set(a) | set(b)):
         if key in FREE_KEYS or key.startswith(FREE_SECTIONS):
