@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml setup.py
 setup: $(BIN)/.installed
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-interpreter: setup
 	$(BIN)/python -m pytest -q -m interpreter
