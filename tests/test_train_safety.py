@@ -403,6 +403,8 @@ def test_read_only_output_dir_is_one_line_naming_the_path(read_only_dir, sub, ca
 
     from fastclip.cli import main
 
+    if dist.is_initialized():  # left by an earlier in-process run of this pytest process: not ours to test
+        dist.destroy_process_group()
     out = os.path.join(read_only_dir, sub) if sub else read_only_dir
     assert main(["train", "--output-dir", out, *RUN, "--train.threads", "1"]) == 2
     err = capsys.readouterr().err
