@@ -54,6 +54,12 @@ def _check_dist(dist_impl, check_batch_sizes, group):
     return group_rank_and_size(group)
 
 
+def _agree_on_batch(q, group, check: bool) -> None:
+    """Unequal local batches become a ValueError on every rank, not a hang (skipped with ``check=False``)."""
+    if check:
+        comm.check_batch_sizes(q, group)
+
+
 def _gather_ids(t, group):
     return None if t is None else all_gather_rows(t, group)
 
@@ -94,8 +100,7 @@ def info_nce_loss_distributed(
     c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
     rank, world = _check_dist(dist_impl, check_batch_sizes, group)
     a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
-    if check_batch_sizes:
-        comm.check_batch_sizes(a.q, group)
+    _agree_on_batch(a.q, group, check_batch_sizes)
     if world == 1:
         return info_nce_fused(a, o, c.chunk_size)
     if dist_impl == "ring":
@@ -146,8 +151,7 @@ def gist_loss_distributed(
     c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
     rank, world = _check_dist(dist_impl, check_batch_sizes, group)
     a = prepare_gist(query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c)
-    if check_batch_sizes:
-        comm.check_batch_sizes(a.q, group)
+    _agree_on_batch(a.q, group, check_batch_sizes)
     if world == 1:
         return gist_fused(a, o, c.chunk_size)
     columns = (
