@@ -59,9 +59,15 @@ try:
         MultipleNegativesRankingLoss as _STMNRL,
     )
 except ImportError as _exc:  # pragma: no cover - exercised by a subprocess test
+    if (getattr(_exc, "name", None) or "").split(".")[0] == "sentence_transformers":
+        raise ImportError(
+            "fastclip.integrations.sentence_transformers needs sentence-transformers >= 5.7 "
+            f"(import failed: {_exc}); install it with: pip install 'fastclip[st]'"
+        ) from _exc
+    # sentence-transformers is there but one of its own imports failed: say that, not "missing".
     raise ImportError(
-        "fastclip.integrations.sentence_transformers needs sentence-transformers >= 5.7 "
-        f"(import failed: {_exc}); install it with: pip install 'fastclip[st]'"
+        f"fastclip.integrations.sentence_transformers: sentence-transformers is installed but failed to "
+        f"import: {type(_exc).__name__}: {_exc}"
     ) from _exc
 
 try:  # sentence-transformers >= 6: the columns share one merged forward where they can
