@@ -169,7 +169,8 @@ def gist_reference(
 ):
     """GISTEmbed's loss from its definition: cosine scores of the anchor against positives, anchors,
     positives (from the positive's row) and negatives; columns the guide scores above its positive
-    (minus the margin) are removed, the positive never; cross-entropy of scores / temperature."""
+    (minus the margin) are removed, the positive never, the anchor's own anchor column and the
+    positive's own positive column always; cross-entropy of scores / temperature."""
     P = positive if all_positives is None else all_positives
     GP = guide_positive if all_guide_positives is None else all_guide_positives
     n = query.shape[0]
@@ -185,10 +186,12 @@ def gist_reference(
     pos = torch.arange(P.shape[0], device=dev)[None, :] == g[:, None]
     scores = [cos(query, P).masked_fill((g_ap > thr) & ~pos, float("-inf"))]
     if contrast_anchors:
-        scores.append(cos(query, query).masked_fill(cos(guide_query, guide_query) > thr, float("-inf")))
+        self_q = torch.eye(n, dtype=torch.bool, device=dev)
+        removed = (cos(guide_query, guide_query) > thr) | self_q
+        scores.append(cos(query, query).masked_fill(removed, float("-inf")))
     if contrast_positives:
         g_pp = cos(guide_positive, GP)
-        scores.append(cos(positive, P).masked_fill(g_pp > thr, float("-inf")))
+        scores.append(cos(positive, P).masked_fill((g_pp > thr) | pos, float("-inf")))
     if negative is not None:
         N = negative if all_negatives is None else all_negatives
         GN = guide_negative if all_guide_negatives is None else all_guide_negatives

@@ -23,6 +23,7 @@ import warnings
 
 import _st_fixtures as F
 import pytest
+import sentence_transformers
 import torch
 from sentence_transformers import util as st_util
 from sentence_transformers.sentence_transformer import losses as st_losses
@@ -158,6 +159,60 @@ def test_gist_uncached_stage_equals_st_forward(models, feats):
         got = F.run_loss(fc.GISTEmbedLoss(model, guide, **kw), model, feats[:columns])
         want = F.run_loss(st_losses.GISTEmbedLoss(model, guide, **kw), model, feats[:columns])
         failures += F.compare(f"GIST {kw} columns={columns}", got, want, RTOL, ATOL)
+    _check(failures)
+
+
+# GIST's self columns: sentence-transformers >= 6 removes the anchor's own column of anchor->anchors and
+# the positive's own column of positive->positives always; the guide's threshold keeps them where the
+# anchor's text is its positive's (guide score 1 = the threshold) or the margin is negative.
+ST_MAJOR = int(sentence_transformers.__version__.split(".")[0])
+SELF_CASES = {
+    "anchors are positives": ("same", {}),
+    "negative margin": ("distinct", {"margin": -0.1}),
+    "negative relative margin": ("distinct", {"margin_strategy": "relative", "margin": -0.1}),
+}
+
+
+def _self_batch(model, kind, columns):
+    if kind == "same":  # the anchor texts are the positive texts
+        texts = F.sentences(2 * B, seed=7)
+        cols = [texts[:B], texts[:B], texts[B:]]
+        return [model.preprocess(c) for c in cols[:columns]]
+    return F.batch(model, B, columns, seed=7)
+
+
+@pytest.mark.skipif(ST_MAJOR < 6, reason="sentence-transformers 5.x keeps the self columns the guide keeps")
+@pytest.mark.parametrize("case", list(SELF_CASES))
+@pytest.mark.parametrize("columns", [2, 3])
+def test_gist_self_columns_match_sentence_transformers(models, case, columns):
+    model, guide = models["model"], models["guide"]
+    kind, extra = SELF_CASES[case]
+    feats = _self_batch(model, kind, columns)
+    failures = []
+    results = {}
+    for cls, kw in (("GISTEmbedLoss", {}), ("CachedGISTEmbedLoss", {"mini_batch_size": MINI})):
+        got = F.run_loss(getattr(fc, cls)(model, guide, **extra, **kw), model, feats)
+        want = F.run_loss(getattr(st_losses, cls)(model, guide, **extra, **kw), model, feats)
+        failures += F.compare(f"{cls} {case}", got, want, RTOL, ATOL)
+        results[cls] = got
+    failures += F.compare(f"cached vs uncached {case}", results["CachedGISTEmbedLoss"], results["GISTEmbedLoss"],
+                          RTOL, ATOL)  # fmt: skip
+    # the functional gist_loss on the embeddings against sentence-transformers' loss stage
+    with torch.no_grad():
+        emb = [model(dict(f))["sentence_embedding"].clone() for f in feats]
+        gemb = [guide(dict(f))["sentence_embedding"].clone() for f in feats]
+    ref = st_losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=MINI, **extra)
+    margin_kw = dict(margin_strategy=ref.margin_strategy, margin=ref.margin)
+
+    def functional(e):
+        neg = e[2] if columns == 3 else None
+        gneg = gemb[2] if columns == 3 else None
+        return fastclip.gist_loss(e[0], e[1], neg, guide_query=gemb[0], guide_positive=gemb[1],
+                                  guide_negative=gneg, temperature=ref.temperature, **margin_kw)  # fmt: skip
+
+    got = _stage(functional, emb)
+    want = _stage(lambda e: ref.calculate_loss([[x] for x in e], [[x] for x in gemb]), emb)
+    failures += F.compare(f"gist_loss {case}", got, want, RTOL, ATOL)
     _check(failures)
 
 

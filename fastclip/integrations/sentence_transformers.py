@@ -28,6 +28,10 @@ forwards, the cached losses' mini-batches, RNG replay of dropout, the backward h
   attribute ``dist_impl`` (default ``"gather"``) passes the core's ``dist_impl`` on: ``"ring"``
   passes the columns around a ring, never all ranks' embeddings at once. ``impl`` chooses the
   core's implementation (``"auto"``, ``"torch"``, ``"triton"``).
+* GIST's self columns (an anchor against itself in the anchor->anchor block, a positive against itself
+  in the positive->positive block) are always removed, as sentence-transformers 6.x does; 5.7 removed
+  them only where the guide's threshold did (they differ when an anchor's text is its positive's or
+  ``margin < 0``): the fused loss follows 6.x whichever version is installed.
 * ``MultipleNegativesSymmetricRankingLoss`` and its cached form are deprecated in
   sentence-transformers 6 (``MultipleNegativesRankingLoss(directions=("query_to_doc",
   "doc_to_query"), partition_mode="per_direction")`` instead); here they are kept without the

@@ -106,11 +106,13 @@ class GistOptions:
 
 def gist_spec(o: GistOptions, lay: Layout, n: int) -> FamilySpec:
     """GISTEmbed: one softmax per anchor over anchor->positives, anchor->anchors (this process's),
-    positive->positives and anchor->negatives, columns removed by the guide's rule (``thr`` per row)."""
+    positive->positives and anchor->negatives, columns removed by the guide's rule (``thr`` per row).
+    The anchor's own column of anchor->anchors and the positive's own column of positive->positives
+    are always removed, whatever the guide says (sentence-transformers >= 6: "no self-negative")."""
     blocks = [Block(lay.q, lay.P, 0, positive=True, guide=True)]
     if o.contrast_anchors:
-        blocks.append(Block(lay.q, lay.q, 0, local=True, own=False, guide=True))
+        blocks.append(Block(lay.q, lay.q, 0, local=True, exclude_own=True, guide=True))
     if o.contrast_positives:
-        blocks.append(Block(lay.p, lay.P, 0, own=False, guide=True))
+        blocks.append(Block(lay.p, lay.P, 0, exclude_own=True, guide=True))
     blocks += [Block(lay.q, c, 0, own=False, guide=True) for c in lay.N]
     return FamilySpec(blocks=tuple(blocks), weights=(1.0,), offset=lay.offset, coef=1.0 / n)
