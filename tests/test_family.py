@@ -540,3 +540,43 @@ def test_gist_builds_no_n_by_N_matrix_and_works_under_autocast():
     assert abs(float(loss) - float(want[0])) <= 0.05 * abs(float(want[0]))
     for leaf, w in zip(leaves, want[1]):
         assert max_err(leaf.grad, w)[0] <= 0.05 * max(1.0, float(w.abs().max()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 28: silent wrong numbers and unclear errors (each test failed before its fix)
+
+
+def _compare(got, want, tol, names=None):
+    for i, (a, w) in enumerate(zip([got[0], *got[1]], [want[0], *want[1]])):
+        err, where = max_err(a, w)
+        name = names[i] if names else f"output {i}"
+        assert err <= tol, f"{name}: max |diff| {err:.3e} at {where} (got {a.flatten()[:3]}, want {w.flatten()[:3]})"
+
+
+@pytest.mark.parametrize("hardness", ["hard_negatives", "in_batch_negatives", "all_negatives"])
+def test_torch_duplicate_positives_in_negative_columns_under_hardness(hardness):
+    """duplicates="positive" with negative_ids where another row's negative shares a row's id: that
+    column is an extra positive without the hardness shift. The torch implementation divided it by
+    (1 + alpha / s) even in blocks where it was never multiplied ("own_only"): 4.3248 for 4.4540."""
+    n, d, k = 6, 5, 2
+    ts, _, _, _ = _inputs(n, d, k, seed=0)
+    qid = torch.arange(n)
+    neg_ids = torch.stack([(qid + 1) % n, (qid + 2) % n], 1)  # row i's negatives carry other rows' ids
+    kw = dict(hardness=hardness, hardness_strength=3.0, query_ids=qid, negative_ids=neg_ids, duplicates="positive")
+    scale = torch.tensor(4.0, dtype=torch.float64)
+    want = _grads(lambda t, s: _ref(t, None, kw, s), ts, scale)
+    got = _grads(lambda t, s: _fused(t, None, kw, s, impl="torch", chunk_size=4), ts, scale)
+    _compare(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("hardness", ["hard_negatives", "in_batch_negatives", "all_negatives"])
+def test_torch_hardness_at_scale_zero_is_finite(hardness):
+    """A tensor scale of 0 with hardness: L' = alpha * sg(S) on the shifted cells. The torch
+    implementation formed 1 + alpha / s (NaN); the reference gives 3.7729 here."""
+    ts, b, ids, _ = _inputs(7, 5, 2, seed=1, bank=3)
+    kw = dict(hardness=hardness, hardness_strength=3.0, directions=ALL_DIRS, query_ids=ids)
+    scale = torch.tensor(0.0, dtype=torch.float64)
+    want = _grads(lambda t, s: _ref(t, b, kw, s), ts, scale)
+    got = _grads(lambda t, s: _fused(t, b, kw, s, impl="torch", chunk_size=3), ts, scale)
+    assert torch.isfinite(got[0])
+    _compare(got, want, 1e-10)

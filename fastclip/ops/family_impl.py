@@ -106,7 +106,9 @@ def family_torch(
     c = family_chunk_rows(n, width, chunk_size)
     s = scale.detach().to(acc).reshape(())
     alpha, eps, coef = spec.hardness, spec.smoothing, spec.coef
-    k = (1.0 + alpha / s) if alpha else None  # L' = S (s + alpha) = L (1 + alpha / s) on shifted cells
+    # L' = S (s + alpha) on shifted cells, S s elsewhere: the similarity is scaled by one of the two
+    # factors per cell (never L (1 + alpha / s), which is NaN at s = 0).
+    s_shift = s + alpha if alpha else None
     full = [t.detach().to(acc) for t in ts]  # no copy for float32 inputs
     gfull = [None if g is None else g.detach().to(acc) for g in guides]
     grads = [torch.zeros(t.shape, dtype=acc, device=dev) if want else None for t, want in zip(ts, need)]
@@ -133,27 +135,28 @@ def family_torch(
             lo, hi = positive_rows(m, cols.shape[0], off) if b.own else (0, 0)
             orow = torch.arange(lo, hi, device=dev)
             ocol = orow + off
-            logits = (rows * s) @ cols.t()  # (m, Nb); the scale rides on the (m, D) rows
             shifted = bool(alpha) and b.shift != "none"
-            if shifted:
-                if b.shift == "all":
-                    logits.mul_(k)
-                elif b.shift == "all_but_own":
-                    own = logits[orow, ocol].clone()
-                    logits.mul_(k)
-                    logits[orow, ocol] = own
-                else:  # "own_only"
-                    logits[orow, ocol] *= k
             removed, extra_pos = None, None
             if b.ids:
                 same = ids[b.row][i0:i1, None] == ids[b.col][None, :]  # (m, Nb) bool
                 same[orow, ocol] = False  # ids never reclassify the own column (positive, own negative, ...)
                 if spec.duplicates == "positive" and b.positive_capable:
                     extra_pos = same
-                    if shifted:  # positives carry no hardness shift
-                        logits = torch.where(extra_pos, logits / k, logits)
                 else:
                     removed = same
+            if not shifted:
+                logits = (rows * s) @ cols.t()  # (m, Nb); the scale rides on the (m, D) rows
+            else:
+                # Shifted cells: S (s + alpha), the others S s (the factor rides on the rows). Positives
+                # carry no shift: the own column under "all_but_own", same-id ones under "positive".
+                base, own_factor = (s, s_shift) if b.shift == "own_only" else (s_shift, s)
+                if extra_pos is None or b.shift == "own_only":  # (same-id cells are never own cells)
+                    logits = (rows * base) @ cols.t()
+                else:
+                    logits = rows @ cols.t()
+                    logits.mul_(torch.where(extra_pos, s, s_shift))
+                if b.shift != "all":  # the own cells: O(m D) dot products
+                    logits[orow, ocol] = (rows[orow] * cols[ocol]).sum(1) * own_factor
             if b.guide:
                 over = (gfull[b.row][i0:i1] @ gfull[b.col].t()) > thr[i0:i1, None]
                 if b.positive:
