@@ -62,9 +62,11 @@ def info_nce_reference(
     qcol = torch.arange(nq, device=dev)
     self_q = qcol[None, :] == g[:, None]
 
-    # ids: a column without an id never matches (-1 - column index is unique and negative).
-    def ids_or_unique(t, length, base):
-        return t if t is not None else -(base + torch.arange(length, device=dev)) - 1
+    # ids: a column without an id (a negative group without negative_ids) never matches: it carries
+    # no id at all (a mask), never a placeholder value, which could equal a user's id.
+    def ids_or_none(t, length):
+        known = torch.full((length,), t is not None, dtype=torch.bool, device=dev)
+        return (t if t is not None else torch.zeros(length, dtype=torch.int64, device=dev)), known
 
     use_ids = query_ids is not None
     if use_ids:
@@ -78,11 +80,13 @@ def info_nce_reference(
             negative_ids = negative_ids.unbind(1)
         neg_ids = list(negative_ids) if negative_ids is not None else [None] * len(negatives)
         A_n = list(all_negative_ids) if all_negative_ids is not None else neg_ids
-        A_docs = torch.cat([A_p] + [ids_or_unique(t, nq, nq * (k + 1)) for k, t in enumerate(A_n)])
-        same_qd = query_ids[:, None] == A_docs[None, :]
+        cols_ids = [ids_or_none(A_p, nq)] + [ids_or_none(t, nq) for t in A_n]
+        A_docs = torch.cat([t for t, _ in cols_ids])
+        has_id = torch.cat([h for _, h in cols_ids])
+        same_qd = (query_ids[:, None] == A_docs[None, :]) & has_id[None, :]
         same_qq = query_ids[:, None] == A_q[None, :]
         same_dq = d_ids[:, None] == A_q[None, :]
-        same_dd = d_ids[:, None] == A_docs[None, :]
+        same_dd = (d_ids[:, None] == A_docs[None, :]) & has_id[None, :]
     else:
         same_qd = torch.zeros(n, n_docs, dtype=torch.bool, device=dev)
         same_qq = same_dq = torch.zeros(n, nq, dtype=torch.bool, device=dev)
