@@ -67,9 +67,14 @@ def main(argv=None) -> int:
         target = getattr(args, "_subparser", parser)
         known = sorted(_option_strings(target))
         hints = []
+        # a subcommand may suggest by its own rule (train: the one its config files get)
+        suggest = getattr(module, "suggest_option", None)
         for arg in unknown:
             if arg.startswith("-"):
-                close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=3, cutoff=0.6)
+                if suggest is not None:
+                    close = [c for c in [suggest(arg, known)] if c]
+                else:
+                    close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=3, cutoff=0.6)
                 hints.append(f"{arg} (did you mean {', '.join(close)}?)" if close else arg)
             else:
                 hints.append(arg)

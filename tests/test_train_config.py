@@ -243,3 +243,64 @@ def test_lr_schedule():
 
     assert [lr_factor(s, 4, 10, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(4, 4, 10, 0.0) == 1.0 and abs(lr_factor(10, 4, 10, 0.1) - 0.1) < 1e-12
+
+
+def test_config_file_not_utf8_is_one_line(tmp_path, capsys):
+    """issue 28 #7: a config file in another encoding is a one-line error naming the file, not a traceback."""
+    from fastclip.cli import main
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("train:\n  steps: 5\nmodel:\n  name: 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml'?: not UTF-8 text \(byte 0xe9 at line 4\)"):
+        load_config(str(bad))
+    assert main(["train", "--config", str(bad), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fastclip train: error:" in err and "latin1.yaml" in err, err
+
+
+@pytest.mark.parametrize("text, name", [("null", "n.json"), ("null\n", "n.yaml"), ("~\n", "t.yaml")])
+def test_null_config_is_refused_like_a_list(tmp_path, text, name):
+    """issue 28 #8: a JSON/YAML null is not "no config" (that started the 1000-step demo)."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"expected a mapping of sections, got null"):
+        load_config(str(path))
+    listed = tmp_path / ("l" + name)
+    listed.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"expected a mapping of sections, got list"):
+        load_config(str(listed))
+
+
+def test_empty_yaml_file_is_still_the_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set here\n---\n")
+    assert load_config(str(empty)).train.steps == Config().train.steps
+
+
+@pytest.mark.parametrize(
+    "name, meant",
+    [
+        ("optim.learning_rate", "optim.lr"),
+        ("max_steps", "train.steps"),
+        ("train.lr", "optim.lr"),
+        ("optim.lrr", "optim.lr"),
+        ("train.num_workers", "data.workers"),
+        ("num_workers", "data.workers"),
+    ],
+)
+def test_one_suggestion_for_files_and_options(tmp_path, capsys, name, meant):
+    """issue 28 #15: the YAML reader and `fastclip train --NAME` suggest the same key (before, the CLI said
+    '--optim.min_lr_ratio, --optim.lr, ...' and a top-level max_steps in YAML got no hint)."""
+    import yaml
+
+    from fastclip.cli import main
+
+    section, _, key = name.rpartition(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({section: {key: 1}} if section else {name: 1}))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert f"(did you mean {meant!r}?)" in str(info.value), str(info.value)
+    with pytest.raises(SystemExit):
+        main(["train", f"--{name}", "1"])
+    assert f"--{name} (did you mean --{meant}?)" in capsys.readouterr().err

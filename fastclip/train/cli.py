@@ -67,6 +67,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )  # fmt: skip
 
 
+def suggest_option(arg: str, known_options) -> str | None:
+    """The option meant by an unknown ``arg`` (``--optim.learning_rate`` -> ``--optim.lr``): config keys
+    through :func:`fastclip.train.config.suggest`, the suggestion a config file gets for the same name;
+    other options (``--confg``) by spelling."""
+    import difflib
+
+    from fastclip.train.config import suggest, suggest_names
+    from fastclip.train.config_values import meant
+
+    flag = arg.split("=", 1)[0]
+    name = flag.lstrip("-")
+    key = name if "." in name else name.replace("-", "_")
+    if "." in key or meant(key, suggest_names()) is not None:
+        hit = suggest(key)
+        if hit is not None and hit not in SECTIONS:
+            return "--output-dir" if hit == "output_dir" else f"--{hit}"
+    close = difflib.get_close_matches(flag, sorted(known_options), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def overrides_from_args(args) -> dict:
     from fastclip.train.config import parse_value
 

@@ -27,6 +27,7 @@ from fastclip.train.config_values import (  # noqa: F401 (parse_value, read_file
     positive_float,
     read_file,
     shown,
+    suggestion,
     unknown,
     unknown_many,
 )
@@ -455,7 +456,7 @@ def unknown_names(data: dict, overrides: dict | None = None) -> list[str]:
         if section == "output_dir":
             continue
         if section not in SECTIONS:
-            problems.append(unknown("section", section, [*SECTIONS, "output_dir"]))
+            problems.append(unknown_top(section, values))
         elif isinstance(values, dict):
             fields = _hints(SECTIONS[section])
             problems += [unknown("key", f"{section}.{k}", all_keys()) for k in values if k not in fields]
@@ -464,6 +465,30 @@ def unknown_names(data: dict, overrides: dict | None = None) -> list[str]:
         if dotted != "output_dir" and (section not in SECTIONS or key not in _hints(SECTIONS[section])):
             problems.append(unknown("key", dotted, all_keys()))
     return problems
+
+
+def unknown_top(name: str, value: Any) -> str:
+    """The message for an unknown top-level name of a file: a section (a mapping) is matched with the
+    sections, a value (``max_steps: 3``) with the keys, as ``--max_steps`` is on the command line."""
+    if isinstance(value, dict):
+        sections = [*SECTIONS, "output_dir"]
+        if suggestion(name, sections) is not None:
+            return unknown("section", name, sections)
+    return unknown("key", name, suggest_names())
+
+
+def suggest_names() -> list[str]:
+    """Every name a suggestion may give: the sections and the keys."""
+    return [*SECTIONS, *all_keys()]
+
+
+def suggest(name: str) -> str | None:
+    """The config name (``section.key``, a section or ``output_dir``) meant by ``name``; None if none is close.
+    The one suggestion for files, overrides and command-line options."""
+    name = str(name)
+    if "." in name or name in SECTIONS:
+        return suggestion(name, all_keys())
+    return suggestion(name, suggest_names())
 
 
 def all_keys() -> list[str]:

@@ -95,8 +95,9 @@ ALIASES = {
 }  # fmt: skip
 
 
-def suggestion(name: str, known) -> str | None:
-    """The known key (or section) meant by ``name``: an alias by meaning first, then the closest spelling."""
+def meant(name: str, known) -> str | None:
+    """The known key meant by ``name`` by meaning alone: the same key in another section ("train.lr" ->
+    "optim.lr") or another trainer's name for it ("learning_rate" -> "optim.lr"); None if neither."""
     known = list(known)
     tail = str(name).rsplit(".", 1)[-1].lower().replace("-", "_")
     elsewhere = [k for k in known if k.rsplit(".", 1)[-1] == tail]  # "train.lr": the key of another section
@@ -104,6 +105,18 @@ def suggestion(name: str, known) -> str | None:
         return elsewhere[0]
     if ALIASES.get(tail) in known:
         return ALIASES[tail]
+    return None
+
+
+def suggestion(name: str, known) -> str | None:
+    """The known key (or section) meant by ``name``: an alias by meaning first, then the closest spelling.
+
+    The one suggestion of the trainer's config names: files, overrides and ``fastclip train`` options
+    (:func:`fastclip.train.cli.suggest_option`) all ask it."""
+    known = list(known)
+    by_meaning = meant(name, known)
+    if by_meaning is not None:
+        return by_meaning
     close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
     if not close and "." in str(name):  # compare the key part alone ("train.stepz" -> "train.steps")
         tail = str(name).split(".", 1)[1]
@@ -230,15 +243,37 @@ def read_file(path: str) -> dict:
         raise TypeError(f"path: expected a file path, got {type(path).__name__}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        data = json.loads(text) if str(path).endswith(".json") else load_yaml(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a binary file, or text in another encoding
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"config file {path!r}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
+            "save it as UTF-8"
+        ) from None
+    is_json = str(path).endswith(".json")
+    try:
+        data = json.loads(text) if is_json else load_yaml(text)
     except ConfigError as exc:
         raise ConfigError(f"config file {path!r}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path!r} does not parse: nested too deeply") from None
     except Exception as exc:  # the parser's message says where
         raise ConfigError(f"config file {path!r} does not parse: {shown_text(str(exc))}") from exc
+    if data is None and (is_json or _has_content(text)):  # an explicit null, not an empty file
+        raise ConfigError(f"config file {path!r}: expected a mapping of sections, got null")
     return {} if data is None else data
+
+
+def _has_content(text: str) -> bool:
+    """Whether a YAML text holds more than comments and document markers (an empty file: the defaults)."""
+    for line in text.splitlines():
+        s = line.strip()
+        if s and not s.startswith("#") and s not in ("---", "..."):
+            return True
+    return False
 
 
 def shown_text(text: str, limit: int = 2 * SHOWN_CHARS) -> str:
