@@ -599,3 +599,66 @@ def test_negative_user_ids_never_match_id_less_columns(impl):
     for qid in (placeholder_ids, -(2 * n + (i + 2) % n) - 1, -i - 1):
         got = _grads(lambda t, s, qid=qid: _fused(t, None, dict(query_ids=qid), s, impl=impl), ts, 20.0)
         _compare(got, want, 1e-10)
+
+
+def _same_tensor_cases(x, y):
+    """(name, fused(impl), reference) pairs that pass one tensor as several operands."""
+    gx, gy = x.detach() * 0.5 + 0.1, y.detach().flip(0)
+    both = dict(directions=ALL_DIRS, hardness="all_negatives", hardness_strength=1.0)
+    return [
+        ("info_nce(x, x)", lambda impl: FF.info_nce_loss(x, x, impl=impl), lambda: info_nce_reference(x, x)),
+        (
+            "negatives=[positive]",
+            lambda impl: FF.info_nce_loss(x, y, [y], directions=ALL_DIRS, impl=impl),
+            lambda: info_nce_reference(x, y, [y], directions=ALL_DIRS),
+        ),
+        (
+            "negatives=[n, n], bank=query",
+            lambda impl: FF.info_nce_loss(x, y, [x, x], bank=x, impl=impl, **both),
+            lambda: info_nce_reference(x, y, [x, x], bank=x, **both),
+        ),
+        (
+            "gist(x, x, x)",
+            lambda impl: FF.gist_loss(
+                x, x, x, guide_query=gx, guide_positive=gy, guide_negative=gx, impl=impl
+            ),
+            lambda: gist_reference(x, x, x, guide_query=gx, guide_positive=gy, guide_negative=gx),
+        ),
+    ]
+
+
+def test_one_tensor_as_several_operands():
+    """The same tensor object as query and positive, as a negative group twice, as a bank: computed (it
+    raised "AssertionError: an operand passed twice"), its gradient the sum over its uses."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    for name, fused, ref in _same_tensor_cases(x, y):
+        want = ref()
+        want_grads = torch.autograd.grad(want, [x, y], allow_unused=True)
+        for impl in ("torch", "reference"):
+            got = fused(impl)
+            got_grads = torch.autograd.grad(got, [x, y], allow_unused=True)
+            assert abs(float(got) - float(want)) <= 1e-10, (name, impl, float(got), float(want))
+            for a, w in zip(got_grads, want_grads):
+                if w is None:
+                    assert a is None or float(a.abs().max()) == 0.0, (name, impl)
+                else:
+                    assert max_err(a, w)[0] <= 1e-10, (name, impl)
+
+
+def test_one_tensor_as_several_operands_compiles_fullgraph():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 5, generator=g, requires_grad=True)
+    y = torch.randn(6, 5, generator=g, requires_grad=True)
+
+    def step(a, b):
+        return FF.info_nce_loss(
+            a, a, [b, b], impl="torch", hardness="in_batch_negatives", hardness_strength=1.0
+        )
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager = _grads(lambda t, _: step(*t), [x, y])
+    comp = _grads(lambda t, _: compiled(*t), [x, y])
+    for a, b in zip([eager[0], *eager[1]], [comp[0], *comp[1]]):
+        assert max_err(a, b)[0] <= 1e-5

@@ -132,9 +132,17 @@ def family_loss(
     ids = list(ids) if ids is not None else [None] * n_ops
     guides = list(guides) if guides is not None else [None] * n_ops
     assert len(ids) == n_ops and len(guides) == n_ops
-    # torch.compile refuses a tensor passed twice to one autograd.Function (pair ids shared by queries
-    # and documents, say): the no-gradient side inputs are made distinct (O(n) copies).
-    seen = {id(t) for t in operands}
+    # One tensor may be several operands (``info_nce_loss(x, x)``, ``negatives=[positive]``, a bank that
+    # is the queries): each later use becomes a view of it (no copy), a distinct input of the Function
+    # whose gradient autograd adds to the tensor's (the gradient of an operand used twice is the sum).
+    # torch.compile refuses one tensor passed twice to one autograd.Function (and so did an assert).
+    operands = list(operands)
+    seen = set()
+    for i, t in enumerate(operands):
+        if id(t) in seen:
+            operands[i] = t = t.view_as(t)
+        seen.add(id(t))
+    # The no-gradient side inputs likewise (pair ids shared by queries and documents: O(n) copies).
     aux = []
     for t in [*ids, *guides]:
         if t is not None and id(t) in seen:
@@ -143,7 +151,6 @@ def family_loss(
             seen.add(id(t))
         aux.append(t)
     ids, guides = aux[:n_ops], aux[n_ops:]
-    assert len({id(t) for t in operands}) == n_ops, "an operand passed twice"
     with no_autocast(operands[0].device):
         return FamilyFunction.apply(
             spec.to_text(), impl, chunk_size, (n_ops, bool(unit)), scale, *operands, *ids, *guides, thr
