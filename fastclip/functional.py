@@ -220,8 +220,12 @@ def info_nce_loss(
     ("in_batch_negatives", "hard_negatives", "all_negatives") adds ``hardness_strength * sim.detach()``
     to those negatives' logits. ``query_ids``/``doc_ids``/``negative_ids`` (integer, ``(n,)``; ``(n, K)``):
     columns sharing the row's id, other than the row's own columns, are removed
-    (``duplicates="ignore"``) or all count as positives in the query->document columns
-    (``duplicates="positive"``: uniform target over them). ``label_smoothing`` eps spreads eps over the
+    (``duplicates="ignore"``, the default: without ids it has nothing to remove) or all count as
+    positives in the query->document columns (``duplicates="positive"``: uniform target over them).
+    Ids are compared with the row's ``query_ids``: ``doc_ids``/``negative_ids`` without ``query_ids``,
+    and ``duplicates="positive"`` without ``query_ids``, raise a ``ValueError`` (nothing would be
+    masked). Negative groups without ``negative_ids`` carry no id (never a duplicate); any integer
+    (negative ones included) is an id. ``label_smoothing`` eps spreads eps over the
     row's unmasked columns. ``impl``, ``chunk_size``, ``check_finite`` as :func:`fastclip.clip_loss`.
     """
     o = info_nce_options(

@@ -662,3 +662,23 @@ def test_one_tensor_as_several_operands_compiles_fullgraph():
     comp = _grads(lambda t, _: compiled(*t), [x, y])
     for a, b in zip([eager[0], *eager[1]], [comp[0], *comp[1]]):
         assert max_err(a, b)[0] <= 1e-5
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_ids_without_query_ids_and_positive_without_ids_raise(module):
+    """negative_ids without query_ids was silently ignored (doc_ids without query_ids raised), and
+    duplicates="positive" without ids silently did nothing: both are a ValueError naming query_ids."""
+    q, p, neg = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    ids = torch.arange(4)
+
+    def call(duplicates="ignore", **kw):
+        if module:
+            return InfoNCELoss(duplicates=duplicates)(q, p, [neg], **kw)
+        return FF.info_nce_loss(q, p, [neg], duplicates=duplicates, **kw)
+
+    with pytest.raises(ValueError, match="query_ids: expected an integer tensor when negative_ids is given"):
+        call(negative_ids=ids[:, None])
+    with pytest.raises(ValueError, match="query_ids: expected an integer tensor with duplicates='positive'"):
+        call(duplicates="positive")
+    call(duplicates="positive", query_ids=ids)  # with ids: fine
+    call()  # the default "ignore" without ids: nothing to remove, no error

@@ -233,6 +233,16 @@ def prepare_info_nce(
     if q_ids is None and p_ids is not None:
         raise ValueError("query_ids: expected an integer tensor when doc_ids is given, got None")
     neg_ids = negative_ids_list(negative_ids, n, len(negs), device)
+    if q_ids is None and any(t is not None for t in neg_ids):
+        raise ValueError(
+            "query_ids: expected an integer tensor when negative_ids is given, got None (a column's id is "
+            "compared with its row's query id)"
+        )
+    if q_ids is None and o.duplicates == "positive":
+        raise ValueError(
+            "query_ids: expected an integer tensor with duplicates='positive' (same-id columns become "
+            "positives), got None; without ids there are no duplicates: drop duplicates='positive'"
+        )
     if c.check_finite:
         check_finite_all(named + [("scale", s)])
     # "cos": the features stay raw here; the fused Function normalizes them inside (its gradients go
