@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from fastclip import _checks
+
 
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch_size: int, device, dtype) -> torch.Tensor:
@@ -47,12 +49,31 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, batch_size, dev
     return F.normalize(feats, dim=-1)
 
 
+def _check_ks(ks) -> tuple:
+    if not isinstance(ks, (tuple, list)) or not ks:
+        raise ValueError(f"ks: expected a non-empty tuple of positive ints, got {ks!r}")
+    for k in ks:
+        _checks.check_int("ks", k, minimum=1)
+    return tuple(ks)
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
-    """scores (N, C), labels (N,) -> {k: fraction of rows whose label is among the k best}."""
-    if scores.dim() != 2 or labels.shape != (scores.shape[0],):
+    """scores (N, C), labels (N,) -> {k: fraction of rows whose label is among the k best}.
+
+    ``labels`` may live on another device than ``scores`` (host labels beside GPU scores): they are
+    moved to the scores' device."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores: expected a 2-D (N, C) tensor, got {got}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels: expected an integer tensor of class indices, got {got}")
+    if labels.shape != (scores.shape[0],):
         raise ValueError(
             f"labels: expected shape ({scores.shape[0]},) for scores {tuple(scores.shape)}, got {tuple(labels.shape)}"
         )
+    ks = _check_ks(ks)
+    labels = labels.to(scores.device)
     out = {}
     for k in ks:
         top = scores.topk(min(k, scores.shape[1]), dim=1).indices
@@ -66,17 +87,25 @@ def retrieval_recall(
     """Recall@k both ways for paired rows of ``image_f`` (N, D) and ``text_f`` (N, D).
 
     ``groups`` (N,) marks interchangeable pairs (e.g. identical captions): a retrieved item counts
-    when its group equals the query's. Default: every pair is its own group.
+    when its group equals the query's. Default: every pair is its own group. ``groups`` may live on
+    another device than the features (host groups beside GPU features): it is moved to theirs, and
+    every tensor made here is made on the features' device.
     """
+    _checks.check_features(image_f, text_f, name_a="image_f", name_b="text_f")
     n = image_f.shape[0]
-    if text_f.shape[0] != n:
-        raise ValueError(f"text_f: expected {n} rows (as image_f), got {text_f.shape[0]}")
-    groups = torch.arange(n) if groups is None else groups
+    if groups is None:
+        groups = torch.arange(n, device=image_f.device)
+    elif not isinstance(groups, torch.Tensor):
+        raise TypeError(f"groups: expected a tensor of shape ({n},) or None, got {type(groups).__name__}")
+    elif groups.shape != (n,):
+        raise ValueError(f"groups: expected shape ({n},) (one group per pair), got {tuple(groups.shape)}")
+    ks = _check_ks(ks)
+    groups = groups.to(image_f.device)
     sim = image_f @ text_f.T  # (N, N), evaluation sets are small
     out = {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
         for k in ks:
-            top = s.topk(min(k, n), dim=1).indices  # (N, k)
+            top = s.topk(min(k, n), dim=1).indices  # (N, k), on the features' device
             hit = (groups[top] == groups[:, None]).any(dim=1)
             out[f"{name}_r{k}"] = float(hit.float().mean())
     return out
@@ -90,13 +119,18 @@ def evaluate(model, tokenizer, eval_set, *, batch_size: int = 256, device=None, 
     ``zeroshot_top1``, ``zeroshot_top5``, ``zeroshot_chance``, ``i2t_r1`` ... and e.g.
     ``seen_zeroshot_top1`` for the synthetic set of seen combinations.
     """
+    _checks.check_int("batch_size", batch_size, minimum=1)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    _check_eval_set(eval_set)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         image_f = encode_images(model, eval_set.images, batch_size, device, dtype)
         text_f = encode_texts(model, tokenizer, eval_set.captions, batch_size, device)
-        _, groups = _unique_groups(eval_set.captions)
+        # built where the features are: the model's device, whatever the default device
+        _, groups = _unique_groups(eval_set.captions, image_f.device)
         metrics = retrieval_recall(image_f, text_f, groups)
         if eval_set.labels is not None:
             classifier = zeroshot_classifier(
@@ -112,17 +146,34 @@ def evaluate(model, tokenizer, eval_set, *, batch_size: int = 256, device=None, 
     return {prefix + k: v for k, v in metrics.items()}
 
 
-def _unique_groups(captions):
+def _check_eval_set(eval_set) -> None:
+    images, captions = getattr(eval_set, "images", None), getattr(eval_set, "captions", None)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not isinstance(captions, (list, tuple)):
+        raise TypeError(
+            "eval_set: expected an EvalSet (images (N, C, H, W) tensor, captions list of N str), got "
+            f"{type(eval_set).__name__}"
+        )
+    if images.shape[0] != len(captions) or not captions:
+        raise ValueError(
+            f"eval_set: expected as many images as captions (> 0), got {images.shape[0]} images and "
+            f"{len(captions)} captions"
+        )
+
+
+def _unique_groups(captions, device=None):
+    """(caption -> group, groups (N,) int64 on ``device``): identical captions share a group."""
     index, groups = {}, []
     for c in captions:
         groups.append(index.setdefault(c, len(index)))
-    return index, torch.tensor(groups)
+    return index, torch.tensor(groups, dtype=torch.int64, device=device)
 
 
 def evaluate_sets(model, tokenizer, eval_sets, *, batch_size: int, device, dtype) -> dict:
     """:func:`evaluate` over every set, merged, plus ``eval_seconds``."""
     import time
 
+    if not isinstance(eval_sets, (list, tuple)):
+        raise TypeError(f"eval_sets: expected a list of EvalSet, got {type(eval_sets).__name__}")
     t0 = time.time()
     metrics = {}
     for s in eval_sets:

@@ -24,16 +24,32 @@ import torch
 from fastclip import _checks
 
 
+def _cuda_devices(device: torch.device) -> list:
+    """The CUDA generators a forward may draw from: the inputs' device and, once CUDA is in use, the
+    current device (a forward that moves host inputs to the model's GPU draws its dropout there)."""
+    out = []
+    if device.type == "cuda":
+        out.append(
+            torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        )
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        current = torch.device("cuda", torch.cuda.current_device())
+        if current not in out:
+            out.append(current)
+    return out
+
+
 def _rng_state(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
+    """The CPU generator's state and that of every CUDA generator in :func:`_cuda_devices` (host-side
+    copies: reading them does not synchronise the GPU)."""
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(device)]
 
 
 def _set_rng_state(state, device: torch.device) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+    for d, s in cuda:
+        torch.cuda.set_rng_state(s, d)
 
 
 # Per-sample outputs of the model's forward that the loss differentiates (cached, then re-forwarded).

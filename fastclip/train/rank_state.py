@@ -135,8 +135,14 @@ def load_rank_state(path: str) -> dict:
         )
     rng = {"torch": tensors["rng.torch"], "numpy": tensors["rng.numpy"], "python": tensors["rng.python"]}
     rng["scalars"] = {**scalars, "python_gauss_next": gauss}
-    if "rng.cuda" in tensors:
-        rng["cuda"] = tensors["rng.cuda"]
+    if "rng.cuda" in tensors:  # the CUDA generator's state (a run on a GPU): what set_rng_state needs
+        t = tensors["rng.cuda"]
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() == 0:
+            raise RankStateError(
+                f"{path}: tensor 'rng.cuda': expected a non-empty 1-D torch.uint8 tensor, "
+                f"got {t.dtype} of shape {tuple(t.shape)}"
+            )
+        rng["cuda"] = t
     return {"step": meta["step"], "data": meta["data"], "rng": rng}
 
 

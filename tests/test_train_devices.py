@@ -1,0 +1,212 @@
+"""Tensors the trainer builds on the host meet model outputs on the model's device.
+
+On CUDA the evaluation crashed (``groups[top]``: helper indices built on the CPU, model outputs on the
+GPU). Without a GPU the same defect shows when the *default* device differs from the features' device:
+under ``with torch.device("meta")`` every tensor created without ``device=`` is a meta tensor, so a
+helper tensor that does not follow the features' device fails (a meta tensor has no values) while one
+built with the features' device computes as before. These tests run the evaluation and metrics that
+way; tests/test_gpu_trainer.py runs the trainer itself on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fastclip.data import EvalSet
+from fastclip.models import WordTokenizer
+from fastclip.train import gradcache as gc_lib
+from fastclip.train.evaluate import evaluate, evaluate_sets, retrieval_recall, topk_accuracy
+from fastclip.train.rank_state import RankStateError, load_rank_state, rank_file, save_rank_state
+
+WORDS = ["red", "blue", "green", "circle", "square", "a", "photo", "of", "the"]
+
+
+def _features(n=6, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    txt = F.normalize(img + 0.3 * torch.randn(n, d, generator=g), dim=-1)
+    return img, txt
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+def test_retrieval_recall_builds_its_groups_on_the_features_device():
+    img, txt = _features()
+    groups = torch.tensor([0, 1, 1, 2, 3, 4])
+    expected = retrieval_recall(img, txt)
+    expected_grouped = retrieval_recall(img, txt, groups)
+    with torch.device("meta"):  # a tensor made without device= is a meta tensor in here
+        got = retrieval_recall(img, txt)
+        got_grouped = retrieval_recall(img, txt, groups)
+    assert got == expected and got_grouped == expected_grouped
+    assert expected_grouped["i2t_r1"] >= expected["i2t_r1"]
+
+
+def test_retrieval_recall_takes_groups_from_another_device():
+    """Groups given on another device than the features (the trainer's CPU groups beside CUDA features)
+    are moved to the features' device, not indexed across devices."""
+    img, txt = _features()
+    groups = torch.tensor([0, 1, 1, 2, 3, 4])
+    seen = []
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        if self is groups:
+            seen.append((args, kwargs))
+        return real_to(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", spy_to)
+        r = retrieval_recall(img, txt, groups)
+    assert seen, "groups must be moved to the features' device"
+    assert r == retrieval_recall(img, txt, groups)
+
+
+def test_topk_accuracy_follows_the_scores_device():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.5, 0.4]])
+    labels = torch.tensor([0, 0, 2])
+    expected = topk_accuracy(scores, labels, ks=(1, 2))
+    with torch.device("meta"):
+        assert topk_accuracy(scores, labels, ks=(1, 2)) == expected
+    assert expected == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda img, txt: retrieval_recall(img.numpy(), txt), TypeError, "image_f"),
+        (lambda img, txt: retrieval_recall(img, txt[:, :2]), ValueError, "text_f: expected feature dim 4"),
+        (lambda img, txt: retrieval_recall(img[0], txt), ValueError, "image_f: expected a 2-D tensor"),
+        (lambda img, txt: retrieval_recall(img, txt, torch.zeros(5, dtype=torch.long)), ValueError, "groups"),
+        (lambda img, txt: retrieval_recall(img, txt, [0, 1, 2, 3, 4, 5]), TypeError, "groups"),
+        (lambda img, txt: retrieval_recall(img, txt, ks=(0,)), ValueError, "ks"),
+        (lambda img, txt: retrieval_recall(img, txt, ks=()), ValueError, "ks"),
+        (lambda img, txt: retrieval_recall(img, txt, ks=(True,)), TypeError, "ks"),
+        (lambda img, txt: topk_accuracy(img, torch.zeros(5, dtype=torch.long)), ValueError, "labels"),
+        (lambda img, txt: topk_accuracy(img, torch.zeros(6)), TypeError, "labels"),
+        (lambda img, txt: topk_accuracy(img[0], torch.zeros(6, dtype=torch.long)), ValueError, "scores"),
+        (lambda img, txt: topk_accuracy(img, torch.zeros(6, dtype=torch.long), ks=(1.5,)), TypeError, "ks"),
+    ],
+)
+def test_metric_inputs_are_checked(call, error, match):
+    img, txt = _features()
+    with pytest.raises(error, match=match):
+        call(img, txt)
+
+
+# ---- evaluate -------------------------------------------------------------------------------------
+
+
+class _TinyModel(torch.nn.Module):
+    """A model following the fastclip contract closely enough for evaluate(): pixels and token ids
+    mapped linearly to 4-D features."""
+
+    def __init__(self, vocab: int, pixels: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.img = torch.nn.Parameter(torch.randn(pixels, 4, generator=g))
+        self.tok = torch.nn.Parameter(torch.randn(vocab, 4, generator=g))
+
+    def encode_image(self, images, normalize=False):
+        x = images.flatten(1) @ self.img
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, ids, normalize=False):
+        x = self.tok[ids].sum(dim=1)
+        return F.normalize(x, dim=-1) if normalize else x
+
+
+class _HostTokenizer(WordTokenizer):
+    """Token ids are host data, made on the CPU whatever the default device (as a tokenizer's are)."""
+
+    def __call__(self, texts):
+        with torch.device("cpu"):
+            return super().__call__(texts)
+
+
+def _eval_set(name="heldout"):
+    g = torch.Generator().manual_seed(2)
+    captions = ["red circle", "blue square", "green circle", "red circle", "blue circle", "green square"]
+    images = torch.randn(len(captions), 3, 2, 2, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 3, 4])
+    classnames = ["red circle", "blue square", "green circle", "blue circle", "green square"]
+    return EvalSet(name, images, captions, labels, classnames, ["a photo of the {}", "{}"])
+
+
+def test_evaluate_builds_every_tensor_on_the_features_device():
+    tok = _HostTokenizer(WORDS, 6)
+    model = _TinyModel(tok.vocab_size, 12)
+    eval_set = _eval_set()  # host data, made before the default device changes
+    expected = evaluate(model, tok, eval_set, batch_size=4)
+    with torch.device("meta"):
+        got = evaluate(model, tok, eval_set, batch_size=4)
+    assert got == expected
+    assert set(expected) >= {"zeroshot_top1", "zeroshot_top5", "zeroshot_chance", "i2t_r1", "t2i_r10"}
+    # captions 0 and 3 are identical: they form one group, so retrieving either one counts
+    assert all(0.0 <= v <= 1.0 for k, v in expected.items() if k != "zeroshot_chance")
+    merged = evaluate_sets(
+        model, tok, [_eval_set(), _eval_set("seen")], batch_size=4, device=None, dtype=torch.float32
+    )
+    assert merged["i2t_r1"] == expected["i2t_r1"] and merged["seen_i2t_r1"] == expected["i2t_r1"]
+
+
+def test_evaluate_checks_its_arguments():
+    tok = _HostTokenizer(WORDS, 6)
+    model = _TinyModel(tok.vocab_size, 12)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, tok, _eval_set(), batch_size=0)
+    with pytest.raises(TypeError, match="dtype"):
+        evaluate(model, tok, _eval_set(), dtype="bf16")
+    short = _eval_set()
+    short.captions = short.captions[:4]
+    with pytest.raises(ValueError, match="eval_set"):
+        evaluate(model, tok, short)
+    with pytest.raises(TypeError, match="eval_sets"):
+        evaluate_sets(model, tok, _eval_set(), batch_size=4, device=None, dtype=torch.float32)
+
+
+# ---- gradient caching: the RNG replayed is the one the model draws from ------------------------------
+
+
+def test_gradcache_replays_the_rng_of_the_model_device_not_only_the_images(monkeypatch):
+    """A forward that moves CPU images to the model's device draws its dropout masks from that device's
+    generator: its state must be recorded and restored too. Simulated on CPU by reporting the CUDA
+    generator functions' calls."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_rng_state",
+        lambda device="cuda": calls.append(("get", str(device))) or torch.zeros(4, dtype=torch.uint8),
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", str(device)))
+    )
+    state = gc_lib._rng_state(torch.device("cpu"))
+    gc_lib._set_rng_state(state, torch.device("cpu"))
+    assert ("get", "cuda:0") in calls and ("set", "cuda:0") in calls, calls
+
+
+# ---- checkpoints: the CUDA generator state in a rank file ------------------------------------------
+
+
+def test_rank_state_refuses_a_malformed_cuda_rng_state(tmp_path):
+    from safetensors import safe_open
+
+    path = rank_file(str(tmp_path), 0)
+    save_rank_state(path, step=3, data={"kind": "synthetic", "position": 3})
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["rng.cuda"] = torch.zeros(16, dtype=torch.uint8)
+    save_file(tensors, path, metadata=meta)
+    assert torch.equal(load_rank_state(path)["rng"]["cuda"], torch.zeros(16, dtype=torch.uint8))
+    tensors["rng.cuda"] = torch.zeros(16, dtype=torch.float32)
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(RankStateError, match="rng.cuda"):
+        load_rank_state(path)
