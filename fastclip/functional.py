@@ -116,7 +116,7 @@ def siglip_loss_with_options(
     a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
     if negatives is None:
         return _run(a, siglip_loss_fused, siglip_loss_reference)
-    negs = negatives_list(negatives, a.x.shape[0], a.x.shape[1])
+    negs = negatives_list(negatives, a.x.shape[0], a.x.shape[1], rows_name="image_features")
     negs = settle([("image_features", a.x)] + [(f"negatives[{k}]", t) for k, t in enumerate(negs)])[1:]
     negs = [t if t.dtype == a.x.dtype else t.to(a.x.dtype) for t in negs]
     if options.check_finite:

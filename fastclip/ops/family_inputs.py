@@ -84,8 +84,11 @@ def gist_options(*, margin_strategy, margin, contrast_anchors, contrast_positive
     return GistOptions(margin_strategy, margin, contrast_anchors, contrast_positives)
 
 
-def negatives_list(negatives, n: int, dim: int, name: str = "negatives") -> list[torch.Tensor]:
-    """Hard negatives as K tensors of (n, D): from None, a list/tuple of (n, D) or one (n, K, D)."""
+def negatives_list(
+    negatives, n: int, dim: int, name: str = "negatives", rows_name: str = "query"
+) -> list[torch.Tensor]:
+    """Hard negatives as K tensors of (n, D): from None, a list/tuple of (n, D) or one (n, K, D).
+    ``rows_name``: the caller's name of the (n, D) rows they pair with, for the messages."""
     if negatives is None:
         return []
     if isinstance(negatives, torch.Tensor):
@@ -95,7 +98,9 @@ def negatives_list(negatives, n: int, dim: int, name: str = "negatives") -> list
                 f"{name}: expected a (n, K, D) tensor or a list of K (n, D) tensors, got shape {tuple(negatives.shape)}"
             )
         if negatives.shape[0] != n or negatives.shape[2] != dim:
-            raise ValueError(f"{name}: expected shape ({n}, K, {dim}), got {tuple(negatives.shape)}")
+            raise ValueError(
+                f"{name}: expected shape ({n}, K, {dim}) (as {rows_name}), got {tuple(negatives.shape)}"
+            )
         return list(negatives.unbind(1))
     if not isinstance(negatives, (list, tuple)):
         raise TypeError(f"{name}: expected a tensor or a list of tensors, got {type(negatives).__name__}")
@@ -103,7 +108,9 @@ def negatives_list(negatives, n: int, dim: int, name: str = "negatives") -> list
     for k, t in enumerate(negatives):
         _checks.check_tensor(f"{name}[{k}]", t, ndim=2)
         if tuple(t.shape) != (n, dim):
-            raise ValueError(f"{name}[{k}]: expected shape ({n}, {dim}) (as query), got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}[{k}]: expected shape ({n}, {dim}) (as {rows_name}), got {tuple(t.shape)}"
+            )
         out.append(t)
     return out
 
