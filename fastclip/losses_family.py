@@ -54,6 +54,11 @@ class InfoNCELoss(nn.Module):
             raise ValueError(f"scale: expected a positive float, got {scale!r}")
         self.scale = float(scale)
         self.distributed = _checks.check_bool("distributed", distributed)
+        from fastclip.distributed.family import FAMILY_DIST_IMPLS
+
+        # Checked whatever ``distributed`` says: a typo must not wait for the multi-process run.
+        if not isinstance(dist_impl, str) or dist_impl not in FAMILY_DIST_IMPLS:
+            raise ValueError(f"dist_impl: expected one of {FAMILY_DIST_IMPLS}, got {dist_impl!r}")
         self.group = group
         self.dist_impl = dist_impl
 

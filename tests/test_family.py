@@ -682,3 +682,23 @@ def test_ids_without_query_ids_and_positive_without_ids_raise(module):
         call(duplicates="positive")
     call(duplicates="positive", query_ids=ids)  # with ids: fine
     call()  # the default "ignore" without ids: nothing to remove, no error
+
+
+def test_siglip_negative_errors_name_image_features():
+    """siglip_loss has no ``query``: its negatives' shape errors named it."""
+    x, y, s = torch.randn(4, 3), torch.randn(4, 3), torch.tensor(10.0)
+    with pytest.raises(ValueError, match=r"negatives\[0\]: expected shape \(4, 3\) \(as image_features\)"):
+        FF.siglip_loss(x, y, s, negatives=[torch.randn(5, 3)])
+    with pytest.raises(ValueError, match=r"negatives: expected shape \(4, K, 3\) \(as image_features\)"):
+        FF.siglip_loss(x, y, s, negatives=torch.randn(5, 2, 3))
+    with pytest.raises(ValueError, match=r"negatives\[0\]: expected shape \(4, 3\) \(as query\)"):
+        FF.info_nce_loss(x, y, [torch.randn(5, 3)])
+
+
+def test_module_checks_dist_impl_without_distributed():
+    """InfoNCELoss(dist_impl="rign") was accepted while distributed=False."""
+    with pytest.raises(ValueError, match=r"dist_impl: expected one of \('gather', 'ring'\), got 'rign'"):
+        InfoNCELoss(dist_impl="rign")
+    with pytest.raises(ValueError, match="dist_impl"):
+        InfoNCELoss(dist_impl=["ring"], distributed=True)
+    assert InfoNCELoss(dist_impl="ring").dist_impl == "ring"
