@@ -176,3 +176,135 @@ def test_distributed_without_process_group_is_a_value_error():
         pytest.skip("a process group is already initialized")
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
         info_nce_loss_distributed(torch.randn(3, 4), torch.randn(3, 4))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ranks that disagree on the call's shape: the same ValueError on every rank within seconds, not a
+# hang until the process group's timeout (nor a finite loss from mismatched collectives, nor SIGABRT)
+
+PG_TIMEOUT_S = 20  # a call that hangs fails at the process group's timeout: well past the 8 s allowed
+
+
+def _disagreement_cases():
+    """(name, words the message must contain, call(rank) -> loss). Rank 0 and rank 1 differ."""
+    from fastclip.distributed import gist_loss_distributed, info_nce_loss_distributed
+
+    def t(rows=4, d=6, dtype=torch.float32, seed=0):
+        return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+    ids = torch.tensor([0, 1, 2, 3])
+    cases = []
+    for di in ("gather", "ring"):
+        def nce(rank, di=di, **kw):
+            return info_nce_loss_distributed(kw.pop("q", t()), kw.pop("p", t(seed=1)), dist_impl=di, **kw)
+
+        cases += [
+            (f"{di}: negatives on rank 0 only", ["negatives", "[1, 0]"],
+             lambda r, f=nce: f(r, negatives=[t(seed=2)] if r == 0 else None)),
+            (f"{di}: 2 vs 1 negatives", ["negatives", "[2, 1]"],
+             lambda r, f=nce: f(r, negatives=[t(seed=2), t(seed=3)][: 2 - r])),
+            (f"{di}: query_ids on rank 1 only", ["query_ids"],
+             lambda r, f=nce: f(r, query_ids=ids if r == 1 else None)),
+            (f"{di}: negative_ids on rank 0 only", ["negative_ids"],
+             lambda r, f=nce: f(r, negatives=[t(seed=2)], query_ids=ids,
+                                negative_ids=ids[:, None] if r == 0 else None)),
+            (f"{di}: directions", ["directions", "query_to_query"],
+             lambda r, f=nce: f(r, directions=("query_to_doc", "query_to_query")[: 1 + r])),
+            (f"{di}: dtype", ["dtype", "float64"],
+             lambda r, f=nce: f(r, q=t(dtype=torch.float64 if r else torch.float32),
+                                p=t(seed=1, dtype=torch.float64 if r else torch.float32))),
+            (f"{di}: feature dim", ["dim", "[6, 8]"],
+             lambda r, f=nce: f(r, q=t(d=6 + 2 * r), p=t(seed=1, d=6 + 2 * r))),
+            (f"{di}: batch", ["batch", "[4, 5]"],
+             lambda r, f=nce: f(r, q=t(rows=4 + r), p=t(rows=4 + r, seed=1))),
+        ]
+    cases.append(
+        ("dist_impl", ["dist_impl", "gather", "ring"],
+         lambda r: info_nce_loss_distributed(t(), t(seed=1), dist_impl=("gather", "ring")[r]))
+    )
+
+    def gist(rank, neg, gd=6, gdn=None):
+        g = dict(guide_query=t(d=gd, seed=5), guide_positive=t(d=gd, seed=6))
+        if neg:
+            g["guide_negative"] = t(d=gd if gdn is None else gdn, seed=7)
+        return gist_loss_distributed(t(), t(seed=1), t(seed=2) if neg else None, **g)
+
+    cases += [
+        ("gist: negative on rank 0 only", ["negative", "[1, 0]"], lambda r: gist(r, r == 0)),
+        ("gist: guide dim", ["guide", "[6, 5]"], lambda r: gist(r, True, gd=6 - r)),
+        # guide dim != D and a negative on one rank: aborted the process (SIGABRT) inside gloo
+        ("gist: negative on rank 1 only, guide dim 3", ["negative", "[0, 1]"], lambda r: gist(r, r == 1, gd=3)),
+    ]  # fmt: skip
+    return cases
+
+
+def _disagree_worker(rank, world, port, out_dir):
+    import datetime
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
+    )
+    results = {}
+    try:
+        for name, words, call in _disagreement_cases():
+            start = time.monotonic()
+            try:
+                loss = call(rank)
+                outcome = f"no error (loss {float(loss):.4g})"
+            except ValueError as e:
+                outcome = "ValueError: " + str(e)
+            except Exception as e:  # a hang ends here, at the process group's timeout
+                outcome = f"{type(e).__name__}: {e}"
+            results[name] = (outcome, words, time.monotonic() - start)
+            _dump(results, out_dir, rank)  # kept if a later case kills the process
+        # the group is still in step: an agreeing call works
+        from fastclip.distributed import info_nce_loss_distributed
+
+        loss = info_nce_loss_distributed(torch.ones(3, 4) + rank, torch.ones(3, 4), dist_impl="ring")
+        results["after"] = (f"loss {float(loss):.6f}", [], 0.0)
+    except Exception:
+        results["crash"] = (traceback.format_exc(), [], 0.0)
+    _dump(results, out_dir, rank)
+    dist.destroy_process_group()
+
+
+def _dump(results, out_dir, rank):
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(path + ".tmp", path)
+
+
+def test_ranks_that_disagree_raise_the_same_value_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    failures = []
+    try:
+        mp.spawn(_disagree_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    except Exception as e:  # a rank died (gloo's abort on mismatched collectives)
+        failures.append(f"spawn: {type(e).__name__}: {str(e)[-300:]}")
+    res = []
+    for r in range(2):
+        path = tmp_path / f"rank{r}.json"
+        res.append(json.loads(path.read_text()) if path.exists() else {})
+    for name, _, _ in _disagreement_cases():
+        got = [rr.get(name) for rr in res]
+        if any(g is None for g in got):
+            failures.append(f"{name}: no result on rank {[g is None for g in got].index(True)}")
+            continue
+        (m0, words, t0), (m1, _, t1) = got
+        if not m0.startswith("ValueError") or m0 != m1:
+            failures.append(f"{name}: rank 0 {m0[:300]!r} | rank 1 {m1[:300]!r}")
+        elif missing := [w for w in words if w not in m0]:
+            failures.append(f"{name}: the message lacks {missing}: {m0!r}")
+        if max(t0, t1) > 8.0:
+            failures.append(f"{name}: took {max(t0, t1):.1f} s")
+    after = [rr.get("after", ("missing",))[0] for rr in res]
+    if not all(a.startswith("loss") for a in after):
+        failures.append(f"agreeing call after the errors: {after}")
+    assert not failures, "\n".join(failures)

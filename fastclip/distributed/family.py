@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from fastclip import comm
 from fastclip.comm import all_gather_rows, all_gather_with_grad, group_rank_and_size, ring_exchange
-from fastclip.distributed.world import require_process_group
+from fastclip.distributed.world import Signature, agree_across_ranks, require_process_group
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.family import gist_fused, info_nce_fused
 from fastclip.ops.family_impl import family_torch
@@ -54,10 +54,41 @@ def _check_dist(dist_impl, check_batch_sizes, group):
     return group_rank_and_size(group)
 
 
-def _agree_on_batch(q, group, check: bool) -> None:
-    """Unequal local batches become a ValueError on every rank, not a hang (skipped with ``check=False``)."""
-    if check:
-        comm.check_batch_sizes(q, group)
+_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+def _show_table(table):
+    return lambda v: str(table[v]) if 0 <= v < len(table) else "other"
+
+
+def _show_bits(names):
+    def show(v):
+        return "(" + ", ".join(str(names(j)) for j in range(v.bit_length()) if v >> j & 1) + ")"
+
+    return show
+
+
+def _yes_no(v):
+    return "given" if v else "None"
+
+
+def _agree_on_call(entry, a, extra, group, world, check: bool) -> None:
+    """Every rank makes the same kind of call: the local batch, feature dim, dtype and device type of
+    ``a`` (checked inputs) and the ``extra`` fields (K, ids given, directions, guide dims, ...) agree,
+    or every rank raises the same ValueError at once, instead of a hang or mismatched collectives later
+    (one all-gather of a few integers, :func:`agree_across_ranks`; skipped with ``check=False``)."""
+    if not check or world == 1:
+        return
+    n, d = a.q.shape
+    fields = [
+        Signature("query: local batch (rows)", n, hint="drop the last incomplete batch (drop_last=True) or pad it"),
+        Signature("query: feature dim", d),
+        Signature("query: dtype", comm._code(a.q.dtype, comm._DTYPE_CODES), _show_table(comm._DTYPE_CODES)),
+        Signature("query: device type", comm._code(a.q.device.type, comm._DEVICE_CODES),
+                  _show_table(comm._DEVICE_CODES)),
+        *extra,
+    ]  # fmt: skip
+    agree_across_ranks(entry, fields, device=a.q.device, group=group)
 
 
 def _gather_ids(t, group):
@@ -91,8 +122,9 @@ def info_nce_loss_distributed(
     """:func:`fastclip.info_nce_loss` over a process group: this rank's ``(n, D)`` rows against the
     columns of all ranks (``bank`` stays local: each rank's own extra negatives). Returns this rank's
     loss (the mean over its rows); the same arguments as the single-process form plus ``group``,
-    ``dist_impl`` and ``check_batch_sizes`` (an all-gather of two integers that turns unequal local
-    batches into a ``ValueError`` on every rank instead of a hang)."""
+    ``dist_impl`` and ``check_batch_sizes`` (one all-gather of a few integers: ranks that disagree on
+    the local batch, feature dim, dtype, number of negative groups, which ids are given, directions or
+    ``dist_impl`` get the same ``ValueError`` on every rank instead of a hang; ``False`` skips it)."""
     o = info_nce_options(
         directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
         duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
@@ -100,7 +132,17 @@ def info_nce_loss_distributed(
     c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
     rank, world = _check_dist(dist_impl, check_batch_sizes, group)
     a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
-    _agree_on_batch(a.q, group, check_batch_sizes)
+    neg_ids_mask = sum(1 << j for j, t in enumerate(a.neg_ids) if t is not None and j < 62)
+    extra = [
+        Signature("negatives: number of negative groups (K)", len(a.negs)),
+        Signature("query_ids", int(query_ids is not None), _yes_no),
+        Signature("doc_ids", int(doc_ids is not None), _yes_no),
+        Signature("negative_ids: the negative groups with ids", neg_ids_mask, _show_bits(str)),
+        Signature("directions", sum(1 << _DIRECTIONS.index(x) for x in o.directions),
+                  _show_bits(lambda j: _DIRECTIONS[j])),
+        Signature("dist_impl", FAMILY_DIST_IMPLS.index(dist_impl), _show_table(FAMILY_DIST_IMPLS)),
+    ]  # fmt: skip
+    _agree_on_call("info_nce_loss_distributed", a, extra, group, world, check_batch_sizes)
     if world == 1:
         return info_nce_fused(a, o, c.chunk_size)
     if dist_impl == "ring":
@@ -143,7 +185,10 @@ def gist_loss_distributed(
 ) -> torch.Tensor:
     """:func:`fastclip.gist_loss` over a process group, as sentence-transformers' GISTEmbedLoss with
     ``gather_across_devices=True``: positives and negatives (and their guide embeddings) are gathered,
-    anchors stay local (the anchor->anchor block is this rank's)."""
+    anchors stay local (the anchor->anchor block is this rank's). ``check_batch_sizes``: ranks that
+    disagree on the local batch, feature dim, dtype, whether a negative is given or the guide's dim
+    get the same ``ValueError`` on every rank (one all-gather of a few integers), not mismatched
+    collectives."""
     o = gist_options(
         margin_strategy=margin_strategy, margin=margin,
         contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
@@ -151,7 +196,13 @@ def gist_loss_distributed(
     c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
     rank, world = _check_dist(dist_impl, check_batch_sizes, group)
     a = prepare_gist(query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c)
-    _agree_on_batch(a.q, group, check_batch_sizes)
+    extra = [
+        Signature("negative", int(bool(a.negs)), hint="1: given, 0: None"),
+        Signature("guide_query/guide_positive/guide_negative: the guide's feature dim", a.gq.shape[1]),
+        Signature("guide_query/guide_positive/guide_negative: dtype", comm._code(a.gq.dtype, comm._DTYPE_CODES),
+                  _show_table(comm._DTYPE_CODES)),
+    ]  # fmt: skip
+    _agree_on_call("gist_loss_distributed", a, extra, group, world, check_batch_sizes)
     if world == 1:
         return gist_fused(a, o, c.chunk_size)
     columns = (

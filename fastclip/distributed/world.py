@@ -9,14 +9,20 @@ usage error: :class:`ProcessGroupError`, a ``ValueError`` (as every bad argument
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from fastclip import _checks
+from fastclip import _checks, comm
 from fastclip.comm import all_gather_rows, all_gather_with_grad
 
 __all__ = [
     "ProcessGroupError",
+    "Signature",
+    "agree_across_ranks",
     "check_world",
     "gather_like_open_clip",
     "require_process_group",
@@ -92,3 +98,61 @@ def gather_like_open_clip(a, b, *, local_loss, gather_with_grad, rank, group):
             n = a.shape[0]
             gathered = torch.cat([gathered[: rank * n], both, gathered[(rank + 1) * n :]], dim=0)
     return gathered[:, :d], gathered[:, d:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the call's shape, agreed once across ranks
+
+_SIGNATURE_SLOTS = 16  # fixed: ranks making different calls still exchange equal-sized tensors
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One integer of a call's shape that every rank must share: ``what`` names the argument (the
+    user's name for it), ``show`` turns the integer back into words for the message, ``hint`` says
+    what to do about a disagreement."""
+
+    what: str
+    value: int
+    show: Callable[[int], str] = str
+    hint: str = ""
+
+
+def agree_across_ranks(entry: str, fields: Sequence[Signature], *, device, group=None) -> None:
+    """Raise the same ``ValueError`` on every rank of ``group`` unless all ranks pass the same ``fields``.
+
+    Ranks whose calls differ in shape (the number of negative groups, which ids are given, the guide's
+    dim, the directions, the dtype, the feature dim, the local batch ...) would otherwise run different
+    collectives: a hang until the process group's timeout, a finite loss from mismatched collectives,
+    or an abort inside gloo. One all-gather of ``16`` int64 per rank and one host sync; every rank
+    reads the same table, so every rank raises the same message (naming every disagreeing field, by
+    group rank) at the same point, and the group stays usable.
+    """
+    if len(fields) >= _SIGNATURE_SLOTS:
+        raise AssertionError(f"agree_across_ranks: at most {_SIGNATURE_SLOTS - 1} fields, got {len(fields)}")
+    world = dist.get_world_size(group)
+    mine = [zlib.crc32(entry.encode()) & 0x7FFFFFFF] + [int(f.value) for f in fields]
+    mine += [0] * (_SIGNATURE_SLOTS - len(mine))
+    mine_t = torch.tensor(mine, dtype=torch.int64, device=device).reshape(1, _SIGNATURE_SLOTS)
+    table = torch.empty((world, _SIGNATURE_SLOTS), dtype=torch.int64, device=device)
+    comm._ALL_GATHER(table, mine_t, group=group)
+    nbytes = (world - 1) * _SIGNATURE_SLOTS * 8
+    comm._count("check_batch_sizes", nbytes, nbytes)
+    rows = table.tolist()
+    if len({r[0] for r in rows}) != 1:
+        raise ValueError(
+            f"{entry}: the ranks of the group are not all in {entry} (another fastclip loss on some "
+            "ranks): every rank must make the same call"
+        )
+    bad = []
+    for j, f in enumerate(fields, start=1):
+        values = [r[j] for r in rows]
+        if len(set(values)) != 1:
+            shown = "[" + ", ".join(f.show(v) for v in values) + "]"
+            bad.append(f"{f.what}: {shown} by group rank" + (f" ({f.hint})" if f.hint else ""))
+    if bad:
+        raise ValueError(
+            f"{entry}: the ranks of the group disagree on " + "; ".join(bad) + ". Every rank must make "
+            "the same kind of call (only the rows' values may differ), or the collectives that follow "
+            "would not match"
+        )
