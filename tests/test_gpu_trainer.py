@@ -123,6 +123,9 @@ def _stage(base: str, stage: int, device: str) -> dict:
     seconds["run"] = time.perf_counter() - t0
     p = next(trainer.engine.module.parameters())
     r.update(final=final, param_device=p.device.type, param_dtype=str(p.dtype).replace("torch.", ""))
+    # torch's AdamW, not DeepSpeed's FusedAdam (a JIT-compiled CUDA op the device image cannot build)
+    opt = trainer.engine.basic_optimizer
+    r["optimizer"] = f"{type(opt).__module__}.{type(opt).__qualname__}"
     rows = _rows(a)
     r["losses_a"] = {r_["step"]: r_["loss"] for r_ in rows if "loss" in r_}
     r["eval_steps_a"] = [r_["step"] for r_ in rows if "zeroshot_top1" in r_]
@@ -228,6 +231,7 @@ def test_bf16_run_evaluates_checkpoints_resumes_and_exports(runs, stage):
         f"ZeRO-{stage} on CUDA failed:\n{r['error']}\n--- worker stderr ---\n{proc.stderr[-3000:]}"
     )
     assert r["param_device"] == "cuda" and r["param_dtype"] == "bfloat16", r
+    assert r["optimizer"].startswith("torch.optim.") and r["optimizer"].endswith(".AdamW"), r["optimizer"]
 
     # training: every step logged with a finite loss; evaluations at steps 2 and 4
     losses = r["losses_a"]

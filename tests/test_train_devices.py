@@ -193,6 +193,46 @@ def test_gradcache_replays_the_rng_of_the_model_device_not_only_the_images(monke
     assert ("get", "cuda:0") in calls and ("set", "cuda:0") in calls, calls
 
 
+# ---- the trainer's divergence check: one host synchronisation, the bad tensor named -------------------
+
+
+def test_divergence_guard_names_the_non_finite_input_and_passes_finite_ones():
+    from fastclip.train.trainer import _DivergenceGuard
+
+    seen = []
+    guard = _DivergenceGuard(lambda *a, **kw: seen.append((a, kw)) or torch.tensor(1.0), step=7)
+    img, txt = _features()
+    scale = torch.tensor([10.0])
+    assert float(guard(img, txt, scale)) == 1.0 and len(seen) == 1
+    negatives = torch.zeros(6, 2, 4)
+    negatives[3, 1, 2] = float("inf")
+    with pytest.raises(
+        FloatingPointError, match=r"step 7: the model diverged \(negative_features holds inf\)"
+    ):
+        guard(img, txt, scale, negative_features=negatives)
+    with pytest.raises(FloatingPointError, match=r"\(logit_scale holds nan\)"):
+        guard(img, txt, torch.tensor([float("nan")]), negative_features=negatives)
+    assert len(seen) == 1, "no loss is computed from a diverged model"
+
+
+# ---- DeepSpeed: nothing to compile on CUDA ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_asks_for_torch_adamw(stage, precision):
+    """DeepSpeed picks its FusedAdam (a CUDA extension built with nvcc at first use) on CUDA unless
+    ``torch_adam`` is set; the GPU image carries DeepSpeed without built ops, so every stage and
+    precision must ask for torch's AdamW (tests/test_gpu_trainer.py checks the optimizer on CUDA)."""
+    from fastclip.train.config import load_config
+    from fastclip.train.engine import ds_config
+
+    cfg = load_config(None, {"train.zero_stage": stage, "train.precision": precision})
+    conf = ds_config(cfg, micro=cfg.train.batch_size, chunks=1)
+    assert conf["optimizer"]["type"] == "AdamW" and conf["optimizer"]["params"]["torch_adam"] is True
+    assert "offload_optimizer" not in conf["zero_optimization"], "CPU offload would build DeepSpeedCPUAdam"
+
+
 # ---- checkpoints: the CUDA generator state in a rank file ------------------------------------------
 
 

@@ -505,14 +505,21 @@ class _DivergenceGuard:
         self.loss, self.step, self.ids = loss, step, ids  # ids: the whole (per-rank) batch's, or None
 
     def __call__(self, image_features, text_features, logit_scale, logit_bias=None, negative_features=None):
-        for name, t in (("logit_scale", logit_scale), ("logit_bias", logit_bias),
-                        ("image_features", image_features), ("text_features", text_features),
-                        ("negative_features", negative_features)):  # fmt: skip
-            if t is not None and not bool(torch.isfinite(t.detach()).all()):
-                bad = t.detach().reshape(-1)[~torch.isfinite(t.detach().reshape(-1))][0].item()
-                raise FloatingPointError(
-                    f"step {self.step}: the model diverged ({name} holds {bad}); stopping (lower optim.lr?)"
-                )
+        named = [(name, t.detach()) for name, t in (
+            ("logit_scale", logit_scale), ("logit_bias", logit_bias), ("image_features", image_features),
+            ("text_features", text_features), ("negative_features", negative_features),
+        ) if t is not None]  # fmt: skip
+        # one host synchronisation per step (on CUDA each bool() of a device tensor waits for the GPU);
+        # the flags meet on the first tensor's device (towers may sit on different devices)
+        where = named[0][1].device
+        if not bool(torch.stack([torch.isfinite(t).all().to(where) for _, t in named]).all()):
+            for name, t in named:
+                flat = t.reshape(-1)
+                if not bool(torch.isfinite(flat).all()):
+                    bad = flat[~torch.isfinite(flat)][0].item()
+                    raise FloatingPointError(
+                        f"step {self.step}: the model diverged ({name} holds {bad}); stopping (lower optim.lr?)"
+                    )
         extra = {} if logit_bias is None else {"logit_bias": logit_bias}
         if negative_features is not None:
             extra["negative_features"] = negative_features
