@@ -24,7 +24,7 @@ from typing import Any
 from fastclip.models.jsonfile import json_kind
 
 ACTS = ("gelu", "gelu_tanh", "quick_gelu")
-ATTN_IMPLS = ("auto", "flash_attn", "xformers", "sdpa", "math")
+ATTN_IMPLS = ("auto", "flash_attn", "xformers", "varlen", "sdpa", "math")
 VISION_POOLS = ("tok", "mean", "map")
 TEXT_POOLS = ("argmax", "eos", "last", "first")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics

@@ -157,7 +157,12 @@ class VisionTransformer(nn.Module):
         """Patch n' Pack (NaViT): images of different sizes and aspect ratios, each (C, H_i, W_i) with
         sides multiples of the patch size, run as ONE sequence with block-diagonal attention and pooled
         per image. Equals running each image alone (``forward(img[None])`` with ``dynamic_size``).
-        Position embeddings are interpolated per image. Returns (n, output_dim)."""
+        Position embeddings are interpolated per image. Returns (n, output_dim).
+
+        The blocks get ``cu_seqlens`` (on the tokens' device) and ``max_seqlen`` (from the host), so the
+        attention backend never reads offsets back from the GPU; with ``attn_impl="auto"`` that backend is
+        torch's ``varlen_attn`` on CUDA fp16/bf16 (autocast included) and the SDPA block-diagonal mask on
+        CPU / fp32 (``fastclip.models.attention.resolve_impl`` says which)."""
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             images = list(images)
         if not isinstance(images, (list, tuple)) or len(images) == 0:
