@@ -59,7 +59,7 @@ class CLIP(nn.Module):
         return {n for n, p in self.named_parameters() if p.dim() < 2 or n.endswith(("pos_embed", "probe"))}
 
     def set_attn_impl(self, impl: str) -> None:
-        """Switch the attention backend of both towers ("auto", "flash_attn", "xformers", "sdpa", "math")."""
+        """Switch the attention backend of both towers ("auto", "flash_attn", "varlen", "xformers", "sdpa", "math")."""
         check_attn_impl(impl)
         self.visual.attn_impl = self.text.attn_impl = impl
         self.config.attn_impl = impl
