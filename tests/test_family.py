@@ -702,3 +702,20 @@ def test_module_checks_dist_impl_without_distributed():
     with pytest.raises(ValueError, match="dist_impl"):
         InfoNCELoss(dist_impl=["ring"], distributed=True)
     assert InfoNCELoss(dist_impl="ring").dist_impl == "ring"
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_float_scale_keeps_float64_precision(impl):
+    """A Python-float scale (or GIST temperature) beside float64 features is a float64 scalar: it was
+    made float32 (0.7 -> 0.699999988), an error of ~1e-8 in a float64 loss. Found by the randomized
+    differential test (tests/test_family_differential.py)."""
+    ts, _, _, _ = _inputs(5, 4, 1, seed=3)
+    exact = torch.tensor(0.7, dtype=torch.float64)
+    a = _fused(ts, None, dict(similarity="dot"), 0.7, impl=impl)
+    b = _fused(ts, None, dict(similarity="dot"), exact, impl=impl)
+    assert abs(float(a) - float(b)) <= 1e-13, (float(a), float(b))
+    q, p, n = ts
+    g = dict(guide_query=q, guide_positive=p)
+    a = FF.gist_loss(q, p, temperature=0.07, impl=impl, **g)
+    want = gist_reference(q, p, temperature=0.07, **g)
+    assert abs(float(a) - float(want)) <= 1e-12, (float(a), float(want))

@@ -175,12 +175,18 @@ def settle(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     return [t if t.dtype == dtype else t.to(dtype) for _, t in named]
 
 
-def scale_tensor(name: str, scale, device, *, positive=True) -> torch.Tensor:
+def scalar_dtype(features_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Python-float scale becomes: float64 beside float64 features (a float32 copy would
+    round 0.7 or 1 / 0.07 at 1e-8, far above float64's precision), float32 otherwise."""
+    return torch.float64 if features_dtype == torch.float64 else torch.float32
+
+
+def scale_tensor(name: str, scale, device, *, positive=True, dtype=torch.float32) -> torch.Tensor:
     if isinstance(scale, bool):
         raise TypeError(f"{name}: expected a float or a 0-dim/1-element tensor, got bool")
     if isinstance(scale, (int, float)):
         value = _real(name, scale, lo=0.0, lo_open=True) if positive else _real(name, scale)
-        return torch.tensor(value, device=device)
+        return torch.tensor(value, device=device, dtype=dtype)
     return _checks.check_scalar(name, scale, device=device)
 
 
@@ -232,7 +238,7 @@ def prepare_info_nce(
         named.append(("bank", bank.detach()))
     feats = settle(named)
     device = feats[0].device
-    s = scale_tensor("scale", scale, device)
+    s = scale_tensor("scale", scale, device, dtype=scalar_dtype(feats[0].dtype))
     q_ids = check_ids("query_ids", query_ids, n, device)
     p_ids = check_ids("doc_ids", doc_ids, n, device)
     if p_ids is None and q_ids is not None:
@@ -307,7 +313,7 @@ def prepare_gist(
     # The model's features stay raw: the fused Function normalizes them inside (as for InfoNCE "cos").
     # The guide's cosine, in float32 at least: its comparisons decide the masks.
     guides = [F.normalize(g.to(torch.promote_types(g.dtype, torch.float32)), p=2, dim=-1) for g in guides]
-    s = torch.tensor(1.0 / temperature, device=feats[0].device)
+    s = torch.tensor(1.0 / temperature, device=feats[0].device, dtype=scalar_dtype(feats[0].dtype))
     impl = resolve(c, feats[0].device, feats[0].dtype)
     q, p, *negs = feats
     gq, gp, *gnegs = guides
