@@ -215,6 +215,37 @@ def test_divergence_guard_names_the_non_finite_input_and_passes_finite_ones():
     assert len(seen) == 1, "no loss is computed from a diverged model"
 
 
+# ---- the training-step benchmark on cuda:N ------------------------------------------------------------
+
+
+def test_train_bench_makes_its_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: ``--device cuda:1`` must make cuda:1 current for the
+    run, or the loss kernels run on cuda:0 with pointers into cuda:1. (Simulated: no GPU needed.)"""
+    import contextlib
+
+    from fastclip.bench import timing
+    from fastclip.bench import train as bench_train
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append(str(device))
+        yield
+
+    monkeypatch.setattr(timing, "resolve_device", lambda name: torch.device(name))
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(
+        bench_train,
+        "_run_train_bench",
+        lambda cfg, device, log: {"ran_on": str(device), "current": list(entered)},
+    )
+    doc = bench_train.run_train_bench(bench_train.TrainBench(model="tiny", device="cuda:1"))
+    assert doc == {"ran_on": "cuda:1", "current": ["cuda:1"]}
+    entered.clear()
+    assert bench_train.run_train_bench(bench_train.TrainBench(model="tiny", device="cpu"))["current"] == []
+
+
 # ---- DeepSpeed: nothing to compile on CUDA ------------------------------------------------------------
 
 

@@ -290,6 +290,15 @@ def run_train_bench(cfg: TrainBench, log: Callable[[str], None] = print) -> dict
     "records": [...], "max_batch": [...]}``."""
     cfg.validate()
     device = timing.resolve_device(cfg.device)
+    if device.type == "cuda":
+        # Triton launches on the *current* CUDA device: with --device cuda:N (N > 0) the loss kernels
+        # would run on device 0 with pointers into device N, so device N is made current for the run.
+        with torch.cuda.device(device):
+            return _run_train_bench(cfg, device, log)
+    return _run_train_bench(cfg, device, log)
+
+
+def _run_train_bench(cfg: TrainBench, device: torch.device, log: Callable[[str], None]) -> dict:
     model, optimizer = build(cfg.model, device, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     doc = {
