@@ -306,12 +306,15 @@ def test_evaluation_metrics_take_host_groups_and_labels_beside_cuda_features():
     txt = torch.nn.functional.normalize(img + 0.5 * torch.randn(8, 4, generator=g), dim=-1)
     groups = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    want = retrieval_recall(img, txt, groups), topk_accuracy(img @ txt[:4].T, labels, ks=(1, 2))
-    got = (
-        retrieval_recall(img.cuda(), txt.cuda(), groups),
-        topk_accuracy((img @ txt[:4].T).cuda(), labels, ks=(1, 2)),
+    scores = img @ txt[:4].T
+    # random features: no near-ties, so CPU and CUDA rank the same items
+    assert retrieval_recall(img.cuda(), txt.cuda(), groups) == pytest.approx(
+        retrieval_recall(img, txt, groups)
     )
-    assert got == pytest.approx(want)
+    assert retrieval_recall(img.cuda(), txt.cuda()) == pytest.approx(retrieval_recall(img, txt))
+    assert topk_accuracy(scores.cuda(), labels, ks=(1, 2)) == pytest.approx(
+        topk_accuracy(scores, labels, ks=(1, 2))
+    )
 
 
 def _replay_case(device: str):
@@ -357,7 +360,8 @@ def test_gradcache_replays_dropout_of_a_cuda_model_fed_host_images():
     host), so the cached step's gradients are those of one graph over the same forwards."""
     cached, reference = _replay_case("cuda")
     for c, ref in zip(cached, reference):
-        torch.testing.assert_close(c, ref, rtol=1e-4, atol=1e-6)
+        # loose enough for TF32 matmuls (another test may enable them), far below the ~8 of unreplayed masks
+        torch.testing.assert_close(c, ref, rtol=5e-3, atol=1e-4)
 
 
 if __name__ == "__main__":
