@@ -465,6 +465,37 @@ def test_constructor_checks_are_sentence_transformers(models, kw):
         assert str(ours.value) == str(ref.value)
 
 
+@pytest.mark.parametrize("value", [0, -1, 2.5, None, True])
+@pytest.mark.parametrize(
+    "name", ["CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss", "CachedGISTEmbedLoss"]
+)
+def test_cached_mini_batch_size_is_checked_at_construction(models, name, value):
+    """sentence-transformers' own classes accept these and fail at the first forward with Python's
+    internals (``range() arg 3 must not be zero``, ``torch.cat(): expected a non-empty list``, ...)."""
+    args = (models["model"], models["guide"]) if "GIST" in name else (models["model"],)
+    with pytest.raises(ValueError, match=rf"^mini_batch_size: expected a positive int, got {value!r}$"):
+        getattr(fc, name)(*args, mini_batch_size=value)
+    loss = getattr(fc, name)(*args, mini_batch_size=3)
+    assert loss.mini_batch_size == 3 and loss.get_config_dict()["mini_batch_size"] == 3
+    with pytest.raises(ValueError, match="mini_batch_size: expected a positive int"):
+        loss.mini_batch_size = value  # set later: checked too
+    assert loss.mini_batch_size == 3
+
+
+def test_accepts_what_sentence_transformers_accepts(models, feats):
+    """Contrast flags are read by truthiness, repeated directions count once (membership tests)."""
+    model, guide = models["model"], models["guide"]
+    failures = []
+    for cls, args, kw in [
+        ("GISTEmbedLoss", (model, guide), dict(contrast_anchors=1, contrast_positives=0)),
+        ("MultipleNegativesRankingLoss", (model,), dict(directions=("query_to_doc", "query_to_doc", "doc_to_query"))),
+    ]:  # fmt: skip
+        got = F.run_loss(getattr(fc, cls)(*args, **kw), model, feats[:3])
+        want = F.run_loss(getattr(st_losses, cls)(*args, **kw), model, feats[:3])
+        failures += F.compare(f"{cls} {kw}", got, want, RTOL, ATOL)
+    _check(failures)
+
+
 def test_too_few_columns(models, embeddings):
     emb, gemb = embeddings
     with pytest.raises(ValueError, match="at least 2 embeddings"):

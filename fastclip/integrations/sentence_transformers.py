@@ -32,6 +32,10 @@ forwards, the cached losses' mini-batches, RNG replay of dropout, the backward h
   in the positive->positive block) are always removed, as sentence-transformers 6.x does; 5.7 removed
   them only where the guide's threshold did (they differ when an anchor's text is its positive's or
   ``margin < 0``): the fused loss follows 6.x whichever version is installed.
+* The cached classes check ``mini_batch_size`` when it is set (at construction): a positive int, else
+  one ``ValueError`` naming it (sentence-transformers' own classes take 0, -1, 2.5 or None and fail
+  at the first forward inside Python). ``contrast_anchors`` / ``contrast_positives`` are read by
+  truthiness and a repeated direction counts once, as sentence-transformers does.
 * ``MultipleNegativesSymmetricRankingLoss`` and its cached form are deprecated in
   sentence-transformers 6 (``MultipleNegativesRankingLoss(directions=("query_to_doc",
   "doc_to_query"), partition_mode="per_direction")`` instead); here they are kept without the
@@ -43,6 +47,7 @@ imports it, importing this module without it raises one ImportError saying so.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -146,7 +151,7 @@ def _info_nce(loss: Any, embeddings: list[Tensor]) -> Tensor:
         negatives=negatives or None,
         scale=loss.scale,
         similarity=_similarity_name(loss.similarity_fct),
-        directions=tuple(loss.directions),
+        directions=tuple(dict.fromkeys(loss.directions)),  # sentence-transformers tests membership
         partition=loss.partition_mode,
         hardness=hardness,
         hardness_strength=float(loss.hardness_strength) if hardness else 0.0,
@@ -177,8 +182,8 @@ def _gist(loss: Any, embeddings: list[Tensor], guide_embeddings: list[Tensor]) -
         temperature=loss.temperature,
         margin_strategy=loss.margin_strategy,
         margin=loss.margin,
-        contrast_anchors=loss.contrast_anchors,
-        contrast_positives=loss.contrast_positives,
+        contrast_anchors=bool(loss.contrast_anchors),  # sentence-transformers tests truthiness
+        contrast_positives=bool(loss.contrast_positives),
         impl=loss.impl,
     )
     negative = embeddings[2] if len(embeddings) == 3 else None
@@ -189,6 +194,22 @@ def _gist(loss: Any, embeddings: list[Tensor], guide_embeddings: list[Tensor]) -
     import fastclip
 
     return fastclip.gist_loss(embeddings[0], embeddings[1], negative, **kwargs)
+
+
+class _CheckedMiniBatchSize:
+    """``mini_batch_size`` checked when set (sentence-transformers' constructor sets it, so a bad value is
+    one ValueError at construction, not ``range() arg 3 must not be zero`` or ``torch.cat(): expected a
+    non-empty list`` at the first forward, as sentence-transformers' own class gives)."""
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.__dict__["_fastclip_mini_batch_size"]
+
+    @mini_batch_size.setter
+    def mini_batch_size(self, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"mini_batch_size: expected a positive int, got {value!r}")
+        self.__dict__["_fastclip_mini_batch_size"] = int(value)
 
 
 def _finish(loss: Tensor, with_backward: bool) -> Tensor:
@@ -245,7 +266,7 @@ class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
 # the cached (GradCache) forms
 
 
-class CachedMultipleNegativesRankingLoss(_FusedOptions, _STCachedMNRL):
+class CachedMultipleNegativesRankingLoss(_CheckedMiniBatchSize, _FusedOptions, _STCachedMNRL):
     """sentence-transformers' ``CachedMultipleNegativesRankingLoss``: its embedding passes (mini-batches
     without then with gradients, RNG replay, the backward hook), with the loss stage over the whole
     cached batch in ONE fused call (:func:`fastclip.info_nce_loss`): no ``mini_batch_size`` x N score
@@ -335,7 +356,7 @@ class GISTEmbedLoss(_FusedOptions, _STGISTEmbedLoss):
         return _gist(self, list(embeddings), [g.detach() for g in guide_embeddings])
 
 
-class CachedGISTEmbedLoss(_FusedOptions, _STCachedGISTEmbedLoss):
+class CachedGISTEmbedLoss(_CheckedMiniBatchSize, _FusedOptions, _STCachedGISTEmbedLoss):
     """sentence-transformers' ``CachedGISTEmbedLoss``: its embedding passes (model and guide per
     mini-batch, RNG replay, the backward hook), the loss stage over the whole cached batch in ONE
     fused call (:func:`fastclip.gist_loss`, the guide mask applied in-tile).
