@@ -384,3 +384,132 @@ def test_rank_state_round_trip(tmp_path):
     save_file({"rng.torch": torch.zeros(3, dtype=torch.uint8)}, path, metadata={"fastclip": '{"step": 1}'})
     with pytest.raises(RankStateError, match="key 'data': expected the data stream's state"):
         load_rank_state(path)
+
+
+# ---- issue 28 #7: one line, not a traceback, and nothing left behind ---------------------------------
+
+
+def _forge_rank_state(step, kind):
+    """Rewrite rank_00000.safetensors of ``step`` (a forgery: the manifest is re-signed to match)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = os.path.join(step, "rank_00000.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata()["fastclip"], {k: f.get_tensor(k) for k in f.keys()}
+    if kind == "position":
+        state = json.loads(meta)
+        state["data"]["position"] = 10**30
+        meta = json.dumps(state)
+    elif kind == "deep":
+        meta = "[" * 100_000 + "]" * 100_000
+    else:
+        tensors["rng.torch"] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    save_file(tensors, path, metadata={"fastclip": meta})
+    ckpt.write_manifest(step)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        (
+            "position",
+            r"key 'data.position': expected an int in \[0, 2\*\*53\], got 1000000000000000000000000000000",
+        ),
+        ("deep", r"metadata 'fastclip': JSON nested too deeply"),
+        ("rng", r"tensor 'rng.torch': not a usable RNG state \(.*size 5056"),
+    ],
+)
+def test_forged_rank_state_is_one_line_and_nothing_is_loaded(demo, tmp_path, kind, match):
+    """A data position of 1e30 (was: 'Overflow when unpacking'), 100k-deep metadata JSON (RecursionError),
+    a 3-byte torch RNG state (RuntimeError): each a CheckpointError naming the file and the key, found by
+    verify() before anything starts; the resume and the export stop with one line and change nothing."""
+    import re
+
+    out, step = _copy(demo, tmp_path)
+    path = _forge_rank_state(step, kind)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(path) + ": " + match):
+        ckpt.verify(step)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in ("metrics.jsonl", "config.yaml")}
+    listing = sorted(os.listdir(out))
+    p = _cli(
+        [*SMALL, "--output-dir", out, "--train.steps", "8", "--checkpoint.allow_config_change", "train.steps"]
+    )
+    err = [line for line in p.stderr.splitlines() if "[WARNING]" not in line]
+    assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
+    assert err[0].startswith("fastclip train: error: ") and re.search(match, err[0]), err
+    assert "rank_00000.safetensors" in err[0]
+    assert sorted(os.listdir(out)) == listing
+    assert all(open(os.path.join(out, n), "rb").read() == b for n, b in before.items())
+    weights = str(tmp_path / "w.safetensors")
+    p = _cli(["--export", os.path.join(out, "checkpoints"), weights])
+    err = [line for line in p.stderr.splitlines() if "[WARNING]" not in line]
+    assert p.returncode == 2 and len(err) == 1 and re.search(match, err[0]), p.stderr[-3000:]
+    assert os.listdir(tmp_path) == ["copy"]
+
+
+@pytest.mark.slow
+def test_export_onto_a_directory_is_one_line_and_leaves_no_tmp(demo, tmp_path):
+    """Was: '[Errno 21] Is a directory' after writing NAME.tmp (left behind)."""
+    target = tmp_path / "weights"
+    target.mkdir()
+    p = _cli(["--export", os.path.join(demo[0], "checkpoints"), str(target)])
+    err = [line for line in p.stderr.splitlines() if "[WARNING]" not in line]
+    assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
+    assert err[0] == (
+        f"fastclip train: error: {target}: is a directory; expected the path of the file to write, "
+        f"e.g. {target / 'model.safetensors'}"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["weights"] and not os.listdir(target)
+
+
+@pytest.mark.slow
+def test_export_to_a_read_only_filesystem_is_one_line(demo, tmp_path):
+    """Was: a SafetensorError traceback. A real read-only mount when root may mount (chmod otherwise)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        if os.geteuid() == 0:
+            pytest.skip("cannot mount a read-only tmpfs here")
+        os.chmod(d, 0o555)
+    try:
+        for out in (d / "w.safetensors", d / "sub" / "w.safetensors"):
+            with pytest.raises(
+                OSError, match=rf"^cannot write {out}: (Read-only file system|Permission denied)$"
+            ):
+                export_safetensors(os.path.join(demo[0], "checkpoints"), str(out))
+            p = _cli(["--export", os.path.join(demo[0], "checkpoints"), str(out)])
+            err = [line for line in p.stderr.splitlines() if "[WARNING]" not in line]
+            assert p.returncode == 1 and len(err) == 1, p.stderr[-3000:]
+            assert err[0].startswith(f"fastclip train: error: cannot write {out}: "), err
+            assert os.listdir(d) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(d)], capture_output=True)
+        else:
+            os.chmod(d, 0o755)
+
+
+@pytest.mark.slow
+def test_exported_weights_have_the_mode_of_the_other_run_files(demo, tmp_path):
+    """issue 28 #15: model.safetensors was 0600 (safetensors' temporary file) beside 0644 run files."""
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    out = demo[0]
+    want = 0o666 & ~mask
+    for name in ("model.safetensors", "config.yaml", "metrics.jsonl"):
+        assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == want, name
+    again = str(tmp_path / "again.safetensors")
+    export_safetensors(os.path.join(out, "checkpoints"), again)
+    assert stat.S_IMODE(os.stat(again).st_mode) == want

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -118,8 +119,8 @@ def _read_manifest(ckpt_dir: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable manifest ({_json_problem(exc)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         got = type(data.get("files")).__name__ if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(
@@ -166,7 +167,87 @@ def verify(ckpt_dir: str) -> dict:
         raise CheckpointError(
             f"{ckpt_dir}: corrupted checkpoint, nothing loaded: the manifest lacks {', '.join(missing)}{old}"
         )
+    for r in range(meta["world_size"]):  # a forged rank state is refused here, before anything starts
+        _read_rank_state(ckpt_dir, r)
     return meta
+
+
+def _json_problem(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
+_JSON_INT_MAX = 2**53  # positions, counts and seeds beyond this are no run's (and overflow int64 maths)
+
+
+def _read_rank_state(ckpt_dir: str, rank: int) -> dict:
+    """The rank state of ``rank``, checked to be usable: JSON within bounds, RNG states that the
+    generators accept. Raises :class:`CheckpointError` naming the file and the key."""
+    path = rank_file(ckpt_dir, rank)
+    try:
+        state = load_rank_state(path)
+    except RankStateError as exc:
+        raise CheckpointError(str(exc)) from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: metadata 'fastclip': JSON nested too deeply") from None
+    _check_json_numbers(path, "data", state["data"])
+    _check_rng(path, state["rng"])
+    return state
+
+
+def _check_json_numbers(path: str, where: str, value) -> None:
+    """Every number of the data state: finite, an int within +-2**53 (>= 0 unless a seed)."""
+    todo = [(where, value)]
+    while todo:
+        key, v = todo.pop()
+        if len(todo) > 100_000 or key.count(".") + key.count("[") > 32:
+            raise CheckpointError(f"{path}: key {shown(key)}: nested too deeply for a data-stream state")
+        if isinstance(v, dict):
+            todo += [(f"{key}.{k}", x) for k, x in v.items()]
+        elif isinstance(v, list):
+            todo += [(f"{key}[{i}]", x) for i, x in enumerate(v)]
+        elif isinstance(v, bool) or v is None or isinstance(v, str):
+            continue
+        elif isinstance(v, int):
+            lo = -_JSON_INT_MAX if key.endswith(".seed") else 0
+            if not lo <= v <= _JSON_INT_MAX:
+                raise CheckpointError(
+                    f"{path}: key {shown(key)}: expected an int in [{lo}, 2**53], got {shown(v)}"
+                )
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise CheckpointError(f"{path}: key {shown(key)}: expected a finite number, got {v!r}")
+
+
+def _check_rng(path: str, rng: dict) -> None:
+    """Each RNG state set on a fresh generator of its kind (the process's own are not touched)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    s = rng["scalars"]
+    checks = (
+        ("rng.torch", lambda: torch.Generator().set_state(rng["torch"])),
+        ("rng.numpy", lambda: np.random.RandomState().set_state(
+            (s["numpy_kind"], rng["numpy"].numpy().astype(np.uint32), s["numpy_pos"],
+             s["numpy_has_gauss"], s["numpy_cached_gaussian"]))),
+        ("rng.python", lambda: random.Random().setstate(
+            (s["python_version"], tuple(int(v) for v in rng["python"].tolist()), s["python_gauss_next"]))),
+    )  # fmt: skip
+    for key, apply in checks:
+        try:
+            apply()
+        except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: not a usable RNG state ({shown(first)})"
+            ) from None
+    if "cuda" in rng and torch.cuda.is_available():
+        size = torch.cuda.get_rng_state().numel()
+        if rng["cuda"].dtype != torch.uint8 or rng["cuda"].numel() != size:
+            raise CheckpointError(
+                f"{path}: tensor 'rng.cuda': expected {size} bytes of CUDA RNG state, got "
+                f"{rng['cuda'].numel()} {rng['cuda'].dtype}"
+            )
 
 
 def _read_trainer_json(ckpt_dir: str, listed: bool) -> dict:
@@ -176,8 +257,8 @@ def _read_trainer_json(ckpt_dir: str, listed: bool) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not JSON ({_json_problem(exc)})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected an object, got {type(meta).__name__}")
     for key, lo in (("step", 0), ("world_size", 1), ("zero_stage", 0)):
@@ -309,10 +390,7 @@ def load(engine, ckpt_dir: str, rank: int, world_size: int, zero_stage: int, met
         raise CheckpointError(
             f"{ckpt_dir}: saved with ZeRO stage {meta['zero_stage']}, resuming with stage {zero_stage}"
         )
-    try:
-        state = load_rank_state(rank_file(ckpt_dir, rank))
-    except RankStateError as exc:
-        raise CheckpointError(str(exc)) from None
+    state = _read_rank_state(ckpt_dir, rank)
     if state["step"] != meta["step"]:
         raise CheckpointError(
             f"{ckpt_dir}: rank {rank} state is for step {state['step']}, not {meta['step']}"

@@ -11,13 +11,16 @@ against the weights' names and shapes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 
 import torch
 
 from fastclip.train.checkpoint import DS_TAG, CheckpointError, resolve, verify
+from fastclip.train.config_values import shown
 
 MODEL_CONFIG = "model_config.json"  # written by the trainer into the run directory
 
@@ -77,14 +80,17 @@ def export_safetensors(ckpt_dir: str, out_path: str, model_config=None) -> str:
     JSON file); None takes the run's ``model_config.json`` (see :func:`find_model_config`), and without
     one the file carries no config (``load_pretrained`` then needs a model name).
     """
-    from safetensors.torch import save_file
-
     from fastclip.train.safe_load import load_pickle, safe_zero_to_fp32
 
     for name, value in (("ckpt_dir", ckpt_dir), ("out_path", out_path)):
         if not isinstance(value, (str, os.PathLike)):
             raise TypeError(f"{name}: expected a path (str or os.PathLike), got {type(value).__name__}")
     ckpt_dir, out_path = os.fspath(ckpt_dir), os.fspath(out_path)
+    if os.path.isdir(out_path):
+        raise CheckpointError(
+            f"{out_path}: is a directory; expected the path of the file to write, e.g. "
+            f"{os.path.join(out_path, 'model.safetensors')}"
+        )
     ckpt_dir = resolve(ckpt_dir)
     verify(ckpt_dir)
     ds_dir = os.path.join(ckpt_dir, DS_TAG)
@@ -92,8 +98,6 @@ def export_safetensors(ckpt_dir: str, out_path: str, model_config=None) -> str:
         n for n in os.listdir(ds_dir) if "optim_states" in n and n.startswith(("zero_", "bf16_zero_"))
     ]
     if zero_files:
-        import contextlib
-
         with (
             open(os.devnull, "w") as null,
             contextlib.redirect_stdout(null),
@@ -113,8 +117,36 @@ def export_safetensors(ckpt_dir: str, out_path: str, model_config=None) -> str:
         k: v.detach().float().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)
     }
     config_meta = _config_metadata(model_config, state, ckpt_dir)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    save_file(state, tmp, metadata={"format": "pt", "source": os.path.abspath(ckpt_dir), **config_meta})
-    os.replace(tmp, out_path)
+    _write(out_path, state, {"format": "pt", "source": os.path.abspath(ckpt_dir), **config_meta})
     return out_path
+
+
+def _write(out_path: str, state: dict, metadata: dict) -> None:
+    """``save_file`` into ``OUT.tmp``, then renamed: a failure (a read-only or full filesystem) is one
+    :class:`OSError` naming ``out_path`` and the reason, and leaves no file behind; the file gets the
+    mode of any other new file (safetensors writes 0600 through a temporary file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tmp = out_path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        save_file(state, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out_path)
+    except (OSError, SafetensorError) as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        code, reason = getattr(exc, "errno", None), getattr(exc, "strerror", None)
+        found = re.search(r"I/O error: (.+?) \(os error (\d+)\)", str(exc))  # safetensors' wording
+        if reason is None and found:
+            reason, code = found.group(1), int(found.group(2))
+        err = OSError(f"cannot write {out_path}: {reason or shown(str(exc).strip())}")
+        err.errno = code
+        raise err from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
