@@ -513,3 +513,21 @@ def test_exported_weights_have_the_mode_of_the_other_run_files(demo, tmp_path):
     again = str(tmp_path / "again.safetensors")
     export_safetensors(os.path.join(out, "checkpoints"), again)
     assert stat.S_IMODE(os.stat(again).st_mode) == want
+
+
+def test_a_step_directory_that_is_a_link_is_named_as_a_link(demo, tmp_path):
+    """issue 28 #12: `latest` naming a step directory that is a symbolic link said 'does not exist'."""
+    out, step = _copy(demo, tmp_path)
+    root = os.path.join(out, "checkpoints")
+    elsewhere = str(tmp_path / "elsewhere")
+    shutil.move(step, elsewhere)
+    os.symlink(elsewhere, step)
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"points at 'step_00000006', which is a link to '{elsewhere}'; expected a step directory",
+    ):
+        ckpt.find_latest(root)
+    os.remove(step)
+    open(step, "w").close()
+    with pytest.raises(ckpt.CheckpointError, match="points at 'step_00000006', which is not a directory"):
+        ckpt.find_latest(root)

@@ -308,8 +308,14 @@ def _read_latest(root: str) -> str:
             f"{marker}: names {name!r}; expected the name of a step directory next to it (step_XXXXXXXX)"
         )
     target = os.path.join(root, name)
-    if os.path.islink(target) or not os.path.isdir(target):
-        raise CheckpointError(f"{marker} points at {name!r}, which does not exist")
+    if os.path.islink(target):  # never followed, wherever it points
+        raise CheckpointError(
+            f"{marker} points at {name!r}, which is a link to {os.readlink(target)!r}; "
+            "expected a step directory next to it (links are not followed)"
+        )
+    if not os.path.isdir(target):
+        what = "which does not exist" if not os.path.lexists(target) else "which is not a directory"
+        raise CheckpointError(f"{marker} points at {name!r}, {what}")
     return target
 
 
