@@ -496,6 +496,21 @@ def test_accepts_what_sentence_transformers_accepts(models, feats):
     _check(failures)
 
 
+@pytest.mark.parametrize(
+    "attrs,name",
+    [({"partition_mode": "both"}, "partition_mode"), ({"hardness_mode": "hardest"}, "hardness_mode"),
+     ({"partition_mode": "per_direction", "directions": ("query_to_doc", "doc_to_doc")}, "partition_mode")],
+)  # fmt: skip
+def test_errors_name_sentence_transformers_arguments(models, feats, attrs, name):
+    """An attribute changed after construction to a value sentence-transformers' constructor refuses:
+    the error names sentence-transformers' argument, not fastclip's (``partition``, ``hardness``)."""
+    loss = fc.MultipleNegativesRankingLoss(models["model"], hardness_strength=1.0)
+    for key, value in attrs.items():
+        setattr(loss, key, value)
+    with pytest.raises(ValueError, match=rf"^{name}"):
+        F.run_loss(loss, models["model"], feats[:2])
+
+
 def test_too_few_columns(models, embeddings):
     emb, gemb = embeddings
     with pytest.raises(ValueError, match="at least 2 embeddings"):

@@ -138,11 +138,28 @@ class _FusedOptions:
     dist_impl: str = "gather"
 
 
+def _check_renamed(loss: Any) -> None:
+    """The attributes whose fastclip argument has another name (``partition``, ``hardness``), checked
+    under sentence-transformers' names when they were changed after construction (its constructor
+    checks them, in these words)."""
+    if loss.partition_mode not in ("joint", "per_direction"):
+        raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {loss.partition_mode}")
+    if loss.partition_mode == "per_direction" and set(loss.directions) & {"query_to_query", "doc_to_doc"}:
+        raise ValueError(
+            "partition_mode='per_direction' requires every direction's candidate pool to include the positive "
+            "pair; 'query_to_query' and 'doc_to_doc' never include it. Use partition_mode='joint' instead."
+        )
+    valid = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+    if loss.hardness_mode not in valid:
+        raise ValueError(f"hardness_mode must be one of {set(valid)}, got {loss.hardness_mode!r}")
+
+
 def _info_nce(loss: Any, embeddings: list[Tensor]) -> Tensor:
     """The fused MNRL over whole-batch ``embeddings`` ([queries, positives, negatives_1, ...]),
     with ``loss``'s hyperparameters (sentence-transformers' attribute names)."""
     if len(embeddings) < 2:
         raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+    _check_renamed(loss)
     query, positive, *negatives = embeddings
     hardness = loss.hardness_mode if loss.hardness_strength > 0.0 else None
     if hardness == "hard_negatives" and not negatives:
