@@ -10,6 +10,8 @@ way; tests/test_gpu_trainer.py runs the trainer itself on CUDA.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -244,6 +246,48 @@ def test_train_bench_makes_its_device_current(monkeypatch):
     assert doc == {"ran_on": "cuda:1", "current": ["cuda:1"]}
     entered.clear()
     assert bench_train.run_train_bench(bench_train.TrainBench(model="tiny", device="cpu"))["current"] == []
+
+
+# ---- DeepSpeed's accelerator is the run's device ------------------------------------------------------
+
+
+class _FakeAccelerator:
+    def __init__(self, name):
+        self.name = name
+
+    def device_name(self, device_index=None):
+        return self.name
+
+
+@pytest.mark.parametrize("device, accelerator", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_comm_refuses_a_deepspeed_accelerator_other_than_the_device(monkeypatch, device, accelerator):
+    """DeepSpeed moves the model to its accelerator's device, which it picks once per process (CUDA
+    wherever a GPU is visible): a CPU run on a GPU machine (or a CUDA run after DeepSpeed chose its
+    CPU accelerator) would put the model and the batches on different devices. Comm.setup asks for the
+    CPU accelerator before DeepSpeed is imported and refuses a mismatch before any process group."""
+    import types
+
+    import deepspeed
+    import deepspeed.accelerator
+
+    from fastclip.train.config import ConfigError
+    from fastclip.train.parallel import Comm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as setup can tell
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: pytest.fail("set_device before the check"))
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: _FakeAccelerator(accelerator))
+    monkeypatch.setenv("DS_ACCELERATOR", "")  # so that the test's end restores the variable as it was
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.setattr(
+        deepspeed, "init_distributed", lambda *a, **kw: pytest.fail("a process group before the check")
+    )
+    tc = types.SimpleNamespace(device=device, threads=1, backend="auto")
+    dc = types.SimpleNamespace(timeout_s=30)
+    with pytest.raises(
+        ConfigError, match=rf"train.device: '{device}', but DeepSpeed's accelerator .* is '{accelerator}'"
+    ):
+        Comm.setup(tc, dc)
+    assert os.environ.get("DS_ACCELERATOR") == ("cpu" if device == "cpu" else None)
 
 
 # ---- DeepSpeed: nothing to compile on CUDA ------------------------------------------------------------

@@ -34,23 +34,25 @@ class Comm:
     @classmethod
     def setup(cls, tc, dc) -> Comm:
         """Rank, world size and device; initialises torch.distributed once, with ``dc.timeout_s``."""
-        if not torch.cuda.is_available():
-            os.environ.setdefault(
-                "DS_ACCELERATOR", "cpu"
-            )  # DeepSpeed otherwise warns that it fell back to CPU
+        want = tc.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
+        if want == "cpu":
+            # DeepSpeed moves the model to its accelerator's device and picks CUDA wherever a GPU is
+            # visible (its choice is made when it is first imported): a CPU run needs its CPU accelerator.
+            # (On a machine without a GPU this also spares the warning that it fell back to CPU.)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        _check_accelerator(want)
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want = tc.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
         if want == "cuda":
-            if not torch.cuda.is_available():
-                raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         else:
@@ -129,6 +131,21 @@ class Comm:
         return DistributedTimeoutError(
             f"rank {self.rank}: a collective at step {step} did not complete within dist.timeout_s="
             f"{self.timeout_s} s; {who} [{first}]"
+        )
+
+
+def _check_accelerator(want: str) -> None:
+    """DeepSpeed places the model on its accelerator's device (``DeepSpeedEngine`` moves the module there):
+    that must be the run's device, or the model and the batches end up on different devices."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()  # "cpu" or "cuda"
+    if name != want:
+        raise ConfigError(
+            f"train.device: {want!r}, but DeepSpeed's accelerator in this process is {name!r} "
+            f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}, or chosen by an earlier run in this process) "
+            f"and DeepSpeed would move the model to {name}; start a new process with DS_ACCELERATOR={want} "
+            "or unset"
         )
 
 
