@@ -20,7 +20,14 @@ from safetensors.torch import save_file
 from fastclip.data import EvalSet
 from fastclip.models import WordTokenizer
 from fastclip.train import gradcache as gc_lib
-from fastclip.train.evaluate import evaluate, evaluate_sets, retrieval_recall, topk_accuracy
+from fastclip.train.evaluate import (
+    encode_images,
+    encode_texts,
+    evaluate,
+    evaluate_sets,
+    retrieval_recall,
+    topk_accuracy,
+)
 from fastclip.train.rank_state import RankStateError, load_rank_state, rank_file, save_rank_state
 
 WORDS = ["red", "blue", "green", "circle", "square", "a", "photo", "of", "the"]
@@ -92,6 +99,14 @@ def test_topk_accuracy_follows_the_scores_device():
         (lambda img, txt: topk_accuracy(img, torch.zeros(6)), TypeError, "labels"),
         (lambda img, txt: topk_accuracy(img[0], torch.zeros(6, dtype=torch.long)), ValueError, "scores"),
         (lambda img, txt: topk_accuracy(img, torch.zeros(6, dtype=torch.long), ks=(1.5,)), TypeError, "ks"),
+        (lambda img, txt: encode_images(None, img, 4, "cpu", torch.float32), ValueError, "images"),
+        (
+            lambda img, txt: encode_images(None, img[:, :, None, None], 0, "cpu", torch.float32),
+            ValueError,
+            "batch_size",
+        ),
+        (lambda img, txt: encode_texts(None, None, "a caption", 4, "cpu"), ValueError, "texts"),
+        (lambda img, txt: encode_texts(None, None, [], 4, "cpu"), ValueError, "texts"),
     ],
 )
 def test_metric_inputs_are_checked(call, error, match):

@@ -20,6 +20,11 @@ from fastclip import _checks
 
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch_size: int, device, dtype) -> torch.Tensor:
+    """(N, D) float32 normalised image features, ``batch_size`` images at a time on ``device``."""
+    _checks.check_int("batch_size", batch_size, minimum=1)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a non-empty (N, C, H, W) tensor, got {got}")
     out = [
         model.encode_image(images[i : i + batch_size].to(device=device, dtype=dtype), normalize=True).float()
         for i in range(0, images.shape[0], batch_size)
@@ -29,6 +34,10 @@ def encode_images(model, images: torch.Tensor, batch_size: int, device, dtype) -
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, device) -> torch.Tensor:
+    """(N, D) float32 normalised text features, ``batch_size`` texts at a time on ``device``."""
+    _checks.check_int("batch_size", batch_size, minimum=1)
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
+        raise ValueError(f"texts: expected a non-empty list of str, got {type(texts).__name__}")
     out = []
     for i in range(0, len(texts), batch_size):
         ids = tokenizer(list(texts[i : i + batch_size])).to(device)
