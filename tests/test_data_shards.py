@@ -251,3 +251,34 @@ def test_explicit_pipe_spec_written_by_the_user_is_run(tmp_path):
     _tar(tmp_path / "a.tar", [("k0.png", _png_bytes()), ("k0.txt", b"piped")])
     s = WebDatasetStream(f"pipe:cat {tmp_path / 'a.tar'}", _cfg(), 8, 1, 0, 1, seed=0)
     assert s.next_batch()[1] == ["piped"]
+
+
+def _closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["http", "file", "pipe"])
+def test_a_shard_that_cannot_be_opened_says_so_and_why(tmp_path, kind):
+    """issue 28 #12: an unreachable URL was reported as 'gave no usable sample ... check data.image_key'."""
+    import shutil
+
+    if kind == "http" and shutil.which("curl") is None:
+        pytest.skip("webdataset fetches http URLs with curl")
+    spec = {
+        "http": f"http://127.0.0.1:{_closed_port()}/shard-{{0..1}}.tar",
+        "file": f"file://{tmp_path}/missing.tar",
+        "pipe": f"pipe:cat {tmp_path}/missing.tar",
+    }[kind]
+    reason = {
+        "http": r"curl exit 7: could not connect to the host",
+        "file": r"No such file or directory",
+        "pipe": r"the command exited with status 1",
+    }[kind]
+    s = WebDatasetStream(spec, _cfg(), 8, 2, 0, 1, seed=0)
+    with pytest.raises(DataError, match=rf"could not be opened \({reason}\)$") as info:
+        s.next_batch()
+    assert "image_key" not in str(info.value) and ".tar' could not be opened" in str(info.value)

@@ -83,14 +83,46 @@ def open_shard(name: str):
     return gopen(name, "rb")
 
 
+class ShardOpenError(OSError):
+    """A shard that could not be opened (a missing or unreadable file, a URL that cannot be fetched)."""
+
+
+# curl's exit codes (webdataset's gopen fetches http(s) URLs with curl -f): what each means
+_CURL_EXITS = {
+    6: "could not resolve the host", 7: "could not connect to the host", 22: "HTTP error (status >= 400)",
+    28: "timed out", 35: "TLS/SSL connection failed", 52: "the server sent nothing", 56: "the connection broke",
+}  # fmt: skip
+
+
+def open_error(name: str, exc: BaseException) -> str:
+    """Why shard ``name`` could not be opened, in a few words (curl's exit code spelled out)."""
+    found = re.search(r"exit (\d+)", str(exc))
+    if not os.path.isabs(name) and found:  # a URL through gopen: the pipe's exit status
+        code = int(found.group(1))
+        if "curl" in str(exc):
+            return f"curl exit {code}: {_CURL_EXITS.get(code, 'failed')}"
+        return f"the command exited with status {code}"
+    return getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+
+
 def shard_samples(name: str):
     """Raw samples of one shard: dicts {"__key__", ext: bytes, ...} (webdataset's tar reader and key
-    grouping over a file we opened ourselves)."""
+    grouping over a file we opened ourselves). A shard that cannot be opened or fetched raises
+    :class:`ShardOpenError` (a URL's fetch fails when its stream closes)."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    with open_shard(name) as f:
-        files = ({**item, "__url__": name} for item in tar_file_iterator(f))
-        yield from group_by_keys(files)
+    try:
+        f = open_shard(name)
+    except OSError as exc:
+        raise ShardOpenError(open_error(name, exc)) from exc
+    try:
+        with f:
+            files = ({**item, "__url__": name} for item in tar_file_iterator(f))
+            yield from group_by_keys(files)
+    except OSError as exc:
+        if os.path.isabs(name) or isinstance(exc, ShardOpenError):
+            raise
+        raise ShardOpenError(open_error(name, exc)) from exc  # gopen's pipe (curl) failed
 
 
 class ShardPlan:
@@ -182,7 +214,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         while True:
             n_slots = self.plan.slots(reader, epoch)
             while n_slots < 0 or slot < n_slots:
-                good = 0
+                good, failure = 0, None
                 name = self.shards[self.plan.shard(reader, epoch, slot)]
                 raw = self._raw(reader, epoch, slot, skip)
                 while True:
@@ -190,7 +222,12 @@ class ShardReader(torch.utils.data.IterableDataset):
                         j, sample = next(raw)
                     except StopIteration:
                         break
+                    except ShardOpenError as exc:  # counted as an unreadable shard
+                        failure = f"could not be opened ({exc})"
+                        skips.add(name, f"unreadable shard: {failure}")
+                        break
                     except SHARD_ERRORS as exc:  # unreadable tar: the rest of this shard is dropped, counted
+                        failure = f"is not a readable tar ({type(exc).__name__}: {exc})"
                         skips.add(name, f"unreadable shard ({type(exc).__name__}: {exc})")
                         break
                     item = self._decode(sample, name, (epoch, slot), skips)
@@ -198,6 +235,10 @@ class ShardReader(torch.utils.data.IterableDataset):
                         good += 1
                         yield item, {"epoch": epoch, "slot": slot, "sample": j + 1}
                 empty_run = 0 if good else empty_run + 1
+                if empty_run >= max(1, self.plan.n) and failure is not None and not good:
+                    raise DataError(
+                        f"data.train: {empty_run} shard(s) in a row gave no usable sample: {name!r} {failure}"
+                    )
                 if empty_run >= max(1, self.plan.n):
                     raise DataError(
                         f"data.train: {empty_run} shard(s) in a row gave no usable ({'/'.join(self.image_exts)}, "
