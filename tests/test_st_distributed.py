@@ -49,6 +49,11 @@ def _cases(fc, st, model, guide):
              margin_strategy="relative", margin=0.05, contrast_anchors=False),
         both("cached gist triplets", "CachedGISTEmbedLoss", 3, model, guide, temperature=0.05, mini_batch_size=3,
              contrast_positives=False),
+        # a negative margin: the guide removes no self column, so only the self-column rule does (at the
+        # rank's offset in the gathered positives)
+        both("gist triplets negative margin", "GISTEmbedLoss", 3, model, guide, temperature=0.05, margin=-0.5),
+        both("cached gist pairs negative margin", "CachedGISTEmbedLoss", 2, model, guide, temperature=0.05,
+             mini_batch_size=3, margin=-0.5),
     ]  # fmt: skip
     from fastclip.distributed.family import FAMILY_DIST_IMPLS
 
@@ -110,5 +115,5 @@ def test_gather_across_devices_two_processes(tmp_path):
     assert not failures, f"{len(failures)} failures, first ones:\n" + "\n".join(failures[:12])
     from fastclip.distributed.family import FAMILY_DIST_IMPLS
 
-    expected = 7 + ("ring" in FAMILY_DIST_IMPLS)
+    expected = 9 + ("ring" in FAMILY_DIST_IMPLS)
     assert all(res["checks"] == expected for res in results), [res["checks"] for res in results]
