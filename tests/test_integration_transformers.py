@@ -155,10 +155,15 @@ def test_eval_mode_and_tuple_outputs(family):
             got = model(**inputs, return_loss=True)  # eval mode: logits for the caller (evaluation)
             got_tuple = model(**inputs, return_loss=True, return_dict=False)
             plain = model(**inputs)  # no return_loss: transformers' own forward
+            hidden = model(**inputs, return_loss=True, output_hidden_states=True)  # flags reach the towers
     assert torch.allclose(got.loss, want.loss, atol=2e-6)
     assert torch.allclose(got.logits_per_image, want.logits_per_image, atol=1e-5)
     assert torch.allclose(got.logits_per_text, want.logits_per_text, atol=1e-5)
     assert plain.loss is None and plain.logits_per_image is not None
+    assert (
+        hidden.vision_model_output.hidden_states is not None
+        and hidden.text_model_output.hidden_states is not None
+    )
     assert len(got_tuple) == len(want_tuple)  # positional layout kept, logits included
     for a, b in zip(got_tuple[:5], want_tuple[:5]):
         assert torch.allclose(a, b, atol=1e-5)
