@@ -1,36 +1,34 @@
 #!/usr/bin/env bash
-# The prepared device check: one command, about 8 minutes on one H200 (each part has its own limit).
+# The prepared device check: one command, the whole truth, at most 412 s (+ the summary) on one H200.
 #
 #   bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR] [--bundle FILE] [--parts LIST]
 #
 #   --wheels DIR  install the wheels in DIR first (pip --no-deps --no-index): fastclip itself and what
-#                 the GPU image lacks (inf-cl, open_clip_torch). Build DIR with benchmarks/build_wheels.sh.
+#                 the GPU image lacks. Build DIR with benchmarks/build_wheels.sh (its time counts).
 #   --bundle FILE after every part, pack OUT into FILE (.tar.gz, replaced atomically), so a run stopped
 #                 at any point still leaves one file with everything so far. The device tool brings back
-#                 at most 8 files from its $OUT: write OUT elsewhere and put FILE there. On this
-#                 machine, `python benchmarks/device_report.py collect FILE DEST` unpacks it and draws the plots.
-#   --parts LIST  comma list of the parts to run (default: env,correctness,target,phases,million,pytest);
-#                 "vit" (not in the default: a ViT-B/16 training step with SDPA's flash backend and the
-#                 packed-attention path, about 40 s) and "family" (the contrastive family's Triton epilogue
-#                 against its torch implementation, then info_nce_loss K = 0, 1, 7 bf16 vs the materialized
-#                 MNRL maths, about 40 s) run only when named, e.g. --parts env,vit for a
-#                 second call.
+#                 at most 8 files from its $OUT: write OUT elsewhere and put FILE there. Back here,
+#                 `python benchmarks/device_report.py collect FILE [DEST]` unpacks it (default DEST:
+#                 benchmarks/results/<gpu>-<date>/, what the project commits), the table and the plots.
+#   --parts LIST  comma list of parts (default: all, in this order):
+#                 env,correctness,target,family,distill,million,phases,vit,trainer,pytest
 #   --dry-run     the same parts on CPU with the Triton interpreter and tiny sizes (CI runs this);
 #                 with --wheels, pip only resolves the install (pip install --dry-run).
 #
-# Parts, in priority order, each stopped at its own limit so a slow part never starts the next late:
-#   env (20 s), correctness (90 s: every kernel against float64, compile warm-up included),
-#   target (150 s: B=32768 D=768 bf16, fused vs materialized vs Inf-CL, matmul rate at BxBxD and 8192^3),
-#   phases (45 s: tile kernel / dX GEMM / dY GEMM), million (100 s: B=2^20 completes),
-#   pytest_gpu_kernels and pytest_gpu_rest (what is left of 470 s: pytest -m gpu, the compiled-kernel
-#   tests first).
-# Writes into OUT: results.json/.csv (the result-file schema of fastclip.bench.report), part_*.json,
-# device_check.json (everything, plus the summary), versions.txt, <part>.log, status.txt, and
-# device_check.log (the raw log of the whole run). Prints one summary line per target at the end.
+# Parts, in priority order, each stopped at its own limit (seconds; cut to what is left of the 412):
+#   env 12, correctness 55 (every kernel against float64, compilation included), target 75 (B = 32768
+#   and 65536, D = 768, bf16: fastclip vs materialized vs open_clip under autocast; Inf-CL, siglip-kernel,
+#   memeff at 32768), family 40 (info_nce K = 0, 1, 7 vs materialized / ST MNRL), distill 25,
+#   million 45 (B = 2^20 completes), phases 15, vit 28, trainer 60 (tests/test_gpu_trainer.py),
+#   pytest min(90, what is left) (pytest -m gpu without the trainer test).
+# DEVICE_CHECK_TOTAL overrides the 412 s. Writes into OUT: results.json/.csv (the result-file schema of
+# fastclip.bench.report), part_*.json, device_check.json (everything, the summary and the targets
+# table), targets.md, versions.txt, <part>.log, status.txt, times.txt (seconds per part) and
+# device_check.log (the raw log). Prints the summary lines and then one table: target, measured, met.
 set -u -o pipefail
 
 usage() { echo "usage: bash benchmarks/device_check.sh OUT [--dry-run] [--wheels DIR] [--bundle FILE] [--parts LIST]" >&2; exit 2; }
-OUT="" DRY=0 WHEELS="" BUNDLE="" PARTS="env,correctness,target,phases,million,pytest"
+OUT="" DRY=0 WHEELS="" BUNDLE="" PARTS="env,correctness,target,family,distill,million,phases,vit,trainer,pytest"
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
@@ -44,8 +42,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$OUT" ] || usage
 for p in ${PARTS//,/ }; do
-    case "$p" in env|correctness|target|phases|million|pytest|vit|family) ;;
-        *) echo "--parts: expected names from env,correctness,target,phases,million,pytest,vit,family; got '$p'" >&2; exit 2 ;;
+    case "$p" in env|correctness|target|family|distill|million|phases|vit|trainer|pytest) ;;
+        *) echo "--parts: expected names from env,correctness,target,family,distill,million,phases,vit,trainer,pytest; got '$p'" >&2; exit 2 ;;
     esac
 done
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -67,14 +65,14 @@ PY="${PYTHON:-$(command -v python || command -v python3)}"  # the GPU image may 
 # Never import fastclip from the current folder: `python -m pytest` run here would otherwise load
 # ./fastclip, which has no fastclip.kernels (that lives in ./kernels), instead of the installed wheel.
 export PYTHONSAFEPATH=1
-TOTAL=470
+TOTAL=${DEVICE_CHECK_TOTAL:-412}  # seconds for everything (install included); the summary follows
 START=$(date +%s)
 FAILED=0
 DRYFLAG=""
 if [ "$DRY" = 1 ]; then
     DRYFLAG="--dry-run"
     export TRITON_INTERPRET=1  # before triton is imported: kernels run through the interpreter on CPU
-    TOTAL=270
+    TOTAL=${DEVICE_CHECK_TOTAL:-1500}  # CPU shared with other work: the limits x4, no whole-run cut
 fi
 exec > >(tee -a "$OUT/device_check.log") 2>&1
 
@@ -101,48 +99,62 @@ fi
     nvidia-smi 2>&1 || echo "nvidia-smi not available"
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu \
         --format=csv 2>&1 || true
-    "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|fastclip|inf.cl|open.clip.torch|pytest) " || true
+    "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|fastclip|inf.cl|open.clip.torch|siglip.kernel|memeff|deepspeed|pydantic|webdataset|sentence.transformers|pytest) " || true
 } > "$OUT/versions.txt"
 cat "$OUT/versions.txt"
 pack
 
 : > "$OUT/status.txt"
-part() {  # part NAME SECONDS COMMAND...: run with a hard time limit, log, record the exit status
-    local name="$1" secs="$2"
+echo "install $(( $(date +%s) - START ))" > "$OUT/times.txt"
+limit() {  # the limit of a part of $1 seconds: x4 in the dry run (CPU, interpreter), cut to what is left
+    local secs="$1" left=$(( TOTAL - ( $(date +%s) - START ) ))
+    [ "$DRY" = 1 ] && secs=$(( secs * 4 ))
+    [ "$left" -lt "$secs" ] && secs=$left
+    echo "$secs"
+}
+part() {  # part NAME SECONDS COMMAND...: run with a hard time limit (cut to what is left of TOTAL), log, record
+    local name="$1" secs t0 rc
+    secs=$(limit "$2")
     shift 2
+    if [ "$secs" -lt 5 ]; then
+        echo "== $name: not started, the whole check's ${TOTAL} s are spent"; echo "$name skipped" >> "$OUT/status.txt"
+        return 0
+    fi
     echo "== $name (limit ${secs} s, $(( $(date +%s) - START )) s elapsed)"
-    timeout --signal=INT --kill-after=10 "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
+    t0=$(date +%s)
+    timeout --signal=INT --kill-after=5 "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
     echo "$name $rc" >> "$OUT/status.txt"
+    echo "$name $(( $(date +%s) - t0 )) $secs" >> "$OUT/times.txt"
     [ "$rc" -ne 0 ] && FAILED=1
-    echo "== $name exit $rc"
+    echo "== $name exit $rc ($(( $(date +%s) - t0 )) s)"
     pack
 }
-dc() {  # dc PART SECONDS: a part of benchmarks/device_check.py; it stops new work 5 s before the limit
-    part "$1" "$2" "$PY" benchmarks/device_check.py "$1" "$OUT" $DRYFLAG --seconds $(( $2 - 5 ))
+dc() {  # dc PART SECONDS: a part of benchmarks/device_check.py; it stops new work 4 s before the limit
+    local secs
+    secs=$(limit "$2")
+    part "$1" "$2" "$PY" benchmarks/device_check.py "$1" "$OUT" $DRYFLAG --seconds $(( secs > 8 ? secs - 4 : secs / 2 ))
 }
 
-want env && dc env 20
-want correctness && dc correctness 90
-want target && dc target 150
-want phases && dc phases 45
-want million && dc million 100
-want vit && dc vit 60
-want family && dc family 60
-left() {  # seconds left of TOTAL, less what later parts keep back ($1), at least 30
-    local n=$(( TOTAL - ( $(date +%s) - START ) - $1 ))
-    [ "$n" -lt 30 ] && n=30
-    echo "$n"
-}
-# pytest -m gpu in two parts, the compiled-kernel tests first (pytest orders files by folder, not by
-# the command line): they get what is left less 40 s; the other gpu tests the rest. On CPU (dry run)
-# every gpu test is skipped: this exercises the commands, their logs and the summary line.
-PYTEST=("$PY" -m pytest -q -m gpu -rs --durations=10 -p no:cacheprovider)
-if want pytest; then
-    part pytest_gpu_kernels "$(left 40)" "${PYTEST[@]}" tests/test_gpu_kernels.py
-    part pytest_gpu_rest "$(left 0)" "${PYTEST[@]}" --ignore=tests/test_gpu_kernels.py tests
+# Each part: its own limit (seconds), cut to what is left of TOTAL; a part with under 5 s left is not
+# started (recorded as "NAME skipped" in status.txt). Limits from the first H200 run's per-part times.
+for spec in env:12 correctness:55 target:75 family:40 distill:25 million:45 phases:15 vit:28; do
+    want "${spec%%:*}" && dc "${spec%%:*}" "${spec##*:}"
+done
+if want trainer; then  # the end-to-end trainer test (gpu-marked), its own part
+    if [ -f tests/test_gpu_trainer.py ]; then
+        part trainer 60 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu_trainer.py
+    else
+        echo "== trainer: tests/test_gpu_trainer.py not in this checkout"; echo "trainer missing" >> "$OUT/status.txt"
+    fi
 fi
-
+# pytest -m gpu without the trainer test: what is left, at most 90 s. On CPU (dry run) every gpu test
+# is skipped: this exercises the command, its log and the summary line.
+if want pytest; then
+    part pytest 90 "$PY" -m pytest -q -m gpu -rs --durations=10 -p no:cacheprovider \
+        --ignore=tests/test_gpu_trainer.py tests
+fi
+echo "total $(( $(date +%s) - START ))" >> "$OUT/times.txt"
 echo "== summary ($(( $(date +%s) - START )) s)"
 "$PY" benchmarks/device_report.py summary "$OUT" || FAILED=1
 pack

@@ -1,10 +1,14 @@
 """What comes back from ``benchmarks/device_check.sh``: the summary of its parts and the bundle.
 
     python benchmarks/device_report.py summary OUT          # one line per part that ran; OUT/device_check.json
-    python benchmarks/device_report.py collect BUNDLE DEST  # unpack a --bundle archive: verdicts, table, plots
+    python benchmarks/device_report.py collect BUNDLE [DEST] # unpack a --bundle archive: verdicts, table, plots
+
+``summary`` ends with the targets table of ``device_targets.py`` (target, measured, met or not), also
+written into ``OUT/device_check.json`` ("targets") and ``OUT/targets.md``.
 
 ``collect`` runs on the machine the results come back to: it unpacks the archive into DEST (a new or
-empty folder; links, absolute paths and ``..`` refused), prints the summary and the target verdicts,
+empty folder; links, absolute paths and ``..`` refused; by default ``benchmarks/results/<gpu>-<date>``
+from the bundle's env part, where the project commits it), prints the summary and the target verdicts,
 writes ``summary.md`` (with a README-ready table) and draws the plots of ``results.json``.
 The measuring side is ``benchmarks/device_check.py``.
 """
@@ -17,8 +21,9 @@ import os
 import sys
 
 # Parts whose JSON the summary reads, in the order device_check.sh runs them.
-PART_NAMES = ("env", "correctness", "target", "phases", "million", "vit")
-GOAL_MATMUL_FRACTION = 0.60  # fwd+bwd of the fused CLIP loss against the bf16 matmul rate at B x B x D
+PART_NAMES = ("env", "correctness", "target", "family", "distill", "million", "phases", "vit")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_targets import GOAL_MATMUL_FRACTION, format_table, markdown_table, target_rows  # noqa: E402,F401
 
 
 def load_part(out: str, name: str) -> dict:
@@ -50,25 +55,40 @@ def summary_lines(out: str) -> list[str]:
     t = load_part(out, "target")
     rates = t.get("matmul_tflops", {})
     for loss in ("clip", "siglip") if t else ():
-        parts = []
-        for r in t.get("rows", []):
-            if r["loss"] != loss:
-                continue
-            if r["status"] == "ok":
-                frac = r.get("fraction_of_bxbxd_matmul")
-                mem = r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else float("nan")
-                parts.append(
-                    f"{r['provider']} {r['fwd_bwd_ms']:.4g} ms ({r['tflops']:.3g} TFLOP/s = {frac} of the BxBxD "
-                    f"matmul rate, {mem:.3g} GiB above inputs)"
-                )
-            else:
-                parts.append(f"{r['provider']} {r['status']}")
-        lines.append(
-            f"target {loss} bf16 B={t.get('batch')} D={t.get('dim')}: "
-            + ("; ".join(parts) or "no result")
-            + f" | matmul {rates.get('bxbxd', float('nan')):.3g} TFLOP/s at BxBxD, {rates.get('square', float('nan')):.3g} square"
-            + (f" (goal fastclip >= {GOAL_MATMUL_FRACTION} of BxBxD)" if loss == "clip" else "")
-        )
+        for b in sorted(
+            {r.get("batch") for r in t.get("rows", []) if r["loss"] == loss}, key=lambda v: v or 0
+        ):
+            parts = []
+            for r in t.get("rows", []):
+                if r["loss"] != loss or r.get("batch") != b:
+                    continue
+                if r["status"] == "ok":
+                    frac = r.get("fraction_of_bxbxd_matmul")
+                    mem = r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else float("nan")
+                    parts.append(
+                        f"{r['provider']} {r['fwd_bwd_ms']:.4g} ms ({r['tflops']:.3g} TFLOP/s = {frac} of the BxBxD "
+                        f"matmul rate, {mem:.3g} GiB above inputs)"
+                    )
+                else:
+                    parts.append(f"{r['provider']} {r['status']}")
+            lines.append(
+                f"target {loss} bf16 B={b} D={t.get('dim')}: " + ("; ".join(parts) or "no result")
+                + f" | matmul {rates.get(str(b), float('nan')):.3g} TFLOP/s at BxBxD"
+            )  # fmt: skip
+    for name, why in t.get("skipped", {}).items():
+        lines.append(f"target {name}: {why}")
+    fam = load_part(out, "family")
+    for r in fam.get("rows", []):
+        lines.append(f"family K={r['negatives']} {r['provider']}: " + (r["error"] if "error" in r else
+                     f"{r['fwd_bwd_ms']:.4g} ms, {r['peak_mem_bytes'] / 2**20:.0f} MiB above inputs"))  # fmt: skip
+    for name, why in fam.get("skipped", {}).items():
+        lines.append(f"family {name}: {why}")
+    dist = load_part(out, "distill")
+    if dist.get("check"):
+        lines.append(f"distill check: {dist['check']}")
+    for r in dist.get("rows", []):
+        lines.append(f"distill B={dist.get('batch')} {r['provider']}: " + (r["error"] if "error" in r else
+                     f"{r['fwd_bwd_ms']:.4g} ms, {r['peak_mem_bytes'] / 2**20:.0f} MiB above inputs"))  # fmt: skip
     ph = load_part(out, "phases")
     for name in ("clip_lse", "clip_grad", "siglip_grad"):
         if name in ph:
@@ -97,11 +117,13 @@ def summary_lines(out: str) -> list[str]:
             )
     if vit.get("packed"):
         lines.append(f"packed attention: {vit['packed']}")
-    if any(os.path.exists(os.path.join(out, f"{n}.log")) for n in ("pytest_gpu_kernels", "pytest_gpu_rest")):
-        lines.append(
-            f"pytest -m gpu: kernels {_pytest_result(out, 'pytest_gpu_kernels')}; "
-            f"other {_pytest_result(out, 'pytest_gpu_rest')}"
-        )
+    if vit.get("attention"):
+        lines.append(f"attention impls: {vit['attention']}")
+    for name in ("trainer", "pytest"):
+        if os.path.exists(os.path.join(out, f"{name}.log")):
+            lines.append(
+                f"{'pytest -m gpu' if name == 'pytest' else 'trainer e2e'}: {_pytest_result(out, name)}"
+            )
     return lines
 
 
@@ -126,12 +148,21 @@ def write_summary(out: str) -> None:
             status = dict(ln.split() for ln in f if ln.strip())
     except (OSError, ValueError):
         pass
+    rows = target_rows(out)
     doc = {name: load_part(out, name) for name in PART_NAMES}
-    doc.update(exit_status=status, summary=lines)
+    doc.update(
+        exit_status=status,
+        summary=lines,
+        targets=[dict(zip(("target", "measured", "verdict"), r)) for r in rows],
+    )
     with open(os.path.join(out, "device_check.json"), "w") as f:
         json.dump(doc, f, indent=1, default=str)
+    with open(os.path.join(out, "targets.md"), "w") as f:
+        f.write("# Device check targets\n\n" + markdown_table(rows) + "\n")
     for ln in lines:
         print(ln)
+    print()
+    print(format_table(rows))
 
 
 def _safe_members(tar) -> list:
@@ -170,7 +201,20 @@ def collect(bundle: str, dest: str) -> list[str]:
         kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **kw)
     lines = summary_lines(dest)
-    md = ["# Device check", "", "```", *lines, "```", ""]
+    rows = target_rows(dest)
+    lines += ["", *format_table(rows).splitlines()]
+    md = [
+        "# Device check",
+        "",
+        "## Targets of the check",
+        "",
+        markdown_table(rows),
+        "",
+        "```",
+        *summary_lines(dest),
+        "```",
+        "",
+    ]
     results = os.path.join(dest, "results.json")
     if os.path.isfile(results):
         from fastclip.bench import plot, report
@@ -197,6 +241,35 @@ def collect(bundle: str, dest: str) -> list[str]:
     return lines
 
 
+def default_dest(bundle: str) -> str:
+    """``benchmarks/results/<gpu>-<YYYY-MM-DD>`` from the bundle's part_env.json and versions.txt (the
+    folder the project commits results under), ``...-2``, ``-3`` ... when taken."""
+    import re
+    import tarfile
+
+    gpu, date = "gpu", "undated"
+    try:
+        with tarfile.open(bundle, "r:gz") as tar:
+            for m in tar.getmembers():
+                name = m.name[2:] if m.name.startswith("./") else m.name
+                if name in ("part_env.json", "versions.txt") and m.isfile():
+                    text = tar.extractfile(m).read().decode(errors="replace")
+                    if name == "part_env.json":
+                        gpu = str(json.loads(text).get("device") or gpu)
+                    else:
+                        date = (re.findall(r"date: (\d{4}-\d{2}-\d{2})", text) or [date])[0]
+    except (OSError, ValueError, tarfile.TarError):
+        pass
+    gpu = re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-") or "gpu"
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    base = os.path.join(root, f"{gpu}-{date}")
+    dest, n = base, 1
+    while os.path.exists(dest) and os.listdir(dest):
+        n += 1
+        dest = f"{base}-{n}"
+    return dest
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -204,13 +277,13 @@ def main(argv=None) -> int:
     sp.add_argument("out")
     cp = sub.add_parser("collect", help="unpack a --bundle archive into a new folder: verdicts, table, plots")
     cp.add_argument("bundle")
-    cp.add_argument("dest")
+    cp.add_argument("dest", nargs="?", help="default: benchmarks/results/<gpu>-<date> (from the bundle)")
     args = ap.parse_args(argv)
     if args.command == "summary":
         write_summary(args.out)
         return 0
     try:
-        lines = collect(args.bundle, args.dest)
+        lines = collect(args.bundle, args.dest or default_dest(args.bundle))
     except (OSError, ValueError) as exc:
         print(f"device_report.py collect: {exc}", file=sys.stderr)
         return 2

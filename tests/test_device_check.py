@@ -41,39 +41,107 @@ def test_parts_selects_what_runs(tmp_path):
     proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "x"), "--parts", "env,bogus"],
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert proc.returncode == 2 and "--parts: expected names from" in proc.stderr and "'bogus'" in proc.stderr
-    out = tmp_path / "vit"
-    env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(["bash", SCRIPT, str(out), "--dry-run", "--parts", "env,vit"],
-                          env=env, capture_output=True, text=True, timeout=200)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert dict(ln.split() for ln in (out / "status.txt").read_text().splitlines()) == {
-        "env": "0",
-        "vit": "0",
-    }
-    lines = proc.stdout.splitlines()
-    assert sum(ln.startswith("vit tiny bf16 batch 8 sdpa ") for ln in lines) == 2, proc.stdout[-3000:]
-    assert sum(ln.startswith("packed attention: ") for ln in lines) == 1
-    assert not any(ln.startswith(("correctness:", "target ", "pytest -m gpu:")) for ln in lines)
-    vit = json.loads((out / "part_vit.json").read_text())
-    assert all(r["samples_per_s"] > 0 and r["peak_mem_bytes"] > 0 for r in vit["rows"])
-    assert vit["packed"]["mask_ms"] > 0
+    assert "distill" in proc.stderr and "trainer" in proc.stderr
 
 
-def test_family_part_dry_run(tmp_path):
-    """The contrastive family's part: Triton epilogue against torch per variant and dtype, then the
-    K = 0, 1, 7 timings (the interpreter's Triton is checked, not timed)."""
-    out = tmp_path / "family"
-    env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(["bash", SCRIPT, str(out), "--dry-run", "--parts", "family"],
-                          env=env, capture_output=True, text=True, timeout=200)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert (out / "status.txt").read_text().split() == ["family", "0"]
-    part = json.loads((out / "part_family.json").read_text())
-    assert part["status"] == "ok" and len(part["checks"]) == 6
-    assert {r["negatives"] for r in part["rows"]} == {0, 1, 7}
-    assert all(r["fwd_bwd_ms"] > 0 and r["peak_mem_bytes"] > 0 for r in part["rows"])
+def _report():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import device_report
+        import device_targets
+    finally:
+        sys.path.pop(0)
+    return device_report, device_targets
+
+
+def _write(out, name, doc):
+    (out / f"part_{name}.json").write_text(json.dumps(doc))
+
+
+def test_targets_table_from_part_files(tmp_path):
+    """The one table: each target, the measured value, met / NOT met / no data, from synthetic parts."""
+    _, targets = _report()
+    out = tmp_path
+    gib = 2**30
+    rows = []
+    for loss in ("clip", "siglip"):
+        for b in (32768, 65536):
+            rows += [
+                {"loss": loss, "batch": b, "provider": "fastclip-triton", "status": "ok", "fwd_bwd_ms": 20.0,
+                 "tflops": 400.0, "peak_mem_bytes": gib // 4, "fraction_of_bxbxd_matmul": 0.5},
+                {"loss": loss, "batch": b, "provider": "open_clip", "status": "ok", "fwd_bwd_ms": 30.0,
+                 "peak_mem_bytes": 16 * gib},
+                {"loss": loss, "batch": b, "provider": "reference", "status": "ok", "fwd_bwd_ms": 10.0,
+                 "peak_mem_bytes": 16 * gib},
+            ]  # fmt: skip
+    rows.append({"loss": "clip", "batch": 32768, "provider": "inf_cl", "status": "ok", "fwd_bwd_ms": 400.0,
+                 "peak_mem_bytes": gib})  # fmt: skip
+    _write(out, "target", {"batches": [32768, 65536], "rows": rows, "matmul_tflops": {"32768": 800.0},
+                           "skipped": {"memeff": "skipped: memeff does not import (ModuleNotFoundError)"}})  # fmt: skip
+    fam = [{"negatives": k, "provider": p, "fwd_bwd_ms": ms, "peak_mem_bytes": mem}
+           for k in (0, 1, 7) for p, ms, mem in (("fastclip-triton", 19.0, 400), ("materialized", 4.0, 16000),
+                                                  ("st_mnrl", 40.0, 16000))]  # fmt: skip
+    _write(out, "family", {"rows": fam, "skipped": {}})
+    _write(
+        out,
+        "distill",
+        {"check": {"max_rel_err": 4e-3, "rel_err_bf16_reference": [6e-3], "ok": True}, "rows": []},
+    )
+    _write(out, "million", {"rows": [{"loss": "clip", "seconds": 19.3, "finite": True},
+                                     {"loss": "siglip", "error": "not run: time limit"}]})  # fmt: skip
+    _write(out, "correctness", {"results": [{"dtype": "float32", "tf32": False, "ok": True},
+                                            {"dtype": "float32", "tf32": True, "ok": False}]})  # fmt: skip
+    (out / "status.txt").write_text("pytest 0\ntrainer missing\n")
+    (out / "times.txt").write_text("install 9\npytest 80 90\ntotal 401\n")
+    (out / "pytest.log").write_text("....\n==== 40 passed, 2 skipped in 79.1s ====\n")
+    got = {r[0]: r[1:] for r in targets.target_rows(str(out))}
+    assert got["clip B=32768: fastclip vs open_clip (time <= 1.0x, memory <= 5%)"][1] == "met"
+    assert (
+        got["clip B=32768: fastclip vs reference (time <= 1.0x, memory <= 5%)"][1] == "NOT met"
+    )  # 2x slower
+    assert got["clip B=32768: fastclip vs Inf-CL (time <= 0.5x)"] == ["time 0.05x (20 / 400 ms)", "met"]
+    assert got["clip B=32768: fastclip vs memeff (time <= 1.0x)"][0].startswith(
+        "skipped: memeff does not import"
+    )
+    assert got["siglip B=32768: fastclip vs siglip-kernel (time <= 1.0x)"] == ["not measured", "no data"]
+    assert got["info_nce K=1 vs materialized MNRL (time <= 1.0x, memory <= 5%)"][1] == "NOT met"
+    assert got["info_nce K=7 vs sentence-transformers' MNRL, bf16 autocast (time <= 0.7x)"][1] == "met"
+    assert got["distill: fused vs fp32 reference, relative error of loss and gradients <= 2e-2"] == [
+        "max 0.004 (bf16 materialized: 0.006)",
+        "met",
+    ]
+    assert got["distill: fastclip vs open_clip DistillClipLoss (time <= 1.0x, memory <= 5%)"][1] == "no data"
+    assert got["B=2^20 clip and siglip complete (finite)"][1] == "NOT met"
+    assert got["TF32 contract: fp32 IEEE and fp32+TF32 kernels within their error budgets"] == [
+        "IEEE 1/1, TF32 0/1; all cases 1/2", "NOT met"]  # fmt: skip
+    assert got["pytest -m gpu (trainer test excluded): passes in <= 90 s"][1] == "met"
+    assert got["trainer end to end (tests/test_gpu_trainer.py) passes"][1] == "no data"
+    assert got["whole check <= 420 s (install included)"] == ["401 s", "met"]
+    assert got["matmul rate: fused clip fwd+bwd >= 60% of the BxBxD bf16 matmul"][1] == "NOT met"
+    table = targets.format_table(targets.target_rows(str(out)))
+    assert (
+        table.splitlines()[0].split(" | ")[0].strip() == "target" and len(table.splitlines()) == len(got) + 2
+    )
+    assert targets.markdown_table([["a|b", "1", "met"]]).splitlines()[-1] == "| a\\|b | 1 | met |"
+
+
+def test_collect_default_dest_names_the_gpu_and_date(tmp_path):
+    import io
+    import tarfile
+
+    report, _ = _report()
+    bundle = tmp_path / "b.tar.gz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        for name, text in (
+            ("./part_env.json", '{"device": "NVIDIA H200"}'),
+            ("./versions.txt", "date: 2026-12-04T16:44:35Z\n"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text.encode()))
+    dest = report.default_dest(str(bundle))
+    assert os.path.dirname(dest) == os.path.join(ROOT, "benchmarks", "results")
+    assert os.path.basename(dest).startswith("h200-2026-12-04")
 
 
 def _collect(*args):
@@ -119,6 +187,8 @@ def test_collect_refuses_links_escapes_and_a_used_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
+    """Every part of the default list, one call (CPU, interpreter, tiny sizes): the part files, the
+    summary lines, the one table at the end, the bundle, and collect unpacking it."""
     from fastclip.bench.report import validate_document
 
     out = tmp_path / "check"
@@ -127,51 +197,57 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     bundle = tmp_path / "back" / "dc.tar.gz"
     proc = subprocess.run(
         ["bash", SCRIPT, str(out), "--dry-run", "--bundle", str(bundle)],
-        env=env, capture_output=True, text=True, timeout=280,
+        env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     status = dict(ln.split() for ln in (out / "status.txt").read_text().splitlines())
-    assert status == {
-        p: "0"
-        for p in (
-            "env",
-            "correctness",
-            "target",
-            "phases",
-            "million",
-            "pytest_gpu_kernels",
-            "pytest_gpu_rest",
-        )
-    }
+    parts = ("env", "correctness", "target", "family", "distill", "million", "phases", "vit", "pytest")
+    assert {p: status.get(p) for p in parts} == {p: "0" for p in parts}, status
+    has_trainer = os.path.exists(os.path.join(ROOT, "tests", "test_gpu_trainer.py"))
+    assert status["trainer"] == ("0" if has_trainer else "missing")
+    times = [ln.split() for ln in (out / "times.txt").read_text().splitlines()]
+    assert times[0][0] == "install" and times[-1][0] == "total"
     doc = json.loads((out / "results.json").read_text())
     validate_document(doc)
-    got = {(r["loss"], r["provider"], r["status"]) for r in doc["records"]}
-    assert got == {(loss, p, "ok") for loss in ("clip", "siglip") for p in ("fastclip-triton", "reference")}
-    assert all(r["repeats"] >= 5 for r in doc["records"])
+    got = {(r["loss"], r["batch"], r["provider"], r["status"]) for r in doc["records"]}
+    want = {(loss, b, p, "ok") for loss in ("clip", "siglip") for b in (64, 128)
+            for p in ("fastclip-triton", "reference", "open_clip")}  # fmt: skip
+    assert got == want, got
     full = json.loads((out / "device_check.json").read_text())
     assert full["correctness"]["failed"] == 0 and full["correctness"]["repeat"]["ok"] is True
     assert {"tile kernel", "dX GEMM", "dY GEMM"} <= set(full["phases"]["clip_grad"])
     assert [r["finite"] for r in full["million"]["rows"]] == [True, True]
     assert full["env"]["imported_from"]["fastclip.kernels"].endswith(os.path.join("kernels", "__init__.py"))
+    assert set(full["target"]["skipped"]) == {"inf_cl", "siglip_kernel", "memeff"}  # CPU: all need CUDA
+    assert all(v.startswith("skipped: ") for v in full["target"]["skipped"].values())
+    fam = full["family"]
+    assert (
+        fam["status"] == "ok"
+        and len(fam["checks"]) == 3
+        and {r["negatives"] for r in fam["rows"]} == {0, 1, 7}
+    )
+    assert all(r["fwd_bwd_ms"] > 0 and r["peak_mem_bytes"] > 0 for r in fam["rows"])
+    dist = full["distill"]
+    assert (
+        dist["status"] == "ok"
+        and dist["check"]["ok"]
+        and {r["provider"] for r in dist["rows"]} >= {"reference"}
+    )
+    assert all(r["samples_per_s"] > 0 for r in full["vit"]["rows"]) and full["vit"]["packed"]["mask_ms"] > 0
+    assert full["vit"]["attention"]["auto_packed=False"] == "sdpa"  # CPU
     lines = proc.stdout.splitlines()
-    for prefix in (
-        "correctness:",
-        "target clip",
-        "target siglip",
-        "phases clip_grad",
-        "million clip",
-        "pytest -m gpu:",
-    ):
+    for prefix in ("correctness:", "target clip bf16 B=64", "target siglip bf16 B=128", "phases clip_grad",
+                   "million clip", "family K=7 materialized", "distill check", "pytest -m gpu:"):  # fmt: skip
         assert sum(ln.startswith(prefix) for ln in lines) == 1, prefix
-    (pytest_line,) = [ln for ln in lines if ln.startswith("pytest -m gpu:")]
-    assert pytest_line.count(" skipped") == 2, pytest_line  # both parts ran; on CPU each skips all
-    for name in (
-        "device_check.log",
-        "versions.txt",
-        "results.csv",
-        "pytest_gpu_kernels.log",
-        "pytest_gpu_rest.log",
-    ):
+    # The one table, last: a header, a rule, one row per target.
+    rows = full["targets"]
+    assert len(rows) >= 25 and {r["verdict"] for r in rows} <= {"met", "NOT met", "no data"}
+    head = lines.index(
+        next(ln for ln in lines if ln.startswith("target ") and ln.rstrip().endswith("verdict"))
+    )
+    assert len([ln for ln in lines[head + 2 :] if " | " in ln]) == len(rows)
+    assert (out / "targets.md").read_text().count("\n| ") == len(rows) + 1
+    for name in ("device_check.log", "versions.txt", "results.csv", "pytest.log", "times.txt"):
         assert (out / name).stat().st_size > 0, name
     # The bundle (what comes back from the device machine) holds all of it; collect unpacks and plots.
     assert [p.name for p in bundle.parent.iterdir()] == ["dc.tar.gz"]
@@ -182,6 +258,7 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     assert json.loads((dest / "results.json").read_text()) == doc
     summary = (dest / "summary.md").read_text()
     assert summary.count("\ncorrectness: ") == 1 and summary.count("\nmillion ") == 2
-    assert "| clip | bf16 | 32 | 256 | fastclip-triton |" in summary
+    assert "## Targets of the check" in summary and "| whole check <= 420 s" in summary
+    assert "| clip | bf16 | 32 | 128 | fastclip-triton |" in summary
     pytest.importorskip("matplotlib")
     assert (dest / "results_time.png").stat().st_size > 0 and (dest / "results_memory.png").stat().st_size > 0

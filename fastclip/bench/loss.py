@@ -9,8 +9,7 @@ failure one with status "error" and the message; larger batches of the same seri
 ``max_seconds`` is checked between configurations and inside them (warm-ups and repetitions stop at the
 limit once a sample exists; the record's message says how many repetitions ran).
 
-(About 500 lines: the sweep, one provider's run and the failure handling share the record format and
-are read together; splitting them would scatter one procedure over three files.)
+(The inputs, and the cache that shares them between providers: ``fastclip.bench.inputs``.)
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from typing import Callable
 import torch
 
 from fastclip.bench import timing
+from fastclip.bench.inputs import InputCache, make_inputs  # noqa: F401  (make_inputs: public here too)
 from fastclip.bench.memory import peak_extra_bytes
 from fastclip.bench.oom import cleanup, is_oom
 from fastclip.bench.providers import LOSSES, PROVIDERS, Provider, get_provider
@@ -139,18 +139,6 @@ def default_sweep(device: torch.device) -> LossSweep:
         max_repeats=5,
         time_budget_s=4.0,
     )
-
-
-def make_inputs(batch: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """Unit-norm random image/text features (B, D) that require grad, as a model's heads produce them."""
-    # Generated where they are used: at B = 2**20 a CPU generator and a copy would take seconds.
-    g = torch.Generator(device=device).manual_seed(seed)
-    feats = []
-    for _ in range(2):
-        t = torch.randn(batch, dim, generator=g, dtype=torch.float32, device=device)
-        t = torch.nn.functional.normalize(t, dim=-1).to(dtype)
-        feats.append(t.requires_grad_(True))
-    return feats[0], feats[1]
 
 
 def _estimated_bytes(provider: str, batch: int, dim: int, dtype: torch.dtype) -> int:
@@ -378,7 +366,7 @@ def run_loss_sweep(
         groups.setdefault((loss, dtype_name, dim, batch), []).append(pname)
     failed_at: dict[tuple, tuple[int, str]] = {}  # series -> (batch, status) of its first failure
     start = time.perf_counter()
-    inputs = _InputCache(device)
+    inputs = InputCache(device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -487,23 +475,3 @@ def _run_group(key, names, fns, device, cfg, mm, inputs, failed_at, deadline=Non
         out[pname] = run.record()
     runs.clear()
     return [out[p] for p in names if p in out]
-
-
-class _InputCache:
-    """The features of the current (batch, dim, dtype), shared by the providers that run on them."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.key, self.tensors = device, None, None
-
-    def get(self, batch: int, dim: int, dtype: torch.dtype):
-        if self.key != (batch, dim, dtype):
-            self.drop()
-            self.tensors = make_inputs(batch, dim, dtype, self.device)
-            self.key = (batch, dim, dtype)
-        for t in self.tensors:
-            t.grad = None
-        return self.tensors
-
-    def drop(self) -> None:
-        self.key, self.tensors = None, None
-        cleanup(self.device)
