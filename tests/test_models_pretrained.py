@@ -375,3 +375,36 @@ def test_training_checkpoint_wrapping(tmp_path):
     loaded = load_pretrained(tmp_path / "epoch_3.pt", "tiny")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "nested_dotdot"])
+def test_shard_index_naming_a_file_outside_the_model_directory_is_refused(tmp_path, where):
+    """issue 28 #12: a weight_map entry that is an absolute path or climbs out with '..' read weights from
+    outside the model directory; refused, naming the index and the entry (subdirectories stay allowed)."""
+    import json
+    import shutil
+
+    _, path = _hf_clip(tmp_path, max_shard_size="40KB")
+    index = path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    victim = sorted(set(data["weight_map"].values()))[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(str(path / victim), str(outside / victim))
+    name = {
+        "absolute": str(outside / victim),
+        "dotdot": f"../outside/{victim}",
+        "nested_dotdot": f"sub/../../outside/{victim}",
+    }[where]
+    data["weight_map"] = {k: (name if v == victim else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    with pytest.raises((ValueError, WeightLoadError), match=r"weight_map names .*outside the model directory"):
+        read_state_dict(path)
+    with pytest.raises((ValueError, WeightLoadError), match=r"model.safetensors.index.json: weight_map names"):
+        load_pretrained(path)
+    # a shard in a subdirectory of the model directory is still read
+    (path / "sub").mkdir()
+    shutil.move(str(outside / victim), str(path / "sub" / victim))
+    data["weight_map"] = {k: (f"sub/{victim}" if v == name else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    assert read_state_dict(path)[0]

@@ -260,11 +260,13 @@ def resolve_repo(hub: HubId, *, weights: bool = True, tokenizer: bool = True) ->
                 continue
             if name.endswith(".index.json"):
                 from fastclip.models.jsonfile import read_json_object
+                from fastclip.models.weights import shard_files
 
                 weight_map = read_json_object(path, "a shard index object").get("weight_map", {})
-                if not isinstance(weight_map, dict):
-                    raise HubError(f"{hub}: {name}: expected a 'weight_map' object")
-                shards = sorted(set(str(v) for v in weight_map.values()))
+                try:
+                    shards = shard_files(f"{hub}: {name}", weight_map)
+                except ValueError as exc:
+                    raise HubError(str(exc)) from None
                 lost = [s for s in shards if fetch(s) is None]
                 if lost or not shards:
                     raise fetch.missing(f"{name} and its shards {', '.join(lost or ['(none listed)'])}")

@@ -83,6 +83,23 @@ def read_state_dict(path) -> tuple[dict, dict]:
     return sd, meta
 
 
+def shard_files(index: str, weight_map) -> list[str]:
+    """The shard file names of an index's ``weight_map``: each a relative path inside the index's directory.
+    An absolute path or one with a ``..`` part (weights read from outside the model directory) raises
+    ``ValueError`` naming the index and the entry."""
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: expected a 'weight_map' object of file names")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        parts = name.replace("\\", "/").split("/")  # "" first: a leading slash; "C:": a drive
+        if parts[0] == "" or ":" in parts[0] or ".." in parts or os.path.isabs(name):
+            raise ValueError(
+                f"{index}: weight_map names {name[:200]!r}, outside the model directory; expected a file "
+                "name relative to it (no absolute path, no '..')"
+            )
+    return files
+
+
 def _read_hf_dir_weights(path: str) -> dict:
     for index_name, single in (
         ("model.safetensors.index.json", "model.safetensors"),
@@ -91,9 +108,7 @@ def _read_hf_dir_weights(path: str) -> dict:
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
             weight_map = read_json_object(index, "a shard index object").get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise ValueError(f"{index}: expected a 'weight_map' object of file names")
-            files = sorted(set(weight_map.values()))
+            files = shard_files(index, weight_map)
             sd = {}
             for name in files:
                 sd.update(read_state_dict(os.path.join(path, name))[0])
