@@ -342,7 +342,7 @@ def _original_forward(base: type) -> Callable:
 
 
 def _describe(target) -> str:
-    return target.__name__ if isinstance(target, type) else f"a {type(target).__name__} instance"
+    return target.__name__ if isinstance(target, type) else f"an instance of {type(target).__name__}"
 
 
 def _resolve(target) -> tuple[type, _Family, type, Callable]:
