@@ -304,3 +304,24 @@ def test_one_suggestion_for_files_and_options(tmp_path, capsys, name, meant):
     with pytest.raises(SystemExit):
         main(["train", f"--{name}", "1"])
     assert f"--{name} (did you mean --{meant}?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["clip", "info_nce"])
+def test_softmax_losses_on_a_model_with_logit_bias_are_refused_alike(loss):
+    """issue 28 #10: tiny-siglip with model.loss clip trained and left the logit_bias untrained, while
+    info_nce on the same model was refused for that reason. One rule in build_loss for both."""
+    import types
+
+    import torch
+
+    from fastclip.train.build import build_loss
+
+    cfg = load_config(None, {"model.name": "tiny-siglip", "model.loss": loss})
+    siglip_model = types.SimpleNamespace(logit_bias=torch.zeros(1))
+    with pytest.raises(
+        ConfigError,
+        match=rf"^model.loss: '{loss}' is a softmax loss and would leave the logit_bias of 'tiny-siglip' untrained",
+    ):
+        build_loss(cfg, siglip_model, 0, 1)
+    assert build_loss(load_config(None, {"model.name": "tiny-siglip"}), siglip_model, 0, 1)[1] == "siglip"
+    assert build_loss(cfg, types.SimpleNamespace(logit_bias=None), 0, 1)[1] == loss

@@ -146,12 +146,12 @@ def build_loss(cfg, model, rank: int, world: int):
     siglip = getattr(model, "logit_bias", None) is not None
     if kind == "auto":
         kind = "siglip" if siglip else "clip"
+    if kind in ("clip", "info_nce") and siglip:  # one rule for both softmax losses
+        raise ConfigError(
+            f"model.loss: {kind!r} is a softmax loss and would leave the logit_bias of "
+            f"{cfg.model.name!r} untrained; use model.loss 'siglip' (or 'auto') with it, or a CLIP model"
+        )
     if kind == "info_nce":
-        if siglip:
-            raise ConfigError(
-                f"model.loss: 'info_nce' is a softmax loss and would leave the logit_bias of "
-                f"{cfg.model.name!r} untrained; use a CLIP model or model.loss 'siglip'"
-            )
         if cfg.model.dist_impl is not None:
             check_dist_impl(kind, cfg.model.dist_impl)
         return FamilyLoss(cfg, world), kind

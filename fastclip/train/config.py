@@ -43,7 +43,8 @@ class ModelConfig:
     loss: str = "auto"
     """"clip" (softmax), "siglip" (sigmoid), "info_nce" (CLIP's symmetric softmax on the contrastive
     family's core: takes model.hard_negatives, model.duplicates and model.hardness) or "auto" (siglip
-    when the model has a logit_bias, else clip)."""
+    when the model has a logit_bias, else clip). The softmax losses (clip, info_nce) are refused for a
+    model with a logit_bias (they would leave it untrained)."""
     loss_impl: str = "auto"
     """Loss implementation: "auto", "triton", "torch" or "reference"."""
     dist_impl: str | None = None
