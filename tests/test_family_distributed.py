@@ -235,6 +235,18 @@ def _disagreement_cases():
         # guide dim != D and a negative on one rank: aborted the process (SIGABRT) inside gloo
         ("gist: negative on rank 1 only, guide dim 3", ["negative", "[0, 1]"], lambda r: gist(r, r == 1, gd=3)),
     ]  # fmt: skip
+    # one rank's own checks refuse its arguments: it raises its error, the other names it (no hang)
+    nan = t()
+    nan[1, 2] = float("nan")
+    cases += [
+        ("refused: query_ids of 3 rows on rank 1", {0: ["refused", "[1]"], 1: ["query_ids", "(4,)"]},
+         lambda r: info_nce_loss_distributed(t(), t(seed=1), query_ids=ids[: 4 - r], dist_impl="ring")),
+        ("refused: dist_impl on rank 0", {0: ["dist_impl", "'sideways'"], 1: ["refused", "[0]"]},
+         lambda r: info_nce_loss_distributed(t(), t(seed=1), dist_impl=("sideways", "gather")[r])),
+        ("refused: check_finite, NaN on rank 1", {0: ["refused", "[1]"], 1: ["query", "finite"]},
+         lambda r: gist_loss_distributed(nan if r else t(), t(seed=1), guide_query=t(seed=5),
+                                         guide_positive=t(seed=6), check_finite=True)),
+    ]  # fmt: skip
     return cases
 
 
@@ -298,7 +310,11 @@ def test_ranks_that_disagree_raise_the_same_value_error(tmp_path):
             failures.append(f"{name}: no result on rank {[g is None for g in got].index(True)}")
             continue
         (m0, words, t0), (m1, _, t1) = got
-        if not m0.startswith("ValueError") or m0 != m1:
+        if isinstance(words, dict):  # a refusal: each rank its own message
+            for r, m in enumerate((m0, m1)):
+                if not m.startswith("ValueError") or [w for w in words[str(r)] if w not in m]:
+                    failures.append(f"{name}: rank {r} {m[:300]!r}, expected a ValueError with {words[str(r)]}")
+        elif not m0.startswith("ValueError") or m0 != m1:
             failures.append(f"{name}: rank 0 {m0[:300]!r} | rank 1 {m1[:300]!r}")
         elif missing := [w for w in words if w not in m0]:
             failures.append(f"{name}: the message lacks {missing}: {m0!r}")

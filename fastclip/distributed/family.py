@@ -45,13 +45,16 @@ from fastclip.ops.inputs import all_finite
 FAMILY_DIST_IMPLS = ("gather", "ring")
 
 
-def _check_dist(dist_impl, check_batch_sizes, group):
-    if dist_impl not in FAMILY_DIST_IMPLS:
-        raise ValueError(f"dist_impl: expected one of {FAMILY_DIST_IMPLS}, got {dist_impl!r}")
+def _check_dist(check_batch_sizes, group):
     if not isinstance(check_batch_sizes, bool):
         raise TypeError(f"check_batch_sizes: expected a bool, got {type(check_batch_sizes).__name__}")
     require_process_group("group", "a multi-process loss")
     return group_rank_and_size(group)
+
+
+def _check_dist_impl(dist_impl):
+    if dist_impl not in FAMILY_DIST_IMPLS:
+        raise ValueError(f"dist_impl: expected one of {FAMILY_DIST_IMPLS}, got {dist_impl!r}")
 
 
 _DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -72,13 +75,22 @@ def _yes_no(v):
     return "given" if v else "None"
 
 
-def _agree_on_call(entry, a, extra, group, world, check: bool) -> None:
-    """Every rank makes the same kind of call: the local batch, feature dim, dtype and device type of
-    ``a`` (checked inputs) and the ``extra`` fields (K, ids given, directions, guide dims, ...) agree,
-    or every rank raises the same ValueError at once, instead of a hang or mismatched collectives later
-    (one all-gather of a few integers, :func:`agree_across_ranks`; skipped with ``check=False``)."""
+def _agree_on_call(entry, build, query, group, world, check: bool):
+    """``build()`` (every option and input check of the call, returning ``(o, c, a, extra)``), then
+    the ranks' agreement: the local batch, feature dim, dtype and device type of ``a`` (checked inputs)
+    and the ``extra`` fields (K, ids given, directions, guide dims, ...) are the same on every rank, or
+    every rank raises the same ValueError at once, instead of a hang or mismatched collectives later
+    (one all-gather of a few integers, :func:`agree_across_ranks`; skipped with ``check=False``). A rank
+    whose own checks fail still joins the exchange: it raises its error, the others a ValueError naming
+    it. Returns ``(o, c, a)``."""
     if not check or world == 1:
-        return
+        return build()[:3]
+    try:
+        o, c, a, extra = build()
+    except Exception as e:
+        usable = isinstance(query, torch.Tensor) and query.device.type != "meta"
+        agree_across_ranks(entry, [], device=query.device if usable else "cpu", group=group, refused=e)
+        raise  # agree_across_ranks raised e already
     n, d = a.q.shape
     fields = [
         Signature("query: local batch (rows)", n, hint="drop the last incomplete batch (drop_last=True) or pad it"),
@@ -89,6 +101,7 @@ def _agree_on_call(entry, a, extra, group, world, check: bool) -> None:
         *extra,
     ]  # fmt: skip
     agree_across_ranks(entry, fields, device=a.q.device, group=group)
+    return o, c, a
 
 
 def _gather_ids(t, group):
@@ -125,24 +138,29 @@ def info_nce_loss_distributed(
     ``dist_impl`` and ``check_batch_sizes`` (one all-gather of a few integers: ranks that disagree on
     the local batch, feature dim, dtype, number of negative groups, which ids are given, directions or
     ``dist_impl`` get the same ``ValueError`` on every rank instead of a hang; ``False`` skips it)."""
-    o = info_nce_options(
-        directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
-        duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
-    )  # fmt: skip
-    c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
-    rank, world = _check_dist(dist_impl, check_batch_sizes, group)
-    a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
-    neg_ids_mask = sum(1 << j for j, t in enumerate(a.neg_ids) if t is not None and j < 62)
-    extra = [
-        Signature("negatives: number of negative groups (K)", len(a.negs)),
-        Signature("query_ids", int(query_ids is not None), _yes_no),
-        Signature("doc_ids", int(doc_ids is not None), _yes_no),
-        Signature("negative_ids: the negative groups with ids", neg_ids_mask, _show_bits(str)),
-        Signature("directions", sum(1 << _DIRECTIONS.index(x) for x in o.directions),
-                  _show_bits(lambda j: _DIRECTIONS[j])),
-        Signature("dist_impl", FAMILY_DIST_IMPLS.index(dist_impl), _show_table(FAMILY_DIST_IMPLS)),
-    ]  # fmt: skip
-    _agree_on_call("info_nce_loss_distributed", a, extra, group, world, check_batch_sizes)
+    rank, world = _check_dist(check_batch_sizes, group)
+
+    def build():
+        _check_dist_impl(dist_impl)
+        o = info_nce_options(
+            directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
+            duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
+        )  # fmt: skip
+        c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
+        a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
+        neg_ids_mask = sum(1 << j for j, t in enumerate(a.neg_ids) if t is not None and j < 62)
+        extra = [
+            Signature("negatives: number of negative groups (K)", len(a.negs)),
+            Signature("query_ids", int(query_ids is not None), _yes_no),
+            Signature("doc_ids", int(doc_ids is not None), _yes_no),
+            Signature("negative_ids: the negative groups with ids", neg_ids_mask, _show_bits(str)),
+            Signature("directions", sum(1 << _DIRECTIONS.index(x) for x in o.directions),
+                      _show_bits(lambda j: _DIRECTIONS[j])),
+            Signature("dist_impl", FAMILY_DIST_IMPLS.index(dist_impl), _show_table(FAMILY_DIST_IMPLS)),
+        ]  # fmt: skip
+        return o, c, a, extra
+
+    o, c, a = _agree_on_call("info_nce_loss_distributed", build, query, group, world, check_batch_sizes)
     if world == 1:
         return info_nce_fused(a, o, c.chunk_size)
     if dist_impl == "ring":
@@ -189,20 +207,25 @@ def gist_loss_distributed(
     disagree on the local batch, feature dim, dtype, whether a negative is given or the guide's dim
     get the same ``ValueError`` on every rank (one all-gather of a few integers), not mismatched
     collectives."""
-    o = gist_options(
-        margin_strategy=margin_strategy, margin=margin,
-        contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
-    )  # fmt: skip
-    c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
-    rank, world = _check_dist(dist_impl, check_batch_sizes, group)
-    a = prepare_gist(query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c)
-    extra = [
-        Signature("negative", int(bool(a.negs)), hint="1: given, 0: None"),
-        Signature("guide_query/guide_positive/guide_negative: the guide's feature dim", a.gq.shape[1]),
-        Signature("guide_query/guide_positive/guide_negative: dtype", comm._code(a.gq.dtype, comm._DTYPE_CODES),
-                  _show_table(comm._DTYPE_CODES)),
-    ]  # fmt: skip
-    _agree_on_call("gist_loss_distributed", a, extra, group, world, check_batch_sizes)
+    rank, world = _check_dist(check_batch_sizes, group)
+
+    def build():
+        _check_dist_impl(dist_impl)
+        o = gist_options(
+            margin_strategy=margin_strategy, margin=margin,
+            contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
+        )  # fmt: skip
+        c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
+        a = prepare_gist(query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c)
+        extra = [
+            Signature("negative", int(bool(a.negs)), hint="1: given, 0: None"),
+            Signature("guide_query/guide_positive/guide_negative: the guide's feature dim", a.gq.shape[1]),
+            Signature("guide_query/guide_positive/guide_negative: dtype",
+                      comm._code(a.gq.dtype, comm._DTYPE_CODES), _show_table(comm._DTYPE_CODES)),
+        ]  # fmt: skip
+        return o, c, a, extra
+
+    o, c, a = _agree_on_call("gist_loss_distributed", build, query, group, world, check_batch_sizes)
     if world == 1:
         return gist_fused(a, o, c.chunk_size)
     columns = (

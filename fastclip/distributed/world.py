@@ -118,7 +118,9 @@ class Signature:
     hint: str = ""
 
 
-def agree_across_ranks(entry: str, fields: Sequence[Signature], *, device, group=None) -> None:
+def agree_across_ranks(
+    entry: str, fields: Sequence[Signature], *, device, group=None, refused: BaseException | None = None
+) -> None:
     """Raise the same ``ValueError`` on every rank of ``group`` unless all ranks pass the same ``fields``.
 
     Ranks whose calls differ in shape (the number of negative groups, which ids are given, the guide's
@@ -127,11 +129,16 @@ def agree_across_ranks(entry: str, fields: Sequence[Signature], *, device, group
     or an abort inside gloo. One all-gather of ``16`` int64 per rank and one host sync; every rank
     reads the same table, so every rank raises the same message (naming every disagreeing field, by
     group rank) at the same point, and the group stays usable.
+
+    ``refused``: this rank's own argument checks failed with that error (pass no ``fields``). It still
+    joins the exchange, then raises it; the other ranks raise a ``ValueError`` naming the refusing
+    ranks instead of waiting for them in the collectives that would follow.
     """
-    if len(fields) >= _SIGNATURE_SLOTS:
-        raise AssertionError(f"agree_across_ranks: at most {_SIGNATURE_SLOTS - 1} fields, got {len(fields)}")
+    if len(fields) >= _SIGNATURE_SLOTS - 1:
+        raise AssertionError(f"agree_across_ranks: at most {_SIGNATURE_SLOTS - 2} fields, got {len(fields)}")
     world = dist.get_world_size(group)
-    mine = [zlib.crc32(entry.encode()) & 0x7FFFFFFF] + [int(f.value) for f in fields]
+    mine = [zlib.crc32(entry.encode()) & 0x7FFFFFFF, int(refused is not None)]
+    mine += [0 if refused is not None else int(f.value) for f in fields]
     mine += [0] * (_SIGNATURE_SLOTS - len(mine))
     mine_t = torch.tensor(mine, dtype=torch.int64, device=device).reshape(1, _SIGNATURE_SLOTS)
     table = torch.empty((world, _SIGNATURE_SLOTS), dtype=torch.int64, device=device)
@@ -144,8 +151,16 @@ def agree_across_ranks(entry: str, fields: Sequence[Signature], *, device, group
             f"{entry}: the ranks of the group are not all in {entry} (another fastclip loss on some "
             "ranks): every rank must make the same call"
         )
+    refusing = [r for r, row in enumerate(rows) if row[1]]
+    if refused is not None:
+        raise refused
+    if refusing:
+        raise ValueError(
+            f"{entry}: group rank(s) {refusing} refused their arguments (the error raised there says why); "
+            "this rank stops too rather than wait for them in the collectives that would follow"
+        )
     bad = []
-    for j, f in enumerate(fields, start=1):
+    for j, f in enumerate(fields, start=2):
         values = [r[j] for r in rows]
         if len(set(values)) != 1:
             shown = "[" + ", ".join(f.show(v) for v in values) + "]"
