@@ -245,6 +245,22 @@ def _column_splits(m: int, nb: int, device: torch.device) -> int:
     return max(1, min(tiles, want))
 
 
+def _guide_thresholds(b, gsim: torch.Tensor, own_off: int, margins: torch.Tensor) -> torch.Tensor:
+    """A chunk's guide thresholds ``g(row, own positive) - margin``, the own cell read from the positive
+    guide block's fp32 tile (the same arithmetic as every cell compared with it: a duplicate of the
+    positive ties exactly and stays, as in the materialized loss); ``margins`` is the op's ``thr``.
+    As ``fastclip/ops/family_impl.py``'s ``guide_thresholds``."""
+    if not (b.positive and b.own):
+        raise AssertionError("a guided spec's first guide block must be its positive block")
+    m, nb = gsim.shape
+    lo, hi = max(0, -own_off), max(0, min(m, nb - own_off))
+    out = torch.full((m,), float("inf"), dtype=torch.float32, device=gsim.device)
+    if hi > lo:
+        rows = torch.arange(lo, hi, device=gsim.device)
+        out[lo:hi] = gsim[rows, rows + own_off] - margins[lo:hi].to(torch.float32)
+    return out
+
+
 def _rows_per_chunk(n: int, width: int) -> int:
     c = max(BLOCK_M, FAMILY_WORKSPACE_ELEMENTS // max(1, width) // BLOCK_M * BLOCK_M)
     return max(1, min(n, c))
@@ -279,17 +295,20 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale):
         val_cnt = torch.zeros(m, dtype=f32, device=dev)
         lse_parts = [torch.full((m,), float("-inf"), dtype=f32, device=dev) for _ in spec.weights]
         kept = []
+        thr_c = None  # this chunk's guide thresholds
         for b in blocks:
             rows, cols = ts[b.row][i0:i1], ts[b.col]
             nb = cols.shape[0]
             sim = gemm.mm_f32(rows, cols.t()).contiguous()  # (m, nb) fp32
             gsim = dummy_f
+            own_off = (0 if b.local else spec.offset) + i0  # chunk row r owns column r + own_off
             if b.guide:
                 gsim = (guides[b.row][i0:i1].to(f32) @ guides[b.col].to(f32).t()).contiguous()
+                if thr_c is None:
+                    thr_c = _guide_thresholds(b, gsim, own_off, thr[i0:i1])
             use_ids = b.ids
             r_ids = ids[b.row][i0:i1].contiguous() if use_ids else dummy_i
             c_ids = ids[b.col].contiguous() if use_ids else dummy_i
-            own_off = (0 if b.local else spec.offset) + i0  # chunk row r owns column r + own_off
             splits = _column_splits(m, nb, dev)
             per_split = triton.cdiv(triton.cdiv(nb, splits), BLOCK_N) * BLOCK_N
             part = torch.empty((5 if eps else 3, splits, m), dtype=f32, device=dev)
@@ -301,7 +320,7 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale):
                 SMOOTH=bool(eps),
             )
             _family_stats_kernel[(triton.cdiv(m, BLOCK_M), splits)](
-                sim, gsim, thr[i0:i1].to(f32).contiguous() if b.guide else dummy_f, r_ids, c_ids, s,
+                sim, gsim, thr_c if b.guide else dummy_f, r_ids, c_ids, s,
                 part[0], part[1], part[2], part[3] if eps else dummy_f, part[4] if eps else dummy_f,
                 m, nb, own_off, float(spec.hardness), per_split,
                 sim.stride(0), gsim.stride(0) if b.guide else 0,

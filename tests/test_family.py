@@ -719,3 +719,29 @@ def test_float_scale_keeps_float64_precision(impl):
     a = FF.gist_loss(q, p, temperature=0.07, impl=impl, **g)
     want = gist_reference(q, p, temperature=0.07, **g)
     assert abs(float(a) - float(want)) <= 1e-12, (float(a), float(want))
+
+
+@pytest.mark.parametrize(
+    "impl", ["torch", pytest.param("triton", marks=[needs_triton, pytest.mark.interpreter])]
+)
+def test_gist_duplicate_positive_ties_as_the_reference(impl):
+    """A batch with the same positive twice (equal guide embeddings) at the default margin 0: the
+    duplicate's guide similarity equals the positive's exactly, so (strict ">", as sentence-transformers)
+    it stays. The fused paths compared a GEMM tile with a separately computed dot product (float64:
+    1 ulp apart in some batches; Triton: an fp32 tile against a float64 threshold) and removed it there:
+    e.g. 5.6036 for 7.4541. Found by the randomized differential test."""
+    dtype, tol = (torch.float64, 1e-10) if impl == "torch" else (torch.float32, 2e-4)
+    for seed in range(60 if impl == "torch" else 20):
+        g = torch.Generator().manual_seed(seed)
+        dg = 1 + seed % 7
+        q, p = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2))
+        gq, gp = (torch.randn(4, dg, generator=g, dtype=torch.float64) for _ in range(2))
+        gp[1], gq[1] = gp[0], gq[0]  # rows 0 and 1: the same texts, in the guide's eyes
+        kw = dict(guide_query=gq, guide_positive=gp, temperature=0.1, margin=0.0)
+        want = _grads(lambda t, _, kw=kw: gist_reference(*t, **kw), [q, p])
+        got = _grads(
+            lambda t, _, kw=kw: FF.gist_loss(*(x.to(dtype) for x in t), impl=impl, chunk_size=None, **kw),
+            [q, p],
+        )
+        for a, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+            assert max_err(a, w)[0] <= tol, (seed, float(got[0]), float(want[0]))

@@ -15,7 +15,7 @@ import torch
 from fastclip.ops import library
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import _run_block
-from fastclip.ops.family_inputs import gist_threshold
+from fastclip.ops.family_inputs import gist_margins
 from fastclip.ops.family_spec import FamilySpec
 from fastclip.ops.family_variants import Layout, gist_spec, info_nce_spec
 from fastclip.ops.inputs import nan_if_not_finite
@@ -206,7 +206,7 @@ def gist_fused(a, o, chunk_size, *, columns=None, offset: int = 0) -> torch.Tens
         P, N, GP, GN = columns
         ops, guides = [a.q, a.p, P, *N], [a.gq, a.gp, GP, *GN]
         lay = Layout(q=0, p=1, Q=0, P=2, N=tuple(range(3, 3 + len(N))), offset=offset)
-    thr = gist_threshold(a.gq, a.gp, o)
+    thr = gist_margins(a.gq, a.gp, o)  # the op's thr: per-row margins (family_impl.guide_thresholds)
     spec = gist_spec(o, lay, a.q.shape[0])
     return family_loss(
         spec, ops, a.scale, guides=guides, thr=thr, impl=a.impl, chunk_size=chunk_size, unit=True

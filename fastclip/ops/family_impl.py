@@ -70,6 +70,19 @@ class RowStats:
         return (total - target).sum()
 
 
+def guide_thresholds(b, gtile: torch.Tensor, orow: torch.Tensor, ocol: torch.Tensor, margins: torch.Tensor):
+    """A chunk's guide thresholds ``g(row, own positive) - margin``, the own cell read from the positive
+    guide block's tile: the same arithmetic as every cell compared with it, so a duplicate of the
+    positive (equal guide embeddings) ties exactly and stays, as in the materialized loss (a separately
+    computed dot product could differ in the last bit and remove it). ``margins``: ``thr`` of the op,
+    ``margin`` or ``|g_pos| * margin`` per row. Rows without their positive here get no threshold."""
+    if not (b.positive and b.own):
+        raise AssertionError("a guided spec's first guide block must be its positive block")
+    out = torch.full(margins.shape, float("inf"), dtype=gtile.dtype, device=gtile.device)
+    out[orow] = gtile[orow, ocol] - margins[orow].to(gtile.dtype)
+    return out
+
+
 def family_chunk_rows(n: int, width: int, chunk_size: int | None) -> int:
     """Rows per chunk: the caller's ``chunk_size`` or the default budget over all blocks' columns."""
     if chunk_size is not None:
@@ -129,6 +142,7 @@ def family_torch(
         # otherwise keep its last block's logits alive: two chunks at the peak instead of one).
         kept = logits = grad = None
         kept = []
+        thr_c = None
         for b in blocks:
             rows, cols = full[b.row][i0:i1], full[b.col]
             off = i0 + (0 if b.local else spec.offset)
@@ -158,7 +172,11 @@ def family_torch(
                 if b.shift != "all":  # the own cells: O(m D) dot products
                     logits[orow, ocol] = (rows[orow] * cols[ocol]).sum(1) * own_factor
             if b.guide:
-                over = (gfull[b.row][i0:i1] @ gfull[b.col].t()) > thr[i0:i1, None]
+                gtile = gfull[b.row][i0:i1] @ gfull[b.col].t()  # (m, Nb) guide similarities
+                if thr_c is None:  # the positive guide block comes first (guide_thresholds)
+                    thr_c = guide_thresholds(b, gtile, orow, ocol, thr[i0:i1])
+                over = gtile > thr_c[:, None]
+                del gtile
                 if b.positive:
                     over[orow, ocol] = False
                 removed = over if removed is None else removed.logical_or_(over)

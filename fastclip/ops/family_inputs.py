@@ -320,9 +320,11 @@ def prepare_gist(
     return GistInputs(q, p, negs, gq, gp, gnegs, s, impl)
 
 
-def gist_threshold(gq: torch.Tensor, gp_own: torch.Tensor, o: GistOptions) -> torch.Tensor:
-    """Per anchor: the guide similarity above which a column is a false negative. O(n·Dg)."""
-    g_pos = (gq * gp_own).sum(-1)
+def gist_margins(gq: torch.Tensor, gp_own: torch.Tensor, o: GistOptions) -> torch.Tensor:
+    """Per anchor, the margin below its positive's guide similarity above which a column is a false
+    negative: ``margin`` ("absolute") or ``|g(anchor, positive)| * margin`` ("relative"). O(n·Dg). The
+    threshold ``g(anchor, positive) - margin`` is formed inside the implementations from the guide
+    tile's own cell, so that a duplicate of the positive ties with it exactly (and stays)."""
     if o.margin_strategy == "absolute":
-        return g_pos - o.margin
-    return g_pos - g_pos.abs() * o.margin
+        return torch.full((gq.shape[0],), o.margin, dtype=gq.dtype, device=gq.device)
+    return (gq * gp_own).sum(-1).abs() * o.margin

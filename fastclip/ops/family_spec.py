@@ -12,7 +12,9 @@ row offset for gathered columns, 0 for local ones). A block says, per row, from 
 * ``ids``: columns whose id equals the row's id are duplicates (removed, or positives in
   ``positive_capable`` blocks under the ``"positive"`` policy); the own positive is never removed;
 * ``guide``: GIST's rule: a column is removed where the guide similarity exceeds the row's threshold
-  (the own positive is never removed);
+  (the own positive is never removed); the threshold is the row's own cell of the first guide block
+  (which must be the positive block) minus the row's margin (the op's ``thr``), read from the same
+  guide tile, so that a duplicate of the positive ties with it exactly;
 * ``part``: the log-sum-exp the block joins (one per row in ``"joint"``, one per direction in
   ``"per_direction"``, averaged with ``weights``).
 
