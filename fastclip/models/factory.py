@@ -30,7 +30,7 @@ from fastclip.models.hub import (
     resolve_tokenizer_repo,
 )
 from fastclip.models.model import CLIP
-from fastclip.models.tokenizer import HFTokenizer
+from fastclip.models.tokenizer import HFTokenizer, has_word_vocab, load_word_tokenizer
 
 # open_clip's precision names -> the dtype of the weights ("amp*" keep float32 weights for autocast)
 PRECISIONS = {
@@ -182,6 +182,8 @@ def get_tokenizer(name_or_id, context_length: int | None = None) -> HFTokenizer:
     the local Hugging Face cache); hub ids and local directories use their own tokenizer files, or the
     repo open_clip's ``hf_tokenizer_name`` names. Text is cleaned first as open_clip does for that
     model (``config.text.tokenizer_clean``); transformers repos get exactly their tokenizer's ids.
+    The output directory of a ``fastclip train`` run with a word vocabulary (``vocab.txt``, synthetic or
+    CSV data) gives that run's :class:`~fastclip.models.WordTokenizer`.
     """
     if not isinstance(name_or_id, (str, os.PathLike)):
         raise TypeError(
@@ -215,6 +217,8 @@ def get_tokenizer(name_or_id, context_length: int | None = None) -> HFTokenizer:
         directory = name
     else:
         raise _unknown(name)
+    if not _has_tokenizer_files(directory) and has_word_vocab(directory):  # a fastclip train run (vocab.txt)
+        return load_word_tokenizer(directory, context_length)
     settings = _text_settings(directory)
     if not _has_tokenizer_files(directory):
         other = parse_hub_id(f"hf-hub:{settings['tokenizer']}") if settings["tokenizer"] else None

@@ -172,6 +172,41 @@ def _pad_token(directory: str) -> str | None:
     return None
 
 
+# a training run's word vocabulary (data.tokenizer auto): one word per line, in id order
+WORD_VOCAB = "vocab.txt"
+
+
+def has_word_vocab(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, WORD_VOCAB))
+
+
+def load_word_tokenizer(directory: str, context_length: int | None = None) -> WordTokenizer:
+    """The :class:`WordTokenizer` a ``fastclip train`` run used (synthetic or CSV data with
+    ``data.tokenizer: auto``): the words of ``DIR/vocab.txt`` in their order (ids 3, 4, ...), and the
+    context length of the run's ``model_config.json`` unless ``context_length`` is given."""
+    path = os.path.join(os.fspath(directory), WORD_VOCAB)
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = [w for w in f.read().split("\n") if w]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable word vocabulary ({exc})") from None
+    if not words or any(w != w.strip() or w.lower() != w for w in words) or len(set(words)) != len(words):
+        raise ValueError(
+            f"{path}: expected distinct lower-case words, one per line, as fastclip train writes"
+        )
+    if context_length is None:
+        config = os.path.join(os.fspath(directory), "model_config.json")
+        try:
+            with open(config, encoding="utf-8") as f:
+                context_length = json.load(f)["text"]["context_length"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{path}: the context length comes from {config}, which is missing or unreadable "
+                f"({type(exc).__name__}: {exc}); pass context_length="
+            ) from None
+    return WordTokenizer(words, context_length=context_length)
+
+
 def load_tokenizer(path: str, context_length: int = 77) -> HFTokenizer:
     """A tokenizer saved by Hugging Face (``save_pretrained`` directory or a ``tokenizer.json``), local only."""
     if not isinstance(path, (str, os.PathLike)):

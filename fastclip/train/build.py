@@ -76,10 +76,7 @@ def build_model(cfg, out_dir: str, rank: int, model=None, tokenizer=None):
             f"model.overrides.vocab_size: expected >= the tokenizer's {vocab} tokens, "
             f"got {model.config.text.vocab_size}"
         )
-    if isinstance(tokenizer, WordTokenizer) and rank == 0:
-        with open(os.path.join(out_dir, "vocab.txt"), "w") as f:
-            f.write("\n".join(tokenizer.vocab) + "\n")
-    return tokenizer, model
+    return tokenizer, model  # a word tokenizer's vocab.txt is written with the run files (rundir)
 
 
 def _model_call(key: str, fn, *args, **kwargs):

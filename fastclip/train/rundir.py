@@ -241,20 +241,28 @@ def check_config_change(saved: dict, current: dict, allowed: list | None, ckpt_d
     return [f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changes.items()]
 
 
-def write_run_files(out: str, cfg, model_config) -> None:
+def write_run_files(out: str, cfg, model_config, tokenizer=None) -> None:
+    """config.yaml, model_config.json and, for a word tokenizer, vocab.txt (read back by
+    ``fastclip.get_tokenizer(out)``): written when training starts, so a run that fails during its set-up
+    leaves none of them."""
     import dataclasses
 
     import yaml
+
+    from fastclip.models.tokenizer import WORD_VOCAB, WordTokenizer
 
     mc = (
         dataclasses.asdict(model_config)
         if dataclasses.is_dataclass(model_config)
         else dict(vars(model_config))
     )
-    for name, text in (
+    files = [
         ("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
         ("model_config.json", json.dumps(mc, indent=1)),
-    ):
+    ]
+    if isinstance(tokenizer, WordTokenizer):
+        files.append((WORD_VOCAB, "\n".join(tokenizer.vocab) + "\n"))
+    for name, text in files:
         path = os.path.join(out, name)
         try:
             with open(path, "w") as f:

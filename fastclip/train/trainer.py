@@ -273,7 +273,7 @@ class Trainer:
         self.start_step = self.step
         cfg = self.cfg
         if self.rank == 0:
-            rundir.write_run_files(self.out, cfg, self.model.config)
+            rundir.write_run_files(self.out, cfg, self.model.config, self.tokenizer)
             self.metrics.open()
         bar = progress_bar(cfg, self.rank, self.step)
         t_last, n_last, waited = time.time(), 0, 0.0
