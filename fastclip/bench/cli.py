@@ -2,7 +2,9 @@
 
 ``fastclip bench loss`` with no arguments runs the built-in sweep for the machine (see
 :func:`fastclip.bench.loss.default_sweep`); every axis can be overridden. Results go to
-``benchmarks/results/`` (``--out``): JSON, CSV and PNG plots named by kind, date and device.
+``./fastclip-bench/`` in the current directory (``--out DIR``; the repository's published results are in
+``benchmarks/results/``): JSON, CSV and PNG plots named by kind, date and device; the folder is named
+in the output.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import os
 import sys
 
-DEFAULT_OUT = os.path.join("benchmarks", "results")
+DEFAULT_OUT = "fastclip-bench"  # in the current directory (was benchmarks/results, wherever it was run)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -85,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help="most timed iterations per run")
     p.add_argument("--time-budget", type=float, help="seconds of timed iterations per run (sets the repeats)")
     p.add_argument("--max-seconds", type=float, help="stop the sweep after this many seconds (results kept)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default ./{DEFAULT_OUT} in the current "
+                   "directory; the repository's published results: --out benchmarks/results)")  # fmt: skip
     p.add_argument("--name", help="file stem for the results (default loss_<date>_<time>_<device>)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-save", action="store_true", help="print only, write no files")
@@ -194,6 +197,7 @@ def run_loss(args: argparse.Namespace) -> int:
     recs = doc["records"]
     print()
     print(report.records_table(recs, doc["matmul_tflops"]))
+    print(matmul_note(recs, doc["matmul_tflops"], device.type))
     ratios = report.ratio_table(recs)
     if ratios:
         print("\nratios to the materialized reference (fwd+bwd time, peak extra memory):")
@@ -210,8 +214,27 @@ def run_loss(args: argparse.Namespace) -> int:
         paths.append(report.write_csv(recs, stem + ".csv", {"device": doc["device"], "date": doc["date"]}))
         if not args.no_plot:
             paths += plot_document(doc, stem)
-        print("\nwrote " + ", ".join(paths))
+        print(f"\nwrote {', '.join(paths)} (in {os.path.abspath(args.out)})")
     return 0 if recs else 1
+
+
+def matmul_note(records: list[dict], matmul_tflops: float | None, device_type: str) -> str:
+    """What the "% matmul" column is a percentage of, under the table; values above 100 % explained."""
+    if not matmul_tflops:
+        return "% matmul: - (no matmul rate measured)"
+    what = "bf16 8192x8192" if device_type == "cuda" else "fp32 2048x2048"
+    note = (
+        f"% matmul: TFLOP/s (the loss's FLOP floor, 8*B^2*D for clip, 6*B^2*D for siglip, over the median "
+        f"fwd+bwd time) as a percentage of the {what} matmul rate measured once at the start of this run "
+        f"({matmul_tflops:.3g} TFLOP/s)."
+    )
+    if any((r.get("matmul_frac") or 0) > 1 for r in records):
+        note += (
+            " Above 100 %: the matmul was measured at a busier moment than the loss (other jobs on a shared "
+            "machine) or the loss's shapes run faster than that square matmul; not a loss faster than its "
+            "own GEMMs."
+        )
+    return note
 
 
 def torch_current_device() -> int:
@@ -230,6 +253,8 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"fastclip bench report: {args.path}: {exc}", file=sys.stderr)
         return 2
     print(report.records_table(doc["records"], doc["matmul_tflops"]))
+    kind = "cpu" if str(doc["device"]).startswith("cpu") else "cuda"
+    print(matmul_note(doc["records"], doc["matmul_tflops"], kind))
     ratios = report.ratio_table(doc["records"])
     if ratios:
         print("\n" + ratios)
