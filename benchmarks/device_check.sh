@@ -83,7 +83,12 @@ if [ -n "$WHEELS" ]; then
     shopt -u nullglob
     [ ${#whls[@]} -gt 0 ] || { echo "no wheels in $WHEELS" >&2; exit 2; }
     if [ "$DRY" = 1 ]; then
-        "$PY" -m pip install --dry-run --no-deps --no-index --force-reinstall "${whls[@]}" || FAILED=1
+        # resolve for the device image (cp312, x86_64 manylinux), not for this machine's Python
+        "$PY" -m pip install --dry-run --no-deps --no-index --ignore-installed --only-binary=:all: \
+            --target "$OUT/.pip-dry-run" --python-version 3.12 --implementation cp --abi cp312 \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            "${whls[@]}" || FAILED=1
+        rm -rf "$OUT/.pip-dry-run"
     else
         "$PY" -m pip install --no-deps --no-index --force-reinstall "${whls[@]}" || FAILED=1
     fi

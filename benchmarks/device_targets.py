@@ -43,7 +43,7 @@ def _ratio_row(label, fused, base, t_max, m_max=None):
     ok = t <= t_max
     if m_max is not None and f.get("peak_mem_bytes") and b.get("peak_mem_bytes"):
         m = f["peak_mem_bytes"] / b["peak_mem_bytes"]
-        text += f", memory {100 * m:.1f}% ({f['peak_mem_bytes'] / 2**20:.0f} / {b['peak_mem_bytes'] / 2**20:.0f} MiB)"
+        text += f", memory {100 * m:.1f}% ({f['peak_mem_bytes'] / 2**20:.4g} / {b['peak_mem_bytes'] / 2**20:.4g} MiB)"
         ok = ok and m <= m_max
     return [label, text, MET if ok else SHORT]
 
@@ -133,6 +133,11 @@ def _pytest_summary(out, name):
     return lines[-1] if lines else "empty log"
 
 
+def _pow2(m) -> str:
+    b = next((r["batch"] for r in m.get("rows", []) if r.get("batch")), 2**20)
+    return f"2^{b.bit_length() - 1}" if b & (b - 1) == 0 else str(b)
+
+
 def _run_rows(out):
     rows = []
     status = dict((p[0], p[1]) for p in _pairs(out, "status.txt") if len(p) >= 2)
@@ -142,7 +147,11 @@ def _run_rows(out):
     text = "; ".join(f"{r['loss']} {r['seconds']} s" if r.get("finite") else f"{r['loss']}: {r.get('error', 'not finite')}"
                      for r in m.get("rows", [])) or "not run"  # fmt: skip
     rows.append(
-        ["B=2^20 clip and siglip complete (finite)", text, MET if len(done) == 2 else (SHORT if m else NONE)]
+        [
+            f"B={_pow2(m)} clip and siglip complete (finite)",
+            text,
+            MET if len(done) == 2 else (SHORT if m else NONE),
+        ]
     )
     c = _load(out, "correctness")
     res = c.get("results", [])
@@ -152,7 +161,8 @@ def _run_rows(out):
         tf = [r for r in res if r["dtype"] == "float32" and r["tf32"]]
         n_ok = lambda rs: sum(1 for r in rs if r.get("ok"))  # noqa: E731
         text = f"IEEE {n_ok(ieee)}/{len(ieee)}, TF32 {n_ok(tf)}/{len(tf)}; all cases {n_ok(res)}/{len(res)}"
-        rows.append([lab, text, MET if ieee and tf and n_ok(ieee + tf) == len(ieee + tf) else SHORT])
+        verdict = NONE if not ieee or not tf else MET if n_ok(ieee + tf) == len(ieee + tf) else SHORT
+        rows.append([lab, text, verdict])
     else:
         rows.append([lab, "not measured", NONE])
     for name, lab, limit in (("pytest", "pytest -m gpu (trainer test excluded): passes in <= 90 s", 90),
@@ -164,7 +174,7 @@ def _run_rows(out):
         elif status.get(name) == "skipped" or summ is None:
             rows.append([lab, "not run", NONE])
         else:
-            ok = status.get(name) == "0" and "failed" not in summ and "error" not in summ
+            ok = status.get(name) == "0" and "passed" in summ and "failed" not in summ and "error" not in summ
             ok = ok and (limit is None or (secs is not None and secs <= limit))
             rows.append([lab, f"{summ} (exit {status.get(name)}, {secs} s)", MET if ok else SHORT])
     total = times.get("total")
