@@ -52,6 +52,7 @@ from fastclip.kernels.common import (
     check_block,
     check_offset,
     check_stat,
+    dot_operands,
     grouped_tile,
     meta_flags,
     positives_in,
@@ -123,7 +124,11 @@ def _clip_lse_kernel(
     tl.store(row_out, m_row + tl.log(tl.where(l_row == 0.0, 1.0, l_row)), mask=row_mask)
 
 
-@triton.jit
+# Triton specializes integer arguments (== 1, divisible by 16): one compiled variant per class. Not
+# ``offset``: it is only compared with indices, never part of an address (the PTX of a training-step
+# launch is identical without its specialization, AOT build for sm_90), so every offset of the
+# positives shares one binary instead of one per class.
+@triton.jit(do_not_specialize=["offset"])
 def _clip_grad_kernel(
     # pointers
     x_ptr,
@@ -225,6 +230,7 @@ def clip_lse(
     lse_row = torch.empty(n, dtype=torch.float32, device=dev)
     lse_col = None
     flags = meta_flags(x.dtype)
+    x, y = dot_operands(x, y)  # TF32-rounded copies when fp32 runs on TF32
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         row_blocks = triton.cdiv(i1 - i0, cfg.block_m)
@@ -312,24 +318,25 @@ def clip_grad(
     lse_r = lse_row.contiguous() if has_row else s  # a placeholder pointer when the term is absent
     lse_c = lse_col.contiguous() if has_col else s
     flags = meta_flags(x.dtype)
+    x_dot, y_dot = dot_operands(x, y)  # the kernel's operands; the GEMMs read x, y
     timer = timer or gemm.PhaseTimer.disabled()
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
-        xc = x[i0:i1]
+        xc, xc_dot = x[i0:i1], x_dot[i0:i1]
         for j0 in range(0, N, nc):
             j1 = min(N, j0 + nc)
-            yp = y[j0:j1]
+            yp, yp_dot = y[j0:j1], y_dot[j0:j1]
             g = workspace[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
             pos = has_pos and positives_in(offset, i0, i1, j0, j1)
             grid = triton.cdiv(i1 - i0, cfg.block_m) * triton.cdiv(j1 - j0, cfg.block_n)
             ds_part = torch.empty(grid, dtype=torch.float32, device=dev)
             with timer.phase("tile kernel"):
                 _clip_grad_kernel[(grid,)](
-                    xc, yp, s, lse_r[i0:i1] if has_row else lse_r, lse_c[j0:j1] if has_col else lse_c,
+                    xc_dot, yp_dot, s, lse_r[i0:i1] if has_row else lse_r, lse_c[j0:j1] if has_col else lse_c,
                     g, ds_part,
                     i1 - i0, j1 - j0, D, offset + i0 - j0 if pos else 0,
                     float(coef_row), float(coef_col), float(pos_coef), 1.0 / g_scale,
-                    xc.stride(0), xc.stride(1), yp.stride(0), yp.stride(1), g.stride(0),
+                    xc_dot.stride(0), xc_dot.stride(1), yp_dot.stride(0), yp_dot.stride(1), g.stride(0),
                     BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, HAS_ROW=has_row, HAS_COL=has_col,
                     HAS_POS=pos, GROUP_M=config.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     **flags,

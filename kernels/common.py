@@ -1,5 +1,18 @@
 """Code shared by the CLIP and SigLIP kernels: the similarity tile, the grouped grid order, the
-launchers' input checks and compile-time flags.
+launchers' input checks and compile-time flags, and the TF32 rounding of fp32 operands.
+
+TF32: for fp32 operands with ``input_precision="tf32"`` Triton feeds the fp32 bits to the tensor cores
+unchanged (sm_90: ``wgmma.mma_async ... .f32.tf32.tf32`` reading the operand tiles from shared memory;
+sm_80: ``mma.sync ... .tf32.tf32``; no ``cvt.rna.tf32.f32`` anywhere in the PTX), and the tensor cores
+ignore the low 13 mantissa bits: every operand is truncated toward zero, every product biased low by
+about 2**-11 relative per operand, and at logit scales of 10-100 that bias shows in the log-sum-exp and
+the SigLIP sums (on an H200: 2.2-20x the error of cuBLAS's TF32 on the same inputs, which rounds
+operands to nearest). So with TF32 on, the launchers hand the kernels operands already rounded to the
+nearest TF32 value (``dot_operands``: one elementwise pass over X and Y, a temporary fp32 copy of
+each); the tensor cores' truncation of those is exact. Rounding in registers inside the K loop instead
+was compiled and rejected: it takes the operands out of the shared-memory path of ``wgmma`` (A through
+``ldmatrix`` into registers, B loaded, rounded and stored back to shared memory) and serializes the MMA
+(``wgmma.wait_group 0`` every K step instead of 1).
 """
 
 from __future__ import annotations
@@ -56,6 +69,52 @@ def sim_tile(
         else:
             acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def round_tf32(v):
+    """fp32 ``v`` rounded to the nearest TF32 value (10 mantissa bits; ties away from zero, as PTX's
+    ``cvt.rna.tf32.f32``), in fp32 storage with the low 13 bits zero. Overflow rounds to inf, inf stays
+    inf, NaN stays NaN (its quiet bit set, so it is still a NaN once the hardware drops the low bits).
+    Integer operations on the bits: the same numbers compiled and under the interpreter."""
+    bits = v.to(tl.uint32, bitcast=True)
+    # Half a TF32 ulp added to the magnitude bits carries into the kept bits exactly when the dropped
+    # part is at least half an ulp (sign-magnitude: ties go away from zero); a carry into the exponent
+    # is the correct next binade, and from the largest finite binade it gives inf.
+    rounded = (bits + 0x1000) & 0xFFFFE000
+    return tl.where(v != v, bits | 0x400000, rounded).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["numel"])
+def _round_tf32_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    tl.store(dst_ptr + offs, round_tf32(tl.load(src_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+def round_tf32_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A new contiguous fp32 tensor: ``t`` (fp32) rounded elementwise to the nearest TF32 value."""
+    if t.dtype != torch.float32:
+        raise TypeError(f"t: expected float32, got {t.dtype}")
+    t = t.contiguous()
+    out = torch.empty_like(t)
+    numel = t.numel()
+    if numel:
+        # The interpreter pays per program, not per element: few, large blocks there.
+        block = 2**16 if config.interpreting() else 2048
+        _round_tf32_kernel[(triton.cdiv(numel, block),)](t, out, numel, BLOCK=block, num_warps=4)
+    return out
+
+
+def dot_operands(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operands the kernels' ``tl.dot`` should read for the features ``x``, ``y`` (contiguous): the
+    tensors themselves, or, for fp32 with TF32 on, copies rounded to the nearest TF32 value (see the
+    module docstring), so the fused loss multiplies what cuBLAS's TF32 multiplies. Under the
+    interpreter too, where the rounding then reproduces the GPU's operands. The cuBLAS GEMMs of the
+    gradients keep reading ``x`` and ``y`` (cuBLAS rounds its own operands)."""
+    if x.dtype != torch.float32 or not gemm.tf32_enabled():
+        return x, y
+    return round_tf32_tensor(x), round_tf32_tensor(y)
 
 
 @triton.jit

@@ -41,6 +41,7 @@ from fastclip.kernels import config, gemm
 from fastclip.kernels.common import (
     check_block,
     check_offset,
+    dot_operands,
     grouped_tile,
     meta_flags,
     positives_in,
@@ -318,6 +319,9 @@ def distill_stats(x, y, s, xt, yt, t, both, *, rows_per_chunk=None, splits=None)
     rows_out = torch.empty((3, n), dtype=torch.float32, device=dev)
     cols_out = None
     flags = {**_flags(x.dtype, "S"), **_flags(xt.dtype, "T")}
+    # The kernel's operands: TF32-rounded copies where a pair is fp32 and TF32 is on (common.py).
+    x, y = dot_operands(x, y)
+    xt, yt = dot_operands(xt, yt)
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         row_blocks = triton.cdiv(i1 - i0, cfg.block_m)
@@ -406,20 +410,24 @@ def distill_grad(
     wst = torch.empty((c, N), dtype=xt.dtype, device=dev) if need_teacher else s32
     flags = {**_flags(x.dtype, "S"), **_flags(xt.dtype, "T")}
     col_blocks = triton.cdiv(N, cfg.block_n)
+    # The kernel's operands (TF32-rounded copies under TF32, see common.py); the GEMMs read x, y, xt, yt.
+    x_dot, y_dot = dot_operands(x, y)
+    xt_dot, yt_dot = dot_operands(xt, yt)
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
         row_blocks = triton.cdiv(i1 - i0, cfg.block_m)
         xc, xtc = x[i0:i1], xt[i0:i1]
+        xc_dot, xtc_dot = x_dot[i0:i1], xt_dot[i0:i1]
         g = ws[: i1 - i0] if need_student else ws
         gt = wst[: i1 - i0] if need_teacher else wst
         pos = need_student and positives_in(offset, i0, i1, 0, N)
         part = torch.zeros((2, row_blocks * col_blocks), dtype=torch.float32, device=dev)
         sr = stat_row[:, i0:i1]
         _distill_grad_kernel[(row_blocks * col_blocks,)](
-            xc, y, xtc, yt, s32, t32, sr, stat_col, coef, g, gt, part,
+            xc_dot, y_dot, xtc_dot, yt_dot, s32, t32, sr, stat_col, coef, g, gt, part,
             i1 - i0, N, D, DT, offset + i0 if pos else 0,
-            xc.stride(0), xc.stride(1), y.stride(0), y.stride(1),
-            xtc.stride(0), xtc.stride(1), yt.stride(0), yt.stride(1),
+            xc_dot.stride(0), xc_dot.stride(1), y_dot.stride(0), y_dot.stride(1),
+            xtc_dot.stride(0), xtc_dot.stride(1), yt_dot.stride(0), yt_dot.stride(1),
             sr.stride(0), stat_col.stride(0), g.stride(0), gt.stride(0), part.stride(0),
             BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, BOTH=both, HAS_POS=pos,
             STUDENT=need_student, TEACHER=need_teacher, GROUP_M=config.GROUP_M,

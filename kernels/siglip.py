@@ -30,6 +30,7 @@ from fastclip.kernels import config, gemm
 from fastclip.kernels.common import (
     check_block,
     check_offset,
+    dot_operands,
     grouped_tile,
     meta_flags,
     positives_in,
@@ -38,7 +39,9 @@ from fastclip.kernels.common import (
 )
 
 
-@triton.jit
+# ``offset`` (compared with indices) and ``stride_part`` (addresses two scalar stores) are not
+# specialized: one binary for every offset and grid size (kernels/clip.py, _clip_grad_kernel).
+@triton.jit(do_not_specialize=["offset", "stride_part"])
 def _siglip_tile_kernel(
     # pointers
     x_ptr,
@@ -174,13 +177,14 @@ def siglip_block(
     dy = torch.zeros((N, D), dtype=torch.float32, device=dev) if need_grad else None
     sums = torch.zeros(3, dtype=torch.float32, device=dev)  # loss, ds, db
     flags = meta_flags(x.dtype)
+    x_dot, y_dot = dot_operands(x, y)  # the kernel's operands (TF32-rounded under TF32); GEMMs read x, y
     timer = timer or gemm.PhaseTimer.disabled()
     for i0 in range(0, n, c):
         i1 = min(n, i0 + c)
-        xc = x[i0:i1]
+        xc, xc_dot = x[i0:i1], x_dot[i0:i1]
         for j0 in range(0, N, nc):
             j1 = min(N, j0 + nc)
-            yp = y[j0:j1]
+            yp, yp_dot = y[j0:j1], y_dot[j0:j1]
             # placeholder pointer without gradients
             g = workspace[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0) if need_grad else xc
             pos = positives_in(offset, i0, i1, j0, j1)
@@ -189,9 +193,10 @@ def siglip_block(
             part = (torch.empty if need_grad else torch.zeros)((3, grid), dtype=torch.float32, device=dev)
             with timer.phase("tile kernel"):
                 _siglip_tile_kernel[(grid,)](
-                    xc, yp, s, b, g, part,
+                    xc_dot, yp_dot, s, b, g, part,
                     i1 - i0, j1 - j0, D, offset + i0 - j0 if pos else 0,
-                    xc.stride(0), xc.stride(1), yp.stride(0), yp.stride(1), g.stride(0), part.stride(0),
+                    xc_dot.stride(0), xc_dot.stride(1), yp_dot.stride(0), yp_dot.stride(1), g.stride(0),
+                    part.stride(0),
                     BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
                     HAS_BIAS=bias is not None, HAS_POS=pos, NEED_GRAD=need_grad, GROUP_M=config.GROUP_M,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,

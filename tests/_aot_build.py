@@ -143,7 +143,12 @@ def main(argv: list[str]) -> None:
     precs = {k: v for k, v in PRECISIONS.items() if only("--prec") is None or k in only("--prec")}
     kernels = only("--kernels") or ["lse", "grad", "siglip"]
     compiled = compile_only(
-        {"lse": clip._clip_lse_kernel, "grad": clip._clip_grad_kernel, "siglip": siglip._siglip_tile_kernel}
+        {
+            "lse": clip._clip_lse_kernel,
+            "grad": clip._clip_grad_kernel,
+            "siglip": siglip._siglip_tile_kernel,
+            "round": common._round_tf32_kernel,  # fp32 operands under TF32 (kernels/common.py)
+        }
     )
     # The launchers run on CPU tensors here: skip their device check, take the GPU code paths.
     clip.check_block = siglip.check_block = lambda *a, **k: None
@@ -165,6 +170,12 @@ def main(argv: list[str]) -> None:
                 done.add((tuple(cfgs.values()), aligned))
                 launch_all(n, dim, dtype, kernels)
                 for kname, k in compiled:
+                    if kname == "round":  # one elementwise kernel, whatever the shapes
+                        meta = {"kernel": "round", "arch": arch, "prec": prec, "aligned": aligned}
+                        out.setdefault(
+                            f"round-{arch}-{prec}", {**describe(k), **meta, "config": None, "dims": []}
+                        )
+                        continue
                     cfg = cfgs[{"lse": "lse", "grad": "tile", "siglip": "siglip"}[kname]]
                     variant = kname
                     if kname == "siglip" and not k.src.constants[(k.src.fn.arg_names.index("NEED_GRAD"),)]:

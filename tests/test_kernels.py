@@ -13,6 +13,7 @@ Helpers here (``_cases``, ``_check_*``) are reused by tests/test_gpu_kernels.py 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from utils import assert_within_budget, features, loss_and_grads, scalar
@@ -531,3 +532,164 @@ def test_impl_triton_rejects_float64_and_auto_uses_torch():
     from fastclip.ops.dispatch import resolve_impl
 
     assert resolve_impl("auto", torch.device("cpu"), dtype=torch.float64) == "torch"
+
+
+# ---------------------------------------------------------------------------------------------------
+# TF32: fp32 operands rounded to nearest TF32 before the tensor cores (kernels/common.py)
+
+_TF32_MAX = (2.0 - 2.0**-10) * 2.0**127
+
+
+def _tf32_nearest(a: np.ndarray) -> np.ndarray:
+    """Round-to-nearest TF32 (ties away from zero) of fp32 ``a``, emulated in float64 from the
+    definition: 11 significant bits, spacing 2**(e - 11) in the binade [2**(e-1), 2**e), fp32's
+    subnormal range on the spacing of its lowest normal binade, overflow past the largest TF32 to inf."""
+    a64 = a.astype(np.float64)
+    out = a64.copy()
+    fin = np.isfinite(a64) & (a64 != 0)
+    mag = np.abs(a64[fin])
+    _, e = np.frexp(mag)  # mag = m * 2**e, 0.5 <= m < 1
+    spacing = np.ldexp(1.0, np.maximum(e, -125) - 11)
+    r = np.floor(mag / spacing + 0.5) * spacing  # exact in float64: a power-of-two scaling
+    r[r > _TF32_MAX] = np.inf
+    out[fin] = np.copysign(r, a64[fin])
+    return out.astype(np.float32)
+
+
+def _fp32_from_bits(bits) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(bits, dtype=np.uint32).view(np.float32).copy())
+
+
+def test_round_tf32_is_bitwise_round_to_nearest_with_inf_and_nan_kept():
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(20000, generator=g) * torch.exp2(
+        torch.randint(-150, 128, (20000,), generator=g).float()
+    )
+    mant = torch.randint(0, 2**23, (4000,), generator=g, dtype=torch.int64)
+    expo = torch.randint(0, 255, (4000,), generator=g, dtype=torch.int64)
+    sign = torch.randint(0, 2, (4000,), generator=g, dtype=torch.int64)
+    # Exact ties (dropped bits 0x1000), one below and one above, with every exponent incl. subnormals.
+    tie_bits = (sign << 31) | (expo << 23) | (mant & ~0x1FFF)
+    ties = np.concatenate([tie_bits + 0x1000, tie_bits + 0x0FFF, tie_bits + 0x1001]) & 0xFFFFFFFF
+    # fmt: off
+    edges = [
+        0x00000000, 0x80000000, 0x00000001, 0x00001000, 0x00000FFF, 0x007FFFFF, 0x00800000,
+        0x7F7FE000, 0x7F7FEFFF, 0x7F7FF000, 0x7F7FFFFF, 0xFF7FF000,  # around the largest TF32
+        0x3F800FFF, 0x3F801000, 0x3F801FFF, 0x3FFFF000,  # 1 + ties, carry into the exponent
+        0x7F800000, 0xFF800000,  # +-inf
+    ]
+    # fmt: on
+    x = torch.cat([wide, _fp32_from_bits(ties), _fp32_from_bits(edges)])
+    got = kernels_common.round_tf32_tensor(x)
+    want = torch.from_numpy(_tf32_nearest(x.numpy()))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert (got.view(torch.int32) & 0x1FFF == 0).all()  # exactly representable in TF32
+    assert torch.isinf(got[-2:]).all() and got[-1] < 0
+    assert torch.isinf(kernels_common.round_tf32_tensor(_fp32_from_bits([0x7F7FFFFF, 0xFF7FF000]))).all()
+    # NaN stays NaN, also when its payload is only in the bits the tensor cores drop.
+    nans = _fp32_from_bits([0x7FC00000, 0xFFFFFFFF, 0x7F800001, 0xFF801000, 0x7FFFF000])
+    out = kernels_common.round_tf32_tensor(nans)
+    assert torch.isnan(out).all()
+    assert torch.isnan((out.view(torch.int32) & ~0x1FFF).view(torch.float32)).all()
+
+
+def _set_tf32(enabled: bool) -> None:
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        matmul.allow_tf32 = enabled
+    from fastclip.kernels import gemm
+
+    assert gemm.tf32_enabled() is enabled
+
+
+@pytest.fixture
+def tf32_on(fp32_precision_restored):
+    _set_tf32(True)
+    yield
+
+
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(_tf32_nearest(t.detach().numpy()))
+
+
+def test_tf32_launchers_multiply_operands_rounded_to_nearest(tf32_on):
+    """Under the interpreter the launchers round fp32 operands as on a GPU with TF32 on: the tiles
+    equal float64 math on TF32-rounded X and Y (and are far from the unrounded math, so the check can
+    fail); the gradients' GEMMs read the unrounded X and Y; bf16 operands are not touched."""
+    n, N, D, off = 70, 130, 33, 5
+    x, y = _inputs(n, N, D, torch.float32, seed=11)
+    xr, yr = _tf32(x), _tf32(y)
+    assert not torch.equal(xr, x)
+    s, coefs = 100.0, (0.3, 0.2, 0.5)
+    lr, lc = kernels_clip.clip_lse(x, y, torch.tensor(s))
+    want = _clip_block_math(xr, yr, s, off, coefs, exact=True)
+    unrounded = _clip_block_math(x, y, s, off, coefs, exact=True)
+    for got, w, u in ((lr, want[0], unrounded[0]), (lc, want[1], unrounded[1])):
+        err, far = float((got.double() - w).abs().max()), float((u - w).abs().max())
+        assert err <= 2e-5 and far >= 50 * err, (err, far)
+    dx, dy, ds = kernels_clip.clip_grad(
+        x, y, torch.tensor(s), want[0].float(), want[1].float(), *coefs[:2], off, coefs[2]
+    )
+    # G from the rounded similarities, then s * G @ y with the unrounded y (cuBLAS's own operands).
+    S = xr.double() @ yr.double().T
+    L = s * S
+    G = (
+        coefs[0] * torch.exp(L - want[0][:, None])
+        + coefs[1] * torch.exp(L - want[1][None, :])
+        - coefs[2] * _positives(n, N, off, "cpu")
+    )
+    for got, w, w_rounded in (
+        (dx, s * G @ y.double(), s * G @ yr.double()),
+        (dy, s * G.T @ x.double(), s * G.T @ xr.double()),
+    ):
+        err, far = float((got.double() - w).abs().max()), float((w_rounded - w).abs().max())
+        assert err <= 2e-5 * float(w.abs().max()) and far >= 20 * err, (err, far)
+    torch.testing.assert_close(ds.double(), (G * S).sum(), rtol=1e-5, atol=0)
+    loss, sdx, _, _, _ = kernels_siglip.siglip_block(x, y, torch.tensor(10.0), torch.tensor(-10.0), off, True)
+    sw = _siglip_block_math(xr, yr, 10.0, -10.0, off, exact=True)
+    su = _siglip_block_math(x, y, 10.0, -10.0, off, exact=True)
+    err, far = abs(float(loss) - float(sw[0])), abs(float(su[0]) - float(sw[0]))
+    assert err <= 1e-4 and far >= 10 * err, (err, far)
+    Gs = torch.sigmoid(10.0 * (xr.double() @ yr.double().T) - 10.0) - _positives(n, N, off, "cpu")
+    torch.testing.assert_close(sdx.double(), 10.0 * Gs @ y.double(), rtol=1e-5, atol=1e-5)
+    # 16-bit operands are exact in TF32: no rounding pass, the same numbers as with TF32 off.
+    xb, yb = x.bfloat16(), y.bfloat16()
+    on = kernels_clip.clip_lse(xb, yb, torch.tensor(s))
+    _set_tf32(False)
+    off_ = kernels_clip.clip_lse(xb, yb, torch.tensor(s))
+    assert all(torch.equal(a, b) for a, b in zip(on, off_))
+    # fp32 with TF32 off: the unrounded operands.
+    lr_ieee, _ = kernels_clip.clip_lse(x, y, torch.tensor(s))
+    assert float((lr_ieee.double() - unrounded[0]).abs().max()) <= 2e-5
+
+
+def test_tf32_rounding_runs_only_for_fp32_with_tf32_on(tf32_on, monkeypatch):
+    calls = []
+    real = kernels_common.round_tf32_tensor
+    monkeypatch.setattr(kernels_common, "round_tf32_tensor", lambda t: calls.append(t.shape) or real(t))
+    x, y = _inputs(9, 12, 5, torch.float32)
+    kernels_common.dot_operands(x, y)
+    assert calls == [(9, 5), (12, 5)]
+    for dtype in (torch.bfloat16, torch.float16):
+        xo, yo = kernels_common.dot_operands(x.to(dtype), y.to(dtype))
+        assert xo.dtype == dtype and len(calls) == 2
+    _set_tf32(False)
+    xo, yo = kernels_common.dot_operands(x, y)
+    assert xo is x and yo is y and len(calls) == 2
+
+
+def test_tf32_distillation_kernels_round_both_pairs(tf32_on):
+    """The distillation kernels (two tiles per program, student and teacher) round both fp32 pairs."""
+    from fastclip.kernels import distill as kd
+
+    x, y = _inputs(40, 50, 24, torch.float32, seed=3)
+    xt, yt = _inputs(40, 50, 20, torch.float32, seed=5)
+    s, t = torch.tensor(60.0), torch.tensor(80.0)
+    lse_s, lse_t, *_ = kd.distill_stats(x, y, s, xt, yt, t, False)
+    for got, a, b, scale in ((lse_s, x, y, 60.0), (lse_t, xt, yt, 80.0)):
+        want = (scale * _tf32(a).double() @ _tf32(b).double().T).logsumexp(1)
+        unrounded = (scale * a.double() @ b.double().T).logsumexp(1)
+        err, far = float((got.double() - want).abs().max()), float((unrounded - want).abs().max())
+        assert err <= 2e-5 and far >= 50 * err, (err, far)

@@ -57,17 +57,20 @@ def test_every_shipped_configuration_compiles(aot):
     from fastclip.kernels import config
 
     kernels = {info["kernel"] for info in aot.values()}
-    assert kernels == {"lse", "grad", "siglip", "siglip-loss"}
+    assert kernels == {"lse", "grad", "siglip", "siglip-loss", "round"}
     for arch in ("hopper", "ampere"):
         for prec in ELEMENT_BYTES:
             found = {i["kernel"] for i in aot.values() if i["arch"] == arch and i["prec"] == prec}
-            assert found == kernels, (arch, prec, found)
+            # TF32 rounds the fp32 operands first (kernels/common.py): only that precision has "round".
+            want = kernels if prec == "fp32-tf32" else kernels - {"round"}
+            assert found == want, (arch, prec, found)
+    tiles = {key: info for key, info in aot.items() if info["kernel"] != "round"}
     # Every configuration a launcher would pick at D <= 1152 was built (dims are recorded per binary).
-    for key, info in aot.items():
+    for key, info in tiles.items():
         kernel, arch, prec, aligned = _parts(info)
         if aligned:
             assert set(info["dims"]) <= {256, 512, 768, 1024, 1152}, key
-    for key, info in aot.items():  # the binaries were built with the configurations of the tables
+    for key, info in tiles.items():  # the binaries were built with the configurations of the tables
         table = {"lse": "lse", "grad": "tile", "siglip": "siglip", "siglip-loss": "siglip"}[info["kernel"]]
         assert info["config"] == config._CONFIGS[info["arch"]][table].__dict__ or info["prec"].startswith(
             "fp32"
@@ -81,6 +84,8 @@ def test_shared_memory_stages_and_instructions(aot):
     instructions for 16-bit inputs (wgmma on sm_90, mma on sm_80)."""
     for key, info in aot.items():
         kernel, arch, prec, aligned = _parts(info)
+        if kernel == "round":
+            continue  # elementwise, no shared memory (test_tf32_rounding_kernel_compiles_lean)
         cfg = info["config"]
         assert info["shared"] <= SHARED_LIMIT[arch], (key, info["shared"])
         assert info["num_stages"] == cfg["num_stages"] and info["num_warps"] == cfg["num_warps"], key
@@ -105,6 +110,22 @@ def test_no_register_spills_for_16_bit_inputs(aot):
             assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (key, info)
             assert info["stack_bytes"] == 0 and info["local_bytes"] == 0, (key, info)
     assert checked == 16
+
+
+@pytest.mark.slow
+def test_tf32_rounding_kernel_compiles_lean(aot):
+    """The TF32 rounding of fp32 operands (one elementwise pass before the tile kernels) compiles for
+    both targets without spills; the tile kernels it feeds are the unchanged TF32 ones (tensor-core
+    MMA on .tf32 operands, no conversion of their own)."""
+    rounds = {k: i for k, i in aot.items() if i["kernel"] == "round"}
+    assert {i["arch"] for i in rounds.values()} == {"hopper", "ampere"}
+    for key, info in rounds.items():
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (key, info)
+        assert info["stack_bytes"] == 0 and info["local_bytes"] == 0 and info["regs"] <= 64, (key, info)
+        assert not (info["wgmma"] or info["mma"]), key
+    for key, info in aot.items():
+        if info["prec"] == "fp32-tf32" and info["kernel"] != "round" and info["aligned"]:
+            assert info["wgmma" if info["arch"] == "hopper" else "mma"], key
 
 
 @pytest.mark.slow
