@@ -420,6 +420,19 @@ def test_other_similarity_falls_back_with_one_warning(models, feats, spy):
     assert spy == []
 
 
+def test_fallback_warning_without_similarity_fct_name(models, feats, monkeypatch):
+    """sentence-transformers 5.7 has no ``util.similarity_fct_name``: the fallback's warning names the
+    callable all the same (it raised AttributeError there)."""
+
+    def other_sim(a, b):
+        return st_util.cos_sim(a, b) * 0.5
+
+    monkeypatch.delattr(fc._st_util, "similarity_fct_name", raising=False)
+    monkeypatch.setattr(fc, "_WARNED", set())
+    with pytest.warns(UserWarning, match="similarity_fct=other_sim"):
+        F.run_loss(fc.MultipleNegativesRankingLoss(models["model"], similarity_fct=other_sim), models["model"], feats[:2])
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -108,8 +108,16 @@ def _similarity_name(fn) -> str | None:
         return None
 
 
+def _fct_name(fn) -> str:
+    """sentence-transformers 6's ``util.similarity_fct_name`` (5.7 has none: the callable's name)."""
+    named = getattr(_st_util, "similarity_fct_name", None)
+    if named is not None:
+        return named(fn)
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 def _warn_fallback(loss: Any, fn) -> None:
-    key = (type(loss).__name__, _st_util.similarity_fct_name(fn))
+    key = (type(loss).__name__, _fct_name(fn))
     if key in _WARNED:
         return
     _WARNED.add(key)
