@@ -195,32 +195,64 @@ def _disagreement_cases():
     ids = torch.tensor([0, 1, 2, 3])
     cases = []
     for di in ("gather", "ring"):
+
         def nce(rank, di=di, **kw):
             return info_nce_loss_distributed(kw.pop("q", t()), kw.pop("p", t(seed=1)), dist_impl=di, **kw)
 
         cases += [
-            (f"{di}: negatives on rank 0 only", ["negatives", "[1, 0]"],
-             lambda r, f=nce: f(r, negatives=[t(seed=2)] if r == 0 else None)),
-            (f"{di}: 2 vs 1 negatives", ["negatives", "[2, 1]"],
-             lambda r, f=nce: f(r, negatives=[t(seed=2), t(seed=3)][: 2 - r])),
-            (f"{di}: query_ids on rank 1 only", ["query_ids"],
-             lambda r, f=nce: f(r, query_ids=ids if r == 1 else None)),
-            (f"{di}: negative_ids on rank 0 only", ["negative_ids"],
-             lambda r, f=nce: f(r, negatives=[t(seed=2)], query_ids=ids,
-                                negative_ids=ids[:, None] if r == 0 else None)),
-            (f"{di}: directions", ["directions", "query_to_query"],
-             lambda r, f=nce: f(r, directions=("query_to_doc", "query_to_query")[: 1 + r])),
-            (f"{di}: dtype", ["dtype", "float64"],
-             lambda r, f=nce: f(r, q=t(dtype=torch.float64 if r else torch.float32),
-                                p=t(seed=1, dtype=torch.float64 if r else torch.float32))),
-            (f"{di}: feature dim", ["dim", "[6, 8]"],
-             lambda r, f=nce: f(r, q=t(d=6 + 2 * r), p=t(seed=1, d=6 + 2 * r))),
-            (f"{di}: batch", ["batch", "[4, 5]"],
-             lambda r, f=nce: f(r, q=t(rows=4 + r), p=t(rows=4 + r, seed=1))),
+            (
+                f"{di}: negatives on rank 0 only",
+                ["negatives", "[1, 0]"],
+                lambda r, f=nce: f(r, negatives=[t(seed=2)] if r == 0 else None),
+            ),
+            (
+                f"{di}: 2 vs 1 negatives",
+                ["negatives", "[2, 1]"],
+                lambda r, f=nce: f(r, negatives=[t(seed=2), t(seed=3)][: 2 - r]),
+            ),
+            (
+                f"{di}: query_ids on rank 1 only",
+                ["query_ids"],
+                lambda r, f=nce: f(r, query_ids=ids if r == 1 else None),
+            ),
+            (
+                f"{di}: negative_ids on rank 0 only",
+                ["negative_ids"],
+                lambda r, f=nce: f(
+                    r, negatives=[t(seed=2)], query_ids=ids, negative_ids=ids[:, None] if r == 0 else None
+                ),
+            ),
+            (
+                f"{di}: directions",
+                ["directions", "query_to_query"],
+                lambda r, f=nce: f(r, directions=("query_to_doc", "query_to_query")[: 1 + r]),
+            ),
+            (
+                f"{di}: dtype",
+                ["dtype", "float64"],
+                lambda r, f=nce: f(
+                    r,
+                    q=t(dtype=torch.float64 if r else torch.float32),
+                    p=t(seed=1, dtype=torch.float64 if r else torch.float32),
+                ),
+            ),
+            (
+                f"{di}: feature dim",
+                ["dim", "[6, 8]"],
+                lambda r, f=nce: f(r, q=t(d=6 + 2 * r), p=t(seed=1, d=6 + 2 * r)),
+            ),
+            (
+                f"{di}: batch",
+                ["batch", "[4, 5]"],
+                lambda r, f=nce: f(r, q=t(rows=4 + r), p=t(rows=4 + r, seed=1)),
+            ),
         ]
     cases.append(
-        ("dist_impl", ["dist_impl", "gather", "ring"],
-         lambda r: info_nce_loss_distributed(t(), t(seed=1), dist_impl=("gather", "ring")[r]))
+        (
+            "dist_impl",
+            ["dist_impl", "gather", "ring"],
+            lambda r: info_nce_loss_distributed(t(), t(seed=1), dist_impl=("gather", "ring")[r]),
+        )
     )
 
     def gist(rank, neg, gd=6, gdn=None):
@@ -313,7 +345,9 @@ def test_ranks_that_disagree_raise_the_same_value_error(tmp_path):
         if isinstance(words, dict):  # a refusal: each rank its own message
             for r, m in enumerate((m0, m1)):
                 if not m.startswith("ValueError") or [w for w in words[str(r)] if w not in m]:
-                    failures.append(f"{name}: rank {r} {m[:300]!r}, expected a ValueError with {words[str(r)]}")
+                    failures.append(
+                        f"{name}: rank {r} {m[:300]!r}, expected a ValueError with {words[str(r)]}"
+                    )
         elif not m0.startswith("ValueError") or m0 != m1:
             failures.append(f"{name}: rank 0 {m0[:300]!r} | rank 1 {m1[:300]!r}")
         elif missing := [w for w in words if w not in m0]:

@@ -430,7 +430,11 @@ def test_fallback_warning_without_similarity_fct_name(models, feats, monkeypatch
     monkeypatch.delattr(fc._st_util, "similarity_fct_name", raising=False)
     monkeypatch.setattr(fc, "_WARNED", set())
     with pytest.warns(UserWarning, match="similarity_fct=other_sim"):
-        F.run_loss(fc.MultipleNegativesRankingLoss(models["model"], similarity_fct=other_sim), models["model"], feats[:2])
+        F.run_loss(
+            fc.MultipleNegativesRankingLoss(models["model"], similarity_fct=other_sim),
+            models["model"],
+            feats[:2],
+        )
 
 
 @pytest.mark.parametrize(
@@ -480,7 +484,12 @@ def test_constructor_checks_are_sentence_transformers(models, kw):
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, None, True])
 @pytest.mark.parametrize(
-    "name", ["CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss", "CachedGISTEmbedLoss"]
+    "name",
+    [
+        "CachedMultipleNegativesRankingLoss",
+        "CachedMultipleNegativesSymmetricRankingLoss",
+        "CachedGISTEmbedLoss",
+    ],
 )
 def test_cached_mini_batch_size_is_checked_at_construction(models, name, value):
     """sentence-transformers' own classes accept these and fail at the first forward with Python's

@@ -216,7 +216,9 @@ def gist_loss_distributed(
             contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
         )  # fmt: skip
         c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
-        a = prepare_gist(query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c)
+        a = prepare_gist(
+            query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c
+        )
         extra = [
             Signature("negative", int(bool(a.negs)), hint="1: given, 0: None"),
             Signature("guide_query/guide_positive/guide_negative: the guide's feature dim", a.gq.shape[1]),
