@@ -281,8 +281,10 @@ def gist_loss(
     same texts ``guide_query``, ``guide_positive``, ``guide_negative`` ``(n, Dg)`` (no gradient). Cosine
     scores of each anchor against all positives, anchors (``contrast_anchors``), positives from its
     positive (``contrast_positives``) and negatives; a column is removed where the guide scores it above
-    ``g(anchor, positive) - margin`` ("absolute") or ``g - |g| * margin`` ("relative"), the positive never;
-    cross-entropy of scores / ``temperature``, as sentence-transformers' ``GISTEmbedLoss``.
+    ``g(anchor, positive) - margin`` ("absolute") or ``g - |g| * margin`` ("relative"), the positive never,
+    the anchor's own column among the anchors and the positive's own among the positives always;
+    cross-entropy of scores / ``temperature``, as sentence-transformers 6.x's ``GISTEmbedLoss`` (5.7 kept
+    those two self columns unless the guide removed them).
     """
     o = gist_options(
         margin_strategy=margin_strategy, margin=margin,
