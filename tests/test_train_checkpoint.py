@@ -531,3 +531,18 @@ def test_a_step_directory_that_is_a_link_is_named_as_a_link(demo, tmp_path):
     open(step, "w").close()
     with pytest.raises(ckpt.CheckpointError, match="points at 'step_00000006', which is not a directory"):
         ckpt.find_latest(root)
+
+
+def test_data_state_numbers_are_bounded():
+    """The generic check behind the forged-position case: ints within [0, 2**53] (a seed: any int64),
+    finite floats; the message names the key path."""
+    ckpt._check_json_numbers("f", "data", {"seed": -5, "readers": [{"epoch": 1, "sample": 2**53}]})
+    ckpt._check_json_numbers("f", "data", {"seed": 2**60})
+    for bad, key in (
+        ({"position": -1}, "data.position"),
+        ({"readers": [{"sample": 2**54}]}, r"data.readers\[0\].sample"),
+        ({"seed": 2**64}, "data.seed"),
+        ({"skipped": float("nan")}, "data.skipped"),
+    ):
+        with pytest.raises(ckpt.CheckpointError, match=rf"^f: key '{key}': expected"):
+            ckpt._check_json_numbers("f", "data", bad)

@@ -208,11 +208,12 @@ def _check_json_numbers(path: str, where: str, value) -> None:
         elif isinstance(v, bool) or v is None or isinstance(v, str):
             continue
         elif isinstance(v, int):
-            lo = -_JSON_INT_MAX if key.endswith(".seed") else 0
-            if not lo <= v <= _JSON_INT_MAX:
-                raise CheckpointError(
-                    f"{path}: key {shown(key)}: expected an int in [{lo}, 2**53], got {shown(v)}"
-                )
+            if key.endswith(".seed"):  # train.seed, any int64
+                lo, hi, text = -(2**63), 2**63 - 1, "[-2**63, 2**63)"
+            else:
+                lo, hi, text = 0, _JSON_INT_MAX, "[0, 2**53]"
+            if not lo <= v <= hi:
+                raise CheckpointError(f"{path}: key {shown(key)}: expected an int in {text}, got {shown(v)}")
         elif isinstance(v, float) and not math.isfinite(v):
             raise CheckpointError(f"{path}: key {shown(key)}: expected a finite number, got {v!r}")
 
