@@ -398,9 +398,13 @@ def test_shard_index_naming_a_file_outside_the_model_directory_is_refused(tmp_pa
     }[where]
     data["weight_map"] = {k: (name if v == victim else v) for k, v in data["weight_map"].items()}
     index.write_text(json.dumps(data))
-    with pytest.raises((ValueError, WeightLoadError), match=r"weight_map names .*outside the model directory"):
+    with pytest.raises(
+        (ValueError, WeightLoadError), match=r"weight_map names .*outside the model directory"
+    ):
         read_state_dict(path)
-    with pytest.raises((ValueError, WeightLoadError), match=r"model.safetensors.index.json: weight_map names"):
+    with pytest.raises(
+        (ValueError, WeightLoadError), match=r"model.safetensors.index.json: weight_map names"
+    ):
         load_pretrained(path)
     # a shard in a subdirectory of the model directory is still read
     (path / "sub").mkdir()
@@ -408,3 +412,21 @@ def test_shard_index_naming_a_file_outside_the_model_directory_is_refused(tmp_pa
     data["weight_map"] = {k: (f"sub/{victim}" if v == name else v) for k, v in data["weight_map"].items()}
     index.write_text(json.dumps(data))
     assert read_state_dict(path)[0]
+
+
+def test_written_safetensors_have_the_umask_mode(tmp_path):
+    """issue 28 #15: safetensors writes 0600 (a temporary file); fastclip's files get 0666 less the umask,
+    like the JSON beside them: save_fastclip, save_open_clip and fastclip convert."""
+    import stat
+
+    from fastclip.models.openclip_format import save_open_clip
+
+    mask = os.umask(0)
+    os.umask(mask)
+    model = create_model("tiny", patch_size=8)
+    save_fastclip(model, tmp_path / "tiny.safetensors")
+    save_open_clip(model, tmp_path / "oc")
+    assert cli_main(["convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "hf.safetensors")]) == 0
+    for path in (tmp_path / "tiny.safetensors", tmp_path / "oc" / "open_clip_model.safetensors",
+                 tmp_path / "oc" / "open_clip_config.json", tmp_path / "hf.safetensors"):  # fmt: skip
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path

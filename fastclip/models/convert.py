@@ -74,7 +74,7 @@ def run(args) -> int:
 
         save_open_clip(model, args.dst)
     else:
-        from safetensors.torch import save_file
+        from fastclip.models.weights import save_safetensors
 
         try:
             sd = to_open_clip({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
@@ -82,7 +82,7 @@ def run(args) -> int:
             print(f"fastclip convert: {exc}", file=sys.stderr)
             return 1
         sd = {k: (v.reshape(()) if k in ("logit_scale", "logit_bias") else v) for k, v in sd.items()}
-        save_file(sd, args.dst)
+        save_safetensors(sd, args.dst)
     n = sum(p.numel() for p in model.parameters())
     kind = "SigLIP" if model.is_siglip else "CLIP"
     print(f"wrote {args.dst} ({args.to} layout, {kind}, {n:,} parameters)")

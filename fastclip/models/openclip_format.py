@@ -122,10 +122,9 @@ def open_clip_json(config: ModelConfig) -> dict:
 def save_open_clip(model, directory, *, safetensors: bool = True) -> None:
     """Write ``model`` as an open_clip hub directory: ``open_clip_config.json`` and
     ``open_clip_model.safetensors`` (open_clip tensor names). The directory is created if needed."""
-    from safetensors.torch import save_file
-
     from fastclip.models.layouts import to_open_clip
     from fastclip.models.model import CLIP
+    from fastclip.models.weights import save_safetensors
 
     if not isinstance(model, CLIP):
         raise TypeError(f"model: expected a fastclip CLIP model, got {type(model).__name__}")
@@ -137,7 +136,7 @@ def save_open_clip(model, directory, *, safetensors: bool = True) -> None:
     os.makedirs(directory, exist_ok=True)
     sd = to_open_clip({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     sd = {k: (v.reshape(()) if k in ("logit_scale", "logit_bias") else v) for k, v in sd.items()}
-    save_file(sd, os.path.join(directory, OPEN_CLIP_WEIGHTS[0]), metadata={"format": "pt"})
+    save_safetensors(sd, os.path.join(directory, OPEN_CLIP_WEIGHTS[0]), metadata={"format": "pt"})
     with open(os.path.join(directory, OPEN_CLIP_CONFIG), "w") as f:
         json.dump(open_clip_json(model.config), f, indent=2)
 

@@ -120,14 +120,25 @@ def _read_hf_dir_weights(path: str) -> dict:
     )
 
 
-def save_fastclip(model: CLIP, path) -> None:
-    """Write the model's weights as safetensors, with its config (JSON) in the file's metadata."""
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, then the mode of any other new file (0666 less the umask):
+    safetensors writes through a temporary file created 0600, so its files were unreadable to others
+    beside 0644 JSON and YAML files."""
     from safetensors.torch import save_file
 
+    path = os.fspath(path)
+    save_file(tensors, path, metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def save_fastclip(model: CLIP, path) -> None:
+    """Write the model's weights as safetensors, with its config (JSON) in the file's metadata."""
     if not isinstance(model, CLIP):
         raise TypeError(f"model: expected a fastclip CLIP model, got {type(model).__name__}")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, os.fspath(path), metadata={"format": "pt", FORMAT_KEY: json.dumps(model.config.to_dict())})
+    save_safetensors(sd, path, metadata={"format": "pt", FORMAT_KEY: json.dumps(model.config.to_dict())})
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -126,13 +126,13 @@ def _write(out_path: str, state: dict, metadata: dict) -> None:
     :class:`OSError` naming ``out_path`` and the reason, and leaves no file behind; the file gets the
     mode of any other new file (safetensors writes 0600 through a temporary file)."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+
+    from fastclip.models.weights import save_safetensors
 
     tmp = out_path + ".tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
+        save_safetensors(state, tmp, metadata=metadata)
         os.replace(tmp, out_path)
     except (OSError, SafetensorError) as exc:
         with contextlib.suppress(OSError):
@@ -144,9 +144,3 @@ def _write(out_path: str, state: dict, metadata: dict) -> None:
         err = OSError(f"cannot write {out_path}: {reason or shown(str(exc).strip())}")
         err.errno = code
         raise err from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
