@@ -228,7 +228,17 @@ def test_meta_tensors_are_refused():
         clip_loss(x, y, torch.tensor(1.0, device="meta"))
 
 
+@pytest.fixture(scope="module")
+def _gpu_compiles_started():
+    """The first CUDA test of a ``pytest -m gpu`` run starts the kernel compile processes of
+    tests/test_gpu_kernels.py (tests/_gpu_warm.py), so they overlap the tests before that module."""
+    import _gpu_warm
+
+    _gpu_warm.start()
+
+
 @pytest.mark.gpu
+@pytest.mark.usefixtures("_gpu_compiles_started")
 @pytest.mark.parametrize("loss_name", LOSSES)
 @pytest.mark.parametrize("amp_dtype", AMP_DTYPES)
 @pytest.mark.parametrize("impl", ["triton", "torch", "reference"])
