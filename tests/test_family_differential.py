@@ -10,7 +10,9 @@ scale (0 included), cos/dot, query/doc/negative ids (negative integers, collisio
 columns, groups without ids), duplicates policy, label smoothing, a bank, and one tensor passed as
 several operands. ``gist_loss``'s implementations likewise against a GIST oracle (guide margins,
 duplicates in the guide's eyes, anchors/positives contrast flags, one tensor as two operands). Fixed
-seeds, a bounded number of tiny cases (the Triton interpreter is slow).
+seeds, a bounded number of tiny cases (the Triton interpreter is slow). And ``info_nce_loss_distributed``
+("gather" and "ring", 2 gloo ranks): each rank's loss and gradients against the oracle over the whole
+batch.
 
 The oracle, cell by cell (row i of n, columns of each block):
 
@@ -30,10 +32,16 @@ The oracle, cell by cell (row i of n, columns of each block):
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import socket
+import traceback
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastclip.functional as FF
@@ -53,9 +61,10 @@ NEG_INF = float("-inf")
 
 def oracle_info_nce(
     q, p, negs, bank, scale, *, similarity, directions, partition, hardness, alpha, q_ids, d_ids, n_ids,
-    duplicates, eps,
+    duplicates, eps, per_row=False,
 ):  # fmt: skip
-    """The loss from the definitions (see the module docstring), dense, float64, with autograd."""
+    """The loss from the definitions (see the module docstring), dense, float64, with autograd
+    (``per_row``: the (n,) row losses instead of their mean)."""
     n = q.shape[0]
 
     def unit(t):
@@ -121,7 +130,7 @@ def oracle_info_nce(
             blocks.append((pu @ t.T, 0, removing(d_ids, col_ids, True), no_shift))
     n_parts = 1 + max(b[1] for b in blocks)
 
-    total = q.new_zeros(())
+    rows = []
     for i in range(n):
         part_terms = [[] for _ in range(n_parts)]
         pos_terms, valid_terms = [], []
@@ -139,8 +148,9 @@ def oracle_info_nce(
                     pos_terms.append(L)
         lse = sum(torch.logsumexp(torch.stack(t), 0) for t in part_terms) / n_parts
         target = (1 - eps) * torch.stack(pos_terms).mean() + eps * torch.stack(valid_terms).mean()
-        total = total + lse - target
-    return total / n
+        rows.append(lse - target)
+    rows = torch.stack(rows)
+    return rows if per_row else rows.mean()
 
 
 def oracle_gist(q, p, neg, gq, gp, gn, *, temperature, margin_strategy, margin, contrast_anchors,
@@ -189,10 +199,10 @@ def oracle_gist(q, p, neg, gq, gp, gn, *, temperature, margin_strategy, margin, 
 # random cases
 
 
-def _case(seed):
+def _case(seed, n=None):
     rnd = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    n, d, k = rnd.randint(1, 7), rnd.randint(1, 5), rnd.choice([0, 0, 1, 2, 3])
+    n, d, k = n or rnd.randint(1, 7), rnd.randint(1, 5), rnd.choice([0, 0, 1, 2, 3])
     dirs = ["query_to_doc"] + [x for x in DIRS[1:] if rnd.random() < 0.4]
     partition = "joint"
     if not set(dirs) & {"query_to_query", "doc_to_doc"} and rnd.random() < 0.5:
@@ -241,13 +251,19 @@ def _case(seed):
     return dict(q=q, p=p, negs=negs, bank=bank, scale=scale, ids=ids, opts=opts, chunk=chunk, seed=seed)
 
 
-def _leaves(c):
-    """The distinct feature tensors of a case (aliases once), and a function rebuilding the operands
-    from copies of them that require grad (a tensor used twice stays one tensor)."""
+def _uniq(c):
+    """The distinct feature tensors of a case (an alias once)."""
     uniq = []
     for t in [c["q"], c["p"], *c["negs"], c["bank"]]:
         if t is not None and all(t is not u for u in uniq):
             uniq.append(t)
+    return uniq
+
+
+def _leaves(c):
+    """A function rebuilding the operands of a case from copies of its distinct tensors that require
+    grad (a tensor used twice stays one tensor)."""
+    uniq = _uniq(c)
 
     def build(dtype):
         fresh = [u.detach().to(dtype).clone().requires_grad_() for u in uniq]
@@ -431,3 +447,103 @@ def test_oracle_is_mnrl_and_symmetric_infonce():
     sim = 7.0 * F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T
     want = (F.cross_entropy(sim, torch.arange(5)) + F.cross_entropy(sim.T, torch.arange(5))) / 2
     assert abs(float(got) - float(want)) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------
+# several processes (gloo): each rank's loss and gradients against the oracle over the whole batch
+
+N_DIST_CASES = 16
+
+
+def _oracle_kwargs(c):
+    o, ids = c["opts"], c["ids"]
+    neg_ids = ids.get("negative_ids")
+    if isinstance(neg_ids, torch.Tensor):
+        neg_ids = list(neg_ids.unbind(1))
+    return dict(
+        similarity=o["similarity"], directions=o["directions"], partition=o["partition"],
+        hardness=o["hardness"], alpha=o["hardness_strength"], q_ids=ids.get("query_ids"),
+        d_ids=ids.get("doc_ids"), n_ids=neg_ids, duplicates=o["duplicates"], eps=o["label_smoothing"],
+    )  # fmt: skip
+
+
+def _dist_expected(c, world, n):
+    """Rank r's loss is the mean of its rows' losses over the whole batch's columns; every rank's
+    features get d(sum_r loss_r)/d(features) (the gathered columns' gradients flow to their owners);
+    a tensor scale gets d loss_r / ds on rank r (no reduction: as any parameter before DDP's)."""
+    fresh, q, p, negs, bank, scale = _leaves(c)(torch.float64)
+    rows = oracle_info_nce(q, p, negs, bank, scale, per_row=True, **_oracle_kwargs(c))
+    losses = [rows[r * n : (r + 1) * n].mean() for r in range(world)]
+    grads = torch.autograd.grad(sum(losses), fresh, retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(f) if g is None else g for g, f in zip(grads, fresh)]
+    s_grads = None
+    if isinstance(scale, torch.Tensor):
+        s_grads = [torch.autograd.grad(loss, scale, retain_graph=True)[0] for loss in losses]
+    return [float(x) for x in losses], grads, s_grads
+
+
+def _dist_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    failures, checked = [], 0
+    try:
+        from fastclip.distributed import info_nce_loss_distributed
+
+        for seed in range(N_DIST_CASES):
+            n = random.Random(seed).randint(1, 3)
+            c = _case(7000 + seed, n=world * n)
+            if c["bank"] is not None and any(c["bank"] is t for t in [c["q"], c["p"], *c["negs"]]):
+                c["bank"] = None  # each rank's bank is its own: a bank that is the queries differs per rank
+            want_losses, want_grads, want_s = _dist_expected(c, world, n)
+            sl = slice(rank * n, (rank + 1) * n)
+            uniq = _uniq(c)
+            for dist_impl in ("gather", "ring"):
+                local = [u[sl].clone().requires_grad_() if u is not c["bank"] else u for u in uniq]
+
+                def m(t, local=local, uniq=uniq):
+                    return None if t is None else local[next(i for i, u in enumerate(uniq) if u is t)]
+
+                scale = c["scale"]
+                if isinstance(scale, torch.Tensor):
+                    scale = scale.clone().requires_grad_()
+                ids = {}
+                for key, v in c["ids"].items():
+                    ids[key] = (
+                        v[sl] if isinstance(v, torch.Tensor) else [None if t is None else t[sl] for t in v]
+                    )
+                loss = info_nce_loss_distributed(
+                    m(c["q"]), m(c["p"]), [m(t) for t in c["negs"]] or None, scale=scale, bank=c["bank"],
+                    impl="torch", chunk_size=c["chunk"], dist_impl=dist_impl, **c["opts"], **ids,
+                )  # fmt: skip
+                feats = [t for t in local if t is not c["bank"]]
+                wrt = feats + ([scale] if isinstance(scale, torch.Tensor) else [])
+                got = torch.autograd.grad(loss, wrt, allow_unused=True)
+                got = [torch.zeros_like(w) if g is None else g for g, w in zip(got, wrt)]
+                want = [g[sl] for g, u in zip(want_grads, uniq) if u is not c["bank"]]
+                want += [want_s[rank]] if want_s is not None else []
+                errs = [abs(float(loss) - want_losses[rank])] + [
+                    float((a - b).abs().max()) for a, b in zip(got, want)
+                ]
+                top = max([1.0, abs(want_losses[rank])] + [float(b.abs().max()) for b in want])
+                checked += 1
+                if not max(errs) <= 1e-10 * top:
+                    failures.append(f"{dist_impl}: errors {errs} for {_describe(c)}")
+    except Exception:
+        failures.append(traceback.format_exc())
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"failures": failures, "checked": checked}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_info_nce_equals_the_oracle(tmp_path):
+    """2 gloo ranks, "gather" and "ring", random cases (float64, the torch blocks)."""
+    world = 2
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_dist_worker, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    for r in range(world):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert not res["failures"], f"rank {r}: " + "\n".join(res["failures"][:5])
+        assert res["checked"] == 2 * N_DIST_CASES
