@@ -269,7 +269,7 @@ def _tf32_bits(t: torch.Tensor, rounding: bool) -> torch.Tensor:
     """fp32 ``t`` (finite) with its low 13 mantissa bits dropped: truncated (what the tensor cores do
     with raw fp32 bits) or rounded to nearest first (ties away; what cuBLAS feeds them). Integer ops
     on the bits in torch, independent of the Triton helper under test."""
-    bits = t.contiguous().view(torch.int32)
+    bits = t.detach().contiguous().view(torch.int32)
     if rounding:
         bits = bits + 0x1000
     return (bits & ~0x1FFF).view(torch.float32)
@@ -302,7 +302,11 @@ def test_tf32_error_within_twice_torchs_tf32(loss_name):
         ("loss", "image", "text", "scale", "bias"), (got, *got_g), (low, *low_g), (truth, *truth_g)
     ):
         err, ref_err = float((g.double() - t).abs().max()), float((lo.double() - t).abs().max())
-        floor = 1e-7 * max(1.0, float(t.abs().max()))  # fp32 rounding of the result itself
+        # Gradients of the features: the largest error over 4096 x 768 elements, a stable statistic.
+        # The scalars (loss, scale, bias) are one draw each of a sum of rounding errors, partly shared
+        # with torch's (the same rounded y): 2x could be missed by chance, so they also get 1e-4 of
+        # their value (truncation itself is caught by the feature gradients and the check below).
+        floor = (1e-4 if t.dim() == 0 else 1e-7) * max(1.0, float(t.abs().max()))
         assert err <= 2 * ref_err + floor, (
             f"{name}: max |diff| {err:.3e} > 2 x torch's TF32 error {ref_err:.3e}"
         )
