@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/fastclip train --output-dir runs/demo
 
 bench: setup
-	$(BIN)/fastclip bench loss
+	$(BIN)/fastclip bench loss --out benchmarks/results
 
 bench-gpu: setup
 	bash benchmarks/gpu_suite.sh benchmarks/results/gpu_$$(date -u +%Y%m%d_%H%M)

@@ -3,7 +3,7 @@
 
 With no options it runs the built-in sweep for the machine (CPU: fastclip-torch vs the materialized
 reference at B = 4096..16384, D = 256 and 512, fp32; GPU: bf16, D = 768, B up to 1,048,576) and writes
-JSON, CSV and PNG plots to benchmarks/results/. ``--help`` lists the options.
+JSON, CSV and PNG plots to ./fastclip-bench/ (``--out DIR`` elsewhere; ``make bench`` writes benchmarks/results/). ``--help`` lists the options.
 """
 
 import os
