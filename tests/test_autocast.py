@@ -154,6 +154,30 @@ def test_mixed_feature_dtypes_under_autocast_cast_as_the_matmul_would(loss_name,
         fn(x, y, s, b, impl=impl)  # outside autocast the materialized loss would fail: say so
 
 
+@pytest.mark.parametrize("loss_name", ["clip", "siglip", "info_nce"])
+@pytest.mark.parametrize("amp_dtype", AMP_DTYPES)
+def test_fp32_features_under_autocast_compute_in_the_autocast_dtype(loss_name, amp_dtype):
+    """fp32 features under autocast (what a CUDA bf16 step hands the loss: models normalize in fp32
+    there) are computed in autocast's dtype, as the materialized loss's matmul runs: the same numbers
+    as the loss of the features cast to that dtype outside autocast, gradients in fp32. Computing them
+    in fp32 would put a CUDA run on the CUDA-core path, several times slower than open_clip's loss."""
+    from fastclip import info_nce_loss
+
+    fns = {**LOSSES, "info_nce": lambda q, p, s, b, impl: info_nce_loss(q, p, scale=s, impl=impl)}
+    fn = fns[loss_name]
+    x = features(12, 8, torch.float32, seed=3).requires_grad_()
+    y = features(12, 8, torch.float32, seed=4).requires_grad_()
+    s, b = torch.tensor(8.0), torch.tensor(-3.0)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        got = fn(x, y, s, b, impl="torch")
+        got.backward()
+    assert x.grad.dtype == torch.float32 and y.grad.dtype == torch.float32
+    want = fn(x.detach().to(amp_dtype), y.detach().to(amp_dtype), s, b, impl="torch")
+    in_fp32 = fn(x.detach(), y.detach(), s, b, impl="torch")
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+    assert float(got) != float(in_fp32)  # the 16-bit rounding of the features shows at this size
+
+
 @needs_open_clip
 @pytest.mark.parametrize("loss_name", LOSSES)
 @pytest.mark.parametrize("amp_dtype", AMP_DTYPES)

@@ -5,7 +5,7 @@ losses' contract (fp32 accumulation, gradients in each input's dtype) and mixes 
 chunk loops. Every autograd Function of fastclip therefore runs its forward *and* backward with
 autocast disabled on the features' device (``loss.backward()`` is often called inside the autocast
 block, and on CPU the backward then runs with autocast on). Feature dtypes are settled once, before
-the Function, by :func:`common_dtype`.
+the Function, by :func:`compute_dtype`.
 """
 
 from __future__ import annotations
@@ -41,15 +41,25 @@ def no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def compute_dtype(dtypes, device: torch.device) -> torch.dtype:
+    """The one dtype a loss's features are computed in: what the materialized loss's matmul would use.
+    Under autocast that is autocast's dtype for 16/32-bit floats, also when every feature is fp32 (as
+    open_clip's ``image_features @ text_features.T`` and sentence-transformers' similarity run; models
+    normalize in fp32 under CUDA autocast, so fp32 features are what a bf16 training step hands the
+    loss, and computing them in fp32 would take the CUDA-core path, several times slower than the
+    tensor cores the materialized loss uses). float64 anywhere, or no autocast, promotes."""
+    dtypes = tuple(dtypes)
+    if autocast_active(device) and torch.float64 not in dtypes:
+        return torch.get_autocast_dtype(device.type)
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
 def common_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
-    """The dtype both features are cast to when they differ: what the matmul of the materialized loss
-    would use. Under autocast that is autocast's dtype for 16/32-bit floats (as open_clip's
-    ``image_features @ text_features.T`` runs); float64, or no autocast, promotes to the wider type."""
-    if a.dtype == b.dtype:
-        return a.dtype
-    if autocast_active(a.device) and torch.float64 not in (a.dtype, b.dtype):
-        return torch.get_autocast_dtype(a.device.type)
-    return torch.promote_types(a.dtype, b.dtype)
+    """:func:`compute_dtype` of a feature pair."""
+    return compute_dtype((a.dtype, b.dtype), a.device)
 
 
 def autocast_off(fn):

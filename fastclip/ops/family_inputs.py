@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastclip import _checks
-from fastclip.ops.amp import autocast_active
+from fastclip.ops.amp import autocast_active, compute_dtype
 from fastclip.ops.dispatch import resolve_impl
 from fastclip.ops.family_variants import (
     DIRECTIONS,
@@ -143,9 +143,12 @@ def negative_ids_list(negative_ids, n: int, k: int, device) -> list[torch.Tensor
     return [check_ids(f"negative_ids[{j}]", t, n, device) for j, t in enumerate(negative_ids)]
 
 
-def settle(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Feature tensors of one dtype and device: mixed dtypes only under autocast (cast to autocast's
-    dtype, or float64 if one is float64, as the materialized matmul would), a mismatch outside it raises."""
+def settle(named: list[tuple[str, torch.Tensor]], *, matmul: bool = True) -> list[torch.Tensor]:
+    """Feature tensors of one dtype and device. Under autocast they are cast as the materialized loss
+    would compute them (:func:`fastclip.ops.amp.compute_dtype`): ``matmul`` — sentence-transformers'
+    ``cos_sim``/``dot_score`` are matmuls, autocast runs them in its dtype, fp32 features included;
+    not ``matmul`` — GIST's similarities are elementwise (``nn.CosineSimilarity``), in the features'
+    own dtype, so only mixed dtypes are cast. Mixed dtypes outside autocast raise."""
     (name0, t0), rest = named[0], named[1:]
     _checks.check_tensor(name0, t0, ndim=2)
     if t0.shape[0] == 0 or t0.shape[1] == 0:
@@ -169,9 +172,9 @@ def settle(named: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
                 "(mixed dtypes are accepted under torch.autocast only)"
             )
         dtypes.add(t.dtype)
-    if len(dtypes) == 1:
+    if len(dtypes) == 1 and not matmul:
         return [t for _, t in named]
-    dtype = torch.float64 if torch.float64 in dtypes else torch.get_autocast_dtype(t0.device.type)
+    dtype = compute_dtype(sorted(dtypes, key=str), t0.device)
     return [t if t.dtype == dtype else t.to(dtype) for _, t in named]
 
 
@@ -304,8 +307,8 @@ def prepare_gist(
         if t.shape[0] != n:
             raise ValueError(f"{name}: expected {n} rows (as query), got {t.shape[0]}")
     temperature = _real("temperature", temperature, lo=0.0, lo_open=True)
-    feats = settle(named)
-    guides = settle([(k, t.detach()) for k, t in gnamed])
+    feats = settle(named, matmul=False)
+    guides = settle([(k, t.detach()) for k, t in gnamed], matmul=False)
     if guides[0].device != feats[0].device:
         raise ValueError(f"guide_query: expected device {feats[0].device} (as query), got {guides[0].device}")
     if c.check_finite:

@@ -51,14 +51,13 @@ class LossInputs:
 
 
 def settle_pair(a, b, name_a="image_features", name_b="text_features", *, same_batch: bool = True):
-    """A checked feature pair of one dtype. Mixed dtypes are accepted under autocast only (what models
-    produce there, e.g. a bf16 tower beside an fp32 one) and cast as the materialized loss's matmul
-    would (:func:`fastclip.ops.amp.common_dtype`); outside autocast that matmul would fail, so a
-    mismatch raises. The cast is differentiable: each gradient returns in its input's dtype."""
+    """A checked feature pair of one dtype. Under autocast both are cast as the materialized loss's
+    matmul would cast them (:func:`fastclip.ops.amp.compute_dtype`: autocast's dtype, fp32 features
+    included); mixed dtypes are accepted there only (a bf16 tower beside an fp32 one): outside
+    autocast that matmul would fail, so a mismatch raises. The cast is differentiable: each gradient
+    returns in its input's dtype."""
     _checks.check_features(a, b, same_batch=same_batch, same_dtype=False, name_a=name_a, name_b=name_b)
-    if a.dtype == b.dtype:
-        return a, b
-    if not autocast_active(a.device):
+    if a.dtype != b.dtype and not autocast_active(a.device):
         raise TypeError(
             f"{name_b}: expected dtype {a.dtype} (as {name_a}), got {b.dtype} "
             "(mixed dtypes are accepted under torch.autocast only)"
