@@ -55,6 +55,7 @@ from fastclip.kernels.common import (
     dot_operands,
     grouped_tile,
     meta_flags,
+    on_tensor_device,
     positives_in,
     scalar_f32,
     sim_tile,
@@ -198,6 +199,7 @@ def _clip_grad_kernel(
 # launchers
 
 
+@on_tensor_device
 def clip_lse(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -257,6 +259,7 @@ def clip_lse(
     return lse_row, lse_col
 
 
+@on_tensor_device
 def clip_grad(
     x: torch.Tensor,
     y: torch.Tensor,

@@ -17,12 +17,41 @@ was compiled and rejected: it takes the operands out of the shared-memory path o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from fastclip.kernels import config, gemm
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _first_tensor(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)):
+            t = _first_tensor(a)
+            if t is not None:
+                return t
+    return None
+
+
+def on_tensor_device(fn):
+    """Run a launcher with its first tensor argument's CUDA device current. Triton launches on the
+    current device, so a call on cuda:1 tensors while cuda:0 is current would run on cuda:0 with
+    pointers into cuda:1 (cuBLAS and torch ops follow the tensors; the kernels do not)."""
+
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        t = _first_tensor(args)
+        if t is not None and t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return launcher
 
 
 @triton.jit

@@ -44,6 +44,7 @@ from fastclip.kernels.common import (
     dot_operands,
     grouped_tile,
     meta_flags,
+    on_tensor_device,
     positives_in,
     scalar_f32,
     sim_tile,
@@ -294,6 +295,7 @@ def _merge_weighted(lse_parts: torch.Tensor, mean_parts: torch.Tensor, dim: int)
     return lse, (torch.exp(lse_parts - lse.unsqueeze(dim)) * mean_parts).sum(dim)
 
 
+@on_tensor_device
 def distill_stats(x, y, s, xt, yt, t, both, *, rows_per_chunk=None, splits=None):
     """Pass 1: ``(lse_s_row, lse_t_row, m_row, lse_s_col, lse_t_col, m_col)``, fp32 (column entries None
     unless ``both``). Equivalent to::
@@ -363,6 +365,7 @@ def distill_stats(x, y, s, xt, yt, t, both, *, rows_per_chunk=None, splits=None)
     return rows_out[0], rows_out[1], rows_out[2], cols_out[0], cols_out[1], cols_out[2]
 
 
+@on_tensor_device
 def distill_grad(
     x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_teacher, *, rows_per_chunk=None
 ):

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from fastclip.kernels import config, gemm
+from fastclip.kernels.common import on_tensor_device
 
 # Logits of one chunk across all blocks, fp32 elements (as the torch implementation's budget).
 FAMILY_WORKSPACE_ELEMENTS = 2**24
@@ -266,6 +267,7 @@ def _rows_per_chunk(n: int, width: int) -> int:
     return max(1, min(n, c))
 
 
+@on_tensor_device
 def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale):
     """``(loss, ds, grads)`` of ``spec`` (see ``fastclip/ops/family_impl.py`` for the same maths in
     PyTorch). Inputs detached, of one kernel dtype, on one device; ``guides`` normalized."""

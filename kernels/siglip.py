@@ -33,6 +33,7 @@ from fastclip.kernels.common import (
     dot_operands,
     grouped_tile,
     meta_flags,
+    on_tensor_device,
     positives_in,
     scalar_f32,
     sim_tile,
@@ -120,6 +121,7 @@ def _siglip_tile_kernel(
     tl.store(part_ptr + pid, tl.sum(tl.sum(loss, 1), 0))
 
 
+@on_tensor_device
 def siglip_block(
     x: torch.Tensor,
     y: torch.Tensor,

@@ -316,3 +316,25 @@ def test_tf32_error_within_twice_torchs_tf32(loss_name):
         want = (scale * xr @ yr.T).logsumexp(1)
         errs[mode] = float((lse_row.double() - want).abs().max())
     assert errs["nearest"] <= 1e-3 and errs["truncated"] >= 10 * errs["nearest"], errs
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"
+)
+def test_losses_on_a_device_that_is_not_current():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 and give cuda:0's numbers."""
+    from fastclip import clip_loss, siglip_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=-1)
+    for fn in (clip_loss, siglip_loss):
+        want = fn(
+            x.cuda(0).bfloat16(), y.cuda(0).bfloat16(), torch.tensor(10.0, device="cuda:0"), impl="triton"
+        )
+        with torch.cuda.device(0):
+            got = fn(
+                x.cuda(1).bfloat16(), y.cuda(1).bfloat16(), torch.tensor(10.0, device="cuda:1"), impl="triton"
+            )
+        assert got.device == torch.device("cuda", 1)
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)

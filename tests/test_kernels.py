@@ -693,3 +693,45 @@ def test_tf32_distillation_kernels_round_both_pairs(tf32_on):
         unrounded = (scale * a.double() @ b.double().T).logsumexp(1)
         err, far = float((got.double() - want).abs().max()), float((unrounded - want).abs().max())
         assert err <= 2e-5 and far >= 50 * err, (err, far)
+
+
+def test_launchers_make_the_tensors_cuda_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: a launcher called with cuda:1 tensors while cuda:0
+    is current must switch to cuda:1 for the call (and only then)."""
+    from fastclip.kernels import clip, common, distill, family, siglip
+
+    for fn in (
+        clip.clip_lse,
+        clip.clip_grad,
+        siglip.siglip_block,
+        distill.distill_stats,
+        distill.distill_grad,
+        family.family_triton,
+    ):
+        assert getattr(fn, "__wrapped__", None) is not None, fn.__name__  # every launcher is guarded
+
+    class OnCuda1(torch.Tensor):
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    entered = []
+
+    class Ctx:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Ctx)
+    seen = []
+    guarded = common.on_tensor_device(lambda *a, **k: seen.append(len(entered)) or "ran")
+    t = torch.Tensor._make_subclass(OnCuda1, torch.zeros(2))
+    assert guarded("spec", [t], scale=1.0) == "ran" and entered == [torch.device("cuda", 1)] and seen == [1]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert guarded(t) == "ran" and len(entered) == 1  # already current: no switch
+    assert guarded(torch.zeros(2)) == "ran" and len(entered) == 1  # CPU tensors: no switch
