@@ -211,6 +211,11 @@ def gist_loss_distributed(
 
     def build():
         _check_dist_impl(dist_impl)
+        if dist_impl != "gather":
+            raise ValueError(
+                f"dist_impl: expected 'gather' for GIST (sentence-transformers' gather_across_devices; no "
+                f"ring form is built), got {dist_impl!r}"
+            )
         o = gist_options(
             margin_strategy=margin_strategy, margin=margin,
             contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
