@@ -35,7 +35,7 @@ SRC="$(mktemp -d)"
 trap 'rm -rf "$SRC"' EXIT
 tar -C "$ROOT" --exclude=./build --exclude=./dist --exclude='./.venv*' --exclude=./.git --exclude='*.egg-info' \
     --exclude=__pycache__ --exclude=./runs --exclude=./benchmarks/results --exclude=./.whl -cf - . | tar -C "$SRC" -xf -
-rm -f "$DIR"/fastclip-*.whl
+rm -f "$DIR"/fastclip-*.whl "$DIR"/fastclip_contrastive-*.whl
 "$PY" -m pip wheel --no-deps --no-build-isolation "$SRC" -w "$DIR"
 # Every wheel must install on the image: a cp312 x86_64 target, no index, no dependencies.
 "$PY" -m pip install --dry-run --no-deps --no-index --ignore-installed --only-binary=:all: \

@@ -104,7 +104,7 @@ fi
     nvidia-smi 2>&1 || echo "nvidia-smi not available"
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu \
         --format=csv 2>&1 || true
-    "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|fastclip|inf.cl|open.clip.torch|siglip.kernel|memeff|deepspeed|pydantic|webdataset|sentence.transformers|pytest) " || true
+    "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|fastclip|fastclip.contrastive|inf.cl|open.clip.torch|siglip.kernel|memeff|deepspeed|pydantic|webdataset|sentence.transformers|pytest) " || true
 } > "$OUT/versions.txt"
 cat "$OUT/versions.txt"
 pack

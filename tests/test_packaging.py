@@ -43,7 +43,7 @@ def test_wheel_holds_every_module_and_imports_alone(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    (whl,) = wheels.glob("fastclip-*.whl")
+    (whl,) = wheels.glob("fastclip_contrastive-*.whl")  # the distribution name, normalized
     site = tmp_path / "site"
     with zipfile.ZipFile(whl) as z:
         names = z.namelist()
@@ -72,3 +72,60 @@ def test_wheel_holds_every_module_and_imports_alone(tmp_path):
         [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_in_a_clean_venv_with_the_command_and_imports(tmp_path):
+    """The distribution is fastclip-contrastive (the index's "fastclip" is another project): its wheel,
+    pip-installed into a new venv, gives `import fastclip` from that venv and the `fastclip` command.
+    The venv borrows torch & co. through PYTHONPATH (no .pth processing there: the checkout's editable
+    install stays out)."""
+    import venv
+
+    src = tmp_path / "src"
+    junk = shutil.ignore_patterns(
+        "build", "dist", ".venv*", ".git", "*.egg-info", "__pycache__", "runs", "results", ".whl"
+    )
+    shutil.copytree(ROOT, src, ignore=junk)
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(wheels)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    (whl,) = wheels.glob("*.whl")
+    assert whl.name.startswith("fastclip_contrastive-"), whl.name
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)  # ensurepip: pip from the Python install, offline
+    py = env_dir / "bin" / "python"
+    target = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    inst = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(whl)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert inst.returncode == 0, inst.stdout[-2000:] + inst.stderr[-2000:]
+    env = {
+        "PATH": f"{env_dir / 'bin'}:/usr/bin:/bin",
+        "PYTHONPATH": os.pathsep.join(
+            [target, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+        ),
+        "HOME": str(tmp_path),
+    }
+    meta = subprocess.run(
+        [str(py), "-c", "import importlib.metadata as m, fastclip; print(m.version('fastclip-contrastive'), fastclip.__file__)"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert meta.returncode == 0, meta.stderr[-3000:]
+    version, where = meta.stdout.split()
+    assert version == "0.1.0" and where.startswith(target), meta.stdout
+    cmd = subprocess.run(
+        ["fastclip", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert cmd.returncode == 0 and "fastclip" in cmd.stdout, cmd.stdout + cmd.stderr[-2000:]
+    assert (env_dir / "bin" / "fastclip").read_text().startswith(f"#!{py}"), (
+        "the command runs the venv's python"
+    )

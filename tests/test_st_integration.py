@@ -550,7 +550,7 @@ def test_import_fastclip_without_sentence_transformers():
         "try:\n"
         "    import fastclip.integrations.sentence_transformers\n"
         "except ImportError as e:\n"
-        "    assert \"pip install 'fastclip[st]'\" in str(e), str(e)\n"
+        "    assert \"pip install 'fastclip-contrastive[st]'\" in str(e), str(e)\n"
         "    print('OK')\n"
     )
     env = {**os.environ, "PYTHONSAFEPATH": "1"}

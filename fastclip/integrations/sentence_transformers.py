@@ -41,7 +41,7 @@ forwards, the cached losses' mini-batches, RNG replay of dropout, the backward h
   "doc_to_query"), partition_mode="per_direction")`` instead); here they are kept without the
   deprecation warning, as the same MNRL configuration.
 
-Requires sentence-transformers >= 5.7 (``pip install 'fastclip[st]'``); ``import fastclip`` never
+Requires sentence-transformers >= 5.7 (``pip install 'fastclip-contrastive[st]'``); ``import fastclip`` never
 imports it, importing this module without it raises one ImportError saying so.
 """
 
@@ -71,7 +71,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by a subprocess test
     if (getattr(_exc, "name", None) or "").split(".")[0] == "sentence_transformers":
         raise ImportError(
             "fastclip.integrations.sentence_transformers needs sentence-transformers >= 5.7 "
-            f"(import failed: {_exc}); install it with: pip install 'fastclip[st]'"
+            f"(import failed: {_exc}); install it with: pip install 'fastclip-contrastive[st]'"
         ) from _exc
     # sentence-transformers is there but one of its own imports failed: say that, not "missing".
     raise ImportError(
