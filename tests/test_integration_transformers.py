@@ -489,7 +489,12 @@ def _worker(rank, world, tmpdir):
         with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         if dist.is_initialized():
-            dist.destroy_process_group()
+            # both ranks reach the teardown together: a rank destroying its gloo group while the other
+            # still talks to it aborted the process once ("terminate called without an active exception")
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 @pytest.mark.distributed
