@@ -29,12 +29,12 @@ def _tree_modules() -> set[str]:
     return mods
 
 
-@pytest.mark.slow
-def test_wheel_holds_every_module_and_imports_alone(tmp_path):
-    # From a clean copy: setuptools packs whatever a checkout's build/lib still holds from earlier builds.
+def _build_wheel(tmp_path):
+    """The wheel of a clean copy of the checkout (setuptools packs whatever a checkout's build/lib
+    still holds from earlier builds), named after the distribution, fastclip-contrastive."""
     src = tmp_path / "src"
     junk = shutil.ignore_patterns(
-        "build", "dist", ".venv*", ".git", "*.egg-info", "__pycache__", "runs", "results"
+        "build", "dist", ".venv*", ".git", "*.egg-info", "__pycache__", "runs", "results", ".whl"
     )
     shutil.copytree(ROOT, src, ignore=junk)
     wheels = tmp_path / "wheels"
@@ -43,7 +43,14 @@ def test_wheel_holds_every_module_and_imports_alone(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    (whl,) = wheels.glob("fastclip_contrastive-*.whl")  # the distribution name, normalized
+    (whl,) = wheels.glob("*.whl")
+    assert whl.name.startswith("fastclip_contrastive-"), whl.name  # the distribution name, normalized
+    return whl
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_module_and_imports_alone(tmp_path):
+    whl = _build_wheel(tmp_path)
     site = tmp_path / "site"
     with zipfile.ZipFile(whl) as z:
         names = z.namelist()
@@ -82,19 +89,7 @@ def test_the_wheel_installs_in_a_clean_venv_with_the_command_and_imports(tmp_pat
     install stays out)."""
     import venv
 
-    src = tmp_path / "src"
-    junk = shutil.ignore_patterns(
-        "build", "dist", ".venv*", ".git", "*.egg-info", "__pycache__", "runs", "results", ".whl"
-    )
-    shutil.copytree(ROOT, src, ignore=junk)
-    wheels = tmp_path / "wheels"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(wheels)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    (whl,) = wheels.glob("*.whl")
-    assert whl.name.startswith("fastclip_contrastive-"), whl.name
+    whl = _build_wheel(tmp_path)
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)  # ensurepip: pip from the Python install, offline
     py = env_dir / "bin" / "python"
