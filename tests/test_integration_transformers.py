@@ -219,6 +219,27 @@ def test_bf16_autocast(family):
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fam", ["clip", "siglip"])
+def test_bf16_autocast_on_cuda(fam):
+    """What users run: the patched model on CUDA under bf16 autocast (the embeddings reach the loss in
+    fp32 there: CUDA autocast normalizes in fp32; the fused loss computes them in bf16, as the model's
+    own matmul does), loss and gradients within bf16 rounding of transformers' own forward."""
+    model = build(fam).cuda()
+    inputs = {k: v.cuda() for k, v in batch(fam).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want, want_g = loss_and_grads(model, inputs)
+        with fct.patch(model):
+            got, got_g = loss_and_grads(model, inputs)
+    assert got.loss.dtype == torch.float32 and got.loss.is_cuda
+    assert abs(float(got.loss) - float(want.loss)) <= 1e-2 * max(1.0, abs(float(want.loss))), (
+        got.loss,
+        want.loss,
+    )
+    assert_grads_close(got_g, want_g, 3e-2, f"{fam} cuda bf16")
+
+
 class _Shapes(TorchDispatchMode):
     """Records every op output's shape."""
 
