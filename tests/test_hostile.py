@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from utils import train_cli
 
 from fastclip.train import checkpoint as ckpt
 
@@ -24,11 +23,7 @@ BASE += ["--log.progress", "false", "--log.plot", "false", "--data.eval_size", "
 
 
 def _cli(args, timeout=180):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "fastclip.cli", "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return train_cli(args, timeout)
 
 
 def _one_line_error(p, rc=2):

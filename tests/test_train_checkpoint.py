@@ -7,10 +7,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
+from utils import train_cli
 
 from fastclip.train import checkpoint as ckpt
 from fastclip.train.export import export_safetensors
@@ -19,11 +19,7 @@ MODEL = {"patch_size": 8, "vision_depth": 1, "text_depth": 1}
 
 
 def _cli(args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "fastclip.cli", "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return train_cli(args, timeout)
 
 
 @pytest.fixture(scope="module")

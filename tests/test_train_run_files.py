@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from utils import train_cli
 
 MODEL = json.dumps({"patch_size": 8, "vision_depth": 1, "text_depth": 1})
 BASE = ["--smoke", "--train.batch_size", "16", "--train.threads", "1", "--model.overrides", MODEL]
@@ -16,11 +15,7 @@ BASE += ["--log.progress", "false", "--log.plot", "false", "--data.eval_size", "
 
 
 def _cli(args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "fastclip.cli", "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return train_cli(args, timeout)
 
 
 def _table(folder, n=16):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,3 +77,12 @@ class LargestOutput(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def train_cli(args, timeout=300) -> subprocess.CompletedProcess:
+    """``fastclip train ARGS`` in a fresh process, one thread, without a launcher's environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "fastclip.cli", "train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
