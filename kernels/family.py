@@ -1,373 +1,658 @@
-"""Triton epilogue of the contrastive family: masks, hardness shifts, log-sum-exp and gradient tiles.
+"""Fused Triton kernels of the contrastive family: one column model, similarity tiles recomputed in-kernel.
 
-Design (docs/kernels.md, "The contrastive family"): **chunk-materialized, one pass**. Every block of a
-``FamilySpec`` (``fastclip/ops/family_spec.py``) is row-local, so for ``c`` rows at a time:
+Design (docs/kernels.md, "The contrastive family"; the maths in docs/design.md):
 
-1. cuBLAS forms each block's similarity chunk ``S = R_c @ C^T`` in fp32 (``gemm.mm_f32``: no 16-bit
-   rounding of the products), and the guide's ``S_g`` for GIST blocks;
-2. ``_family_stats_kernel`` walks each row's columns in ``BN`` tiles (the columns split between a few
-   programs per row block when the chunk has too few row blocks to fill the GPU, their partials merged
-   in a fixed order): ``L' = s S + alpha S`` on the
-   shifted columns, removal (own column, equal ids, guide over threshold) to ``-inf``, written back in
-   place, while the row's log-sum-exp (online max/sum), positive and valid-column sums accumulate;
-3. the host merges the blocks' log-sum-exps per part (``(c,)`` vectors);
-4. ``_family_grad_kernel`` turns ``L'`` into ``G / coef = w exp(L' - lse) - t`` (O(1) values, so fp16
-   does not underflow) in the operands' dtype, and two cuBLAS GEMMs form ``dR_c = s coef G C`` and
-   ``dC += G^T R_c`` (scaled once at the end).
+**One column model.** The blocks of a ``FamilySpec`` (``fastclip/ops/family_spec.py``) that share a row
+operand and a part form a *row group*; the group's columns are one operand ``C``, its blocks' column
+operands end to end (no copy for a one-block group), described by *segments*: a column range of ``C``
+with its block's per-cell rules packed in one integer (own column, positive, same-id positives,
+exclude own, ids, guide, hardness class). A call has at most three groups (queries; documents in the
+query part; documents in their own part under ``per_direction``) whatever the number of hard-negative
+groups, so the launches of a call do not grow with ``K``: the segments are a loop inside the kernel.
 
-FLOPs: 6·n·N·D per block in cuBLAS (as the materialized loss), none in Triton; memory: the chunk's
-fp32 ``S`` of every block plus one gradient tile, ``c`` from the budget; deterministic (no atomics,
-fixed orders). Every mask comes from indices (own column ``i + offset``, id vectors, the guide tile):
-no n×N tensor. Limits: inputs float32/bfloat16/float16; int64 offsets. Under the interpreter the
-kernels read only fp32 buffers (bf16 arithmetic is broken there); 16-bit values are only stored.
+**Forward**, ``_family_lse_kernel`` (one launch per group): each program owns ``BM`` rows and a range of
+``BN``-column tiles (tiles never straddle a segment); every tile of ``L = s S (+ alpha S on the shifted
+cells)`` is recomputed from the operands with ``tl.dot`` (as the CLIP forward), every mask is applied
+in-tile from indices and id vectors (own column ``i + offset``, equal ids, GIST's guide tile, which is
+recomputed the same way from the guide operands), and the row's log-sum-exp, positive and valid-column
+sums stay in registers. Nothing of size ``n x N`` or ``c x N`` exists; the output is ``(stats, splits,
+n)`` partials merged in a fixed order. GIST's per-row thresholds (the guide similarity of the row's own
+positive minus its margin) come first from ``_guide_threshold_kernel``, which computes the positive
+segment's tiles exactly as the other kernels do (same rows, same column tiles), so a duplicate of the
+positive ties with its threshold exactly and stays (strict ``>``, as sentence-transformers).
+
+**Backward** (formed in the same call: the family's losses return their gradients with the loss),
+``_family_grad_kernel``: for ``c`` rows by a panel of whole segment tiles at a time
+(``config.grad_tiles``, or the caller's ``chunk_size`` rows), recompute each tile, form
+``G / coef = w exp(L - lse) - t`` (O(1) values, so fp16 keeps its precision) in the operands' dtype
+plus per-program partials of ``sum G S`` (the scale's gradient), then two cuBLAS GEMMs:
+``dR_c += G C_panel`` and ``dC_panel += G^T R_c`` (fp32, scaled once at the end).
+
+Host work per call: a fixed number of torch ops and launches per group for the forward, and per
+chunk for the gradients (a test pins the counts: ``tests/test_family_host_ops.py``); no host
+synchronisation (the scale is read by the kernels from its tensor; the segment tables are cached on the
+device per spec and shape, so a training loop copies them once). FLOPs: ``2 n N D`` in Triton for the
+forward, ``2 n N D`` in Triton plus ``4 n N D`` in cuBLAS for the gradients (the guide's tiles add
+their own, at the guide's dim). Deterministic: no atomics, fixed orders.
+
+Limits: inputs float32/bfloat16/float16, int64 offsets. Under the interpreter bf16 tiles are upcast
+after loading (``UPCAST``), as in the CLIP kernels.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from fastclip.kernels import config, gemm
-from fastclip.kernels.common import on_tensor_device
+from fastclip.kernels.common import dot_operands, grouped_tile, meta_flags, on_tensor_device, sim_tile
 
-# Logits of one chunk across all blocks, fp32 elements (as the torch implementation's budget).
-FAMILY_WORKSPACE_ELEMENTS = 2**24
-BLOCK_M = 16
-BLOCK_N = 128
 SHIFT_CODES = {"none": 0, "all": 1, "all_but_own": 2, "own_only": 3}
+# Segment flag bits (one int64 per segment, read by the kernels).
+F_OWN, F_POS, F_CAP, F_EXCL, F_IDS, F_GUIDE, SHIFT_BIT = 1, 2, 4, 8, 16, 32, 6
+SEG_FIELDS = 5  # start, end, first tile, own offset, flags
+# Guided groups keep two fp32 accumulators (similarity and guide tiles): half-width tiles there.
+GUIDE_MAX_BLOCK_N = 64
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
 
 
 @triton.jit
-def _cell_flags(
+def _segment_tile(
+    # pointers
+    r_ptr,
+    c_ptr,
+    gr_ptr,
+    gc_ptr,
+    rid_ptr,
+    cid_ptr,
+    thr_ptr,
+    # the tile: global rows, their mask, columns of C, and the segment's fields
     rows,
-    cols,
     row_mask,
-    col_mask,
+    cols,
+    seg_start,
+    seg_end,
     own_off,
-    row_ids_ptr,
-    col_ids_ptr,
-    HAS_OWN: tl.constexpr,
+    flags,
+    # scalars
+    s,
+    alpha,
+    D,
+    DG,
+    # strides
+    stride_rm,
+    stride_rk,
+    stride_cm,
+    stride_ck,
+    stride_grm,
+    stride_grk,
+    stride_gcm,
+    stride_gck,
+    # meta
+    HARD: tl.constexpr,
     USE_IDS: tl.constexpr,
+    IDS_POSITIVE: tl.constexpr,
+    GUIDE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    G_IEEE: tl.constexpr,
 ):
-    """(in-bounds, own column, same id and not own) of a (BM, BN) tile."""
+    """``(L, is_pos, valid, S, inb)`` of one (BM, BN) tile: the logits with removed cells at -inf, the
+    target cells, the cells that join the log-sum-exp, the similarity and the in-bounds cells."""
+    col_mask = cols < seg_end
     inb = row_mask[:, None] & col_mask[None, :]
-    own = (cols.to(tl.int64)[None, :] == rows.to(tl.int64)[:, None] + own_off) & inb
-    if not HAS_OWN:
-        own = own & False
-    same = inb & (cols[None, :] < 0)  # all False
+    S = sim_tile(
+        r_ptr, c_ptr, rows, cols, row_mask, col_mask, D,
+        stride_rm, stride_rk, stride_cm, stride_ck, BM, BN, BK, UPCAST, IEEE,
+    )  # fmt: skip
+    # The segment's flags as (1, BN) masks: a 0-d boolean combined with tiles misbehaves under the
+    # interpreter (its tensors then take the other operand's element type).
+    fv = (cols * 0).to(tl.int64) + flags
+    f_own = ((fv & 1) != 0)[None, :]
+    f_pos = ((fv & 2) != 0)[None, :]
+    f_cap = ((fv & 4) != 0)[None, :]
+    f_excl = ((fv & 8) != 0)[None, :]
+    f_ids = ((fv & 16) != 0)[None, :]
+    f_guide = ((fv & 32) != 0)[None, :]
+    own = inb & ((cols.to(tl.int64) - seg_start)[None, :] == rows.to(tl.int64)[:, None] + own_off) & f_own
+    own_pos = own & f_pos
+    none = inb != inb  # all False (a Python False would make an int32 tensor under the interpreter)
+    same = none
     if USE_IDS:
-        rid = tl.load(row_ids_ptr + rows, mask=row_mask, other=0)
-        cid = tl.load(col_ids_ptr + cols, mask=col_mask, other=1)
-        same = (rid[:, None] == cid[None, :]) & inb & ~own
-    return inb, own, same
+        rid = tl.load(rid_ptr + rows, mask=row_mask, other=0)
+        cid = tl.load(cid_ptr + cols, mask=col_mask, other=0)
+        same = (rid[:, None] == cid[None, :]) & inb & (own == 0) & f_ids
+    extra = none
+    if IDS_POSITIVE:
+        extra = same & f_cap
+    removed = (inb == 0) | (same & (extra == 0)) | (own & f_excl)
+    L = S * s
+    if HARD:
+        code = ((fv >> 6) & 3)[None, :]
+        shifted = ((code == 1) & (extra == 0)) | ((code == 2) & (own == 0) & (extra == 0)) | ((code == 3) & own)
+        L = L + tl.where(shifted & inb, alpha * S, 0.0)
+    if GUIDE:
+        GS = sim_tile(
+            gr_ptr, gc_ptr, rows, cols, row_mask, col_mask, DG,
+            stride_grm, stride_grk, stride_gcm, stride_gck, BM, BN, BK, False, G_IEEE,
+        )  # fmt: skip
+        thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+        over = (GS > thr[:, None]) & inb & f_guide & (own_pos == 0)
+        removed = removed | over
+    extra = extra & (removed == 0)
+    L = tl.where(removed, float("-inf"), L)
+    is_pos = own_pos | extra
+    return L, is_pos, removed == 0, S, inb
 
 
 @triton.jit
-def _family_stats_kernel(
+def _family_lse_kernel(
     # pointers
-    s_ptr,  # (m, Nb) fp32 similarities, overwritten with L'
-    g_ptr,  # (m, Nb) fp32 guide similarities (GUIDE)
-    thr_ptr,  # (m,) guide thresholds (GUIDE)
-    row_ids_ptr,
-    col_ids_ptr,
+    r_ptr,
+    c_ptr,
+    gr_ptr,
+    gc_ptr,
+    rid_ptr,
+    cid_ptr,
+    thr_ptr,
+    seg_ptr,
     scale_ptr,
-    lse_ptr,  # (splits, m) out: each column split's log-sum-exp per row
-    pos_sum_ptr,  # (splits, m) out
-    pos_cnt_ptr,
-    val_sum_ptr,
-    val_cnt_ptr,
+    out_ptr,  # (stats, splits, n) fp32: lse, positive sum and count, valid sum and count
     # sizes
-    m,
-    Nb,
-    own_off,
+    n,
+    D,
+    DG,
+    n_seg,
+    tiles_per_split,
+    stride_stat,  # splits * n
     alpha,
-    cols_per_split,
     # strides
-    stride_sm,
-    stride_gm,
+    stride_rm,
+    stride_rk,
+    stride_cm,
+    stride_ck,
+    stride_grm,
+    stride_grk,
+    stride_gcm,
+    stride_gck,
     # meta
-    SHIFT: tl.constexpr,
-    HAS_OWN: tl.constexpr,
-    POSITIVE: tl.constexpr,
-    EXCLUDE_OWN: tl.constexpr,
+    HARD: tl.constexpr,
     USE_IDS: tl.constexpr,
     IDS_POSITIVE: tl.constexpr,
     GUIDE: tl.constexpr,
     SMOOTH: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    G_IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid * BM + tl.arange(0, BM)
-    row_mask = rows < m
-    col_start = split * cols_per_split
-    col_end = tl.minimum(Nb, col_start + cols_per_split)
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < n
     s = tl.load(scale_ptr).to(tl.float32)
-    thr = tl.zeros((BM,), dtype=tl.float32)
-    if GUIDE:
-        thr = tl.load(thr_ptr + rows, mask=row_mask, other=0.0)
+    t_lo = pid_s * tiles_per_split
+    t_hi = t_lo + tiles_per_split
     run_max = tl.full((BM,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BM,), dtype=tl.float32)
     p_sum = tl.zeros((BM,), dtype=tl.float32)
     p_cnt = tl.zeros((BM,), dtype=tl.float32)
     v_sum = tl.zeros((BM,), dtype=tl.float32)
     v_cnt = tl.zeros((BM,), dtype=tl.float32)
-    s_rows = s_ptr + rows.to(tl.int64)[:, None] * stride_sm
-    for j0 in range(col_start, col_end, BN):
-        cols = j0 + tl.arange(0, BN)
-        col_mask = cols < col_end
-        inb, own, same = _cell_flags(
-            rows, cols, row_mask, col_mask, own_off, row_ids_ptr, col_ids_ptr, HAS_OWN, USE_IDS
-        )
-        sim = tl.load(s_rows + cols[None, :], mask=inb, other=0.0)
-        if IDS_POSITIVE:
-            extra_pos = same
-            removed = ~inb
-        else:
-            extra_pos = same & False
-            removed = same | ~inb
-        if SHIFT == 1:
-            shifted = inb & ~extra_pos
-        elif SHIFT == 2:
-            shifted = inb & ~own & ~extra_pos
-        elif SHIFT == 3:
-            shifted = own
-        else:
-            shifted = inb & False
-        logit = sim * s + tl.where(shifted, alpha * sim, 0.0)
-        if EXCLUDE_OWN:
-            removed = removed | own
-        if GUIDE:
-            gs = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :], mask=inb, other=0.0)
-            over = (gs > thr[:, None]) & inb
-            if POSITIVE:
-                over = over & ~own
-            removed = removed | over
-        extra_pos = extra_pos & ~removed
-        logit = tl.where(removed, float("-inf"), logit)
-        tl.store(s_rows + cols[None, :], logit, mask=inb)
-        tile_max = tl.max(logit, 1)
-        new_max = tl.maximum(run_max, tile_max)
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(logit - safe[:, None]), 1)
-        run_max = new_max
-        if POSITIVE:
-            p_sum += tl.sum(tl.where(own, logit, 0.0), 1)
-            p_cnt += tl.sum(own.to(tl.float32), 1)
-        if IDS_POSITIVE:
-            p_sum += tl.sum(tl.where(extra_pos, logit, 0.0), 1)
-            p_cnt += tl.sum(extra_pos.to(tl.float32), 1)
-        if SMOOTH:
-            valid = ~removed
-            v_sum += tl.sum(tl.where(valid, logit, 0.0), 1)
-            v_cnt += tl.sum(valid.to(tl.float32), 1)
+    for k in range(0, n_seg):
+        seg = seg_ptr + k * 5
+        seg_start = tl.load(seg)
+        seg_end = tl.load(seg + 1)
+        tile0 = tl.load(seg + 2)
+        own_off = tl.load(seg + 3)
+        flags = tl.load(seg + 4)
+        t_end = tile0 + (seg_end - seg_start + BN - 1) // BN
+        for t in range(tl.maximum(t_lo, tile0), tl.minimum(t_hi, t_end)):
+            cols = seg_start + (t - tile0) * BN + tl.arange(0, BN)
+            L, is_pos, valid, S, inb = _segment_tile(
+                r_ptr, c_ptr, gr_ptr, gc_ptr, rid_ptr, cid_ptr, thr_ptr,
+                rows, row_mask, cols, seg_start, seg_end, own_off, flags, s, alpha, D, DG,
+                stride_rm, stride_rk, stride_cm, stride_ck, stride_grm, stride_grk, stride_gcm, stride_gck,
+                HARD, USE_IDS, IDS_POSITIVE, GUIDE, BM, BN, BK, UPCAST, IEEE, G_IEEE,
+            )  # fmt: skip
+            # Online log-sum-exp; a row with no valid cell yet keeps -inf (shift by 0 there).
+            new_max = tl.maximum(run_max, tl.max(L, 1))
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(L - safe[:, None]), 1)
+            run_max = new_max
+            p_sum += tl.sum(tl.where(is_pos, L, 0.0), 1)
+            p_cnt += tl.sum(is_pos.to(tl.float32), 1)
+            if SMOOTH:
+                v_sum += tl.sum(tl.where(valid, L, 0.0), 1)
+                v_cnt += tl.sum(valid.to(tl.float32), 1)
     lse = tl.where(run_max == float("-inf"), float("-inf"), run_max + tl.log(run_sum))
-    out = split.to(tl.int64) * m + rows
-    tl.store(lse_ptr + out, lse, mask=row_mask)
-    tl.store(pos_sum_ptr + out, p_sum, mask=row_mask)
-    tl.store(pos_cnt_ptr + out, p_cnt, mask=row_mask)
+    out = out_ptr + pid_s.to(tl.int64) * n + rows
+    tl.store(out, lse, mask=row_mask)
+    tl.store(out + stride_stat, p_sum, mask=row_mask)
+    tl.store(out + 2 * stride_stat, p_cnt, mask=row_mask)
     if SMOOTH:
-        tl.store(val_sum_ptr + out, v_sum, mask=row_mask)
-        tl.store(val_cnt_ptr + out, v_cnt, mask=row_mask)
+        tl.store(out + 3 * stride_stat, v_sum, mask=row_mask)
+        tl.store(out + 4 * stride_stat, v_cnt, mask=row_mask)
 
 
 @triton.jit
 def _family_grad_kernel(
     # pointers
-    l_ptr,  # (m, Nb) fp32 L' from the stats kernel
-    g_out_ptr,  # (m, Nb) out: G / coef in the operands' dtype
-    lse_ptr,  # (m,) the part's log-sum-exp
-    w_pos_ptr,  # (m,) (1 - eps) / |positives|
-    w_val_ptr,  # (m,) eps / |valid|
-    row_ids_ptr,
-    col_ids_ptr,
-    # sizes
-    m,
-    Nb,
-    own_off,
+    r_ptr,
+    c_ptr,
+    gr_ptr,
+    gc_ptr,
+    rid_ptr,
+    cid_ptr,
+    thr_ptr,
+    seg_ptr,
+    scale_ptr,
+    lse_ptr,  # (n,) the group's part's log-sum-exp
+    w_pos_ptr,  # (n,) (1 - eps) / |positives|
+    w_val_ptr,  # (n,) eps / |valid|
+    g_ptr,  # (rows, panel columns) out: G / coef in the operands' dtype
+    ds_ptr,  # (programs,) out: sum of (G / coef) * S per program
+    # sizes: this chunk's rows [row0, row1), this panel's tiles [t_lo, t_hi) from column col0
+    row0,
+    row1,
+    t_lo,
+    t_hi,
+    col0,
+    D,
+    DG,
+    n_seg,
+    alpha,
     weight,
     # strides
-    stride_lm,
+    stride_rm,
+    stride_rk,
+    stride_cm,
+    stride_ck,
+    stride_grm,
+    stride_grk,
+    stride_gcm,
+    stride_gck,
     stride_gm,
     # meta
-    HAS_OWN: tl.constexpr,
-    POSITIVE: tl.constexpr,
+    HARD: tl.constexpr,
     USE_IDS: tl.constexpr,
     IDS_POSITIVE: tl.constexpr,
+    GUIDE: tl.constexpr,
     SMOOTH: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    BK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    G_IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    row_mask = rows < m
-    col_mask = cols < Nb
-    inb, own, same = _cell_flags(
-        rows, cols, row_mask, col_mask, own_off, row_ids_ptr, col_ids_ptr, HAS_OWN, USE_IDS
-    )
-    logit = tl.load(
-        l_ptr + rows.to(tl.int64)[:, None] * stride_lm + cols[None, :], mask=inb, other=float("-inf")
-    )
+    pid = tl.program_id(0)
+    pid_m, pid_t = grouped_tile(pid, row1 - row0, (t_hi - t_lo) * BN, BM, BN, GROUP_M)
+    t = t_lo + pid_t
+    # The segment of tile t (a handful of segments: a scalar scan).
+    seg_start = tl.load(seg_ptr) * 0
+    seg_end = seg_start
+    tile0 = seg_start
+    own_off = seg_start
+    flags = seg_start
+    for k in range(0, n_seg):
+        seg = seg_ptr + k * 5
+        k_start = tl.load(seg)
+        k_end = tl.load(seg + 1)
+        k_tile0 = tl.load(seg + 2)
+        hit = (t >= k_tile0) & (t < k_tile0 + (k_end - k_start + BN - 1) // BN)
+        seg_start = tl.where(hit, k_start, seg_start)
+        seg_end = tl.where(hit, k_end, seg_end)
+        tile0 = tl.where(hit, k_tile0, tile0)
+        own_off = tl.where(hit, tl.load(seg + 3), own_off)
+        flags = tl.where(hit, tl.load(seg + 4), flags)
+    rows = row0 + pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < row1
+    cols = seg_start + (t - tile0) * BN + tl.arange(0, BN)
+    s = tl.load(scale_ptr).to(tl.float32)
+    L, is_pos, valid, S, inb = _segment_tile(
+        r_ptr, c_ptr, gr_ptr, gc_ptr, rid_ptr, cid_ptr, thr_ptr,
+        rows, row_mask, cols, seg_start, seg_end, own_off, flags, s, alpha, D, DG,
+        stride_rm, stride_rk, stride_cm, stride_ck, stride_grm, stride_grk, stride_gcm, stride_gck,
+        HARD, USE_IDS, IDS_POSITIVE, GUIDE, BM, BN, BK, UPCAST, IEEE, G_IEEE,
+    )  # fmt: skip
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    valid = logit > float("-inf")
-    g = tl.where(valid, weight * tl.exp(logit - lse[:, None]), 0.0)
     w_pos = tl.load(w_pos_ptr + rows, mask=row_mask, other=0.0)
-    is_pos = own & POSITIVE
-    if IDS_POSITIVE:
-        is_pos = is_pos | (same & valid)
-    g = g - tl.where(is_pos, w_pos[:, None], 0.0)
+    G = tl.where(valid, weight * tl.exp(L - lse[:, None]), 0.0)
+    G = G - tl.where(is_pos, w_pos[:, None], 0.0)
     if SMOOTH:
         w_val = tl.load(w_val_ptr + rows, mask=row_mask, other=0.0)
-        g = g - tl.where(valid, w_val[:, None], 0.0)
-    tl.store(
-        g_out_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :],
-        g.to(g_out_ptr.dtype.element_ty),
-        mask=inb,
-    )
+        G = G - tl.where(valid, w_val[:, None], 0.0)
+    G = tl.where(inb, G, 0.0)
+    tl.store(ds_ptr + pid, tl.sum(tl.sum(G * S, 1), 0))
+    g_out = g_ptr + (rows - row0).to(tl.int64)[:, None] * stride_gm + (cols - col0)[None, :]
+    tl.store(g_out, G.to(g_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _guide_threshold_kernel(
+    gr_ptr,
+    gc_ptr,
+    margin_ptr,  # (n,) per-row margins
+    thr_ptr,  # (n,) out: guide similarity of the own positive minus the margin (+inf: none here)
+    n,
+    DG,
+    seg_start,
+    seg_end,
+    own_off,
+    stride_grm,
+    stride_grk,
+    stride_gcm,
+    stride_gck,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    G_IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_mask = rows < n
+    # The positive segment's tiles that hold this row block's own columns, computed as the other
+    # kernels compute them (segment-aligned tiles of BN columns, the same rows).
+    first = tl.maximum(pid * BM + own_off, 0)
+    last = tl.minimum(pid * BM + BM - 1 + own_off, seg_end - seg_start - 1)
+    own_sim = tl.zeros((BM,), dtype=tl.float32)
+    found = tl.zeros((BM,), dtype=tl.float32)
+    for t in range(first // BN, last // BN + 1):
+        cols = seg_start + t * BN + tl.arange(0, BN)
+        col_mask = cols < seg_end
+        GS = sim_tile(
+            gr_ptr, gc_ptr, rows, cols, row_mask, col_mask, DG,
+            stride_grm, stride_grk, stride_gcm, stride_gck, BM, BN, BK, False, G_IEEE,
+        )  # fmt: skip
+        own = (
+            ((cols.to(tl.int64) - seg_start)[None, :] == rows.to(tl.int64)[:, None] + own_off)
+            & row_mask[:, None]
+            & col_mask[None, :]
+        )
+        own_sim += tl.sum(tl.where(own, GS, 0.0), 1)
+        found += tl.sum(own.to(tl.float32), 1)
+    margin = tl.load(margin_ptr + rows, mask=row_mask, other=0.0)
+    tl.store(thr_ptr + rows, tl.where(found > 0, own_sim - margin, float("inf")), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the column model (host side: plain Python on the spec and the shapes)
+
+
+def _flags(b, spec) -> int:
+    shift = SHIFT_CODES[b.shift] if spec.hardness else 0
+    return (
+        F_OWN * b.own + F_POS * b.positive + F_CAP * b.positive_capable + F_EXCL * b.exclude_own
+        + F_IDS * b.ids + F_GUIDE * b.guide + (shift << SHIFT_BIT)
+    )  # fmt: skip
+
+
+def row_groups(spec, lengths, need) -> list[tuple[int, int, list[tuple]]]:
+    """``[(row operand, part, segments)]``: the blocks of each (row operand, part) pair in spec order,
+    those whose column operand needs a gradient first (so the columns needing one are a prefix of the
+    group's ``C``). A segment is ``(block, column operand, start, end, first tile index)`` in ``C``,
+    tiles counted in ``block_n`` columns by :func:`_with_tiles`."""
+    groups: dict[tuple[int, int], list] = {}
+    for b in spec.blocks:
+        groups.setdefault((b.row, b.part), []).append(b)
+    out = []
+    for (row, part), blocks in groups.items():
+        blocks = sorted(blocks, key=lambda b: not need[b.col])  # stable: spec order within each class
+        segs, start = [], 0
+        for b in blocks:
+            segs.append((b, b.col, start, start + lengths[b.col]))
+            start += lengths[b.col]
+        out.append((row, part, segs))
+    return out
+
+
+def _with_tiles(segs, block_n: int) -> list[tuple]:
+    out, tile = [], 0
+    for b, col, start, end in segs:
+        out.append((b, col, start, end, tile))
+        tile += triton.cdiv(end - start, block_n)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_table(fields: tuple, device: str) -> torch.Tensor:
+    """The segments' fields as an int64 device tensor, cached per spec and shape: a training loop
+    copies each table to the device once, not per call (a copy from host memory waits for the GPU)."""
+    return torch.tensor(fields, dtype=torch.int64, device=device).reshape(-1)
+
+
+def _tile_spans(segs, block_n: int) -> list[tuple[int, int]]:
+    """``(first column, end column)`` in ``C`` of every tile, in tile order."""
+    spans = []
+    for _, _, start, end, _ in segs:
+        spans += [(j, min(end, j + block_n)) for j in range(start, end, block_n)]
+    return spans
+
+
+def _split_panels(spans, max_cols: int) -> list[tuple[int, int]]:
+    """Consecutive tile ranges ``[t0, t1)`` of at most ``max_cols`` columns (at least one tile each)."""
+    panels, t0 = [], 0
+    for t in range(1, len(spans) + 1):
+        if t == len(spans) or spans[t][1] - spans[t0][0] > max_cols:
+            panels.append((t0, t))
+            t0 = t
+    return panels
 
 
 # ----------------------------------------------------------------------------------------------------
 # launcher
 
 
-def _column_splits(m: int, nb: int, device: torch.device) -> int:
-    """Programs per row block: enough to fill the GPU (a few per SM) when a chunk has few row blocks;
-    2 under the interpreter (so that the merge of the splits' partials is tested), 1 for one tile."""
-    tiles = triton.cdiv(nb, BLOCK_N)
+def _forward_splits(row_blocks: int, tiles: int, device: torch.device) -> int:
     if config.interpreting() or device.type != "cuda":
-        return min(2, tiles)
-    want = triton.cdiv(config.PROGRAMS_PER_SM * config.num_sms(device), triton.cdiv(m, BLOCK_M))
-    return max(1, min(tiles, want))
+        return min(2, tiles)  # the merge of the splits' partials is exercised by the CPU tests
+    want = triton.cdiv(config.PROGRAMS_PER_SM * config.num_sms(device), row_blocks)
+    return max(1, min(tiles, want, 65535))
 
 
-def _guide_thresholds(b, gsim: torch.Tensor, own_off: int, margins: torch.Tensor) -> torch.Tensor:
-    """A chunk's guide thresholds ``g(row, own positive) - margin``, the own cell read from the positive
-    guide block's fp32 tile (the same arithmetic as every cell compared with it: a duplicate of the
-    positive ties exactly and stays, as in the materialized loss); ``margins`` is the op's ``thr``.
-    As ``fastclip/ops/family_impl.py``'s ``guide_thresholds``."""
-    if not (b.positive and b.own):
-        raise AssertionError("a guided spec's first guide block must be its positive block")
-    m, nb = gsim.shape
-    lo, hi = max(0, -own_off), max(0, min(m, nb - own_off))
-    out = torch.full((m,), float("inf"), dtype=torch.float32, device=gsim.device)
-    if hi > lo:
-        rows = torch.arange(lo, hi, device=gsim.device)
-        out[lo:hi] = gsim[rows, rows + own_off] - margins[lo:hi].to(torch.float32)
-    return out
-
-
-def _rows_per_chunk(n: int, width: int) -> int:
-    c = max(BLOCK_M, FAMILY_WORKSPACE_ELEMENTS // max(1, width) // BLOCK_M * BLOCK_M)
-    return max(1, min(n, c))
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 @on_tensor_device
-def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale):
-    """``(loss, ds, grads)`` of ``spec`` (see ``fastclip/ops/family_impl.py`` for the same maths in
-    PyTorch). Inputs detached, of one kernel dtype, on one device; ``guides`` normalized."""
+def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_size=None):
+    """``(loss, ds, grads)`` of ``spec`` (``fastclip/ops/family_impl.py`` holds the same maths in
+    PyTorch). Inputs detached, of one kernel dtype, on one device; ``guides`` normalized; ``thr`` the
+    per-row margins of a guided spec; ``chunk_size`` the gradient's rows per chunk (None: the budget)."""
     dtype, dev = ts[0].dtype, ts[0].device
-    assert dtype in (torch.float32, torch.bfloat16, torch.float16), dtype
-    blocks = spec.blocks
-    n = ts[blocks[0].row].shape[0]
-    width = sum(ts[b.col].shape[0] for b in blocks)
-    c = _rows_per_chunk(n, width)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"ts: expected float32, bfloat16 or float16 operands, got {dtype}")
     f32 = torch.float32
-    s = scale.detach().reshape(1).to(f32)
-    eps, coef = spec.smoothing, spec.coef
-    any_grad = any(need) or need_scale
+    D = ts[0].shape[1]
+    n = ts[spec.blocks[0].row].shape[0]
     ts = [t.contiguous() for t in ts]
-    row_grads = [torch.zeros(t.shape, dtype=f32, device=dev) if w else None for t, w in zip(ts, need)]
-    col_acc = [torch.zeros(t.shape, dtype=f32, device=dev) if w else None for t, w in zip(ts, need)]
-    loss = torch.zeros((), dtype=f32, device=dev)
-    ds = torch.zeros((), dtype=f32, device=dev)
+    lengths = [t.shape[0] for t in ts]
+    groups = row_groups(spec, lengths, need)
+    guided = any(b.guide for b in spec.blocks)
+    cfg_f = config.tile_config("lse", dev, dtype, D)
+    cfg_g = config.tile_config("tile", dev, dtype, D)
+    bn_f = min(cfg_f.block_n, GUIDE_MAX_BLOCK_N) if guided else cfg_f.block_n
+    bn_g = min(cfg_g.block_n, GUIDE_MAX_BLOCK_N) if guided else cfg_g.block_n
+    flags = meta_flags(dtype)
+    g_ieee = meta_flags(f32)["IEEE"]
+    s = scale.detach().reshape(1).to(f32)
+    eps, coef, alpha = spec.smoothing, spec.coef, float(spec.hardness)
+    smooth = bool(eps)
+    ids_positive = spec.duplicates == "positive"
+    stats_n = 5 if smooth else 3
     dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
     dummy_f = torch.zeros(1, dtype=f32, device=dev)
-    for i0 in range(0, n, c):
-        i1 = min(n, i0 + c)
-        m = i1 - i0
-        pos_sum = torch.zeros(m, dtype=f32, device=dev)
-        pos_cnt = torch.zeros(m, dtype=f32, device=dev)
-        val_sum = torch.zeros(m, dtype=f32, device=dev)
-        val_cnt = torch.zeros(m, dtype=f32, device=dev)
-        lse_parts = [torch.full((m,), float("-inf"), dtype=f32, device=dev) for _ in spec.weights]
-        kept = []
-        thr_c = None  # this chunk's guide thresholds
-        for b in blocks:
-            rows, cols = ts[b.row][i0:i1], ts[b.col]
-            nb = cols.shape[0]
-            sim = gemm.mm_f32(rows, cols.t()).contiguous()  # (m, nb) fp32
-            gsim = dummy_f
-            own_off = (0 if b.local else spec.offset) + i0  # chunk row r owns column r + own_off
-            if b.guide:
-                gsim = (guides[b.row][i0:i1].to(f32) @ guides[b.col].to(f32).t()).contiguous()
-                if thr_c is None:
-                    thr_c = _guide_thresholds(b, gsim, own_off, thr[i0:i1])
-            use_ids = b.ids
-            r_ids = ids[b.row][i0:i1].contiguous() if use_ids else dummy_i
-            c_ids = ids[b.col].contiguous() if use_ids else dummy_i
-            splits = _column_splits(m, nb, dev)
-            per_split = triton.cdiv(triton.cdiv(nb, splits), BLOCK_N) * BLOCK_N
-            part = torch.empty((5 if eps else 3, splits, m), dtype=f32, device=dev)
-            flags = dict(
-                HAS_OWN=b.own,
-                POSITIVE=b.positive,
-                USE_IDS=use_ids,
-                IDS_POSITIVE=use_ids and spec.duplicates == "positive" and b.positive_capable,
-                SMOOTH=bool(eps),
+
+    # Per group: the concatenated operands (kernel copies: TF32-rounded for fp32 on TF32), its ids
+    # and guide columns, and its segment tables at the forward's and the gradient's tile widths.
+    prepared = []
+    for row, part, segs in groups:
+        cols = _cat([ts[col] for _, col, _, _ in segs])
+        r_dot, c_dot = dot_operands(ts[row], cols)
+        use_ids = any(b.ids for b, *_ in segs)
+        r_ids = ids[row] if use_ids else dummy_i
+        c_ids = dummy_i
+        if use_ids:
+            c_ids = _cat([ids[col] if b.ids else torch.zeros(lengths[col], dtype=torch.int64, device=dev)
+                          for b, col, _, _ in segs])  # fmt: skip
+        g_rows = g_cols = dummy_f
+        if guided:
+            g_rows, g_cols = dot_operands(
+                guides[row].to(f32).contiguous(), _cat([guides[col].to(f32) for _, col, _, _ in segs]).contiguous()
             )
-            _family_stats_kernel[(triton.cdiv(m, BLOCK_M), splits)](
-                sim, gsim, thr_c if b.guide else dummy_f, r_ids, c_ids, s,
-                part[0], part[1], part[2], part[3] if eps else dummy_f, part[4] if eps else dummy_f,
-                m, nb, own_off, float(spec.hardness), per_split,
-                sim.stride(0), gsim.stride(0) if b.guide else 0,
-                SHIFT=SHIFT_CODES[b.shift] if spec.hardness else 0, EXCLUDE_OWN=b.exclude_own, GUIDE=b.guide,
-                BM=BLOCK_M, BN=BLOCK_N, **flags,
-            )  # fmt: skip
-            del gsim
-            # The splits' partials, merged in a fixed order (deterministic).
-            lse_b = torch.logsumexp(part[0], 0)
-            pos_sum += part[1].sum(0)
-            pos_cnt += part[2].sum(0)
-            if eps:
-                val_sum += part[3].sum(0)
-                val_cnt += part[4].sum(0)
-            del part
-            lse_parts[b.part] = torch.logaddexp(lse_parts[b.part], lse_b)
-            kept.append((b, rows, cols, sim, r_ids, c_ids, own_off, flags))
-        total = sum(w * part for w, part in zip(spec.weights, lse_parts))
-        target = pos_sum / pos_cnt
-        if eps:
-            target = (1.0 - eps) * target + eps * (val_sum / val_cnt)
-        loss += (total - target).sum()
-        if not any_grad:
-            continue
-        w_pos = (1.0 - eps) / pos_cnt
-        w_val = eps / val_cnt if eps else dummy_f
-        for b, rows, cols, sim, r_ids, c_ids, own_off, flags in kept:
-            m, nb = sim.shape
-            grad = torch.empty((m, nb), dtype=dtype, device=dev)
-            flags.pop("SMOOTH")
-            _family_grad_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(nb, BLOCK_N))](
-                sim, grad, lse_parts[b.part], w_pos, w_val, r_ids, c_ids,
-                m, nb, own_off, float(spec.weights[b.part]),
-                sim.stride(0), grad.stride(0),
-                SMOOTH=bool(eps), BM=BLOCK_M, BN=BLOCK_N, **flags,
-            )  # fmt: skip
-            del sim
-            gc = gemm.mm_f32(grad, cols)  # (m, D) fp32, G / coef times C
-            ds += torch.vdot(rows.to(f32).reshape(-1), gc.reshape(-1)) * coef
-            if row_grads[b.row] is not None:
-                row_grads[b.row][i0:i1].add_(gc.mul_(s * coef))
-            if col_acc[b.col] is not None:
-                gemm.accumulate(col_acc[b.col], grad.t(), rows)
-        del kept
-    grads = []
-    for rg, ca in zip(row_grads, col_acc):
-        grads.append(None if rg is None else rg.add_(ca.mul_(s * coef)))
-    return loss * coef, ds, grads
+        tables = {}
+        for bn in {bn_f, bn_g}:
+            tiled = _with_tiles(segs, bn)
+            own = [(0 if b.local else spec.offset) for b, *_ in tiled]
+            fields = tuple(
+                v for (b, _, st, en, t0), o in zip(tiled, own) for v in (st, en, t0, o, _flags(b, spec))
+            )
+            tables[bn] = (tiled, _segment_table(fields, str(dev)))
+        prepared.append(dict(row=row, part=part, segs=segs, cols=cols, r_dot=r_dot, c_dot=c_dot,
+                             use_ids=use_ids, r_ids=r_ids, c_ids=c_ids, g_rows=g_rows, g_cols=g_cols,
+                             tables=tables))  # fmt: skip
+
+    thr_rows = dummy_f
+    if guided:
+        thr_rows = _thresholds(spec, prepared, thr, n, bn_f, cfg_f)
+
+    def common_args(p):
+        return (
+            p["r_dot"], p["c_dot"], p["g_rows"], p["g_cols"], p["r_ids"], p["c_ids"], thr_rows,
+        )  # fmt: skip
+
+    def strides(p):
+        gr, gc = p["g_rows"], p["g_cols"]
+        return (
+            p["r_dot"].stride(0), p["r_dot"].stride(1), p["c_dot"].stride(0), p["c_dot"].stride(1),
+            gr.stride(0) if guided else 0, gr.stride(1) if guided else 0,
+            gc.stride(0) if guided else 0, gc.stride(1) if guided else 0,
+        )  # fmt: skip
+
+    DG = guides[spec.blocks[0].row].shape[1] if guided else 1
+
+    # Forward: one launch per group, the splits' partials merged in a fixed order.
+    lse_parts = [None] * spec.n_parts
+    pos_sum = pos_cnt = val_sum = val_cnt = None
+    for p in prepared:
+        tiled, table = p["tables"][bn_f]
+        tiles = tiled[-1][4] + triton.cdiv(tiled[-1][3] - tiled[-1][2], bn_f)
+        row_blocks = triton.cdiv(n, cfg_f.block_m)
+        splits = _forward_splits(row_blocks, tiles, dev)
+        per_split = triton.cdiv(tiles, splits)
+        splits = triton.cdiv(tiles, per_split)
+        out = torch.empty((stats_n, splits, n), dtype=f32, device=dev)
+        _family_lse_kernel[(row_blocks, splits)](
+            *common_args(p), table, s, out,
+            n, D, DG, len(tiled), per_split, splits * n, alpha,
+            *strides(p),
+            HARD=bool(alpha), USE_IDS=p["use_ids"], IDS_POSITIVE=p["use_ids"] and ids_positive, GUIDE=guided,
+            SMOOTH=smooth, BM=cfg_f.block_m, BN=bn_f, BK=cfg_f.block_k, G_IEEE=g_ieee,
+            num_warps=cfg_f.num_warps, num_stages=cfg_f.num_stages, **flags,
+        )  # fmt: skip
+        sums = out[1:].sum(1) if splits > 1 else out[1:, 0]
+        lse = torch.logsumexp(out[0], 0) if splits > 1 else out[0, 0]
+        part = p["part"]
+        lse_parts[part] = lse if lse_parts[part] is None else torch.logaddexp(lse_parts[part], lse)
+        if pos_sum is None:
+            pos_sum, pos_cnt = sums[0], sums[1]
+            if smooth:
+                val_sum, val_cnt = sums[2], sums[3]
+        else:
+            pos_sum, pos_cnt = pos_sum + sums[0], pos_cnt + sums[1]
+            if smooth:
+                val_sum, val_cnt = val_sum + sums[2], val_cnt + sums[3]
+    total = sum(w * part for w, part in zip(spec.weights, lse_parts))
+    target = pos_sum / pos_cnt
+    if smooth:
+        target = (1.0 - eps) * target + eps * (val_sum / val_cnt)
+    loss = (total - target).sum() * coef
+    ds = torch.zeros((), dtype=f32, device=dev)
+    grads = [torch.zeros(t.shape, dtype=f32, device=dev) if w else None for t, w in zip(ts, need)]
+    if not (any(need) or need_scale):
+        return loss, ds, grads
+
+    # Gradients: per group, chunks of rows by panels of whole tiles; two cuBLAS GEMMs per piece.
+    w_pos = (1.0 - eps) / pos_cnt
+    w_val = eps / val_cnt if smooth else dummy_f
+    for p in prepared:
+        tiled, table = p["tables"][bn_g]
+        row, segs, cols = p["row"], p["segs"], p["cols"]
+        n_cols = cols.shape[0]
+        grad_cols = sum(en - st for b, col, st, en in segs if need[col])  # a prefix of C (row_groups)
+        c, nc = config.grad_tiles(n, n_cols, config.GRAD_WORKSPACE_ELEMENTS, cfg_g.block_m, bn_g)
+        if chunk_size is not None:
+            c = max(1, min(n, chunk_size))
+            nc = max(bn_g, config.GRAD_WORKSPACE_ELEMENTS // c)
+        spans = _tile_spans(tiled, bn_g)
+        panels = _split_panels(spans, nc)
+        width = max(spans[t1 - 1][1] - spans[t0][0] for t0, t1 in panels)
+        work = torch.empty(min(c, n) * width, dtype=dtype, device=dev)
+        d_cols = torch.zeros((grad_cols, D), dtype=f32, device=dev) if grad_cols and len(segs) > 1 else None
+        if grad_cols and d_cols is None:
+            d_cols = grads[segs[0][1]]
+        weight = float(spec.weights[p["part"]])
+        for i0 in range(0, n, c):
+            i1 = min(n, i0 + c)
+            r_c = ts[row][i0:i1]
+            for t0, t1 in panels:
+                j0, j1 = spans[t0][0], spans[t1 - 1][1]
+                g = work[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+                grid = triton.cdiv(i1 - i0, cfg_g.block_m) * (t1 - t0)
+                ds_part = torch.empty(grid, dtype=f32, device=dev)
+                _family_grad_kernel[(grid,)](
+                    *common_args(p), table, s, lse_parts[p["part"]], w_pos, w_val, g, ds_part,
+                    i0, i1, t0, t1, j0, D, DG, len(tiled), alpha, weight,
+                    *strides(p), g.stride(0),
+                    HARD=bool(alpha), USE_IDS=p["use_ids"], IDS_POSITIVE=p["use_ids"] and ids_positive,
+                    GUIDE=guided, SMOOTH=smooth, BM=cfg_g.block_m, BN=bn_g, BK=cfg_g.block_k, G_IEEE=g_ieee,
+                    GROUP_M=config.GROUP_M, num_warps=cfg_g.num_warps, num_stages=cfg_g.num_stages, **flags,
+                )  # fmt: skip
+                ds += ds_part.sum()
+                if grads[row] is not None:
+                    gemm.accumulate(grads[row][i0:i1], g, cols[j0:j1])
+                if j0 < grad_cols:
+                    k1 = min(j1, grad_cols)
+                    gemm.accumulate(d_cols[j0:k1], g[:, : k1 - j0].t(), r_c)
+        if d_cols is not None and len(segs) > 1:
+            for b, col, st, en in segs:
+                if need[col]:
+                    grads[col].add_(d_cols[st:en])
+    mul = s.reshape(()) * coef
+    for g in grads:
+        if g is not None:
+            g.mul_(mul)
+    return loss, ds * coef, grads
+
+
+def _thresholds(spec, prepared, margins, n, bn, cfg) -> torch.Tensor:
+    """GIST's per-row thresholds from the positive segment (the spec's first guided block, which must be
+    its positive block), computed at the forward's tile width."""
+    first = next(b for b in spec.blocks if b.guide)
+    if not (first.positive and first.own):
+        raise AssertionError("a guided spec's first guide block must be its positive block")
+    for p in prepared:
+        for b, _, st, en, _ in p["tables"][bn][0]:
+            if b is first:
+                out = torch.empty(n, dtype=torch.float32, device=margins.device)
+                gr, gc = p["g_rows"], p["g_cols"]
+                _guide_threshold_kernel[(triton.cdiv(n, cfg.block_m),)](
+                    gr, gc, margins.to(torch.float32).contiguous(), out, n, gr.shape[1], st, en,
+                    0 if b.local else spec.offset,
+                    gr.stride(0), gr.stride(1), gc.stride(0), gc.stride(1),
+                    BM=cfg.block_m, BN=bn, BK=cfg.block_k, G_IEEE=meta_flags(torch.float32)["IEEE"],
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )  # fmt: skip
+                return out
+    raise AssertionError("the positive guide block has no segment")

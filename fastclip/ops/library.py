@@ -253,7 +253,7 @@ def family_impl(spec_json, ts, ids, guides, thr, scale, need, need_scale, impl, 
     if impl == "triton":
         from fastclip.kernels.family import family_triton
 
-        loss, ds, grads = family_triton(spec, ts, ids, guides, thr, scale, need, need_scale)
+        loss, ds, grads = family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_size)
     else:
         from fastclip.ops.family_impl import family_torch
 
