@@ -1,7 +1,8 @@
 """The parts of ``benchmarks/device_check.sh``, one per call: ``python benchmarks/device_check.py PART OUT``.
 
 PART is one of ``env``, ``correctness``, ``target``, ``family``, ``distill``, ``million``, ``phases``,
-``vit`` (and ``cases``, the per-precision worker ``correctness`` starts). Each part writes
+``vit``, ``tune`` (opt-in in device_check.sh) (and ``cases``, the per-precision worker ``correctness``
+starts). Each part writes
 ``OUT/part_<PART>.json`` (rewritten as it goes, so a part stopped by its time limit still leaves what
 it measured) and stops starting new work ``--seconds`` after it began. ``target`` also writes
 ``OUT/results.json`` in the result-file schema of ``fastclip.bench.report`` (plus a CSV).
@@ -20,7 +21,7 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # device_check.sh sets PYTHONSAFEPATH
-from device_parts import basics, family, losses, models  # noqa: E402
+from device_parts import basics, family, losses, models, tune  # noqa: E402
 from device_parts.common import Part  # noqa: E402
 
 PARTS = {
@@ -32,6 +33,7 @@ PARTS = {
     "million": losses.part_million,
     "phases": losses.part_phases,
     "vit": models.part_vit,
+    "tune": tune.part_tune,
 }
 WORKER_PARTS = ("cases",)  # started by "correctness", one process per precision
 

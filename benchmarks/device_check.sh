@@ -10,8 +10,11 @@
 #                 at most 8 files from its $OUT: write OUT elsewhere and put FILE there. Back here,
 #                 `python benchmarks/device_report.py collect FILE [DEST]` unpacks it (default DEST:
 #                 benchmarks/results/<gpu>-<date>/, what the project commits), the table and the plots.
-#   --parts LIST  comma list of parts (default: all, in this order):
+#   --parts LIST  comma list of parts (default: all but tune, in this order):
 #                 env,correctness,target,family,distill,million,phases,vit,trainer,pytest
+#                 tune (opt-in, 110 s, runs after vit): the tile-configuration sweep of
+#                 benchmarks/device_parts/tune.py; one call of its own:
+#                 bash benchmarks/device_check.sh OUT --parts env,tune --bundle FILE
 #   --dry-run     the same parts on CPU with the Triton interpreter and tiny sizes (CI runs this);
 #                 with --wheels, pip only resolves the install (pip install --dry-run).
 #
@@ -20,7 +23,8 @@
 #   and 65536, D = 768, bf16: fastclip vs materialized vs open_clip under autocast; Inf-CL, siglip-kernel,
 #   memeff at 32768), family 40 (info_nce K = 0, 1, 7 vs materialized / ST MNRL), distill 25,
 #   million 45 (B = 2^20 completes), phases 15, vit 28, trainer 60 (tests/test_gpu_trainer.py),
-#   pytest min(90, what is left) (pytest -m gpu without the trainer test).
+#   pytest min(90, what is left) (pytest -m gpu without the trainer test); tune 110 only when named
+#   (the default list fills the 412 s; with tune it would not fit a 480 s call).
 # DEVICE_CHECK_TOTAL overrides the 412 s. Writes into OUT: results.json/.csv (the result-file schema of
 # fastclip.bench.report), part_*.json, device_check.json (everything, the summary and the targets
 # table), targets.md, versions.txt, <part>.log, status.txt, times.txt (seconds per part) and
@@ -42,8 +46,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$OUT" ] || usage
 for p in ${PARTS//,/ }; do
-    case "$p" in env|correctness|target|family|distill|million|phases|vit|trainer|pytest) ;;
-        *) echo "--parts: expected names from env,correctness,target,family,distill,million,phases,vit,trainer,pytest; got '$p'" >&2; exit 2 ;;
+    case "$p" in env|correctness|target|family|distill|million|phases|vit|trainer|pytest|tune) ;;
+        *) echo "--parts: expected names from env,correctness,target,family,distill,million,phases,vit,trainer,pytest,tune; got '$p'" >&2; exit 2 ;;
     esac
 done
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -143,7 +147,7 @@ dc() {  # dc PART SECONDS: a part of benchmarks/device_check.py; it stops new wo
 
 # Each part: its own limit (seconds), cut to what is left of TOTAL; a part with under 5 s left is not
 # started (recorded as "NAME skipped" in status.txt). Limits from the first H200 run's per-part times.
-for spec in env:12 correctness:55 target:75 family:40 distill:25 million:45 phases:15 vit:28; do
+for spec in env:12 correctness:55 target:75 family:40 distill:25 million:45 phases:15 vit:28 tune:110; do
     want "${spec%%:*}" && dc "${spec%%:*}" "${spec##*:}"
 done
 if want trainer; then  # the end-to-end trainer test (gpu-marked), its own part

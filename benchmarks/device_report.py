@@ -21,7 +21,7 @@ import os
 import sys
 
 # Parts whose JSON the summary reads, in the order device_check.sh runs them.
-PART_NAMES = ("env", "correctness", "target", "family", "distill", "million", "phases", "vit")
+PART_NAMES = ("env", "correctness", "target", "family", "distill", "million", "phases", "vit", "tune")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_targets import GOAL_MATMUL_FRACTION, format_table, markdown_table, target_rows  # noqa: E402,F401
 
@@ -119,6 +119,16 @@ def summary_lines(out: str) -> list[str]:
         lines.append(f"packed attention: {vit['packed']}")
     if vit.get("attention"):
         lines.append(f"attention impls: {vit['attention']}")
+    tune = load_part(out, "tune")
+    if tune:
+        pre = tune.get("precompile", {})
+        timed = [r for r in tune.get("rows", []) if "ms" in r]
+        lines.append(
+            f"tune: {len(timed)} of {len(tune.get('rows', []))} candidates timed, precompiled {pre.get('ok')}/"
+            f"{pre.get('jobs')} in {pre.get('seconds')} s; winners "
+            + ", ".join(f"{w['key'][1]} {w['name']}" for w in tune.get("winners", []))
+            + f" [{tune.get('status', 'missing')}]"
+        )
     for name in ("trainer", "pytest"):
         if os.path.exists(os.path.join(out, f"{name}.log")):
             lines.append(

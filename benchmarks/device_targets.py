@@ -183,9 +183,21 @@ def _run_rows(out):
     return rows
 
 
+def _tune_rows(out):
+    """The tune part's measurements of the kernel targets (issue 31), when it ran (opt-in)."""
+    rows = []
+    for r in _load(out, "tune").get("targets", []):
+        lab = f"tune ({r['table']} table): {r['loss']} B={r['batch']} {r['what']} <= {r['target_ms']:g} ms"
+        if "ms" in r:
+            rows.append([lab, f"{r['ms']:.4g} ms", MET if r.get("met") else SHORT])
+        else:
+            rows.append([lab, r.get("error", "not measured"), NONE])
+    return rows
+
+
 def target_rows(out: str) -> list[list[str]]:
     """``[target, measured, verdict]`` for every target of the issue, in one list."""
-    return _target_rows(out) + _family_rows(out) + _run_rows(out)
+    return _target_rows(out) + _family_rows(out) + _run_rows(out) + _tune_rows(out)
 
 
 def format_table(rows) -> str:

@@ -64,50 +64,68 @@ from fastclip.kernels.common import (
 # ----------------------------------------------------------------------------------------------------
 # kernels
 
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): base-2 epilogues fold it into the scale
+LN2 = tl.constexpr(0.6931471805599453)
+SHARED_SPREAD = tl.constexpr(config.SHARED_SPREAD_LOG2)
+# config.TileConfig.epilogue as the kernels' EPI constexpr
+EPI = {"exp": 0, "exp2": 1, "exp2-shared": 2}
+
 
 @triton.jit
-def _clip_lse_kernel(
-    # pointers
-    x_ptr,
-    y_ptr,
-    scale_ptr,
-    row_part_ptr,
-    col_part_ptr,
-    # sizes
-    n,
-    N,
-    D,
-    cols_per_split,
-    # strides
-    stride_xm,
-    stride_xk,
-    stride_ym,
-    stride_yk,
-    stride_rp,
-    stride_cp,
-    # meta
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    row_mask = rows < n
-    s = tl.load(scale_ptr).to(tl.float32)
-    m_row = tl.full((BM,), float("-inf"), dtype=tl.float32)
-    l_row = tl.zeros((BM,), dtype=tl.float32)
-    c_start = pid_s * cols_per_split
-    c_end = tl.minimum(c_start + cols_per_split, N)
-    for c0 in range(c_start, c_end, BN):
-        cols = c0 + tl.arange(0, BN)
-        col_mask = cols < c_end
-        S = sim_tile(
+def operand_dot(
+    x_ptr, y_ptr, r0, c0, rows, cols, row_mask, col_mask, D,
+    stride_xm, stride_xk, stride_ym, stride_yk,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """``x[rows] @ y[cols].T`` (fp32, BM x BN): ``common.sim_tile`` on pointers, or with ``TMA`` the
+    operand tiles through tensor descriptors (``x_ptr``, ``y_ptr`` are then ``TensorDescriptor``s of
+    block [BM, BK] and [BN, BK]; rows, columns and the K tail past the tensor read zeros)."""
+    if TMA:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            a = x_ptr.load([r0, k0])
+            b = y_ptr.load([c0, k0])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b.T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.T, acc)
+        return acc
+    else:
+        return sim_tile(
             x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
             stride_xm, stride_xk, stride_ym, stride_yk, BM, BN, BK, UPCAST, IEEE,
         )  # fmt: skip
+
+
+@triton.jit
+def _two_exp2(L, m_row, m_safe, l_row):
+    """Base-2 row update and column partial of a tile with two exponentials (own max as shift)."""
+    l_row = l_row * tl.exp2(m_row - m_safe) + tl.sum(tl.exp2(L - m_safe[:, None]), 1)
+    m_col = tl.max(L, 0)
+    m_col_safe = tl.where(m_col == float("-inf"), 0.0, m_col)
+    return l_row, m_col, tl.sum(tl.exp2(L - m_col_safe[None, :]), 0)
+
+
+@triton.jit
+def _lse_step(
+    x_ptr, y_ptr, col_part_ptr, c0, c_end, pid_m, rows, row_mask, s, m_row, l_row, n, N, D,
+    stride_xm, stride_xk, stride_ym, stride_yk, stride_cp,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    EPI: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """One column tile of the forward: updates the row statistics, stores the column partials."""
+    cols = c0 + tl.arange(0, BN)
+    col_mask = cols < c_end
+    S = operand_dot(
+        x_ptr, y_ptr, pid_m * BM, c0, rows, cols, row_mask, col_mask, D,
+        stride_xm, stride_xk, stride_ym, stride_yk, BM, BN, BK, UPCAST, IEEE, TMA,
+    )  # fmt: skip
+    col_out = col_part_ptr + pid_m.to(tl.int64) * stride_cp + cols
+    if EPI == 0:
         L = tl.where(row_mask[:, None] & col_mask[None, :], S * s, float("-inf"))
         # Online row log-sum-exp. A fully masked row keeps m = -inf: shift by 0 there to avoid inf - inf.
         m_new = tl.maximum(m_row, tl.max(L, 1))
@@ -118,9 +136,77 @@ def _clip_lse_kernel(
         m_col = tl.max(L, 0)
         m_col_safe = tl.where(m_col == float("-inf"), 0.0, m_col)
         l_col = tl.sum(tl.exp(L - m_col_safe[None, :]), 0)
-        col_out = col_part_ptr + pid_m.to(tl.int64) * stride_cp + cols
         # Masked columns have l = 0: log(1) keeps their -inf without a log(0).
         tl.store(col_out, m_col + tl.log(tl.where(l_col == 0.0, 1.0, l_col)), mask=col_mask)
+    else:
+        # Base 2 (s carries log2(e)): exp2 is one MUFU.EX2. Partials stay (max, sum): no log here.
+        L = S * s
+        if not EVEN:
+            L = tl.where(row_mask[:, None] & col_mask[None, :], L, float("-inf"))
+        r_max = tl.max(L, 1)
+        m_new = tl.maximum(m_row, r_max)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if EPI == 2:
+            t_max = tl.max(r_max, 0)
+            if EVEN:
+                t_min = tl.min(tl.min(L, 1), 0)
+            else:
+                t_min = tl.min(tl.min(tl.where(row_mask[:, None] & col_mask[None, :], L, float("inf")), 1), 0)
+            if (t_max - t_min <= SHARED_SPREAD) & (t_max > float("-inf")):  # False for NaN, all -inf
+                # One exponential for both sums: every term within 2**-62 of its row's or column's
+                # largest stays a normal number (config.SHARED_SPREAD_LOG2).
+                e = tl.exp2(L - t_max)
+                f_row = tl.where(m_new == float("-inf"), 0.0, tl.exp2(t_max - m_safe))
+                l_row = l_row * tl.exp2(m_row - m_safe) + f_row * tl.sum(e, 1)
+                m_col = tl.zeros((BN,), dtype=tl.float32) + t_max
+                l_col = tl.sum(e, 0)
+            else:
+                l_row, m_col, l_col = _two_exp2(L, m_row, m_safe, l_row)
+        else:
+            l_row, m_col, l_col = _two_exp2(L, m_row, m_safe, l_row)
+        m_row = m_new
+        if EVEN:
+            tl.store(col_out, m_col * LN2)
+            tl.store(col_out + N, l_col)
+        else:
+            tl.store(col_out, m_col * LN2, mask=col_mask)
+            tl.store(col_out + N, l_col, mask=col_mask)
+    return m_row, l_row
+
+
+@triton.jit
+def _clip_lse_kernel(
+    x_ptr, y_ptr, scale_ptr, row_part_ptr, col_part_ptr,  # x, y: pointers or, with TMA, descriptors
+    n, N, D, cols_per_split,  # sizes
+    stride_xm, stride_xk, stride_ym, stride_yk, stride_rp, stride_cp,  # strides
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    EPI: tl.constexpr = 0, EVEN: tl.constexpr = False, FLAT: tl.constexpr = False, TMA: tl.constexpr = False,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < n
+    s = tl.load(scale_ptr).to(tl.float32)
+    if EPI != 0:
+        s = s * LOG2E
+    m_row = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    l_row = tl.zeros((BM,), dtype=tl.float32)
+    c_start = pid_s * cols_per_split
+    c_end = tl.minimum(c_start + cols_per_split, N)
+    if FLAT:
+        for c0 in tl.range(c_start, c_end, BN, flatten=True):
+            m_row, l_row = _lse_step(
+                x_ptr, y_ptr, col_part_ptr, c0, c_end, pid_m, rows, row_mask, s, m_row, l_row, n, N, D,
+                stride_xm, stride_xk, stride_ym, stride_yk, stride_cp, BM, BN, BK, UPCAST, IEEE, EPI, EVEN, TMA,
+            )  # fmt: skip
+    else:
+        for c0 in range(c_start, c_end, BN):
+            m_row, l_row = _lse_step(
+                x_ptr, y_ptr, col_part_ptr, c0, c_end, pid_m, rows, row_mask, s, m_row, l_row, n, N, D,
+                stride_xm, stride_xk, stride_ym, stride_yk, stride_cp, BM, BN, BK, UPCAST, IEEE, EPI, EVEN, TMA,
+            )  # fmt: skip
+    if EPI != 0:
+        m_row = m_row * LN2
     row_out = row_part_ptr + pid_s.to(tl.int64) * stride_rp + rows
     tl.store(row_out, m_row + tl.log(tl.where(l_row == 0.0, 1.0, l_row)), mask=row_mask)
 
@@ -131,40 +217,14 @@ def _clip_lse_kernel(
 # positives shares one binary instead of one per class.
 @triton.jit(do_not_specialize=["offset"])
 def _clip_grad_kernel(
-    # pointers
-    x_ptr,
-    y_ptr,
-    scale_ptr,
-    lse_row_ptr,
-    lse_col_ptr,
-    g_ptr,
-    ds_part_ptr,
+    x_ptr, y_ptr, scale_ptr, lse_row_ptr, lse_col_ptr, g_ptr, ds_part_ptr,  # x, y: pointers or descriptors
     # sizes and coefficients (offset: column of row 0's positive in this chunk and panel)
-    n,
-    N,
-    D,
-    offset,
-    coef_row,
-    coef_col,
-    pos_coef,
-    g_mul,
-    # strides
-    stride_xm,
-    stride_xk,
-    stride_ym,
-    stride_yk,
-    stride_gm,
-    # meta
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    HAS_ROW: tl.constexpr,
-    HAS_COL: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    n, N, D, offset, coef_row, coef_col, pos_coef, g_mul,
+    stride_xm, stride_xk, stride_ym, stride_yk, stride_gm,  # strides
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
+    HAS_POS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, GROUP_M: tl.constexpr,
+    EPI: tl.constexpr = 0, EVEN: tl.constexpr = False, TMA: tl.constexpr = False,
+):  # fmt: skip
     pid = tl.program_id(0)
     pid_m, pid_n = grouped_tile(pid, n, N, BM, BN, GROUP_M)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -173,30 +233,91 @@ def _clip_grad_kernel(
     col_mask = cols < N
     valid = row_mask[:, None] & col_mask[None, :]
     s = tl.load(scale_ptr).to(tl.float32)
-    S = sim_tile(
-        x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
-        stride_xm, stride_xk, stride_ym, stride_yk, BM, BN, BK, UPCAST, IEEE,
+    S = operand_dot(
+        x_ptr, y_ptr, pid_m * BM, pid_n * BN, rows, cols, row_mask, col_mask, D,
+        stride_xm, stride_xk, stride_ym, stride_yk, BM, BN, BK, UPCAST, IEEE, TMA,
     )  # fmt: skip
-    L = S * s
-    G = tl.zeros((BM, BN), dtype=tl.float32)
-    if HAS_ROW:
-        lse_r = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0)
-        G += coef_row * tl.exp(L - lse_r[:, None])
-    if HAS_COL:
-        lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0)
-        G += coef_col * tl.exp(L - lse_c[None, :])
-    if HAS_POS:
-        target = rows.to(tl.int64) + offset  # int64: offset may pass 2**31
-        is_pos = cols.to(tl.int64)[None, :] == target[:, None]
-        G = tl.where(is_pos, G - pos_coef, G)
-    G = tl.where(valid, G, 0.0)
-    tl.store(ds_part_ptr + pid, tl.sum(tl.sum(G * S, 1), 0))
-    g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
-    tl.store(g_out, (G * g_mul).to(g_ptr.dtype.element_ty), mask=valid)
+    if EPI == 0:
+        L = S * s
+        G = tl.zeros((BM, BN), dtype=tl.float32)
+        if HAS_ROW:
+            lse_r = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0)
+            G += coef_row * tl.exp(L - lse_r[:, None])
+        if HAS_COL:
+            lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0)
+            G += coef_col * tl.exp(L - lse_c[None, :])
+        if HAS_POS:
+            target = rows.to(tl.int64) + offset  # int64: offset may pass 2**31
+            is_pos = cols.to(tl.int64)[None, :] == target[:, None]
+            G = tl.where(is_pos, G - pos_coef, G)
+        G = tl.where(valid, G, 0.0)
+        tl.store(ds_part_ptr + pid, tl.sum(tl.sum(G * S, 1), 0))
+        g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+        tl.store(g_out, (G * g_mul).to(g_ptr.dtype.element_ty), mask=valid)
+    else:
+        # Base 2: exp(s S - lse) = exp2(S s log2(e) - lse log2(e)), one FFMA and one MUFU.EX2 each; the
+        # stored G is (G / g_scale) directly (coefficients pre-multiplied), ds rescaled once per tile.
+        s2 = s * LOG2E
+        G = tl.zeros((BM, BN), dtype=tl.float32)
+        if HAS_ROW:
+            if EVEN:
+                lse_r = tl.load(lse_row_ptr + rows)
+            else:
+                lse_r = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0)
+            G += (coef_row * g_mul) * tl.exp2(S * s2 - (lse_r * LOG2E)[:, None])
+        if HAS_COL:
+            if EVEN:
+                lse_c = tl.load(lse_col_ptr + cols)
+            else:
+                lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0)
+            G += (coef_col * g_mul) * tl.exp2(S * s2 - (lse_c * LOG2E)[None, :])
+        if HAS_POS:
+            # The positives j = i + offset cross this tile only if offset - (c0 - r0) is in (-BM, BN).
+            d = offset - (pid_n * BN - pid_m * BM).to(tl.int64)
+            if (d > -BM) & (d < BN):
+                diag = tl.arange(0, BN)[None, :] - tl.arange(0, BM)[:, None] == d.to(tl.int32)
+                G = tl.where(diag, G - pos_coef * g_mul, G)
+        if not EVEN:
+            G = tl.where(valid, G, 0.0)
+        tl.store(ds_part_ptr + pid, tl.sum(tl.sum(G * S, 1), 0) / g_mul)
+        g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+        if EVEN:
+            tl.store(g_out, G.to(g_ptr.dtype.element_ty))
+        else:
+            tl.store(g_out, G.to(g_ptr.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A 2-D operand TMA can read: unit inner stride, rows and base 16-byte aligned, 16-bit dtype."""
+    return (
+        t.dtype in (torch.bfloat16, torch.float16)
+        and t.dim() == 2
+        and t.stride(1) == 1
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
+
+
+def tma_operands(cfg: config.TileConfig, x: torch.Tensor, y: torch.Tensor, block_x: int, block_y: int):
+    """``(x_arg, y_arg, tma)``: tensor descriptors of blocks [block_x, BK] and [block_y, BK] when
+    ``cfg.tma`` asks for them and both operands allow TMA (else the tensors themselves, pointer loads).
+    Under the interpreter too (it reads descriptors as the compiled kernel does)."""
+    if not cfg.tma or not (_tma_ready(x) and _tma_ready(y)):
+        return x, y, False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # triton < 3.4: no host-side descriptors
+        return x, y, False
+    bk = cfg.block_k
+    return (
+        TensorDescriptor(x, list(x.shape), list(x.stride()), [block_x, bk]),
+        TensorDescriptor(y, list(y.shape), list(y.stride()), [block_y, bk]),
+        True,
+    )
 
 
 @on_tensor_device
@@ -222,10 +343,12 @@ def clip_lse(
     N = y.shape[0]
     dev = x.device
     cfg = config.tile_config("lse", dev, x.dtype, D)
+    epi = EPI[cfg.epilogue]
     s = scalar_f32(scale)
-    # The partial buffer holds one row of N column partials per row block of the chunk.
+    # The partial buffer holds one row of N column partials per row block of the chunk (two, max
+    # and sum, for the base-2 epilogues).
     c = rows_per_chunk or config.chunk_rows(
-        n, N, config.LSE_WORKSPACE_ELEMENTS, cfg.block_m, rows_per_elem=cfg.block_m
+        n, N * (2 if epi else 1), config.LSE_WORKSPACE_ELEMENTS, cfg.block_m, rows_per_elem=cfg.block_m
     )
     c = max(1, min(n, c))
     col_tiles = triton.cdiv(N, cfg.block_n)
@@ -245,15 +368,24 @@ def clip_lse(
         n_split = triton.cdiv(N, cols_per_split)
         xc = x[i0:i1]
         row_part = torch.empty((n_split, i1 - i0), dtype=torch.float32, device=dev)
-        col_part = torch.empty((row_blocks, N), dtype=torch.float32, device=dev)
+        col_part = torch.empty(
+            (row_blocks, 2, N) if epi else (row_blocks, N), dtype=torch.float32, device=dev
+        )
+        xa, ya, tma = tma_operands(cfg, xc, y, cfg.block_m, cfg.block_n)
+        variant = {} if epi == 0 and not tma and not cfg.flatten else {
+            "EPI": epi, "EVEN": (i1 - i0) % cfg.block_m == 0 and N % cfg.block_n == 0,
+            "FLAT": cfg.flatten, "TMA": tma,
+        }  # fmt: skip
         _clip_lse_kernel[(row_blocks, n_split)](
-            xc, y, s, row_part, col_part,
+            xa, ya, s, row_part, col_part,
             i1 - i0, N, D, cols_per_split,
             xc.stride(0), xc.stride(1), y.stride(0), y.stride(1), row_part.stride(0), col_part.stride(0),
-            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **flags,
+            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, **variant, **cfg.launch(), **flags,
         )  # fmt: skip
         lse_row[i0:i1] = row_part[0] if n_split == 1 else torch.logsumexp(row_part, dim=0)
+        if epi:  # (max, sum) pairs: max + log(sum), in place, then the same merge
+            col_part[:, 1].log_().add_(col_part[:, 0])
+            col_part = col_part[:, 1]
         part = col_part[0] if row_blocks == 1 else torch.logsumexp(col_part, dim=0)
         lse_col = part if lse_col is None else torch.logaddexp(lse_col, part)
     return lse_row, lse_col
@@ -313,6 +445,9 @@ def clip_grad(
         abs(pos_coef) if has_pos else 0.0,
     )
     cfg = config.tile_config("tile", dev, x.dtype, D)
+    epi = EPI[cfg.epilogue]
+    if epi == 2:
+        raise ValueError(f"tile: epilogue {cfg.epilogue!r} is for the forward (lse) only")
     s = scalar_f32(scale)
     c, nc = config.grad_tiles(n, N, config.GRAD_WORKSPACE_ELEMENTS, cfg.block_m, cfg.block_n)
     c = max(1, min(n, rows_per_chunk or c))
@@ -333,16 +468,19 @@ def clip_grad(
             pos = has_pos and positives_in(offset, i0, i1, j0, j1)
             grid = triton.cdiv(i1 - i0, cfg.block_m) * triton.cdiv(j1 - j0, cfg.block_n)
             ds_part = torch.empty(grid, dtype=torch.float32, device=dev)
+            xa, ya, tma = tma_operands(cfg, xc_dot, yp_dot, cfg.block_m, cfg.block_n)
+            variant = {} if epi == 0 and not tma else {
+                "EPI": epi, "TMA": tma, "EVEN": (i1 - i0) % cfg.block_m == 0 and (j1 - j0) % cfg.block_n == 0,
+            }  # fmt: skip
             with timer.phase("tile kernel"):
                 _clip_grad_kernel[(grid,)](
-                    xc_dot, yp_dot, s, lse_r[i0:i1] if has_row else lse_r, lse_c[j0:j1] if has_col else lse_c,
+                    xa, ya, s, lse_r[i0:i1] if has_row else lse_r, lse_c[j0:j1] if has_col else lse_c,
                     g, ds_part,
                     i1 - i0, j1 - j0, D, offset + i0 - j0 if pos else 0,
                     float(coef_row), float(coef_col), float(pos_coef), 1.0 / g_scale,
                     xc_dot.stride(0), xc_dot.stride(1), yp_dot.stride(0), yp_dot.stride(1), g.stride(0),
                     BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, HAS_ROW=has_row, HAS_COL=has_col,
-                    HAS_POS=pos, GROUP_M=config.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    **flags,
+                    HAS_POS=pos, GROUP_M=cfg.group_m, **variant, **cfg.launch(), **flags,
                 )  # fmt: skip
                 ds += ds_part.sum()
             with timer.phase("dX GEMM"):

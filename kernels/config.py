@@ -12,22 +12,78 @@ the tile size, so the interpreter uses few, large tiles; only one configuration 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
+# Programs of the tile kernels run in groups of GROUP_M row blocks that sweep the column tiles
+# together (grid order as in the Triton matmul tutorial): the group's rows of X stay in L2 while
+# each tile of Y is read once per group instead of once per row block. (``TileConfig.group_m``.)
+GROUP_M = 16
+EPILOGUES = ("exp", "exp2", "exp2-shared")
+
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One kernel launch configuration. ``block_m x block_n`` logits per program, ``block_k`` of D per step."""
+    """One kernel launch configuration. ``block_m x block_n`` logits per program, ``block_k`` of D per step.
+
+    The fields after ``num_stages`` select variants (docs/kernels.md, "Hopper analysis"); their
+    defaults are the shipped kernels, so a configuration written with five fields means what it did.
+
+    * ``epilogue``: ``"exp"`` (shipped: ``tl.exp``, natural units, column partials as
+      ``max + log(sum)``); ``"exp2"``: logits in base-2 units with log2(e) folded into the scale (one
+      ``MUFU.EX2`` per exponential instead of five instructions), positives tested once per tile,
+      no masks on full tiles, and in ``lse`` column partials stored as (max, sum) with the log taken
+      in the merge (no libdevice ``logf`` per column in the kernel); ``"exp2-shared"`` (``lse``
+      only): as ``exp2``, and one exponential per logit shared by the row and column sums when the
+      tile's logits span at most ``SHARED_SPREAD_LOG2`` (else the two-exponential form).
+    * ``flatten`` (``lse``): the column-tile loop and the K loop fused into one software-pipelined
+      loop (``tl.range(flatten=True)``), so the next tile's operand loads overlap this tile's epilogue.
+    * ``tma``: operand tiles through TMA tensor descriptors (host ``TensorDescriptor``) instead of
+      pointer loads (``cp.async``), where the operands allow it (16-byte aligned rows); else pointers.
+    * ``group_m`` (``tile``, ``siglip``): row blocks per group of the grid order.
+    * ``maxnreg``: register cap per thread (ptxas ``.maxnreg``; 0 = none), to fit more programs per SM.
+    """
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    epilogue: str = "exp"
+    flatten: bool = False
+    tma: bool = False
+    group_m: int = GROUP_M
+    maxnreg: int = 0
+
+    def __post_init__(self):
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {self.epilogue!r}")
+
+    def launch(self) -> dict:
+        """Keyword arguments of a kernel launch: warps, stages and, when set, the register cap."""
+        kw = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            kw["maxnreg"] = self.maxnreg
+        return kw
+
+    def name(self) -> str:
+        """Short name, e.g. ``128x128x64w8s3`` or ``128x64x64w8s3+exp2+tma+r128``."""
+        base = f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+        extra = [] if self.epilogue == "exp" else [self.epilogue]
+        extra += ["flat"] * self.flatten + ["tma"] * self.tma
+        extra += [f"g{self.group_m}"] * (self.group_m != GROUP_M) + [f"r{self.maxnreg}"] * bool(self.maxnreg)
+        return "+".join([base, *extra])
+
+
+# Largest spread (max - min, in log2 units) of a tile's logits for which "exp2-shared" uses one
+# exponential exp2(L - max) for both the row and the column sums: every term within 2**-62 of its
+# row's or column's largest term stays a normal fp32 number (2**-126 and up), so what flushes to zero
+# is below 2**-62 relative, under fp32 rounding even summed over 2**31 columns.
+SHARED_SPREAD_LOG2 = 64.0
 
 
 # Tile kernels: one BM x BN tile of logits per program, recomputed from X and Y in steps of BK over D.
@@ -64,27 +120,51 @@ _CONFIGS = {
 }
 KERNELS = ("lse", "tile", "siglip")
 
-# Candidates for offline tuning on a GPU (not used at run time; see the module docstring). Shapes whose
-# CLIP gradient kernel spills registers on sm_90 are left out (AOT with triton 3.9: 128x256 and
-# 256x128 on 8 warps, 128x128 on 4 warps: 155, 161 and 120 spill stores), and ``fastclip.kernels.tune``
-# skips any other candidate whose compiled kernel spills, so a tuning run fits in about five minutes.
-AUTOTUNE_CANDIDATES = [
-    TileConfig(bm, bn, bk, num_warps=w, num_stages=st)
-    for bm, bn, w in ((128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4), (64, 64, 4))
-    for bk in (32, 64)
-    for st in (3, 4)
-]
+
+# Candidates of the GPU tuning (``fastclip.kernels.tune``, the device check's ``tune`` part), at most 16
+# per kernel, the shipped configuration first. Every one compiles for sm_90 without spills at D = 768
+# in the AOT build (triton 3.6 and 3.9; docs/kernels.md, "Hopper analysis"); left out for spilling:
+# lse 128x256 (11 spill instructions) and 128x128 exp2+tma capped at 128 registers (64), tile 128x256 /
+# 256x128 and tile 128x128 capped at 128 registers (60-163), siglip 128x128 without TMA (47) and with a
+# 168-register cap (121), siglip 128x64 on 4 warps without TMA (32).
+def _variants(base: TileConfig, rows: list) -> list:
+    return [base] + [dataclasses.replace(base, **r) for r in rows]
+
+
+_E2, _SH = {"epilogue": "exp2"}, {"epilogue": "exp2-shared"}
+_LSE = TileConfig(128, 128, 64, num_warps=8, num_stages=3)
+_SIG = TileConfig(128, 64, 64, num_warps=8, num_stages=3)
+_WIDE = {"block_m": 128, "block_n": 64, "num_warps": 4}  # three programs per SM
+AUTOTUNE_CANDIDATES: dict[str, list[TileConfig]] = {
+    "lse": _variants(_LSE, [
+        _E2, _SH, {**_E2, "tma": True}, {**_SH, "tma": True}, {**_E2, "flatten": True},
+        {**_SH, "flatten": True, "tma": True}, {**_SH, "tma": True, "num_stages": 4},
+        {**_SH, "tma": True, "maxnreg": 128}, {**_SH, **_WIDE},
+        {**_SH, "tma": True, **_WIDE}, {**_SH, "tma": True, **_WIDE, "num_stages": 4},
+        {**_SH, "tma": True, "block_m": 64, "num_warps": 4}, {**_SH, "tma": True, "block_m": 256},
+        {**_SH, "tma": True, "block_k": 128, "num_stages": 2}, {**_SH, "tma": True, "block_k": 32, "num_stages": 4},
+    ]),
+    "tile": _variants(_LSE, [
+        _E2, {**_E2, "tma": True}, {**_E2, "tma": True, "num_stages": 4}, {**_E2, **_WIDE},
+        {**_E2, "tma": True, **_WIDE}, {**_E2, "tma": True, "block_n": 64},
+        {**_E2, "tma": True, "block_n": 64, "num_stages": 4}, {**_E2, "tma": True, "block_m": 64, "num_warps": 4},
+        {**_E2, "tma": True, "group_m": 8}, {**_E2, "tma": True, "block_k": 128, "num_stages": 2},
+        {**_E2, "tma": True, "block_k": 32, "num_stages": 4},
+    ]),
+    "siglip": _variants(_SIG, [
+        _E2, {**_E2, "tma": True}, {**_E2, "tma": True, "block_n": 128}, {**_E2, "tma": True, "maxnreg": 128},
+        {**_E2, "tma": True, "num_warps": 4}, {**_E2, "tma": True, "block_n": 128, "num_stages": 4},
+        {**_E2, "tma": True, "num_stages": 4}, {**_E2, "tma": True, "block_m": 64, "block_n": 128, "num_warps": 4},
+        {**_E2, "tma": True, "block_n": 128, "block_k": 128, "num_stages": 2},
+        {**_E2, "tma": True, "block_k": 32, "num_stages": 4}, {**_E2, "tma": True, "block_n": 128, "group_m": 8},
+    ]),
+}  # fmt: skip
 
 # Tuned entries by (arch, kernel, dtype name, D bucket); ``tile_config`` looks here first, then in
 # ``_CONFIGS``. Empty until a GPU tuning run fills it (``fastclip.kernels.tune`` prints the keys).
 TUNED: dict[tuple[str, str, str, int], TileConfig] = {}
 # Upper edges of the D buckets of ``TUNED`` (feature dims above the last edge use the last bucket).
 D_BUCKETS = (256, 512, 768, 1024, 1152, 2048)
-
-# Programs of the tile kernels run in groups of GROUP_M row blocks that sweep the column tiles
-# together (grid order as in the Triton matmul tutorial): the group's rows of X stay in L2 while
-# each tile of Y is read once per group instead of once per row block.
-GROUP_M = 16
 
 # Workspace budgets, in elements. The CLIP backward and the SigLIP gradient materialize the gradient
 # tile G for ``c`` rows x ``nc`` columns at a time (in the input dtype) so that cuBLAS GEMMs form dX
@@ -185,7 +265,7 @@ def tile_config(
             return tuned
     cfg = _CONFIGS[key][kernel]
     if dtype == torch.float32 and key != "interpreter" and cfg.block_k > 32:
-        cfg = TileConfig(cfg.block_m, cfg.block_n, 32, cfg.num_warps, cfg.num_stages)
+        cfg = dataclasses.replace(cfg, block_k=32)
     return cfg
 
 

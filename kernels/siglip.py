@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from fastclip.kernels import config, gemm
+from fastclip.kernels.clip import EPI, LN2, LOG2E, operand_dot, tma_operands
 from fastclip.kernels.common import (
     check_block,
     check_offset,
@@ -36,7 +37,6 @@ from fastclip.kernels.common import (
     on_tensor_device,
     positives_in,
     scalar_f32,
-    sim_tile,
 )
 
 
@@ -73,6 +73,9 @@ def _siglip_tile_kernel(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EPI: tl.constexpr = 0,
+    EVEN: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_m, pid_n = grouped_tile(pid, n, N, BM, BN, GROUP_M)
@@ -82,43 +85,84 @@ def _siglip_tile_kernel(
     col_mask = cols < N
     valid = row_mask[:, None] & col_mask[None, :]
     s = tl.load(scale_ptr).to(tl.float32)
-    S = sim_tile(
-        x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
-        stride_xm, stride_xk, stride_ym, stride_yk, BM, BN, BK, UPCAST, IEEE,
+    S = operand_dot(
+        x_ptr, y_ptr, pid_m * BM, pid_n * BN, rows, cols, row_mask, col_mask, D,
+        stride_xm, stride_xk, stride_ym, stride_yk, BM, BN, BK, UPCAST, IEEE, TMA,
     )  # fmt: skip
-    L = S * s
-    if HAS_BIAS:
-        L += tl.load(bias_ptr).to(tl.float32)
-    # One exp per logit (see the module docstring): z = exp(-|L|), log1p(z) = 2 atanh(z / (2 + z)).
-    z = tl.exp(-tl.abs(L))
-    if HAS_POS:
-        target = rows.to(tl.int64) + offset  # int64: offset may pass 2**31
-        is_pos = cols.to(tl.int64)[None, :] == target[:, None]
-    if NEED_GRAD:
-        # The gradient first: once it is stored and reduced, S is dead before the loss needs registers.
-        r = 1.0 / (1.0 + z)
-        G = tl.where(L >= 0.0, r, z * r)  # sigmoid(L)
+    if EPI == 0:
+        L = S * s
+        if HAS_BIAS:
+            L += tl.load(bias_ptr).to(tl.float32)
+        # One exp per logit (see the module docstring): z = exp(-|L|), log1p(z) = 2 atanh(z / (2 + z)).
+        z = tl.exp(-tl.abs(L))
         if HAS_POS:
-            G = tl.where(is_pos, G - 1.0, G)
-        G = tl.where(valid, G, 0.0)
-        g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
-        tl.store(g_out, G.to(g_ptr.dtype.element_ty), mask=valid)
-        tl.store(part_ptr + stride_part + pid, tl.sum(tl.sum(G * S, 1), 0))
-        tl.store(part_ptr + 2 * stride_part + pid, tl.sum(tl.sum(G, 1), 0))
-    t = z / (2.0 + z)
-    t2 = t * t
-    p = 1.0 / 13.0
-    p = p * t2 + 1.0 / 11.0
-    p = p * t2 + 1.0 / 9.0
-    p = p * t2 + 1.0 / 7.0
-    p = p * t2 + 1.0 / 5.0
-    p = p * t2 + 1.0 / 3.0
-    p = p * t2 + 1.0
-    loss = tl.maximum(L, 0.0) + 2.0 * t * p
-    if HAS_POS:
-        loss = tl.where(is_pos, loss - L, loss)
-    loss = tl.where(valid, loss, 0.0)
-    tl.store(part_ptr + pid, tl.sum(tl.sum(loss, 1), 0))
+            target = rows.to(tl.int64) + offset  # int64: offset may pass 2**31
+            is_pos = cols.to(tl.int64)[None, :] == target[:, None]
+        if NEED_GRAD:
+            # The gradient first: once it is stored and reduced, S is dead before the loss needs registers.
+            r = 1.0 / (1.0 + z)
+            G = tl.where(L >= 0.0, r, z * r)  # sigmoid(L)
+            if HAS_POS:
+                G = tl.where(is_pos, G - 1.0, G)
+            G = tl.where(valid, G, 0.0)
+            g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+            tl.store(g_out, G.to(g_ptr.dtype.element_ty), mask=valid)
+            tl.store(part_ptr + stride_part + pid, tl.sum(tl.sum(G * S, 1), 0))
+            tl.store(part_ptr + 2 * stride_part + pid, tl.sum(tl.sum(G, 1), 0))
+        t = z / (2.0 + z)
+        t2 = t * t
+        p = 1.0 / 13.0
+        p = p * t2 + 1.0 / 11.0
+        p = p * t2 + 1.0 / 9.0
+        p = p * t2 + 1.0 / 7.0
+        p = p * t2 + 1.0 / 5.0
+        p = p * t2 + 1.0 / 3.0
+        p = p * t2 + 1.0
+        loss = tl.maximum(L, 0.0) + 2.0 * t * p
+        if HAS_POS:
+            loss = tl.where(is_pos, loss - L, loss)
+        loss = tl.where(valid, loss, 0.0)
+        tl.store(part_ptr + pid, tl.sum(tl.sum(loss, 1), 0))
+    else:
+        # Base 2 (kernels/clip.py, _clip_grad_kernel): L2 = L log2(e), z = exp2(-|L2|) is one MUFU.EX2;
+        # the loss is summed in log2 units, log1p(z) / ln 2 = 2 log2(e) atanh(t), and scaled by ln 2 once.
+        L = S * (s * LOG2E)
+        if HAS_BIAS:
+            L += tl.load(bias_ptr).to(tl.float32) * LOG2E
+        z = tl.exp2(-tl.abs(L))
+        diag_tile = False
+        if HAS_POS:  # the positives j = i + offset cross this tile only if d is in (-BM, BN)
+            d = offset - (pid_n * BN - pid_m * BM).to(tl.int64)
+            diag_tile = (d > -BM) & (d < BN)
+            diag = tl.arange(0, BN)[None, :] - tl.arange(0, BM)[:, None] == d.to(tl.int32)
+        if NEED_GRAD:
+            r = 1.0 / (1.0 + z)
+            G = tl.where(L >= 0.0, r, z * r)  # sigmoid(L)
+            if diag_tile:
+                G = tl.where(diag, G - 1.0, G)
+            g_out = g_ptr + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+            if EVEN:
+                tl.store(g_out, G.to(g_ptr.dtype.element_ty))
+            else:
+                G = tl.where(valid, G, 0.0)
+                tl.store(g_out, G.to(g_ptr.dtype.element_ty), mask=valid)
+            tl.store(part_ptr + stride_part + pid, tl.sum(tl.sum(G * S, 1), 0))
+            tl.store(part_ptr + 2 * stride_part + pid, tl.sum(tl.sum(G, 1), 0))
+        t = z / (2.0 + z)
+        t2 = t * t
+        p = (2.0 * LOG2E) / 13.0
+        p = p * t2 + (2.0 * LOG2E) / 11.0
+        p = p * t2 + (2.0 * LOG2E) / 9.0
+        p = p * t2 + (2.0 * LOG2E) / 7.0
+        p = p * t2 + (2.0 * LOG2E) / 5.0
+        p = p * t2 + (2.0 * LOG2E) / 3.0
+        p = p * t2 + 2.0 * LOG2E
+        loss = tl.maximum(L, 0.0) + t * p
+        if diag_tile:
+            loss = tl.where(diag, loss - L, loss)
+        if not EVEN:
+            loss = tl.where(valid, loss, 0.0)
+        tl.store(part_ptr + pid, tl.sum(tl.sum(loss, 1), 0) * LN2)
 
 
 @on_tensor_device
@@ -161,6 +205,9 @@ def siglip_block(
     N = y.shape[0]
     dev = x.device
     cfg = config.tile_config("siglip", dev, x.dtype, D)
+    epi = EPI[cfg.epilogue]
+    if epi == 2:
+        raise ValueError(f"siglip: epilogue {cfg.epilogue!r} is for the forward (lse) only")
     s = scalar_f32(scale)
     b = scalar_f32(bias) if bias is not None else s  # placeholder pointer without bias
     if need_grad:
@@ -193,15 +240,19 @@ def siglip_block(
             grid = triton.cdiv(i1 - i0, cfg.block_m) * triton.cdiv(j1 - j0, cfg.block_n)
             # Without gradients the kernel writes only the loss row: the other two stay 0.
             part = (torch.empty if need_grad else torch.zeros)((3, grid), dtype=torch.float32, device=dev)
+            xa, ya, tma = tma_operands(cfg, xc_dot, yp_dot, cfg.block_m, cfg.block_n)
+            variant = {} if epi == 0 and not tma else {
+                "EPI": epi, "TMA": tma, "EVEN": (i1 - i0) % cfg.block_m == 0 and (j1 - j0) % cfg.block_n == 0,
+            }  # fmt: skip
             with timer.phase("tile kernel"):
                 _siglip_tile_kernel[(grid,)](
-                    xc_dot, yp_dot, s, b, g, part,
+                    xa, ya, s, b, g, part,
                     i1 - i0, j1 - j0, D, offset + i0 - j0 if pos else 0,
                     xc_dot.stride(0), xc_dot.stride(1), yp_dot.stride(0), yp_dot.stride(1), g.stride(0),
                     part.stride(0),
                     BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-                    HAS_BIAS=bias is not None, HAS_POS=pos, NEED_GRAD=need_grad, GROUP_M=config.GROUP_M,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+                    HAS_BIAS=bias is not None, HAS_POS=pos, NEED_GRAD=need_grad, GROUP_M=cfg.group_m,
+                    **variant, **cfg.launch(), **flags,
                 )  # fmt: skip
                 sums += part.sum(dim=1)
             if need_grad:

@@ -14,6 +14,7 @@ stores (``STL``) and loads (``LDL``) in the SASS.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -24,33 +25,10 @@ import tempfile
 import torch
 import triton
 from fastclip.kernels import clip, common, config, siglip
-from triton.backends.compiler import GPUTarget
+from fastclip.kernels.tune import TargetOnlyDriver, compile_only  # noqa: F401  (also used by the other builds)
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ARCHS = {90: "hopper", 80: "ampere"}
-
-
-class TargetOnlyDriver:
-    """Just enough of a Triton driver for ``JITFunction.run(..., warmup=True)``: a device id, a
-    stream and the compile target."""
-
-    def __init__(self, cap: int):
-        self.cap = cap
-
-    def is_active(self):
-        return True
-
-    def get_current_device(self):
-        return self.cap  # one kernel cache per target
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", self.cap, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
 
 def sass_counts(cubin: bytes) -> dict:
@@ -72,7 +50,82 @@ def sass_counts(cubin: bytes) -> dict:
         "spill_stores": len(re.findall(r"\bSTL(\.\w+)*\b", sass)),
         "spill_loads": len(re.findall(r"\bLDL(\.\w+)*\b", sass)),
         "sass_lines": sass.count("\n"),
+        **tile_paths(sass),
     }
+
+
+def _op(text: str) -> str:
+    return re.sub(r"^@!?U?P[T0-9]+\s+", "", text).split()[0]
+
+
+def _counts(text: str) -> collections.Counter:
+    op = _op(text)
+    c = collections.Counter(n=1)
+    for kind in ("MUFU", "SHFL", "BAR", "HGMMA"):
+        c[kind] += op.startswith(kind)
+    c["FP32"] += op.split(".")[0] in ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP")
+    return c
+
+
+def tile_paths(sass: str) -> dict:
+    """Instructions one thread issues per tile, from the SASS control flow: the shortest and longest
+    path that runs the tensor-core K loop once (its back edge not followed), through the body of the
+    loop over column tiles (the forward) or through the whole kernel (one tile per program); the
+    K-loop body; MUFU/SHFL/BAR/HGMMA/FP32 counts on each path (docs/kernels.md, "Hopper analysis")."""
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    jumps = {}
+    for i, (_, t) in enumerate(ins):
+        m = re.search(r"\bBRA(?:\.\w+)*\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) in at:
+            jumps[i] = (at[int(m.group(1), 16)], t.startswith("@"))
+    has = lambda lo, hi, word: any(word in ins[j][1] for j in range(lo, hi + 1))  # noqa: E731
+    # Loops: predicated backward branches (an unconditional one returns from an out-of-line wait).
+    back = [(j, i) for i, (j, pred) in jumps.items() if pred and j <= i and has(j, i, "MMA")]
+    outer = [(j, i) for j, i in back if has(j, i, "MUFU.EX2")]  # the epilogue is inside: a tile loop
+    lo, hi = max(outer, key=lambda p: p[1] - p[0]) if outer else (0, len(ins) - 1)
+    inner = [(j, i) for j, i in back if lo <= j and i <= hi and not has(j, i, "MUFU.EX2")]
+    best: dict = {}  # (index, K loop seen) -> (shortest, longest) path counters ending there
+    ends = []
+
+    def push(key, mn, mx):
+        a, b = best.get(key, (mn, mx))
+        best[key] = (mn if mn["n"] <= a["n"] else a, mx if mx["n"] >= b["n"] else b)
+
+    push((lo, "MMA" in ins[lo][1]), _counts(ins[lo][1]), _counts(ins[lo][1]))
+    for i in range(lo, hi + 1):
+        for seen in (False, True):
+            if (i, seen) not in best:
+                continue
+            mn, mx = best[(i, seen)]
+            nxt = []
+            if i == hi or _op(ins[i][1]) == "EXIT" and not ins[i][1].startswith("@"):
+                ends.append((seen, mn, mx))
+            elif i in jumps:
+                j, pred = jumps[i]
+                nxt += [j] if i < j <= hi else []
+                nxt += [i + 1] if pred and i < hi else []
+            else:
+                nxt.append(i + 1)
+            for j in nxt:
+                push((j, seen or "MMA" in ins[j][1]), mn + _counts(ins[j][1]), mx + _counts(ins[j][1]))
+    ends = [e for e in ends if e[0]] or ends
+    mn = min((e[1] for e in ends), key=lambda c: c["n"])
+    mx = max((e[2] for e in ends), key=lambda c: c["n"])
+    k = min(inner, key=lambda p: p[1] - p[0]) if inner else None
+    return {
+        "tile_instr": [mn["n"], mx["n"]],
+        "tile_counts": {kind: [mn[kind], mx[kind]] for kind in ("MUFU", "SHFL", "BAR", "HGMMA", "FP32")},
+        "k_loop_instr": k[1] - k[0] + 1 if k else 0,
+        "tile_loop": bool(outer),
+    }
+
+
+def occupancy(regs: int, shared: int, warps: int) -> int:
+    """Programs per SM on sm_90: 64 K registers (allocated per warp in units of 8 per thread), 228 KiB
+    of shared memory (1 KiB reserved per program), 64 warps, 32 programs."""
+    per_warp = -(-max(regs, 1) // 8) * 8 * 32
+    return min(65536 // (per_warp * warps), 233472 // (shared + 1024), 64 // warps, 32)
 
 
 def describe(kernel) -> dict:
@@ -88,6 +141,7 @@ def describe(kernel) -> dict:
         "tma": "cp.async.bulk.tensor" in ptx,
     }
     info.update(sass_counts(kernel.asm["cubin"]))
+    info["programs_per_sm"] = occupancy(info["regs"], md.shared, md.num_warps)
     return info
 
 
@@ -98,7 +152,7 @@ DIMS = (256, 512, 768, 1024, 1152)
 
 
 def cfg_name(cfg) -> str:
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
+    return cfg.name()
 
 
 def launch_all(n: int, dim: int, dtype, kernels) -> None:
@@ -118,26 +172,44 @@ def launch_all(n: int, dim: int, dtype, kernels) -> None:
         siglip.siglip_block(x, y, s, b, 0, False)
 
 
-def compile_only(kernels: dict) -> list:
-    """Make each named kernel's ``run`` compile without launching, and the launchers take their GPU
-    code paths; returns the list that collects ``(name, compiled kernel)`` of every launch."""
-    compiled: list = []
-    for name, kern in kernels.items():
-        orig = kern.run
+# The variants of the tuning candidates (config.AUTOTUNE_CANDIDATES) built by ``--variants``, sm_90,
+# bf16, D = 768: every code path of config.TileConfig's options once (the full candidate table was
+# built once for docs/kernels.md; building all 40 here would double the suite's AOT time).
+VARIANTS = {
+    "lse": ["+exp2", "+exp2-shared", "+exp2+flat", "+exp2-shared+tma", "+exp2-shared+tma+r128"],
+    "tile": ["+exp2", "+exp2+tma", "128x64x64w8s3+exp2+tma"],
+    "siglip": ["+exp2+tma", "+exp2+tma+r128"],
+}
 
-        def run(*args, grid, warmup, _orig=orig, _name=name, **kwargs):
-            k = _orig(*args, grid=grid, warmup=True, **kwargs)
-            compiled.append((_name, k))
-            return k
 
-        kern.run = run
-    config.interpreting = lambda: False
-    config.num_sms = lambda device: 132
-    return compiled
+def build_variants() -> dict:
+    """Compile the candidates named in VARIANTS for sm_90 at D = 768, bf16 (both SigLIP modes)."""
+    compiled = compile_only({"lse": clip._clip_lse_kernel, "grad": clip._clip_grad_kernel,
+                             "siglip": siglip._siglip_tile_kernel})  # fmt: skip
+    triton.runtime.driver.set_active(TargetOnlyDriver(90))
+    config.arch = lambda device: "hopper"
+    common.gemm.tf32_enabled = lambda: False
+    out: dict = {}
+    for table, names in VARIANTS.items():
+        for name in names:
+            cfg = next(c for c in config.AUTOTUNE_CANDIDATES[table] if c.name().endswith(name))
+            config.TUNED[("hopper", table, "bfloat16", 768)] = cfg
+            launch_all(256, 768, torch.bfloat16, [{"tile": "grad"}.get(table, table)])
+            for kname, k in compiled:
+                if kname == "siglip" and not k.src.constants[(k.src.fn.arg_names.index("NEED_GRAD"),)]:
+                    kname = "siglip-loss"
+                meta = {"kernel": kname, "arch": "hopper", "prec": "bf16", "aligned": True, "dims": [768]}
+                out[f"{kname}-{cfg.name()}"] = {**describe(k), **meta, "config": cfg.__dict__}
+            compiled.clear()
+            config.TUNED.clear()
+    return out
 
 
 def main(argv: list[str]) -> None:
     """``--cap 90,80``, ``--prec bf16,...``, ``--kernels lse,grad,siglip`` narrow the build."""
+    if "--variants" in argv:
+        print("RESULT " + json.dumps(build_variants()))
+        return
     only = lambda flag: argv[argv.index(flag) + 1].split(",") if flag in argv else None  # noqa: E731
     archs = {cap: a for cap, a in ARCHS.items() if only("--cap") is None or str(cap) in only("--cap")}
     precs = {k: v for k, v in PRECISIONS.items() if only("--prec") is None or k in only("--prec")}

@@ -262,3 +262,39 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     assert "| clip | bf16 | 32 | 128 | fastclip-triton |" in summary
     pytest.importorskip("matplotlib")
     assert (dest / "results_time.png").stat().st_size > 0 and (dest / "results_memory.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_dry_run_tune_part_writes_the_table(tmp_path):
+    """The opt-in ``tune`` part on CPU (interpreter, tiny sizes, two candidates per kernel): every
+    candidate checked against float64 then timed, two candidates compiled for sm_90 by the parallel
+    workers, the winners as JSON and as a ``TUNED`` snippet that kernels/config.py can hold, and the
+    issue's targets measured with the shipped and the tuned table (not speed: the plumbing)."""
+    from fastclip.kernels import config
+
+    out = tmp_path / "tune"
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", SCRIPT, str(out), "--dry-run", "--parts", "tune"],
+                          env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "tune 0" in (out / "status.txt").read_text()
+    doc = json.loads((out / "part_tune.json").read_text())
+    assert doc["status"] == "ok" and doc["dry_run"] is True
+    pre = doc["precompile"]
+    assert pre["cap"] == 90 and pre["jobs"] == 2 and pre["ok"] == 2, pre
+    rows = doc["rows"]
+    assert [r["kernel"] for r in rows] == ["lse", "lse", "tile", "tile", "siglip", "siglip"]
+    assert all(r["ms"] > 0 and r["error_vs_budget"] <= 1.0 for r in rows), rows
+    assert {r["config"].split("+")[1] if "+" in r["config"] else "" for r in rows} == {"", "exp2"}
+    table = json.loads((out / "tuned_table.json").read_text())
+    assert sorted(t["key"][1] for t in table) == ["lse", "siglip", "tile"] and table == doc["winners"]
+    namespace = {"TileConfig": config.TileConfig}
+    exec(doc["tuned_snippet"], namespace)  # the snippet is the Python that kernels/config.py would hold
+    assert {k[1]: v.name() for k, v in namespace["TUNED"].items()} == {t["key"][1]: t["name"] for t in table}
+    assert [(t["table"], t["loss"]) for t in doc["targets"]] == [
+        (tab, loss) for tab in ("shipped", "tuned") for loss in ("clip", "clip", "siglip", "siglip")]  # fmt: skip
+    assert all(t["ms"] > 0 for t in doc["targets"])
+    assert "TUNED: dict[" in proc.stdout and proc.stdout.count("\ntarget tuned ") == 4
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("tune (tuned table): ")]
+    assert len(lines) == 4 and all(ln.rstrip().endswith(("met", "NOT met")) for ln in lines)
