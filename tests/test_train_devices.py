@@ -210,26 +210,62 @@ def test_gradcache_replays_the_rng_of_the_model_device_not_only_the_images(monke
     assert ("get", "cuda:0") in calls and ("set", "cuda:0") in calls, calls
 
 
-# ---- the trainer's divergence check: one host synchronisation, the bad tensor named -------------------
+# ---- the trainer's divergence check: recorded on the device, read once, the first bad tensor named ---
 
 
-def test_divergence_guard_names_the_non_finite_input_and_passes_finite_ones():
-    from fastclip.train.trainer import _DivergenceGuard
+def test_divergence_guard_records_the_first_non_finite_input_and_passes_finite_ones():
+    from fastclip.train.step_checks import StepChecks
 
     seen = []
-    guard = _DivergenceGuard(lambda *a, **kw: seen.append((a, kw)) or torch.tensor(1.0), step=7)
+    checks = StepChecks()
+    guard = checks.guard(lambda *a, **kw: seen.append((a, kw)) or torch.tensor(1.0), step=7)
     img, txt = _features()
     scale = torch.tensor([10.0])
     assert float(guard(img, txt, scale)) == 1.0 and len(seen) == 1
+    checks.check()  # nothing recorded
     negatives = torch.zeros(6, 2, 4)
     negatives[3, 1, 2] = float("inf")
+    negatives[4, 0, 0] = float("nan")  # later in row-major order: the inf is named
+    guard(img, txt, scale, negative_features=negatives)
+    assert len(seen) == 2, "the loss is still computed: the step reads nothing on the host"
+    # a later failure (step 8, the logit scale) leaves the first one recorded
+    checks.guard(lambda *a, **kw: torch.tensor(1.0), step=8)(img, txt, torch.tensor([float("nan")]))
+    checks.note_loss(8, torch.tensor(float("nan")))
     with pytest.raises(
-        FloatingPointError, match=r"step 7: the model diverged \(negative_features holds inf\)"
+        FloatingPointError, match=r"^step 7: the model diverged \(negative_features holds inf\); stopping"
     ):
-        guard(img, txt, scale, negative_features=negatives)
-    with pytest.raises(FloatingPointError, match=r"\(logit_scale holds nan\)"):
-        guard(img, txt, torch.tensor([float("nan")]), negative_features=negatives)
-    assert len(seen) == 1, "no loss is computed from a diverged model"
+        checks.check()
+    values, failure = checks.read(torch.tensor(2.5), 3)
+    assert values == [2.5, 3.0] and (failure.step, failure.name, failure.value) == (
+        7,
+        "negative_features",
+        float("inf"),
+    )
+
+
+def test_divergence_guard_names_the_first_input_then_the_loss():
+    """At one step the inputs are named in the guard's order (logit scale first), the loss after them;
+    in a transposed (non-contiguous) tensor the first non-finite element in row-major order."""
+    from fastclip.train.step_checks import StepChecks
+
+    img, txt = _features()
+    checks = StepChecks("cpu")
+    bad_txt = txt.clone()
+    bad_txt[2, 1], bad_txt[1, 3] = float("-inf"), float("nan")
+    checks.note_inputs(4, text_features=bad_txt.t(), logit_scale=torch.tensor([float("inf")]))
+    checks.note_loss(4, torch.tensor(float("nan")))
+    assert checks.read()[1].message() == (
+        "step 4: the model diverged (logit_scale holds inf); stopping (lower optim.lr?)"
+    )
+    checks = StepChecks("cpu")
+    checks.note_inputs(5, image_features=img, text_features=bad_txt.t(), logit_scale=torch.tensor([1.0]))
+    assert checks.read()[1].message().startswith("step 5: the model diverged (text_features holds -inf)")
+    checks = StepChecks("cpu")
+    checks.note_inputs(6, image_features=img, text_features=txt, logit_scale=torch.tensor([1.0]))
+    checks.note_loss(6, torch.tensor(float("-inf")))
+    assert checks.read()[1].message() == "step 6: the loss is -inf; stopping (lower optim.lr?)"
+    with pytest.raises(ValueError, match="note_inputs: expected names"):
+        checks.note_inputs(6, features=img)
 
 
 # ---- the training-step benchmark on cuda:N ------------------------------------------------------------

@@ -138,6 +138,28 @@ def test_a_stopped_rank_is_named_after_dist_timeout(tmp_path):
     assert "rank(s) 1 did not respond" in lines[0], lines[0]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero3_clamps_the_fp32_master_logit_scale_on_two_ranks(tmp_path):
+    """A logit scale initialised above ln 100 at ZeRO-3 on 2 ranks: the clamp writes each rank's
+    partition of the fp32 master (DeepSpeed's full-parameter setter fails on rank 1 for this
+    1-element parameter, whose partition there is padding). The rows and the exported weights stay
+    within [0, ln 100]."""
+    import math
+
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "z3")
+    ov = {**overrides(out, 3), "train.steps": 3, "checkpoint.every": 0}
+    ov["model.overrides"] = {**ov["model.overrides"], "init_logit_scale": 5.0}  # ln 100 = 4.605
+    p = _torchrun(["-m", "fastclip.cli", "train", *_cli_args(ov)])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    rows = [r for r in _rows(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["logit_scale"] <= 100.0 * (1 + 1e-5) for r in rows), [r["logit_scale"] for r in rows]
+    assert float(load_file(os.path.join(out, "model.safetensors"))["logit_scale"]) <= math.log(100.0) + 1e-6
+
+
 def _worker(killed, ref, stage):
     import torch.distributed as dist
 

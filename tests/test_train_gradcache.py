@@ -119,6 +119,11 @@ def test_gradcache_bad_input():
     with pytest.raises(FloatingPointError, match="not finite"):
         gradcache_step(model, nan_loss, images, texts, 2)
     assert all(p.grad is None for p in model.parameters()), "no gradient may be applied after a NaN loss"
+    # check_finite=False: no host read of the loss; the caller gets the NaN loss (the trainer records it)
+    loss = gradcache_step(model, nan_loss, images, texts, 2, check_finite=False)
+    assert torch.isnan(loss)
+    with pytest.raises(TypeError, match="check_finite: expected a bool"):
+        gradcache_step(model, _loss(False), images, texts, 2, check_finite=None)
 
 
 # ---- inside DeepSpeed -------------------------------------------------------------------------

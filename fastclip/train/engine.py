@@ -1,9 +1,10 @@
 """The DeepSpeed engine: its config from the run's config, its initialisation, and the few operations on
-parameters outside its forward/backward (ZeRO-3 gathering, the logit-scale clamp).
+parameters outside its forward/backward (ZeRO-3 gathering, the logit-scale clamp and read-out).
 
     engine = build_engine(cfg, model, param_groups(model, cfg.optim.weight_decay), micro, chunks, device)
     with gathered(cfg, [p]): ...            # full parameters under ZeRO-3, a no-op otherwise
-    clamp_logit_scale(cfg, engine)          # after every optimizer step
+    clamp_logit_scale(cfg, engine)          # after every optimizer step; device ops only, no host read
+    logit_scale_tensor(cfg, engine)         # exp(logit_scale) as a device tensor, for the metrics row
 """
 
 from __future__ import annotations
@@ -74,26 +75,49 @@ def gathered(cfg, params, modify: bool = False):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
-def logit_scale(cfg, engine) -> float:
-    """exp(raw logit_scale) of the model (nan when it has none)."""
+def logit_scale_tensor(cfg, engine) -> torch.Tensor | None:
+    """exp(raw logit_scale) of the model as a (1,) float32 tensor on its device (None when it has none);
+    nothing is read on the host."""
     p = getattr(engine.module, "logit_scale", None)
     if p is None:
-        return float("nan")
+        return None
     with gathered(cfg, [p]):
-        return float(p.detach().float().exp().reshape(-1)[0])
+        return (
+            p.detach().float().exp().reshape(-1)[:1]
+        )  # exp() makes a new tensor: it outlives ZeRO-3's gather
+
+
+def logit_scale(cfg, engine) -> float:
+    """exp(raw logit_scale) of the model (nan when it has none); a host read."""
+    t = logit_scale_tensor(cfg, engine)
+    return float("nan") if t is None else float(t)
 
 
 def clamp_logit_scale(cfg, engine) -> None:
-    """Clamp the raw logit_scale to [0, ln 100] on the fp32 master copy and on the model's copy."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    """Clamp the raw logit_scale to [0, ln 100] on the fp32 master copy and on the model's copy.
+
+    No host read of whether the clamp changed anything (``torch.equal`` would wait for the GPU every
+    step): the clamped master is written back each step, unchanged when it was inside the range.
+    Under ZeRO-3 the write is to this rank's partition of the master: DeepSpeed 0.19.8's full-parameter
+    setter narrows past the end of a 1-element parameter on every rank but the first (its partition
+    there is padding) and raises; a 2-rank ZeRO-3 run whose logit scale reached the clamp failed so."""
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
 
     p = getattr(engine.module, "logit_scale", None)
     if p is None:
         return
-    master = safe_get_full_fp32_param(p)  # None without a separate master (fp32 at ZeRO 0)
-    if master is not None:
-        clamped = master.clamp(0.0, LN_100)
-        if not torch.equal(clamped, master):
-            safe_set_full_fp32_param(p, clamped)
+    if cfg.train.zero_stage == 3:
+        local = safe_get_local_fp32_param(p)  # this rank's slice (padding zeros stay 0 when clamped)
+        if local is not None:
+            safe_set_local_fp32_param(p, local.clamp(0.0, LN_100))
+    else:
+        master = safe_get_full_fp32_param(p)  # None without a separate master (fp32 at ZeRO 0)
+        if master is not None:
+            safe_set_full_fp32_param(p, master.clamp(0.0, LN_100))
     with gathered(cfg, [p], modify=True), torch.no_grad():
         p.clamp_(0.0, LN_100)

@@ -64,6 +64,7 @@ def gradcache_step(
     micro_batch: int,
     *,
     backward: Callable | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """One cached-gradient step over ``images`` (B, ...) and ``texts`` (B, T); returns the detached loss.
 
@@ -75,6 +76,10 @@ def gradcache_step(
     had been backpropagated in one piece. Equivalent to::
 
         loss = loss_fn(**forward(images, texts)); loss.backward()
+
+    ``check_finite``: a non-finite loss raises :class:`FloatingPointError` before any gradient is
+    applied (a host read of the loss: on a GPU it waits for the first pass). False: no read; the
+    caller checks the returned loss (the trainer records it on the device, see ``step_checks``).
     """
     if not callable(forward) or not callable(loss_fn):
         raise TypeError("forward, loss_fn: expected callables")
@@ -87,6 +92,7 @@ def gradcache_step(
             f"texts: expected the batch size of images ({images.shape[0]}, > 0), got {texts.shape[0]}"
         )
     _checks.check_int("micro_batch", micro_batch, minimum=1)
+    _checks.check_bool("check_finite", check_finite)
     backward = backward or (lambda t: t.backward())
     device = images.device
     chunks = list(zip(images.split(micro_batch), texts.split(micro_batch)))
@@ -108,7 +114,7 @@ def gradcache_step(
         k: v.clone().requires_grad_(True) for k, v in feats[0].items() if k in ("logit_scale", "logit_bias")
     }
     loss = loss_fn(**batch_f, **head)
-    _check_loss(loss)
+    _check_loss(loss, check_finite)
     leaves = [*batch_f.values(), *head.values()]
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     g_batch = {
@@ -144,8 +150,8 @@ def _dot(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (t.to(dtype) * g.to(dtype)).sum()
 
 
-def _check_loss(loss) -> None:
+def _check_loss(loss, check_finite: bool) -> None:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__}")
-    if not bool(torch.isfinite(loss.detach()).all()):
+    if check_finite and not bool(torch.isfinite(loss.detach()).all()):
         raise FloatingPointError(f"loss_fn: the loss is not finite ({loss.item()}): no gradient was applied")

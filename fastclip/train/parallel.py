@@ -3,7 +3,8 @@ the few collectives the trainer uses outside DeepSpeed; a clear error when a col
 
     comm = Comm.setup(cfg.train, cfg.dist)      # initialises torch.distributed (and DeepSpeed's comm) once
     comm.rank, comm.world, comm.device
-    comm.mean(loss); comm.broadcast(obj); comm.barrier(); comm.any_rank(flag); comm.max_int(signum)
+    comm.mean_tensor(loss); comm.mean(loss); comm.broadcast(obj); comm.barrier()
+    comm.any_rank(flag); comm.max_int(signum); comm.all_objects(obj)     # host values, never the GPU
 
 One process needs no launcher: the rendezvous variables are set here.
 """
@@ -27,9 +28,13 @@ class DistributedTimeoutError(RuntimeError):
 
 
 class Comm:
-    def __init__(self, rank: int, world: int, device: torch.device, timeout_s: int, monitor=None):
+    def __init__(self, rank: int, world: int, device: torch.device, timeout_s: int, monitor=None, flags=None):
         self.rank, self.world, self.device, self.timeout_s = rank, world, device, timeout_s
         self._monitor = monitor  # a gloo group used only to find the ranks that stopped answering
+        # The group that agrees on host values (signals, save failures): gloo over CPU tensors, so an
+        # agreement waits for the other ranks but never for this rank's GPU. None: the default group
+        # (gloo itself in a CPU run).
+        self._flags = flags
 
     @classmethod
     def setup(cls, tc, dc) -> Comm:
@@ -69,34 +74,47 @@ class Comm:
             deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         monitor = torch.distributed.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-        return cls(rank, world, device, dc.timeout_s, monitor)
+        flags = None
+        if world > 1 and device.type != "cpu":
+            flags = torch.distributed.new_group(backend="gloo", timeout=timeout)
+        return cls(rank, world, device, dc.timeout_s, monitor, flags)
 
     # ---- collectives ---------------------------------------------------------------------------
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def mean(self, t: torch.Tensor) -> float:
+    def mean_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a scalar tensor, as a (1,) float32 tensor on the device (no host read)."""
         t = t.detach().float().reshape(1).to(self.device)
         if self.world > 1:
             torch.distributed.all_reduce(t)
             t /= self.world
-        return float(t)
+        return t
+
+    def mean(self, t: torch.Tensor) -> float:
+        return float(self.mean_tensor(t))
 
     def any_rank(self, flag: bool) -> bool:
-        if self.world == 1:
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        """True on every rank when ``flag`` is true on any (a host value)."""
+        return self.max_int(1 if flag else 0) > 0
 
     def max_int(self, value: int) -> int:
-        """The largest of every rank's ``value`` (a small int), on every rank."""
+        """The largest of every rank's ``value`` (a small int, a host value), on every rank: a CPU
+        tensor on the flags group, which waits for the other ranks but not for the GPU."""
         if self.world == 1:
             return int(value)
-        t = torch.tensor([float(value)], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        t = torch.tensor([float(value)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._flags)
         return int(t.item())
+
+    def all_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank (over the flags group)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj, group=self._flags)
+        return out
 
     def broadcast(self, obj):
         if self.world == 1:

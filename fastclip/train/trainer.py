@@ -6,10 +6,17 @@
 
 Components (each its own module): processes and collectives (``parallel``), the model, tokenizer and
 loss (``build``), data (``data``), parameter groups and schedule (``optim``), the DeepSpeed engine
-(``engine``), gradient caching (``gradcache``), evaluation (``evaluate``), metrics and logging
-(``metrics``), checkpoints (``checkpoint``, ``rank_state``, ``safe_load``), the output directory
-(``rundir``) and plots (``plot``). One process needs no launcher; several come from ``torchrun`` or
-the ``deepspeed`` launcher. Every rank runs the same code; rank 0 writes logs.
+(``engine``), gradient caching (``gradcache``), the steps' finiteness checks (``step_checks``),
+SIGTERM/SIGINT (``signals``), evaluation (``evaluate``), metrics and logging (``metrics``), checkpoints
+(``checkpoint``, ``rank_state``, ``safe_load``), the output directory (``rundir``) and plots
+(``plot``). One process needs no launcher; several come from ``torchrun`` or the ``deepspeed``
+launcher. Every rank runs the same code; rank 0 writes logs.
+
+Host synchronisations: a step reads nothing from the device. The finiteness checks are recorded on the
+device and read, with the loss and logit scale of the metrics row, once per log interval (and before
+an evaluation or a checkpoint that falls between two log steps): one synchronisation per
+``log.every`` steps. With several ranks, the per-step agreement on signals is an all-reduce of a CPU
+tensor over gloo, which waits for the other ranks but not for the GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Union
 
@@ -38,6 +44,8 @@ from fastclip.train.metrics import MetricsLog, progress_bar
 from fastclip.train.optim import param_groups
 from fastclip.train.parallel import Comm, hang_point
 from fastclip.train.plot import plot_metrics
+from fastclip.train.signals import StopSignals, TrainingInterrupted
+from fastclip.train.step_checks import StepChecks
 
 
 def train(
@@ -66,50 +74,6 @@ def train(
     return Trainer(cfg, model=model, tokenizer=tokenizer).fit()
 
 
-class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT stopped the run after a whole step and a checkpoint; ``exit_status`` is the
-    shell's convention (128 + the signal number: 143, 130). Running the same command resumes."""
-
-    def __init__(self, signum: int, step: int, checkpoint: str | None, message: str):
-        super().__init__(message)
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        self.exit_status = 128 + signum
-
-
-class _StopSignals:
-    """SIGTERM/SIGINT handlers for the run: the first asks the loop to stop after the current step (and
-    save), a second one (later than SAME_REQUEST_S) leaves at once (status 128 + signal, no
-    checkpoint). Only the main thread can install handlers; elsewhere the signals keep their
-    behaviour. ``restore()`` puts back the previous ones."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    # A repeat within this many seconds is the same request: Ctrl-C under torchrun reaches a worker
-    # twice at once (from the terminal to the whole process group, and forwarded by torchrun).
-    SAME_REQUEST_S = 0.5
-
-    def __init__(self):
-        self.received, self._first = 0, 0.0
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received and time.monotonic() - self._first < self.SAME_REQUEST_S:
-            return
-        if self.received:
-            os.write(
-                2, f"\nfastclip: second {signal.Signals(signum).name}: exiting now, no checkpoint\n".encode()
-            )
-            os._exit(128 + signum)
-        self.received, self._first = signum, time.monotonic()
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
 class Trainer:
     def __init__(self, cfg: Config, *, model=None, tokenizer=None):
         cfg = copy.deepcopy(cfg)  # the resolved values (train.threads) are recorded in this copy only
@@ -129,7 +93,7 @@ class Trainer:
         self.cfg = cfg
         self.out = os.path.abspath(cfg.output_dir)
         self.ckpt_root = os.path.join(self.out, "checkpoints")
-        self.lock, self._lock_error, self.signals = None, None, _StopSignals()
+        self.lock, self._lock_error, self.signals = None, None, StopSignals()
         owns_group = not torch.distributed.is_initialized()
         try:
             # before anything reads or moves files: hold the directory (rank 0), then the checkpoint to
@@ -192,7 +156,8 @@ class Trainer:
             cfg.train.precision
         ]
         self.step = self.start_step = 0
-        self._saved_step = None
+        self._saved_step = self._checked_step = None
+        self.checks = StepChecks(self.device)  # non-finite inputs or losses, recorded on the device
         self.metrics = MetricsLog(self.out, self.rank, cfg.log.tensorboard)
         self._prepare_output_dir()
         self.complete = self.resume_meta is not None and self.resume_meta["step"] >= cfg.train.steps
@@ -297,27 +262,7 @@ class Trainer:
             if bar is not None:
                 bar.update(cfg.train.batch_size)
             if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
-                loss = self.comm.mean(loss)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"step {self.step}: the loss is {loss}; stopping (lower optim.lr?)"
-                    )
-                dt = time.time() - t_last
-                row = {
-                    "step": self.step,
-                    "loss": loss,
-                    "lr": self.engine.get_lr()[0],
-                    "logit_scale": engine_lib.logit_scale(cfg, self.engine),
-                    "samples_per_s": n_last * cfg.train.batch_size / max(dt, 1e-9),
-                    "data_wait_frac": min(1.0, waited / max(dt, 1e-9)),  # this rank's time in next_batch
-                    "data_skipped": int(getattr(self.stream, "skipped", 0)),
-                }
-                self.metrics.log(row)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", scale=f"{row['logit_scale']:.1f}",
-                        data=f"{row['data_wait_frac']:.0%}",
-                    )  # fmt: skip
+                self._log(bar, loss, t_last, n_last, waited)
                 t_last, n_last, waited = time.time(), 0, 0.0
             last = self.step == cfg.train.steps
             if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
@@ -328,6 +273,51 @@ class Trainer:
             bar.close()
         self._finish()
         return final
+
+    def _log(self, bar, loss: torch.Tensor, t_last: float, steps: int, waited: float) -> None:
+        """The metrics row of a log step: its numbers come with the finiteness record in the interval's
+        one host read (:meth:`_verify`, which raises for a non-finite value since the last read)."""
+        cfg = self.cfg
+        scale = engine_lib.logit_scale_tensor(cfg, self.engine)
+        loss, scale = self._verify(self.comm.mean_tensor(loss), float("nan") if scale is None else scale)
+        if not math.isfinite(loss):  # each rank's loss was finite, their mean is not
+            raise FloatingPointError(f"step {self.step}: the loss is {loss}; stopping (lower optim.lr?)")
+        dt = time.time() - t_last  # after the read: the interval's device work is done
+        row = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "logit_scale": scale,
+            "samples_per_s": steps * cfg.train.batch_size / max(dt, 1e-9),
+            "data_wait_frac": min(1.0, waited / max(dt, 1e-9)),  # this rank's time in next_batch
+            "data_skipped": int(getattr(self.stream, "skipped", 0)),
+        }
+        self.metrics.log(row)
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", scale=f"{row['logit_scale']:.1f}",
+                data=f"{row['data_wait_frac']:.0%}",
+            )  # fmt: skip
+
+    def _verify(self, *values) -> list[float]:
+        """``values`` (scalar tensors or numbers) read on the host with the finiteness record, in one
+        synchronisation; raises :class:`FloatingPointError` naming the first non-finite loss input or
+        loss of the run (with several ranks: on every rank, the earliest of any rank's by
+        :meth:`Failure.order`)."""
+        values, failure = self.checks.read(*values)
+        if self.world > 1 and self.comm.any_rank(failure is not None):
+            failures = [f for f in self.comm.all_objects(failure) if f is not None]
+            failure = min(failures, key=lambda f: f.order())  # ties: the lowest rank's
+        if failure is not None:
+            raise FloatingPointError(failure.message())
+        self._checked_step = self.step
+        return values
+
+    def _verified(self) -> None:
+        """The finiteness record read at this step (before an evaluation or a checkpoint: no checkpoint
+        holds diverged weights)."""
+        if self._checked_step != self.step:
+            self._verify()
 
     def _batch_tensors(self, batch):
         """A stream's batch -> (images, token ids (b, T) or with hard negatives (b, 1 + K, T), ids or
@@ -377,35 +367,35 @@ class Trainer:
         return out
 
     def _train_step(self, images, texts, ids=None) -> torch.Tensor:
+        """One optimizer step; returns the detached loss. Non-finite loss inputs and a non-finite loss
+        are recorded in ``self.checks`` (device ops), not raised here: a step reads nothing on the host."""
         engine, step = self.engine, self.step + 1
-        loss_fn = _DivergenceGuard(self.loss, step, ids)
-        try:
-            if self.chunks == 1:
-                loss = loss_fn(**self._forward(images, texts))
-                engine.backward(loss)
+        loss_fn = self.checks.guard(self.loss, step, ids)
+        if self.chunks == 1:
+            loss = loss_fn(**self._forward(images, texts))
+            engine.backward(loss)
+            engine.step()
+            loss = loss.detach()
+        else:
+
+            def backward(surrogate):
+                # the cached gradients already are the mean's; DeepSpeed steps the optimizer only
+                # at the last micro-batch (its gradient-accumulation boundary)
+                engine.backward(surrogate, scale_wrt_gas=False)
                 engine.step()
-                loss = loss.detach()
-            else:
 
-                def backward(surrogate):
-                    # the cached gradients already are the mean's; DeepSpeed steps the optimizer only
-                    # at the last micro-batch (its gradient-accumulation boundary)
-                    engine.backward(surrogate, scale_wrt_gas=False)
-                    engine.step()
-
-                loss = gradcache_step(self._forward, loss_fn, images, texts, self.micro, backward=backward)
-        except FloatingPointError as exc:  # gradcache's non-finite-loss check: add the step
-            raise FloatingPointError(
-                str(exc) if str(exc).startswith("step ") else f"step {step}: {exc}"
-            ) from None
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"step {step}: the loss is {float(loss)}; stopping (lower optim.lr?)")
+            loss = gradcache_step(
+                self._forward, loss_fn, images, texts, self.micro, backward=backward, check_finite=False
+            )
+        self.checks.note_loss(step, loss)
         return loss
 
     def _stop_if_signalled(self, bar) -> None:
         """Between steps: when any rank got SIGTERM/SIGINT, every rank saves (unless this step's
         checkpoint exists) and raises :class:`TrainingInterrupted`. The ranks agree through one small
-        all-reduce per step, so all stop after the same step."""
+        all-reduce per step, so all stop after the same step. It stays per step, not per log interval:
+        a signal is answered after one step, within a scheduler's grace period whatever ``log.every``
+        is, and it costs no GPU synchronisation (a CPU tensor over gloo: :meth:`Comm.max_int`)."""
         signum = self.comm.max_int(self.signals.received)
         if not signum:
             return
@@ -430,6 +420,7 @@ class Trainer:
     def _evaluate(self, bar) -> dict:
         if not self.eval_sets:
             return {}
+        self._verified()
         module = self.engine.module
         metrics = {}
         # ZeRO-3 fetches partitioned parameters in forward hooks (collectives): every rank runs the
@@ -454,6 +445,7 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save(self) -> None:
+        self._verified()
         meta = {"zero_stage": self.cfg.train.zero_stage, "config": self.cfg.to_dict()}
         ckpt.save(
             self.engine, self.ckpt_root, self.step, self.rank, self.world, self.stream.state_dict(), meta,
@@ -495,34 +487,3 @@ class Trainer:
         if self.cfg.log.plot:
             plot_metrics(self.metrics.path, os.path.join(self.out, "curves.png"))
         self.metrics.close()
-
-
-class _DivergenceGuard:
-    """The loss, preceded by a finiteness check of its inputs: a diverged model (NaN/Inf logit scale,
-    bias or features) stops the run with the step number instead of the loss's input error."""
-
-    def __init__(self, loss, step: int, ids=None):
-        self.loss, self.step, self.ids = loss, step, ids  # ids: the whole (per-rank) batch's, or None
-
-    def __call__(self, image_features, text_features, logit_scale, logit_bias=None, negative_features=None):
-        named = [(name, t.detach()) for name, t in (
-            ("logit_scale", logit_scale), ("logit_bias", logit_bias), ("image_features", image_features),
-            ("text_features", text_features), ("negative_features", negative_features),
-        ) if t is not None]  # fmt: skip
-        # one host synchronisation per step (on CUDA each bool() of a device tensor waits for the GPU);
-        # the flags meet on the first tensor's device (towers may sit on different devices)
-        where = named[0][1].device
-        if not bool(torch.stack([torch.isfinite(t).all().to(where) for _, t in named]).all()):
-            for name, t in named:
-                flat = t.reshape(-1)
-                if not bool(torch.isfinite(flat).all()):
-                    bad = flat[~torch.isfinite(flat)][0].item()
-                    raise FloatingPointError(
-                        f"step {self.step}: the model diverged ({name} holds {bad}); stopping (lower optim.lr?)"
-                    )
-        extra = {} if logit_bias is None else {"logit_bias": logit_bias}
-        if negative_features is not None:
-            extra["negative_features"] = negative_features
-        if self.ids is not None:
-            extra["ids"] = self.ids
-        return self.loss(image_features, text_features, logit_scale, **extra)
