@@ -70,26 +70,8 @@ def _flags(b, spec) -> int:
     )  # fmt: skip
 
 
-def row_groups(spec, lengths, need) -> list[tuple[int, int, list[tuple]]]:
-    """``[(row operand, part, segments)]``: the blocks of each (row operand, part) pair in spec order,
-    those whose column operand needs a gradient first (so the columns needing one are a prefix of the
-    group's ``C``). A segment is ``(block, column operand, start, end, first tile index)`` in ``C``,
-    tiles counted in ``block_n`` columns by :func:`_with_tiles`."""
-    groups: dict[tuple[int, int], list] = {}
-    for b in spec.blocks:
-        groups.setdefault((b.row, b.part), []).append(b)
-    out = []
-    for (row, part), blocks in groups.items():
-        blocks = sorted(blocks, key=lambda b: not need[b.col])  # stable: spec order within each class
-        segs, start = [], 0
-        for b in blocks:
-            segs.append((b, b.col, start, start + lengths[b.col]))
-            start += lengths[b.col]
-        out.append((row, part, segs))
-    return out
-
-
 def _with_tiles(segs, block_n: int) -> list[tuple]:
+    """``(block, column operand, start, end, first tile)`` per segment, tiles of ``block_n`` columns."""
     out, tile = [], 0
     for b, col, start, end in segs:
         out.append((b, col, start, end, tile))
@@ -159,7 +141,9 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
     n = ts[spec.blocks[0].row].shape[0]
     ts = [t.contiguous() for t in ts]
     lengths = [t.shape[0] for t in ts]
-    groups = row_groups(spec, lengths, need)
+    # The column model (fastclip/ops/family_spec.py): blocks needing column gradients first in a group.
+    groups = [(g.row, g.part, [(x.block, x.block.col, x.start, x.end) for x in g.segments])
+              for g in spec.row_groups(lengths, need)]  # fmt: skip
     guided = any(b.guide for b in spec.blocks)
     cfg_f = _forward_config(config.tile_config("lse", dev, dtype, D))
     cfg_g = config.tile_config("tile", dev, dtype, D)

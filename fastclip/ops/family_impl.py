@@ -113,10 +113,11 @@ def family_torch(
     this piece's share of the gradients, with every softmax normalized by the complete log-sum-exps."""
     acc = acc_dtype(ts[0].dtype)
     dev = ts[0].device
-    blocks = spec.blocks
-    n = ts[blocks[0].row].shape[0]
-    width = sum(ts[b.col].shape[0] for b in blocks)
-    c = family_chunk_rows(n, width, chunk_size)
+    n = ts[spec.blocks[0].row].shape[0]
+    # The column model (fastclip/ops/family_spec.py): per (row operand, part) one logits buffer over its
+    # blocks' columns end to end; each block is a column range (segment) of it.
+    groups = spec.row_groups([t.shape[0] for t in ts])
+    c = family_chunk_rows(n, sum(g.width for g in groups), chunk_size)
     s = scale.detach().to(acc).reshape(())
     alpha, eps, coef = spec.hardness, spec.smoothing, spec.coef
     # L' = S (s + alpha) on shifted cells, S s elsewhere: the similarity is scaled by one of the two
@@ -139,77 +140,75 @@ def family_torch(
         val_sum = torch.zeros(m, dtype=acc, device=dev) if eps else None
         val_cnt = torch.zeros(m, dtype=acc, device=dev) if eps else None
         # Release the previous chunk's buffers before this one allocates its own (the loop names would
-        # otherwise keep its last block's logits alive: two chunks at the peak instead of one).
-        kept = logits = grad = None
+        # otherwise keep its last group's logits alive: two chunks at the peak instead of one).
+        kept = buf = None
         kept = []
         thr_c = None
-        for b in blocks:
-            rows, cols = full[b.row][i0:i1], full[b.col]
-            off = i0 + (0 if b.local else spec.offset)
-            lo, hi = positive_rows(m, cols.shape[0], off) if b.own else (0, 0)
-            orow = torch.arange(lo, hi, device=dev)
-            ocol = orow + off
-            shifted = bool(alpha) and b.shift != "none"
-            removed, extra_pos = None, None
-            if b.ids:
-                same = ids[b.row][i0:i1, None] == ids[b.col][None, :]  # (m, Nb) bool
-                same[orow, ocol] = False  # ids never reclassify the own column (positive, own negative, ...)
-                if spec.duplicates == "positive" and b.positive_capable:
-                    extra_pos = same
-                else:
-                    removed = same
-            if not shifted:
-                logits = (rows * s) @ cols.t()  # (m, Nb); the scale rides on the (m, D) rows
-            else:
-                # Shifted cells: S (s + alpha), the others S s (the factor rides on the rows). Positives
-                # carry no shift: the own column under "all_but_own", same-id ones under "positive".
-                base, own_factor = (s, s_shift) if b.shift == "own_only" else (s_shift, s)
-                if extra_pos is None or b.shift == "own_only":  # (same-id cells are never own cells)
-                    logits = (rows * base) @ cols.t()
-                else:
-                    logits = rows @ cols.t()
-                    logits.mul_(torch.where(extra_pos, s, s_shift))
-                if b.shift != "all":  # the own cells: O(m D) dot products
-                    logits[orow, ocol] = (rows[orow] * cols[ocol]).sum(1) * own_factor
-            if b.guide:
-                gtile = gfull[b.row][i0:i1] @ gfull[b.col].t()  # (m, Nb) guide similarities
-                if thr_c is None:  # the positive guide block comes first (guide_thresholds)
-                    thr_c = guide_thresholds(b, gtile, orow, ocol, thr[i0:i1])
-                over = gtile > thr_c[:, None]
-                del gtile
+        for g in groups:
+            rows = full[g.row][i0:i1]
+            shifted_group = bool(alpha) and any(x.block.shift != "none" for x in g.segments)
+            lhs = rows if shifted_group else rows * s  # the scale rides on the (m, D) rows
+            buf = torch.empty((m, g.width), dtype=acc, device=dev)
+            segs = []
+            for seg in g.segments:
+                b = seg.block
+                cols = full[b.col]
+                logits = buf[:, seg.start : seg.end]
+                torch.mm(lhs, cols.t(), out=logits)  # into the group's buffer, no copy
+                off = i0 + (0 if b.local else spec.offset)
+                lo, hi = positive_rows(m, cols.shape[0], off) if b.own else (0, 0)
+                orow = torch.arange(lo, hi, device=dev)
+                ocol = orow + off
+                removed, extra_pos = None, None
+                if b.ids:
+                    same = ids[b.row][i0:i1, None] == ids[b.col][None, :]  # (m, Nb) bool
+                    same[orow, ocol] = False  # ids never reclassify the own column
+                    if spec.duplicates == "positive" and b.positive_capable:
+                        extra_pos = same
+                    else:
+                        removed = same
+                if shifted_group:
+                    _shift_logits(logits, b, rows, cols, orow, ocol, extra_pos, s, s_shift)
+                if b.guide:
+                    gtile = gfull[b.row][i0:i1] @ gfull[b.col].t()  # (m, Nb) guide similarities
+                    if thr_c is None:  # the positive guide block comes first (guide_thresholds)
+                        thr_c = guide_thresholds(b, gtile, orow, ocol, thr[i0:i1])
+                    over = gtile > thr_c[:, None]
+                    del gtile
+                    if b.positive:
+                        over[orow, ocol] = False
+                    removed = over if removed is None else removed.logical_or_(over)
+                if removed is not None:
+                    logits.masked_fill_(removed, neg_inf)
+                    if extra_pos is not None:
+                        extra_pos &= ~removed
+                    del removed
+                if b.exclude_own:
+                    logits[orow, ocol] = neg_inf
+                    if extra_pos is not None:
+                        extra_pos[orow, ocol] = False
                 if b.positive:
-                    over[orow, ocol] = False
-                removed = over if removed is None else removed.logical_or_(over)
-            if removed is not None:
-                logits.masked_fill_(removed, neg_inf)
+                    pos_sum[orow] += logits[orow, ocol]
+                    pos_cnt[orow] += 1
                 if extra_pos is not None:
-                    extra_pos &= ~removed
-                del removed
-            if b.exclude_own:
-                logits[orow, ocol] = neg_inf
-                if extra_pos is not None:
-                    extra_pos[orow, ocol] = False
-            # Each part's row maximum over its blocks; the exponentials are taken in place below.
-            row_max[b.part] = torch.maximum(row_max[b.part], logits.amax(1))
-            if b.positive:
-                pos_sum[orow] += logits[orow, ocol]
-                pos_cnt[orow] += 1
-            if extra_pos is not None:
-                pos_sum += torch.where(extra_pos, logits, 0.0).sum(1)
-                pos_cnt += extra_pos.sum(1)
-            valid = None
-            if eps:
-                valid = logits > neg_inf
-                val_sum += torch.where(valid, logits, 0.0).sum(1)
-                val_cnt += valid.sum(1)
-            kept.append((b, rows, cols, orow, ocol, logits, extra_pos, valid))
+                    pos_sum += torch.where(extra_pos, logits, 0.0).sum(1)
+                    pos_cnt += extra_pos.sum(1)
+                valid = None
+                if eps:
+                    valid = logits > neg_inf
+                    val_sum += torch.where(valid, logits, 0.0).sum(1)
+                    val_cnt += valid.sum(1)
+                segs.append((seg, cols, orow, ocol, extra_pos, valid))
+            # Each part's row maximum over its groups; the exponentials are taken in place below.
+            row_max[g.part] = torch.maximum(row_max[g.part], buf.amax(1))
+            kept.append((g, rows, buf, segs))
         # exp(L - max) in place (the logits are not needed again: the target terms were read above),
         # its row sums give the log-sum-exps, and the softmax is that buffer times 1 / sum: one pass of
-        # exp per chunk and no temporary of the chunk's size (logsumexp would make one).
+        # exp per group and chunk, and no temporary of the chunk's size (logsumexp would make one).
         shift = [torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)) for mx in row_max]
         sums = [torch.zeros(m, dtype=acc, device=dev) for _ in spec.weights]
-        for b, _, _, _, _, logits, _, _ in kept:
-            sums[b.part] += logits.sub_(shift[b.part][:, None]).exp_().sum(1)
+        for g, _, buf, _ in kept:
+            sums[g.part] += buf.sub_(shift[g.part][:, None]).exp_().sum(1)
         lse = [sh + sm.log() for sh, sm in zip(shift, sums)]
         if stats_only:
             out_stats.put(i0, i1, lse, pos_sum, pos_cnt, val_sum, val_cnt)
@@ -230,25 +229,45 @@ def family_torch(
         # softmax_P = exp(L - shift_P) * exp(shift_P - lse_P), lse_P this chunk's or (split form) the
         # complete one: a per-row factor on the exponentials already in the buffers.
         factor = [(sh - ls).exp_().mul_(coef * w) for sh, ls, w in zip(shift, lse, spec.weights)]
-        for b, rows, cols, orow, ocol, logits, extra_pos, valid in kept:
-            grad = logits.mul_(factor[b.part][:, None])
-            if b.positive:
-                grad[orow, ocol] -= w_pos[orow]
-            if extra_pos is not None:
-                grad.sub_(extra_pos * w_pos[:, None])
-            if valid is not None:
-                grad.sub_(valid * w_val[:, None])
-            gc = grad @ cols  # (m, D)
+        for g, rows, buf, segs in kept:
+            grad = buf.mul_(factor[g.part][:, None])
+            rows_s = rows * s
+            gc = torch.zeros_like(rows)  # (m, D): G C over the group's columns
+            for seg, cols, orow, ocol, extra_pos, valid in segs:
+                view = grad[:, seg.start : seg.end]
+                if seg.block.positive:
+                    view[orow, ocol] -= w_pos[orow]
+                if extra_pos is not None:
+                    view.sub_(extra_pos * w_pos[:, None])
+                if valid is not None:
+                    view.sub_(valid * w_val[:, None])
+                gc.addmm_(view, cols)
+                # The scale multiplies (m, D) operands, never the (m, Nb) chunk, and stays a tensor (no sync).
+                if grads[seg.block.col] is not None:
+                    grads[seg.block.col].addmm_(view.t(), rows_s)
             # ds = sum_ij G_ij S_ij = sum_i r_i . (G C)_i: O(m D), no pass over the chunk.
             ds += torch.vdot(rows.reshape(-1), gc.reshape(-1))
-            # The scale multiplies (m, D) operands, never the (m, Nb) chunk, and stays a tensor (no sync).
-            if grads[b.col] is not None:
-                grads[b.col].addmm_(grad.t(), rows * s)
-            if grads[b.row] is not None:
-                grads[b.row][i0:i1].add_(gc.mul_(s))
+            if grads[g.row] is not None:
+                grads[g.row][i0:i1].add_(gc.mul_(s))
         del kept
     if stats_only:
         return out_stats
     if stats is not None:
         return None, ds, grads
     return loss * coef, ds, grads
+
+
+def _shift_logits(logits, b, rows, cols, orow, ocol, extra_pos, s, s_shift) -> None:
+    """In place: the unscaled similarities ``logits`` of a block become ``S (s + alpha)`` on its shifted
+    cells and ``S s`` elsewhere. Positives carry no shift: the own column under "all_but_own", same-id
+    ones under "positive"."""
+    if b.shift == "none":
+        logits.mul_(s)
+        return
+    base, own_factor = (s, s_shift) if b.shift == "own_only" else (s_shift, s)
+    if extra_pos is None or b.shift == "own_only":  # (same-id cells are never own cells)
+        logits.mul_(base)
+    else:
+        logits.mul_(torch.where(extra_pos, s, s_shift))
+    if b.shift != "all":  # the own cells: O(m D) dot products
+        logits[orow, ocol] = (rows[orow] * cols[ocol]).sum(1) * own_factor

@@ -105,6 +105,48 @@ class FamilySpec:
     def n_parts(self) -> int:
         return len(self.weights)
 
+    def row_groups(self, lengths, need=None) -> tuple[RowGroup, ...]:
+        """The column model: the blocks of each (row operand, part) pair, in order of first appearance,
+        as one column operand (their column operands end to end) described by segments. ``lengths``:
+        rows of every operand. With ``need`` (per operand: does it need a gradient), the blocks whose
+        column operand needs one come first in their group, so those columns are a prefix of it."""
+        groups: dict[tuple[int, int], list[Block]] = {}
+        for b in self.blocks:
+            groups.setdefault((b.row, b.part), []).append(b)
+        out = []
+        for (row, part), blocks in groups.items():
+            if need is not None:
+                blocks = sorted(blocks, key=lambda b: not need[b.col])  # stable within each class
+            segments, start = [], 0
+            for b in blocks:
+                segments.append(Segment(b, start, start + lengths[b.col]))
+                start += lengths[b.col]
+            out.append(RowGroup(row, part, tuple(segments)))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A block's columns inside its row group's column operand: ``[start, end)``."""
+
+    block: Block
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows of one operand against the concatenated columns of its blocks, in one part: a call has at
+    most three (queries; documents in the joint part; documents in their own part) whatever ``K``."""
+
+    row: int
+    part: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def width(self) -> int:
+        return self.segments[-1].end
+
 
 @functools.lru_cache(maxsize=256)
 def spec_from_text(text: str) -> FamilySpec:
