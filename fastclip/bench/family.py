@@ -25,6 +25,15 @@ from fastclip.bench.memory import peak_extra_bytes
 
 PROVIDERS = ("fastclip-torch", "fastclip-triton", "materialized")
 SCALE = 20.0
+# "mnrl": MultipleNegativesRankingLoss (query->document). "all": every direction, duplicate ids (pairs
+# share an id with probability ~1/2: ids drawn from B/2 values) and the in-batch-negatives hardness
+# shift; its materialized baseline is fastclip.reference_family.info_nce_reference (dense masks).
+VARIANTS = ("mnrl", "all")
+ALL_OPTIONS = dict(
+    directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+    hardness="in_batch_negatives",
+    hardness_strength=1.0,
+)
 
 
 def materialized_mnrl(q, p, negs, scale=SCALE):
@@ -34,23 +43,63 @@ def materialized_mnrl(q, p, negs, scale=SCALE):
     return F.cross_entropy(scores, torch.arange(q.shape[0], device=q.device))
 
 
-def _provider(name, device):
-    if name == "materialized":
+def _ids(batch: int, device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(1)
+    return torch.randint(0, max(1, batch // 2), (batch,), generator=g, device=device)
+
+
+def _provider(name, device, variant="mnrl"):
+    if name == "materialized" and variant == "mnrl":
         return materialized_mnrl, ""
+    if name == "materialized":
+        from fastclip.reference_family import info_nce_reference
+
+        def reference(q, p, negs):
+            ids = _ids(q.shape[0], q.device)
+            return info_nce_reference(
+                q,
+                p,
+                negs,
+                scale=SCALE,
+                query_ids=ids,
+                doc_ids=ids,
+                negative_ids=[ids] * len(negs) if negs else None,
+                **ALL_OPTIONS,
+            )
+
+        return reference, ""
     from fastclip.functional import info_nce_loss
 
     impl = "torch" if name == "fastclip-torch" else "triton"
     if impl == "triton" and device.type != "cuda":
         return None, "needs a CUDA device"
-    return (lambda q, p, negs: info_nce_loss(q, p, negs, scale=SCALE, impl=impl)), ""
+    if variant == "mnrl":
+        return (lambda q, p, negs: info_nce_loss(q, p, negs, scale=SCALE, impl=impl)), ""
+
+    def fused(q, p, negs):
+        ids = _ids(q.shape[0], q.device)
+        return info_nce_loss(
+            q,
+            p,
+            negs,
+            scale=SCALE,
+            impl=impl,
+            query_ids=ids,
+            doc_ids=ids,
+            negative_ids=[ids] * len(negs) if negs else None,
+            **ALL_OPTIONS,
+        )
+
+    return fused, ""
 
 
-def estimated_peak_bytes(name: str, batch: int, dim: int, k: int, itemsize: int = 4) -> int:
+def estimated_peak_bytes(name: str, batch: int, dim: int, k: int, itemsize: int = 4, variant="mnrl") -> int:
     """A lower bound of the provider's peak extra memory: the materialized scores, their softmax and
-    their gradient (three B x B(1+K) fp32 matrices); the fused loss's gradients and one chunk."""
+    their gradient (three B x B(1+K) fp32 matrices; "all": both row groups' B x B(2+K) scores and their
+    masks); the fused loss's gradients and one chunk."""
     cols = batch * (1 + k)
     if name == "materialized":
-        return 3 * batch * cols * 4
+        return 3 * batch * cols * 4 if variant == "mnrl" else 2 * 4 * batch * (cols + batch) * 4
     return (batch + cols) * dim * 4 * 2 + 2**24 * 4 * 2
 
 
@@ -72,7 +121,9 @@ def _inputs(batch, dim, k, dtype, device):
     ]
 
 
-def run_family_bench(providers, batch, dim, negatives, dtype_name, device, *, repeats=3, log=print) -> dict:
+def run_family_bench(
+    providers, batch, dim, negatives, dtype_name, device, *, repeats=3, log=print, variant="mnrl"
+) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
     records = []
     for k in negatives:
@@ -87,8 +138,8 @@ def run_family_bench(providers, batch, dim, negatives, dtype_name, device, *, re
 
         fns, skipped = {}, {}
         for name in providers:
-            fn, reason = _provider(name, device)
-            est = estimated_peak_bytes(name, batch, dim, k)
+            fn, reason = _provider(name, device, variant)
+            est = estimated_peak_bytes(name, batch, dim, k, variant=variant)
             if fn is not None and device.type == "cpu" and est > 0.9 * _available_bytes():
                 fn, reason = (
                     None,
@@ -113,7 +164,15 @@ def run_family_bench(providers, batch, dim, negatives, dtype_name, device, *, re
         reset()
         for name in providers:
             rec = {key: None for key in (*report.REQUIRED_RECORD_KEYS, "repeats", "message")}
-            rec.update(loss="mnrl", provider=name, batch=batch, dim=dim, dtype=dtype_name, negatives=k)
+            rec.update(
+                loss="mnrl",
+                provider=name,
+                batch=batch,
+                dim=dim,
+                dtype=dtype_name,
+                negatives=k,
+                variant=variant,
+            )
             if name in skipped:
                 rec.update(status="skipped", message=skipped[name])
             else:
@@ -122,7 +181,7 @@ def run_family_bench(providers, batch, dim, negatives, dtype_name, device, *, re
                     status="ok", fwd_ms=statistics.median(s[0] for s in samples[name]),
                     bwd_ms=statistics.median(s[1] for s in samples[name]), fwd_bwd_ms=statistics.median(total),
                     fwd_bwd_ms_min=min(total), fwd_bwd_ms_max=max(total), peak_mem_bytes=int(peaks[name]),
-                    repeats=len(total), message=f"K={k} hard negatives per row",
+                    repeats=len(total), message=f"K={k} hard negatives per row, variant {variant}",
                 )  # fmt: skip
             records.append(rec)
     return {
@@ -184,6 +243,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3, help="timed iterations per provider")
+    p.add_argument(
+        "--variant", default="mnrl", choices=VARIANTS,
+        help="mnrl: query->document; all: every direction, duplicate ids, in-batch hardness shift",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="write the JSON result document here")
 
 
@@ -198,8 +261,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("batch, dim, repeats: expected positive ints; negatives: ints >= 0", file=sys.stderr)
         return 2
     doc = run_family_bench(
-        providers, args.batch, args.dim, args.negatives, args.dtype, device, repeats=args.repeats
-    )
+        providers, args.batch, args.dim, args.negatives, args.dtype, device, repeats=args.repeats,
+        variant=getattr(args, "variant", "mnrl"),
+    )  # fmt: skip
     print(report.records_table(doc["records"]))
     print("\n".join(ratio_lines(doc["records"])))
     if args.out:
