@@ -148,9 +148,9 @@ def _run_rows(out):
                      for r in m.get("rows", [])) or "not run"  # fmt: skip
     rows.append(
         [
-            f"B={_pow2(m)} clip and siglip complete (finite)",
+            f"B={_pow2(m)} clip, siglip and info_nce K=1 complete (finite)",
             text,
-            MET if len(done) == 2 else (SHORT if m else NONE),
+            MET if len(done) == 3 else (SHORT if m else NONE),
         ]
     )
     c = _load(out, "correctness")

@@ -209,7 +209,8 @@ def part_phases(p: Part) -> None:
 
 
 def part_million(p: Part) -> None:
-    """B = 2**20, D = 768, bf16: the fused losses complete (time, memory above the inputs)."""
+    """B = 2**20, D = 768, bf16: the fused losses complete (time, memory above the inputs): CLIP, SigLIP
+    and info_nce with one hard-negative group (K = 1: 2**21 columns per row)."""
     import torch
 
     import fastclip
@@ -222,7 +223,8 @@ def part_million(p: Part) -> None:
     s = torch.tensor(1 / 0.07, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
     rows = []
-    for loss in ("clip", "siglip"):
+    neg = None
+    for loss in ("clip", "siglip", "info_nce_k1"):
         if p.left() <= 0:
             rows.append({"loss": loss, "error": "not run: time limit"})
             continue
@@ -235,8 +237,12 @@ def part_million(p: Part) -> None:
         t0 = time.perf_counter()
         if loss == "clip":
             out = fastclip.clip_loss(x, y, s, impl="triton")
-        else:
+        elif loss == "siglip":
             out = fastclip.siglip_loss(x, y, s, bias, impl="triton")
+        else:
+            if neg is None:
+                neg = make_inputs(b, d, torch.bfloat16, device, seed=6)[0]
+            out = fastclip.info_nce_loss(x, y, [neg], scale=s, impl="triton")
         out.backward()
         synchronize(device)
         row = {"loss": loss, "batch": b, "dim": d, "seconds": round(time.perf_counter() - t0, 3)}
