@@ -140,8 +140,8 @@ def family_torch(
         val_sum = torch.zeros(m, dtype=acc, device=dev) if eps else None
         val_cnt = torch.zeros(m, dtype=acc, device=dev) if eps else None
         # Release the previous chunk's buffers before this one allocates its own (the loop names would
-        # otherwise keep its last group's logits alive: two chunks at the peak instead of one).
-        kept = buf = None
+        # otherwise keep its last group's logits alive, views included: two chunks at the peak, not one).
+        kept = buf = logits = grad = view = None
         kept = []
         thr_c = None
         for g in groups:
