@@ -36,6 +36,11 @@ forwards, the cached losses' mini-batches, RNG replay of dropout, the backward h
   one ``ValueError`` naming it (sentence-transformers' own classes take 0, -1, 2.5 or None and fail
   at the first forward inside Python). ``contrast_anchors`` / ``contrast_positives`` are read by
   truthiness and a repeated direction counts once, as sentence-transformers does.
+* Under DeepSpeed (the loss's model a ``DeepSpeedEngine``, as ``SentenceTransformerTrainer`` with
+  ``deepspeed=`` makes it), the cached classes hand their gradient to the model in the trainer's one
+  backward instead of sentence-transformers' hook, which back-propagates once per mini-batch and stops
+  ZeRO-2/3 at the first step ("Gradient computed twice"): attribute ``gradcache_backward``,
+  :mod:`fastclip.integrations._st_gradcache`, docs/sentence_transformers_deepspeed.md.
 * ``MultipleNegativesSymmetricRankingLoss`` and its cached form are deprecated in
   sentence-transformers 6 (``MultipleNegativesRankingLoss(directions=("query_to_doc",
   "doc_to_query"), partition_mode="per_direction")`` instead); here they are kept without the
@@ -54,6 +59,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from fastclip.integrations import _st_gradcache as _gradcache
 
 try:
     from sentence_transformers import util as _st_util
@@ -237,6 +244,29 @@ class _CheckedMiniBatchSize:
         self.__dict__["_fastclip_mini_batch_size"] = int(value)
 
 
+class _OneBackward:
+    """The cached losses' ``gradcache_backward`` (a class attribute, so that constructor signatures stay
+    sentence-transformers' own): how the cached embedding gradients reach the model.
+
+    ``"hook"``: sentence-transformers' backward hook, one ``backward()`` per mini-batch inside the
+    trainer's backward; ``"graph"``: the mini-batches join the trainer's ONE backward (checkpointed
+    mini-batches, :mod:`fastclip.integrations._st_gradcache`), one gradient per parameter per step, as
+    DeepSpeed ZeRO-2/3 require; ``"auto"`` (default): ``"graph"`` when the loss's model is a DeepSpeed
+    engine (inside ``SentenceTransformerTrainer`` with ``deepspeed=``), else ``"hook"``.
+    """
+
+    gradcache_backward: str = "auto"
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        if not (_gradcache.use_graph(self) and torch.is_grad_enabled()):
+            return super().forward(sentence_features, labels)
+        sentence_features = list(sentence_features)
+        guide = isinstance(self, _STCachedGISTEmbedLoss)
+        if not guide and len(sentence_features) < 2:
+            raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
+        return _gradcache.forward_graph(self, sentence_features, labels, guide=guide)
+
+
 def _finish(loss: Tensor, with_backward: bool) -> Tensor:
     """The cached losses' contract: with ``with_backward``, back-propagate to the cached embeddings
     and return the detached value."""
@@ -291,7 +321,7 @@ class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
 # the cached (GradCache) forms
 
 
-class CachedMultipleNegativesRankingLoss(_CheckedMiniBatchSize, _FusedOptions, _STCachedMNRL):
+class CachedMultipleNegativesRankingLoss(_OneBackward, _CheckedMiniBatchSize, _FusedOptions, _STCachedMNRL):
     """sentence-transformers' ``CachedMultipleNegativesRankingLoss``: its embedding passes (mini-batches
     without then with gradients, RNG replay, the backward hook), with the loss stage over the whole
     cached batch in ONE fused call (:func:`fastclip.info_nce_loss`): no ``mini_batch_size`` x N score
@@ -381,7 +411,7 @@ class GISTEmbedLoss(_FusedOptions, _STGISTEmbedLoss):
         return _gist(self, list(embeddings), [g.detach() for g in guide_embeddings])
 
 
-class CachedGISTEmbedLoss(_CheckedMiniBatchSize, _FusedOptions, _STCachedGISTEmbedLoss):
+class CachedGISTEmbedLoss(_OneBackward, _CheckedMiniBatchSize, _FusedOptions, _STCachedGISTEmbedLoss):
     """sentence-transformers' ``CachedGISTEmbedLoss``: its embedding passes (model and guide per
     mini-batch, RNG replay, the backward hook), the loss stage over the whole cached batch in ONE
     fused call (:func:`fastclip.gist_loss`, the guide mask applied in-tile).
