@@ -60,11 +60,14 @@ undone inside it does not undo again. A forward captured while patched (e.g. by 
 stored ``model.forward``) runs transformers' own code once the handle is undone.
 
 ``import fastclip`` never imports transformers; this module imports it only inside ``patch``.
+
+Layout: the covered models (where each lives, its loss, how it reaches its embeddings) are
+:mod:`fastclip.integrations._transformers_models`; the forward that ``patch`` installs is
+:mod:`fastclip.integrations._transformers_forward`; this module resolves targets, installs and undoes.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import threading
@@ -75,245 +78,35 @@ from typing import Any, Callable
 
 import torch
 
+# The model table and the patched forward live in their own modules; their names stay importable here.
+from fastclip.integrations._transformers_forward import (  # noqa: F401
+    _SIGLIP_DIST_IMPL,
+    _distributed_world,
+    _fused_forward,
+    _loss,
+    _make_forward,
+    _Options,
+    _State,
+)
+from fastclip.integrations._transformers_models import (  # noqa: F401
+    FAMILIES,
+    SUPPORTED,
+    _encode_altclip,
+    _encode_clip,
+    _encode_dual_encoder,
+    _encode_siglip,
+    _Family,
+    _norm_l2,
+    _norm_sum_pow,
+)
+
 __all__ = ["LOGITS_MODES", "SUPPORTED", "TransformersPatch", "is_patched", "patch"]
 
 #: What ``logits=`` accepts (see the module's docstring).
 LOGITS_MODES = ("eval", "always", "never")
 #: What ``dist_impl=`` accepts: the CLIP family's "gather" / "ring"; SigLIP's ring is "bidir".
 DIST_IMPLS = ("gather", "ring")
-_SIGLIP_DIST_IMPL = {"gather": "gather", "ring": "bidir"}
 _NAME = "fastclip.integrations.transformers.patch"
-
-# ----------------------------------------------------------------------------------------------------
-# The models: where each lives, which loss, how its forward reaches the pre-normalization embeddings.
-
-
-def _norm_sum_pow(x: torch.Tensor) -> torch.Tensor:
-    # CLIP, AltCLIP, ChineseCLIP: x / (sum x^2)^0.5 (transformers' exportable vector norm).
-    return x / torch.pow(torch.sum(torch.pow(x, 2), dim=-1, keepdim=True), 0.5)
-
-
-def _norm_l2(x: torch.Tensor) -> torch.Tensor:
-    # SigLIP, SigLIP2, VisionTextDualEncoder: x / ||x||_2.
-    return x / x.norm(p=2, dim=-1, keepdim=True)
-
-
-def _encode_clip(model, a: dict, kw: dict, return_dict: bool):
-    vision = model.get_image_features(
-        pixel_values=a["pixel_values"], interpolate_pos_encoding=a["interpolate_pos_encoding"], **kw
-    )
-    text_args = dict(
-        input_ids=a["input_ids"], attention_mask=a["attention_mask"], position_ids=a["position_ids"]
-    )
-    if "token_type_ids" in a:  # ChineseCLIP
-        text_args["token_type_ids"] = a["token_type_ids"]
-    text = model.get_text_features(**text_args, **kw)
-    return vision.pooler_output, text.pooler_output, vision, text
-
-
-def _encode_siglip(model, a: dict, kw: dict, return_dict: bool):
-    if "spatial_shapes" in a:  # SigLIP2: NaFlex inputs instead of interpolate_pos_encoding
-        vision_args = dict(pixel_attention_mask=a["pixel_attention_mask"], spatial_shapes=a["spatial_shapes"])
-    else:
-        vision_args = dict(interpolate_pos_encoding=a["interpolate_pos_encoding"])
-    vision = model.vision_model(pixel_values=a["pixel_values"], **vision_args, **kw)
-    text = model.text_model(
-        input_ids=a["input_ids"], attention_mask=a["attention_mask"], position_ids=a["position_ids"], **kw
-    )
-    return vision.pooler_output, text.pooler_output, vision, text
-
-
-def _encode_altclip(model, a: dict, kw: dict, return_dict: bool):
-    vision = model.vision_model(
-        pixel_values=a["pixel_values"], interpolate_pos_encoding=a["interpolate_pos_encoding"], **kw
-    )
-    text = model.text_model(
-        input_ids=a["input_ids"], attention_mask=a["attention_mask"], token_type_ids=a["token_type_ids"],
-        position_ids=a["position_ids"], **kw,
-    )  # fmt: skip
-    return model.visual_projection(vision[1]), model.text_projection(text[1]), vision, text
-
-
-def _encode_dual_encoder(model, a: dict, kw: dict, return_dict: bool):
-    # transformers' VisionTextDualEncoderModel passes these three flags to both towers and drops **kwargs.
-    flags = dict(
-        output_attentions=a["output_attentions"],
-        output_hidden_states=a["output_hidden_states"],
-        return_dict=return_dict,
-    )
-    vision = model.vision_model(pixel_values=a["pixel_values"], **flags)
-    text = model.text_model(
-        input_ids=a["input_ids"], attention_mask=a["attention_mask"], token_type_ids=a["token_type_ids"],
-        position_ids=a["position_ids"], **flags,
-    )  # fmt: skip
-    return model.visual_projection(vision[1]), model.text_projection(text[1]), vision, text
-
-
-@dataclass(frozen=True)
-class _Family:
-    module: str  # where transformers defines the class
-    output: str  # the output class's name in that module
-    loss: str  # "softmax" (CLIP) or "sigmoid" (SigLIP)
-    encode: Callable
-    normalize: Callable
-    params: tuple[str, ...]  # the forward's parameters this module was written against
-    tuple_style: str  # "can_return_tuple" (output.to_tuple()) or "dual_encoder" (its own tuple)
-
-
-_M = "transformers.models."
-_CLIP_PARAMS = (
-    "input_ids",
-    "pixel_values",
-    "attention_mask",
-    "position_ids",
-    "return_loss",
-    "interpolate_pos_encoding",
-)
-_TT_PARAMS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "position_ids", "return_loss",
-              "interpolate_pos_encoding")  # fmt: skip
-FAMILIES: dict[str, _Family] = {
-    "CLIPModel": _Family(
-        _M + "clip.modeling_clip", "CLIPOutput", "softmax", _encode_clip, _norm_sum_pow,
-        ("self", *_CLIP_PARAMS, "kwargs"), "can_return_tuple",
-    ),
-    "ChineseCLIPModel": _Family(
-        _M + "chinese_clip.modeling_chinese_clip", "ChineseCLIPOutput", "softmax", _encode_clip, _norm_sum_pow,
-        ("self", *_TT_PARAMS, "kwargs"), "can_return_tuple",
-    ),
-    "AltCLIPModel": _Family(
-        _M + "altclip.modeling_altclip", "AltCLIPOutput", "softmax", _encode_altclip, _norm_sum_pow,
-        ("self", *_TT_PARAMS, "kwargs"), "can_return_tuple",
-    ),
-    "VisionTextDualEncoderModel": _Family(
-        _M + "vision_text_dual_encoder.modeling_vision_text_dual_encoder", "CLIPOutput", "softmax",
-        _encode_dual_encoder, _norm_l2,
-        ("self", "input_ids", "pixel_values", "attention_mask", "position_ids", "return_loss", "token_type_ids",
-         "output_attentions", "output_hidden_states", "return_dict", "kwargs"), "dual_encoder",
-    ),
-    "SiglipModel": _Family(
-        _M + "siglip.modeling_siglip", "SiglipOutput", "sigmoid", _encode_siglip, _norm_l2,
-        ("self", *_CLIP_PARAMS, "kwargs"), "can_return_tuple",
-    ),
-    "Siglip2Model": _Family(
-        _M + "siglip2.modeling_siglip2", "Siglip2Output", "sigmoid", _encode_siglip, _norm_l2,
-        ("self", "input_ids", "pixel_values", "pixel_attention_mask", "spatial_shapes", "attention_mask",
-         "position_ids", "return_loss", "kwargs"), "can_return_tuple",
-    ),
-}  # fmt: skip
-#: The transformers classes ``patch`` covers (and their subclasses that keep their ``forward``).
-SUPPORTED = tuple(FAMILIES)
-
-# ----------------------------------------------------------------------------------------------------
-# The patched forward.
-
-
-@dataclass(frozen=True)
-class _Options:
-    global_loss: bool
-    dist_impl: str
-    group: Any
-    logits: str
-    impl: str
-    chunk_size: int | None
-
-
-class _State:
-    """One handle's live options; the forwards it installed read ``active`` on every call."""
-
-    def __init__(self, options: _Options) -> None:
-        self.options = options
-        self.active = True
-
-
-def _distributed_world(group) -> int:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return 1
-    return torch.distributed.get_world_size(group)
-
-
-def _loss(o: _Options, kind: str, image, text, scale, bias):
-    """The fused loss of normalized embeddings: local, or (global_loss) over every rank's batch."""
-    if o.global_loss and _distributed_world(o.group) > 1:
-        from fastclip.distributed import clip_loss_distributed, siglip_loss_distributed
-
-        if kind == "softmax":  # every rank: the global loss; features' gradients W x (DDP averages)
-            return clip_loss_distributed(
-                image, text, scale, local_loss=False, gather_with_grad=True, dist_impl=o.dist_impl,
-                group=o.group, impl=o.impl, chunk_size=o.chunk_size,
-            )  # fmt: skip
-        own = siglip_loss_distributed(
-            image, text, scale, bias, dist_impl=_SIGLIP_DIST_IMPL[o.dist_impl], group=o.group, impl=o.impl,
-            chunk_size=o.chunk_size,
-        )  # fmt: skip
-        # This rank's rows against every rank's columns, over the local batch size: the ranks' mean is
-        # the global loss, and its gradient is the DDP average of the ranks'. Report that mean here.
-        with torch.no_grad():
-            mean = own.detach().clone()
-            torch.distributed.all_reduce(mean, group=o.group)
-            mean /= _distributed_world(o.group)
-        return own + (mean - own.detach())
-    from fastclip.functional import clip_loss, siglip_loss
-
-    if kind == "softmax":
-        return clip_loss(image, text, scale, impl=o.impl, chunk_size=o.chunk_size)
-    return siglip_loss(image, text, scale, bias, impl=o.impl, chunk_size=o.chunk_size)
-
-
-def _fused_forward(model, family: _Family, output_cls: type, o: _Options, a: dict):
-    """transformers' forward with ``return_loss=True``, loss fused, logits as ``o.logits`` says."""
-    kw = dict(a.get("kwargs") or {})
-    if family.tuple_style == "can_return_tuple":  # transformers' decorator: return_dict from kwargs/config
-        return_dict = getattr(getattr(model, "config", None), "return_dict", True)
-        passed = kw.pop("return_dict", return_dict)
-        if passed is not None:
-            return_dict = passed
-    else:
-        return_dict = a["return_dict"] if a["return_dict"] is not None else model.config.return_dict
-
-    image_raw, text_raw, vision_out, text_out = family.encode(model, a, kw, return_dict)
-    image_embeds = family.normalize(image_raw)
-    text_embeds = family.normalize(text_raw)
-    device = text_embeds.device
-    image_for_loss = image_embeds.to(device)
-    if family.loss == "softmax":
-        scale, bias = model.logit_scale.exp().to(device), None
-    else:
-        scale, bias = model.logit_scale.to(device).exp(), model.logit_bias.to(device)
-    loss = _loss(o, family.loss, image_for_loss, text_embeds, scale, bias)
-
-    want_logits = not return_dict or o.logits == "always" or (o.logits == "eval" and not model.training)
-    logits_per_text = logits_per_image = None
-    if want_logits:  # for the caller only; the loss above never sees them
-        logits_per_text = torch.matmul(text_embeds, image_for_loss.t()) * scale
-        if bias is not None:
-            logits_per_text = logits_per_text + bias
-        logits_per_image = logits_per_text.t()
-
-    if family.tuple_style == "dual_encoder" and not return_dict:
-        return (loss, logits_per_image, logits_per_text, text_embeds, image_embeds, text_out, vision_out)
-    out = output_cls(
-        loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_text, text_embeds=text_embeds,
-        image_embeds=image_embeds, text_model_output=text_out, vision_model_output=vision_out,
-    )  # fmt: skip
-    return out if return_dict else out.to_tuple()
-
-
-def _make_forward(original: Callable, family: _Family, output_cls: type, state: _State) -> Callable:
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)  # same name, docs and inspect.signature (Trainer reads the parameters)
-    def forward(self, *args, **kwargs):
-        if not state.active:  # undone, but captured somewhere while patched: transformers' own
-            return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        if not bound.arguments.get("return_loss"):
-            return original(self, *args, **kwargs)
-        return _fused_forward(self, family, output_cls, state.options, bound.arguments)
-
-    forward._fastclip_state = state
-    return forward
-
 
 # ----------------------------------------------------------------------------------------------------
 # Targets: classes and instances.
