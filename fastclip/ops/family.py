@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fastclip import _checks
 from fastclip.ops import library
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import _run_block
@@ -26,11 +27,13 @@ def _block_impl(impl: str) -> str:
 
 
 class FamilyFunction(torch.autograd.Function):
-    """Inputs: ``spec_json, impl, chunk_size, (n_ops, unit), scale, *operands, *ids, *guides, thr``."""
+    """Inputs: ``spec, impl, chunk_size, (n_ops, unit), scale, *operands, *ids, *guides, thr``; ``spec``
+    the typed :class:`FamilySpec`, built once per call and handed to the implementation as it is (the
+    custom op, which ``torch.compile`` traces, takes its text form)."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, spec_json, impl, chunk_size, layout, scale, *rest):
+    def forward(ctx, spec, impl, chunk_size, layout, scale, *rest):
         n_ops, unit = layout  # unit: normalize the operands (cosine similarity) inside
         ts = list(rest[:n_ops])
         ids = list(rest[n_ops : 2 * n_ops])
@@ -45,7 +48,7 @@ class FamilyFunction(torch.autograd.Function):
             # forward, and the normalization's Jacobian is applied to the gradients below (O(n·D)).
             feats, norms = zip(*(_unit_rows(t) for t in feats))
         args = (
-            spec_json,
+            spec.to_text() if _checks._is_compiling() else spec,
             list(feats),
             [None if t is None else t.detach() for t in ids],
             [None if t is None else t.detach() for t in guides],
@@ -153,7 +156,7 @@ def family_loss(
     ids, guides = aux[:n_ops], aux[n_ops:]
     with no_autocast(operands[0].device):
         return FamilyFunction.apply(
-            spec.to_text(), impl, chunk_size, (n_ops, bool(unit)), scale, *operands, *ids, *guides, thr
+            spec, impl, chunk_size, (n_ops, bool(unit)), scale, *operands, *ids, *guides, thr
         )
 
 

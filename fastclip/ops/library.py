@@ -247,9 +247,10 @@ def _distill_grad_fake(
 def family_impl(spec_json, ts, ids, guides, thr, scale, need, need_scale, impl, chunk_size):
     """The eager body of ``family``: ``[loss, ds, *grads]`` (an empty ``(0,)`` tensor where an operand
     needs no gradient), in the accumulation dtype."""
-    from fastclip.ops.family_spec import spec_from_text
+    from fastclip.ops.family_spec import FamilySpec, spec_from_text
 
-    spec = spec_from_text(spec_json)
+    # Eager calls hand the typed spec over as it is; the custom op (torch.compile) carries its text.
+    spec = spec_json if isinstance(spec_json, FamilySpec) else spec_from_text(spec_json)
     if impl == "triton":
         from fastclip.kernels.family import family_triton
 
