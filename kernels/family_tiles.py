@@ -108,7 +108,10 @@ def _segment_tile(
     return L, is_pos, removed == 0, S, inb
 
 
-@triton.jit
+# Integer arguments that only bound loops or offset indices are not specialized (Triton would compile
+# one variant per "== 1" / "divisible by 16" class of each, i.e. new compiles for new chunk and panel
+# positions in the middle of a run).
+@triton.jit(do_not_specialize=["n_seg", "tiles_per_split"])
 def _family_lse_kernel(
     # pointers
     r_ptr,
@@ -200,7 +203,7 @@ def _family_lse_kernel(
         tl.store(out + 4 * stride_stat, v_cnt, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row0", "row1", "t_lo", "t_hi", "col0", "n_seg"])
 def _family_grad_kernel(
     # pointers
     r_ptr,
