@@ -48,26 +48,25 @@ def _ids(batch: int, device) -> torch.Tensor:
     return torch.randint(0, max(1, batch // 2), (batch,), generator=g, device=device)
 
 
+def _all_kwargs(q, negs) -> dict:
+    """The "all" variant's keyword arguments (ids shared by queries, documents and negatives)."""
+    ids = _ids(q.shape[0], q.device)
+    return dict(
+        scale=SCALE,
+        query_ids=ids,
+        doc_ids=ids,
+        negative_ids=[ids] * len(negs) if negs else None,
+        **ALL_OPTIONS,
+    )
+
+
 def _provider(name, device, variant="mnrl"):
     if name == "materialized" and variant == "mnrl":
         return materialized_mnrl, ""
     if name == "materialized":
         from fastclip.reference_family import info_nce_reference
 
-        def reference(q, p, negs):
-            ids = _ids(q.shape[0], q.device)
-            return info_nce_reference(
-                q,
-                p,
-                negs,
-                scale=SCALE,
-                query_ids=ids,
-                doc_ids=ids,
-                negative_ids=[ids] * len(negs) if negs else None,
-                **ALL_OPTIONS,
-            )
-
-        return reference, ""
+        return (lambda q, p, negs: info_nce_reference(q, p, negs, **_all_kwargs(q, negs))), ""
     from fastclip.functional import info_nce_loss
 
     impl = "torch" if name == "fastclip-torch" else "triton"
@@ -75,22 +74,7 @@ def _provider(name, device, variant="mnrl"):
         return None, "needs a CUDA device"
     if variant == "mnrl":
         return (lambda q, p, negs: info_nce_loss(q, p, negs, scale=SCALE, impl=impl)), ""
-
-    def fused(q, p, negs):
-        ids = _ids(q.shape[0], q.device)
-        return info_nce_loss(
-            q,
-            p,
-            negs,
-            scale=SCALE,
-            impl=impl,
-            query_ids=ids,
-            doc_ids=ids,
-            negative_ids=[ids] * len(negs) if negs else None,
-            **ALL_OPTIONS,
-        )
-
-    return fused, ""
+    return (lambda q, p, negs: info_nce_loss(q, p, negs, impl=impl, **_all_kwargs(q, negs))), ""
 
 
 def estimated_peak_bytes(name: str, batch: int, dim: int, k: int, itemsize: int = 4, variant="mnrl") -> int:
