@@ -21,10 +21,11 @@
 # Parts, in priority order, each stopped at its own limit (seconds; cut to what is left of the 412):
 #   env 12, correctness 55 (every kernel against float64, compilation included), target 75 (B = 32768
 #   and 65536, D = 768, bf16: fastclip vs materialized vs open_clip under autocast; Inf-CL, siglip-kernel,
-#   memeff at 32768), family 40 (info_nce K = 0, 1, 7 vs materialized / ST MNRL), distill 25,
-#   million 45 (B = 2^20 completes), phases 15, vit 28, trainer 60 (tests/test_gpu_trainer.py),
-#   pytest min(90, what is left) (pytest -m gpu without the trainer test); tune 110 only when named
-#   (the default list fills the 412 s; with tune it would not fit a 480 s call).
+#   memeff at 32768), family 40 (info_nce K = 0, 1, 7 at B = 32768 vs materialized / ST MNRL), distill 25,
+#   million 70 (B = 2^20 clip, siglip and info_nce K = 1 complete), phases 15, vit 28, trainer 60
+#   (tests/test_gpu_trainer.py), pytest min(90, what is left: ~30 s after the others' limits; run
+#   `--parts pytest` as its own call when it is cut) (pytest -m gpu without the trainer test); tune 110
+#   only when named (the default list fills the 412 s; with tune it would not fit a 480 s call).
 # DEVICE_CHECK_TOTAL overrides the 412 s. Writes into OUT: results.json/.csv (the result-file schema of
 # fastclip.bench.report), part_*.json, device_check.json (everything, the summary and the targets
 # table), targets.md, versions.txt, <part>.log, status.txt, times.txt (seconds per part) and
@@ -147,7 +148,7 @@ dc() {  # dc PART SECONDS: a part of benchmarks/device_check.py; it stops new wo
 
 # Each part: its own limit (seconds), cut to what is left of TOTAL; a part with under 5 s left is not
 # started (recorded as "NAME skipped" in status.txt). Limits from the first H200 run's per-part times.
-for spec in env:12 correctness:55 target:75 family:40 distill:25 million:45 phases:15 vit:28 tune:110; do
+for spec in env:12 correctness:55 target:75 family:40 distill:25 million:70 phases:15 vit:28 tune:110; do
     want "${spec%%:*}" && dc "${spec%%:*}" "${spec##*:}"
 done
 if want trainer; then  # the end-to-end trainer test (gpu-marked), its own part
