@@ -39,12 +39,13 @@ def ds_config(cfg, micro: int, chunks: int) -> dict:
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 12},
+        # Always written: DeepSpeed's default when the key is absent is 1.0 (0.19.x), so leaving it out
+        # for optim.grad_clip 0 ("off") clipped every step to norm 1.
+        "gradient_clipping": float(o.grad_clip),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if o.grad_clip > 0:
-        conf["gradient_clipping"] = o.grad_clip
     return conf
 
 
