@@ -256,7 +256,6 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
         tiled, table = p["tables"][bn_g]
         row, segs, cols = p["row"], p["segs"], p["cols"]
         n_cols = cols.shape[0]
-        grad_cols = sum(en - st for b, col, st, en in segs if need[col])  # a prefix of C (row_groups)
         c, nc = config.grad_tiles(n, n_cols, config.GRAD_WORKSPACE_ELEMENTS, cfg_g.block_m, bn_g)
         if chunk_size is not None:
             c = max(1, min(n, chunk_size))
@@ -265,9 +264,6 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
         panels = _split_panels(spans, nc)
         width = max(spans[t1 - 1][1] - spans[t0][0] for t0, t1 in panels)
         work = torch.empty(min(c, n) * width, dtype=dtype, device=dev)
-        d_cols = torch.zeros((grad_cols, D), dtype=f32, device=dev) if grad_cols and len(segs) > 1 else None
-        if grad_cols and d_cols is None:
-            d_cols = grads[segs[0][1]]
         weight = float(spec.weights[p["part"]])
         for i0 in range(0, n, c):
             i1 = min(n, i0 + c)
@@ -288,13 +284,12 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
                 ds += ds_part.sum()
                 if grads[row] is not None:
                     gemm.accumulate(grads[row][i0:i1], g, cols[j0:j1])
-                if j0 < grad_cols:
-                    k1 = min(j1, grad_cols)
-                    gemm.accumulate(d_cols[j0:k1], g[:, : k1 - j0].t(), r_c)
-        if d_cols is not None and len(segs) > 1:
-            for _, col, st, en in segs:
-                if need[col]:
-                    grads[col].add_(d_cols[st:en])
+                # dC straight into each column operand's gradient: one GEMM per segment in the panel
+                # (a panel is usually one segment), no concatenated (width, D) buffer.
+                for _, col, st, en in segs:
+                    a, z = max(j0, st), min(j1, en)
+                    if a < z and grads[col] is not None:
+                        gemm.accumulate(grads[col][a - st : z - st], g[:, a - j0 : z - j0].t(), r_c)
     mul = s.reshape(()) * coef
     for g in grads:
         if g is not None:
