@@ -32,6 +32,7 @@ TINY = {"patch_size": 8, "vision_depth": 1, "text_depth": 1}
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 _TRAIN = os.path.join(os.path.dirname(fastclip.__file__), "train") + os.sep
 _FASTCLIP = os.path.dirname(fastclip.__file__) + os.sep
+_MODELS = os.path.join(os.path.dirname(fastclip.__file__), "models") + os.sep
 _READ_OPS = {
     torch.ops.aten._local_scalar_dense.default,
     torch.ops.aten.equal.default,
@@ -55,6 +56,8 @@ def _trainers_read() -> str | None:
     call it makes outside the engine's forward, backward and step (the logit-scale master clamp, the
     ZeRO-3 gather); None for the model's and loss's input checks and DeepSpeed's own step."""
     frames = [f for f in traceback.extract_stack() if f.filename != __file__]
+    if any(f.name == "check_batch_on_host" for f in frames):
+        return None  # the batch's host tensors, read before the copy to the device
     outer = [f for f in frames if not f.filename.startswith(_TORCH)]
     if not outer:
         return None
@@ -64,6 +67,8 @@ def _trainers_read() -> str | None:
         if caller is None or caller.filename != os.path.join(_TRAIN, "engine.py"):
             return None
         inner = caller
+    if inner.filename.startswith(_MODELS):  # the towers' input checks, inside a training step
+        return f"{os.path.relpath(inner.filename, _FASTCLIP)}:{inner.lineno} {inner.name}"
     if not inner.filename.startswith(_TRAIN):
         return None
     return f"{os.path.relpath(inner.filename, _FASTCLIP)}:{inner.lineno} {inner.name}"
@@ -115,14 +120,18 @@ def test_the_trainer_reads_the_device_once_per_log_interval(tmp_path, extra):
     finiteness record, the loss and the logit scale in one copy) and never during a step. Step 7 (the
     last) is left out: its log read comes with the evaluation's and the checkpoint's host reads.
 
-    Measured before this change: 2 reads per step in fp32 (the divergence guard's ``bool``, the loss's
+    Measured before the trainer's change: 2 reads per step in fp32 (the divergence guard's ``bool``, the loss's
     ``bool``) and 2 more per log step (``float`` of the mean loss, of the logit scale): 4 at steps 3 and
     6; with bf16 at ZeRO 1 and GradCache 4 per step (plus GradCache's loss ``bool`` and the logit-scale
     clamp's ``torch.equal`` on the fp32 master) and 6 per log step. Not counted (not the trainer's):
-    the model's input checks (``_check_image``'s ``bool``, ``check_ids``' ``tolist``: one each per
-    forward), the CPU torch loss's backward (one ``_local_scalar_dense``, from ``torch.vdot`` on CPU),
+    the CPU torch loss's backward (one ``_local_scalar_dense``, from ``torch.vdot`` on CPU),
     and DeepSpeed's step (torch AdamW's CPU step counters; at ZeRO 1 bf16 also its overflow and
-    grad-norm checks)."""
+    grad-norm checks).
+
+    The towers' input checks (``_check_image``'s ``bool``, ``check_ids``' ``tolist``: one each per
+    forward, on the device) are counted too and must be gone from the steps: the trainer checks the
+    batch's host tensors before the copy (``check_batch_on_host``) and runs the step inside
+    ``values_checked_on_host``. Before that they added 2 reads per step (more with GradCache)."""
     from fastclip.train.trainer import Trainer
 
     trainer = Trainer(_config(tmp_path / "run", **extra))

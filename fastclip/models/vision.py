@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastclip.models.configs import VisionConfig
+from fastclip.models.host_checked import values_checked
 from fastclip.models.transformer import AttentionPool, Transformer, check_attn_impl, init_transformer_
 
 
@@ -98,7 +99,7 @@ class VisionTransformer(nn.Module):
                 f"{name}: expected height and width that are positive multiples of patch_size={c.patch_size}, "
                 f"got {h}x{w}"
             )
-        if not _is_compiling() and not bool(torch.isfinite(images).all()):
+        if not _is_compiling() and not values_checked() and not bool(torch.isfinite(images).all()):
             raise ValueError(f"{name}: expected finite pixel values, got NaN or Inf")
 
     def _embed_tokens(self, x: torch.Tensor) -> torch.Tensor:

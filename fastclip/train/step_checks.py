@@ -165,3 +165,20 @@ def _first_non_finite(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         first = torch.isfinite(flat).view(torch.uint8).argmin(dim=0, keepdim=True)
         flat = flat.gather(0, first)
     return flat.to(device, torch.float64)
+
+
+def check_batch_on_host(model, images: torch.Tensor, texts: torch.Tensor) -> bool:
+    """Check a batch's values on the host, before it goes to the device: finite pixels and (for a
+    fastclip text tower) token ids inside its vocabulary, the checks the towers would otherwise make on
+    the device at every forward, each a wait for the GPU. Returns whether the values were checked here
+    (host tensors); the step then runs inside ``values_checked_on_host`` (``fastclip/models``) and the
+    towers skip those two reads. Tensors already on the device are left to the towers."""
+    if images.device.type != "cpu" or texts.device.type != "cpu":
+        return False
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise ValueError("images: expected finite pixel values, got NaN or Inf")
+    text = getattr(model, "text", None)
+    check_ids = getattr(text, "check_ids", None)
+    if callable(check_ids) and texts.dim() >= 2:
+        check_ids(texts.reshape(-1, texts.shape[-1]))
+    return True

@@ -21,6 +21,7 @@ tensor over gloo, which waits for the other ranks but not for the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -31,6 +32,7 @@ from typing import Union
 
 import torch
 
+from fastclip.models.host_checked import values_checked_on_host
 from fastclip.train import checkpoint as ckpt
 from fastclip.train import data as data_lib
 from fastclip.train import engine as engine_lib
@@ -45,7 +47,7 @@ from fastclip.train.optim import param_groups
 from fastclip.train.parallel import Comm, hang_point
 from fastclip.train.plot import plot_metrics
 from fastclip.train.signals import StopSignals, TrainingInterrupted
-from fastclip.train.step_checks import StepChecks
+from fastclip.train.step_checks import StepChecks, check_batch_on_host
 
 
 def train(
@@ -251,7 +253,8 @@ class Trainer:
                 batch = self.stream.next_batch()  # token ids when the loader workers tokenized
                 waited += time.perf_counter() - t_wait
                 images, texts, ids = self._batch_tensors(batch)
-                loss = self._train_step(images, texts, ids)
+                with values_checked_on_host() if self._host_checked else contextlib.nullcontext():
+                    loss = self._train_step(images, texts, ids)
             except RuntimeError as exc:
                 if not self.comm.is_timeout(exc):
                     raise
@@ -348,6 +351,7 @@ class Trainer:
                 f"next_batch: expected token ids (b, {1 + k}, T) for model.hard_negatives {k}, "
                 f"got {tuple(texts.shape)}"
             )
+        self._host_checked = check_batch_on_host(self.model, images, texts)  # no device read per step
         images = images.to(self.device, self.dtype, non_blocking=True)
         texts = texts.to(self.device, non_blocking=True)
         if ids is not None:
