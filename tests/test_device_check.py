@@ -111,7 +111,7 @@ def test_targets_table_from_part_files(tmp_path):
         "met",
     ]
     assert got["distill: fastclip vs open_clip DistillClipLoss (time <= 1.0x, memory <= 5%)"][1] == "no data"
-    assert got["B=2^20 clip and siglip complete (finite)"][1] == "NOT met"
+    assert got["B=2^20 clip, siglip and info_nce K=1 complete (finite)"][1] == "NOT met"
     assert got["TF32 contract: fp32 IEEE and fp32+TF32 kernels within their error budgets"] == [
         "IEEE 1/1, TF32 0/1; all cases 1/2", "NOT met"]  # fmt: skip
     assert got["pytest -m gpu (trainer test excluded): passes in <= 90 s"][1] == "met"
@@ -216,7 +216,8 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
     full = json.loads((out / "device_check.json").read_text())
     assert full["correctness"]["failed"] == 0 and full["correctness"]["repeat"]["ok"] is True
     assert {"tile kernel", "dX GEMM", "dY GEMM"} <= set(full["phases"]["clip_grad"])
-    assert [r["finite"] for r in full["million"]["rows"]] == [True, True]
+    assert [(r["loss"], r["finite"]) for r in full["million"]["rows"]] == [
+        ("clip", True), ("siglip", True), ("info_nce_k1", True)]  # fmt: skip
     assert full["env"]["imported_from"]["fastclip.kernels"].endswith(os.path.join("kernels", "__init__.py"))
     assert set(full["target"]["skipped"]) == {"inf_cl", "siglip_kernel", "memeff"}  # CPU: all need CUDA
     assert all(v.startswith("skipped: ") for v in full["target"]["skipped"].values())
@@ -257,7 +258,7 @@ def test_dry_run_runs_every_part_and_writes_the_results(tmp_path):
         assert (dest / name).stat().st_size > 0, name
     assert json.loads((dest / "results.json").read_text()) == doc
     summary = (dest / "summary.md").read_text()
-    assert summary.count("\ncorrectness: ") == 1 and summary.count("\nmillion ") == 2
+    assert summary.count("\ncorrectness: ") == 1 and summary.count("\nmillion ") == 3
     assert "## Targets of the check" in summary and "| whole check <= 420 s" in summary
     assert "| clip | bf16 | 32 | 128 | fastclip-triton |" in summary
     pytest.importorskip("matplotlib")
