@@ -61,10 +61,28 @@ def build_engine(cfg, model, groups: list, micro: int, chunks: int, device: torc
         )
 
     model.to(device)
+    _forget_stale_world_clone()
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_config(cfg, micro, chunks), lr_scheduler=schedule
     )
     return engine
+
+
+def _forget_stale_world_clone() -> None:
+    """DeepSpeed keeps one clone of the world process group for the whole process
+    (``deepspeed.utils.groups._WORLD_GROUP``). When the process group it was cloned from has been
+    destroyed and another made (a second run in one process: a notebook, a sweep, a test suite), the
+    clone is no longer registered and ``deepspeed.initialize`` fails ("Group ... is not registered"):
+    drop it, and DeepSpeed clones the current world again."""
+    from deepspeed.utils import groups
+
+    clone = getattr(groups, "_WORLD_GROUP", None)
+    if clone is None:
+        return
+    try:
+        torch.distributed.get_global_rank(clone, 0)
+    except (ValueError, RuntimeError):
+        groups._WORLD_GROUP = None
 
 
 def gathered(cfg, params, modify: bool = False):
