@@ -70,13 +70,15 @@ def _flags(b, spec) -> int:
     )  # fmt: skip
 
 
-def _with_tiles(segs, block_n: int) -> list[tuple]:
-    """``(block, column operand, start, end, first tile)`` per segment, tiles of ``block_n`` columns."""
-    out, tile = [], 0
-    for b, col, start, end in segs:
-        out.append((b, col, start, end, tile))
-        tile += triton.cdiv(end - start, block_n)
-    return out
+def _segment_table_of(segs, block_n: int, spec, device) -> tuple[torch.Tensor, int]:
+    """``(table, tiles)``: the group's segments as the kernels read them (start, end, first tile, own
+    offset, flags; tiles of ``block_n`` columns, never straddling a segment) and the number of tiles."""
+    fields, tile = [], 0
+    for seg in segs:
+        b = seg.block
+        fields += [seg.start, seg.end, tile, 0 if b.local else spec.offset, _flags(b, spec)]
+        tile += triton.cdiv(seg.end - seg.start, block_n)
+    return _segment_table(tuple(fields), str(device)), tile
 
 
 @functools.lru_cache(maxsize=64)
@@ -89,8 +91,8 @@ def _segment_table(fields: tuple, device: str) -> torch.Tensor:
 def _tile_spans(segs, block_n: int) -> list[tuple[int, int]]:
     """``(first column, end column)`` in ``C`` of every tile, in tile order."""
     spans = []
-    for _, _, start, end, _ in segs:
-        spans += [(j, min(end, j + block_n)) for j in range(start, end, block_n)]
+    for seg in segs:
+        spans += [(j, min(seg.end, j + block_n)) for j in range(seg.start, seg.end, block_n)]
     return spans
 
 
@@ -141,9 +143,6 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
     n = ts[spec.blocks[0].row].shape[0]
     ts = [t.contiguous() for t in ts]
     lengths = [t.shape[0] for t in ts]
-    # The column model (fastclip/ops/family_spec.py): blocks needing column gradients first in a group.
-    groups = [(g.row, g.part, [(x.block, x.block.col, x.start, x.end) for x in g.segments])
-              for g in spec.row_groups(lengths, need)]  # fmt: skip
     guided = any(b.guide for b in spec.blocks)
     cfg_f = _forward_config(config.tile_config("lse", dev, dtype, D))
     cfg_g = config.tile_config("tile", dev, dtype, D)
@@ -162,29 +161,25 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
     # Per group: the concatenated operands (kernel copies: TF32-rounded for fp32 on TF32), its ids
     # and guide columns, and its segment tables at the forward's and the gradient's tile widths.
     prepared = []
-    for row, part, segs in groups:
-        cols = _cat([ts[col] for _, col, _, _ in segs])
+    # The column model (fastclip/ops/family_spec.py): blocks needing column gradients first in a group.
+    for g in spec.row_groups(lengths, need):
+        row, part, segs = g.row, g.part, g.segments
+        cols = _cat([ts[seg.block.col] for seg in segs])
         r_dot, c_dot = dot_operands(ts[row], cols)
-        use_ids = any(b.ids for b, *_ in segs)
+        use_ids = any(seg.block.ids for seg in segs)
         r_ids = ids[row] if use_ids else dummy_i
         c_ids = dummy_i
         if use_ids:
-            c_ids = _cat([ids[col] if b.ids else torch.zeros(lengths[col], dtype=torch.int64, device=dev)
-                          for b, col, _, _ in segs])  # fmt: skip
+            c_ids = _cat([ids[seg.block.col] if seg.block.ids
+                          else torch.zeros(seg.end - seg.start, dtype=torch.int64, device=dev)
+                          for seg in segs])  # fmt: skip
         g_rows = g_cols = dummy_f
         if guided:
             g_rows, g_cols = dot_operands(
                 guides[row].to(f32).contiguous(),
-                _cat([guides[col].to(f32) for _, col, _, _ in segs]).contiguous(),
+                _cat([guides[seg.block.col].to(f32) for seg in segs]).contiguous(),
             )
-        tables = {}
-        for bn in {bn_f, bn_g}:
-            tiled = _with_tiles(segs, bn)
-            own = [(0 if b.local else spec.offset) for b, *_ in tiled]
-            fields = tuple(
-                v for (b, _, st, en, t0), o in zip(tiled, own) for v in (st, en, t0, o, _flags(b, spec))
-            )
-            tables[bn] = (tiled, _segment_table(fields, str(dev)))
+        tables = {bn: _segment_table_of(segs, bn, spec, dev) for bn in {bn_f, bn_g}}
         prepared.append(dict(row=row, part=part, segs=segs, cols=cols, r_dot=r_dot, c_dot=c_dot,
                              use_ids=use_ids, r_ids=r_ids, c_ids=c_ids, g_rows=g_rows, g_cols=g_cols,
                              tables=tables))  # fmt: skip
@@ -212,8 +207,7 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
     lse_parts = [None] * spec.n_parts
     pos_sum = pos_cnt = val_sum = val_cnt = None
     for p in prepared:
-        tiled, table = p["tables"][bn_f]
-        tiles = tiled[-1][4] + triton.cdiv(tiled[-1][3] - tiled[-1][2], bn_f)
+        table, tiles = p["tables"][bn_f]
         row_blocks = triton.cdiv(n, cfg_f.block_m)
         splits = _forward_splits(row_blocks, tiles, dev)
         per_split = triton.cdiv(tiles, splits)
@@ -221,7 +215,7 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
         out = torch.empty((stats_n, splits, n), dtype=f32, device=dev)
         _family_lse_kernel[(row_blocks, splits)](
             *common_args(p), table, s, out,
-            n, D, DG, len(tiled), per_split, splits * n, alpha,
+            n, D, DG, len(p["segs"]), per_split, splits * n, alpha,
             *strides(p),
             HARD=bool(alpha), USE_IDS=p["use_ids"], IDS_POSITIVE=p["use_ids"] and ids_positive, GUIDE=guided,
             SMOOTH=smooth, BM=cfg_f.block_m, BN=bn_f, BK=cfg_f.block_k, G_IEEE=g_ieee,
@@ -253,14 +247,14 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
     w_pos = (1.0 - eps) / pos_cnt
     w_val = eps / val_cnt if smooth else dummy_f
     for p in prepared:
-        tiled, table = p["tables"][bn_g]
+        table, _ = p["tables"][bn_g]
         row, segs, cols = p["row"], p["segs"], p["cols"]
         n_cols = cols.shape[0]
         c, nc = config.grad_tiles(n, n_cols, config.GRAD_WORKSPACE_ELEMENTS, cfg_g.block_m, bn_g)
         if chunk_size is not None:
             c = max(1, min(n, chunk_size))
             nc = max(bn_g, config.GRAD_WORKSPACE_ELEMENTS // c)
-        spans = _tile_spans(tiled, bn_g)
+        spans = _tile_spans(segs, bn_g)
         panels = _split_panels(spans, nc)
         width = max(spans[t1 - 1][1] - spans[t0][0] for t0, t1 in panels)
         work = torch.empty(min(c, n) * width, dtype=dtype, device=dev)
@@ -275,7 +269,7 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
                 ds_part = torch.empty(grid, dtype=f32, device=dev)
                 _family_grad_kernel[(grid,)](
                     *common_args(p), table, s, lse_parts[p["part"]], w_pos, w_val, g, ds_part,
-                    i0, i1, t0, t1, j0, D, DG, len(tiled), alpha, weight,
+                    i0, i1, t0, t1, j0, D, DG, len(segs), alpha, weight,
                     *strides(p), g.stride(0),
                     HARD=bool(alpha), USE_IDS=p["use_ids"], IDS_POSITIVE=p["use_ids"] and ids_positive,
                     GUIDE=guided, SMOOTH=smooth, BM=cfg_g.block_m, BN=bn_g, BK=cfg_g.block_k, G_IEEE=g_ieee,
@@ -286,10 +280,12 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
                     gemm.accumulate(grads[row][i0:i1], g, cols[j0:j1])
                 # dC straight into each column operand's gradient: one GEMM per segment in the panel
                 # (a panel is usually one segment), no concatenated (width, D) buffer.
-                for _, col, st, en in segs:
-                    a, z = max(j0, st), min(j1, en)
+                for seg in segs:
+                    a, z, col = max(j0, seg.start), min(j1, seg.end), seg.block.col
                     if a < z and grads[col] is not None:
-                        gemm.accumulate(grads[col][a - st : z - st], g[:, a - j0 : z - j0].t(), r_c)
+                        gemm.accumulate(
+                            grads[col][a - seg.start : z - seg.start], g[:, a - j0 : z - j0].t(), r_c
+                        )
     mul = s.reshape(()) * coef
     for g in grads:
         if g is not None:
@@ -304,7 +300,8 @@ def _thresholds(spec, prepared, margins, n, bn, cfg) -> torch.Tensor:
     if not (first.positive and first.own):
         raise AssertionError("a guided spec's first guide block must be its positive block")
     for p in prepared:
-        for b, _, st, en, _ in p["tables"][bn][0]:
+        for seg in p["segs"]:
+            b, st, en = seg.block, seg.start, seg.end
             if b is first:
                 out = torch.empty(n, dtype=torch.float32, device=margins.device)
                 gr, gc = p["g_rows"], p["g_cols"]

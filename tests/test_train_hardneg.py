@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import types
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from utils import torchrun_two
 
 from fastclip import clip_loss
 from fastclip.data import CsvStream, DataError
@@ -384,21 +384,8 @@ def _torchrun_worker(out):
 @pytest.mark.distributed
 @pytest.mark.parametrize("dist_impl", ["gather", "ring"])
 def test_two_processes_train_with_hard_negatives(tmp_path, dist_impl):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HN_DIST_IMPL": dist_impl}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     out = str(tmp_path / "run")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        out,
-    ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = torchrun_two(__file__, out, HN_DIST_IMPL=dist_impl)
     assert p.returncode == 0, p.stderr[-3000:]
     losses = _losses(out)
     assert len(losses) == 3 and all(np.isfinite(losses))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from utils import torchrun_two
 
 import fastclip
 from fastclip.train import checkpoint as ckpt
@@ -239,20 +239,7 @@ def test_two_ranks_stop_together_with_the_earliest_failure(tmp_path):
     3, agree, and raise the same message: the earliest failure of any rank (rank 0 recorded the NaN
     loss of step 2, rank 1 its NaN features: the loss's inputs come before the loss)."""
     out = str(tmp_path / "run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        out,
-    ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = torchrun_two(__file__, out)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     results = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1)]
     expected = "step 2: the model diverged (image_features holds nan); stopping (lower optim.lr?)"

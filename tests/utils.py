@@ -79,10 +79,30 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
+def _fresh_env(**extra) -> dict:
+    """This environment, one thread, without a launcher's rendezvous variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
 def train_cli(args, timeout=300) -> subprocess.CompletedProcess:
     """``fastclip train ARGS`` in a fresh process, one thread, without a launcher's environment."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     cmd = [sys.executable, "-m", "fastclip.cli", "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=_fresh_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_two(script: str, *args, timeout=300, **env) -> subprocess.CompletedProcess:
+    """``script ARGS`` on 2 local ranks (``torch.distributed.run --standalone``), one thread each."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        script,
+        *args,
+    ]
+    return subprocess.run(cmd, env=_fresh_env(**env), capture_output=True, text=True, timeout=timeout)
