@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from fastclip import _checks
-from fastclip.distributed.clip import check_clip_dist_impl, clip_loss_distributed_with_options
+from fastclip.distributed.clip import CLIP_DIST_IMPLS, clip_loss_distributed_with_options
 from fastclip.distributed.siglip import SIGLIP_DIST_IMPLS, siglip_loss_distributed_with_options
-from fastclip.distributed.world import check_world, gather_like_open_clip, resolve_world
+from fastclip.distributed.world import check_dist_impl, check_world, gather_like_open_clip, resolve_world
 from fastclip.functional import clip_loss_with_options, siglip_loss_with_options
 from fastclip.ops.inputs import loss_options, prepare
 
@@ -64,7 +64,8 @@ class ClipLoss(_LossBase):
     ("gather" | "ring"), ``group`` (a process group; rank and world size then come from it),
     ``chunk_size`` (rows per chunk of the "torch" implementation), ``check_finite`` (raise on NaN/Inf
     inputs instead of returning a NaN loss), ``check_batch_sizes`` (with more than one rank: one
-    all-gather of four integers per call, so that unequal batches or dtypes raise instead of hanging).
+    all-gather of 16 integers per call, so that unequal batches or dtypes, or one rank's refused
+    arguments, raise on every rank instead of hanging).
 
     With ``world_size > 1`` (or a group of several ranks) each rank's loss and gradients equal
     open_clip's with the same ``local_loss``/``gather_with_grad`` (quirks included, see
@@ -99,7 +100,7 @@ class ClipLoss(_LossBase):
             _checks.check_bool(name, value)
         if use_horovod:
             raise ValueError("use_horovod: expected False (fastclip uses torch.distributed), got True")
-        check_clip_dist_impl(dist_impl)
+        check_dist_impl(dist_impl, CLIP_DIST_IMPLS)
         self._init_options(impl, group, chunk_size, check_finite, check_batch_sizes, rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad

@@ -55,10 +55,10 @@ class InfoNCELoss(nn.Module):
         self.scale = float(scale)
         self.distributed = _checks.check_bool("distributed", distributed)
         from fastclip.distributed.family import FAMILY_DIST_IMPLS
+        from fastclip.distributed.world import check_dist_impl
 
         # Checked whatever ``distributed`` says: a typo must not wait for the multi-process run.
-        if not isinstance(dist_impl, str) or dist_impl not in FAMILY_DIST_IMPLS:
-            raise ValueError(f"dist_impl: expected one of {FAMILY_DIST_IMPLS}, got {dist_impl!r}")
+        check_dist_impl(dist_impl, FAMILY_DIST_IMPLS)
         self.group = group
         self.dist_impl = dist_impl
 

@@ -217,7 +217,7 @@ def _float32_cases(
 
 def _error_cases(rank, world, failures, counter):
     """Unequal batches raise on every rank (no hang); inconsistent rank/world_size raise; NaN -> NaN."""
-    from fastclip import ClipLoss, SigLipLoss
+    from fastclip import ClipLoss, DistillClipLoss, SigLipLoss
 
     def expect(name, exc, fn, match):
         counter[0] += 1
@@ -241,7 +241,7 @@ def _error_cases(rank, world, failures, counter):
             f"ClipLoss {dist_impl} unequal batches",
             ValueError,
             lambda m=mod: m(x, y, s),
-            "same local (batch, dim)",
+            "image_features: local batch (rows): [3, 2",
         )
     for dist_impl in SIGLIP_IMPLS:
         mod = SigLipLoss(rank=rank, world_size=world, dist_impl=dist_impl)
@@ -249,7 +249,7 @@ def _error_cases(rank, world, failures, counter):
             f"SigLipLoss {dist_impl} unequal batches",
             ValueError,
             lambda m=mod: m(x, y, s, b),
-            "same local (batch, dim)",
+            "image_features: local batch (rows): [3, 2",
         )
     # Every rank claims the wrong rank: each raises before any collective.
     bad = ClipLoss(rank=(rank + 1) % world, world_size=world)
@@ -291,8 +291,24 @@ def _error_cases(rank, world, failures, counter):
         "dtype differs across ranks",
         ValueError,
         lambda: ClipLoss(rank=rank, world_size=world)(mixed, mixed, s),
-        "same dtype and device type on every rank",
+        "image_features: dtype: [torch.float64",
     )
+    # One rank's own checks refuse its arguments (text features of another width there): it raises
+    # its error, every other rank a ValueError naming it -- at once, not a hang in the next collective.
+    y_bad = y[:, :-1] if rank == world - 1 else y
+    for name, make in (
+        ("ClipLoss", lambda: ClipLoss(rank=rank, world_size=world, dist_impl="ring")),
+        ("SigLipLoss", lambda: SigLipLoss(rank=rank, world_size=world)),
+        ("DistillClipLoss", lambda: DistillClipLoss(rank=rank, world_size=world)),
+    ):
+        args = (x, y_bad, s, x, y, s) if name == "DistillClipLoss" else (x, y_bad, s)
+        if rank == world - 1:
+            expect(f"{name}: this rank refuses", ValueError, lambda m=make(), a=args: m(*a), "text_features")
+        else:
+            expect(
+                f"{name}: another rank refuses", ValueError, lambda m=make(), a=args: m(*a),
+                f"group rank(s) [{world - 1}] refused their arguments",
+            )  # fmt: skip
     expect(
         "functional bad flag", TypeError, lambda: clip_loss_distributed(x, y, s, local_loss=1), "local_loss"
     )
@@ -628,7 +644,7 @@ def expected_bytes(key: str, world: int, n: int, d: int, e: int = 4, a: int = 4)
     def all_reduce(nbytes):
         return 2 * w1 * nbytes // world
 
-    check = w1 * 32  # check_batch_sizes: all-gather of (n, D, dtype code, device code) as four int64
+    check = w1 * 128  # the call's agreement (fastclip.distributed.world): all-gather of 16 int64
     kind, *rest = key.split("/")
     if kind == "siglip":
         # gather/reduce: all-gather y, reduce-scatter dY; shift/bidir: y travels W-1 hops forward and

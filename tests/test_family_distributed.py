@@ -262,10 +262,10 @@ def _disagreement_cases():
         return gist_loss_distributed(t(), t(seed=1), t(seed=2) if neg else None, **g)
 
     cases += [
-        ("gist: negative on rank 0 only", ["negative", "[1, 0]"], lambda r: gist(r, r == 0)),
+        ("gist: negative on rank 0 only", ["negative", "[given, None]"], lambda r: gist(r, r == 0)),
         ("gist: guide dim", ["guide", "[6, 5]"], lambda r: gist(r, True, gd=6 - r)),
         # guide dim != D and a negative on one rank: aborted the process (SIGABRT) inside gloo
-        ("gist: negative on rank 1 only, guide dim 3", ["negative", "[0, 1]"], lambda r: gist(r, r == 1, gd=3)),
+        ("gist: negative on rank 1 only, guide dim 3", ["negative", "[None, given]"], lambda r: gist(r, r == 1, gd=3)),
     ]  # fmt: skip
     # one rank's own checks refuse its arguments: it raises its error, the other names it (no hang)
     nan = t()

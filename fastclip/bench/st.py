@@ -243,7 +243,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         import sentence_transformers  # noqa: F401
     except ImportError:
-        print("fastclip bench st: needs sentence-transformers (pip install 'fastclip-contrastive[st]')", file=sys.stderr)
+        print(
+            "fastclip bench st: needs sentence-transformers (pip install 'fastclip-contrastive[st]')",
+            file=sys.stderr,
+        )
         return 2
     buf = io.StringIO()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastclip import _checks, comm
+from fastclip import _checks
 from fastclip.comm import (
     all_gather_rows,
     all_reduce_logsumexp,
@@ -19,7 +19,15 @@ from fastclip.comm import (
     reduce_scatter_rows,
     ring_exchange,
 )
-from fastclip.distributed.world import require_process_group
+from fastclip.distributed.world import (
+    Signature,
+    check_dist_impl,
+    checked_on_every_rank,
+    require_process_group,
+    show_given,
+    show_table,
+    tensor_fields,
+)
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import InputMeta, clip_grad, clip_lse, positive_logits
 from fastclip.ops.dispatch import acc_dtype
@@ -309,19 +317,13 @@ def clip_loss_distributed(
     _checks.check_bool("local_loss", local_loss)
     _checks.check_bool("gather_with_grad", gather_with_grad)
     _checks.check_bool("check_batch_sizes", check_batch_sizes)
-    check_clip_dist_impl(dist_impl)
+    check_dist_impl(dist_impl, CLIP_DIST_IMPLS)
     options = loss_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
     require_process_group("group", "a distributed loss")
     return clip_loss_distributed_with_options(
         image_features, text_features, logit_scale, logit_bias, options=options, local_loss=local_loss,
         gather_with_grad=gather_with_grad, dist_impl=dist_impl, group=group, check_batch_sizes=check_batch_sizes,
     )  # fmt: skip
-
-
-def check_clip_dist_impl(dist_impl) -> str:
-    if dist_impl not in CLIP_DIST_IMPLS:
-        raise ValueError(f"dist_impl: expected one of {CLIP_DIST_IMPLS}, got {dist_impl!r}")
-    return dist_impl
 
 
 def clip_loss_distributed_with_options(
@@ -331,9 +333,21 @@ def clip_loss_distributed_with_options(
     """:func:`clip_loss_distributed` of arguments checked at the boundary (the functional form above,
     or ``fastclip.ClipLoss`` at construction): no re-validation. ``impl="reference"`` runs the
     materialized distributed loss (``fastclip.reference``)."""
-    a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
-    if check_batch_sizes:
-        comm.check_batch_sizes(a.x, group)
+
+    def build():
+        a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
+        fields = [
+            *tensor_fields("image_features", a.x),
+            Signature("logit_bias", int(a.bias is not None), show_given),
+            Signature("dist_impl", CLIP_DIST_IMPLS.index(dist_impl), show_table(CLIP_DIST_IMPLS)),
+            Signature("local_loss", int(local_loss)),
+            Signature("gather_with_grad", int(gather_with_grad)),
+        ]
+        return a, fields
+
+    a = checked_on_every_rank(
+        "clip_loss_distributed", build, anchor=image_features, group=group, check=check_batch_sizes
+    )
     flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, group=group)
     if a.impl == "reference":
         with no_autocast(a.x.device):

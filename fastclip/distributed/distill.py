@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastclip import comm
-from fastclip.distributed.world import gather_like_open_clip
+from fastclip.distributed.world import Signature, checked_on_every_rank, gather_like_open_clip, tensor_fields
 from fastclip.ops.distill import distill_block_loss
 from fastclip.ops.family_inputs import Common
 from fastclip.ops.inputs import prepare_distill
@@ -24,14 +23,27 @@ def distill_clip_loss_distributed_with_options(
     """``(contrastive, distill)`` of this rank, arguments checked at the boundary (``fastclip.DistillClipLoss``
     at construction). ``impl="reference"`` runs the chunked PyTorch code: there is no materialized
     multi-rank form, and the chunked one gives the same numbers."""
-    a = prepare_distill(
-        image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
-        options,
-    )  # fmt: skip
+
+    def build():
+        a = prepare_distill(
+            image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+            dist_logit_scale, options,
+        )  # fmt: skip
+        fields = [
+            *tensor_fields("image_features", a.tensors[0]),
+            *tensor_fields("dist_image_features", a.tensors[3])[
+                1:
+            ],  # its rows are checked against the student's
+            Signature("local_loss", int(local_loss)),
+            Signature("gather_with_grad", int(gather_with_grad)),
+        ]
+        return a, fields
+
+    a = checked_on_every_rank(
+        "distill_clip_loss_distributed", build, anchor=image_features, group=group, check=check_batch_sizes
+    )
     x, y, s, xt, yt, t = a.tensors
     impl = "torch" if a.impl == "reference" else a.impl
-    if check_batch_sizes:
-        comm.check_batch_sizes(x, group)
     flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, group=group)
     x_all, y_all = gather_like_open_clip(x, y, rank=rank, **flags)
     xt_all, yt_all = gather_like_open_clip(xt, yt, rank=rank, **flags)

@@ -27,7 +27,16 @@ import torch.distributed as dist
 
 from fastclip import comm
 from fastclip.comm import all_gather_rows, all_gather_with_grad, group_rank_and_size, ring_exchange
-from fastclip.distributed.world import Signature, agree_across_ranks, require_process_group
+from fastclip.distributed.world import (
+    Signature,
+    check_dist_impl,
+    checked_on_every_rank,
+    require_process_group,
+    show_bits,
+    show_given,
+    show_table,
+    tensor_fields,
+)
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.family import gist_fused, info_nce_fused
 from fastclip.ops.family_impl import family_torch
@@ -52,56 +61,7 @@ def _check_dist(check_batch_sizes, group):
     return group_rank_and_size(group)
 
 
-def _check_dist_impl(dist_impl):
-    if dist_impl not in FAMILY_DIST_IMPLS:
-        raise ValueError(f"dist_impl: expected one of {FAMILY_DIST_IMPLS}, got {dist_impl!r}")
-
-
 _DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-
-
-def _show_table(table):
-    return lambda v: str(table[v]) if 0 <= v < len(table) else "other"
-
-
-def _show_bits(names):
-    def show(v):
-        return "(" + ", ".join(str(names(j)) for j in range(v.bit_length()) if v >> j & 1) + ")"
-
-    return show
-
-
-def _yes_no(v):
-    return "given" if v else "None"
-
-
-def _agree_on_call(entry, build, query, group, world, check: bool):
-    """``build()`` (every option and input check of the call, returning ``(o, c, a, extra)``), then
-    the ranks' agreement: the local batch, feature dim, dtype and device type of ``a`` (checked inputs)
-    and the ``extra`` fields (K, ids given, directions, guide dims, ...) are the same on every rank, or
-    every rank raises the same ValueError at once, instead of a hang or mismatched collectives later
-    (one all-gather of a few integers, :func:`agree_across_ranks`; skipped with ``check=False``). A rank
-    whose own checks fail still joins the exchange: it raises its error, the others a ValueError naming
-    it. Returns ``(o, c, a)``."""
-    if not check or world == 1:
-        return build()[:3]
-    try:
-        o, c, a, extra = build()
-    except Exception as e:
-        usable = isinstance(query, torch.Tensor) and query.device.type != "meta"
-        agree_across_ranks(entry, [], device=query.device if usable else "cpu", group=group, refused=e)
-        raise  # agree_across_ranks raised e already
-    n, d = a.q.shape
-    fields = [
-        Signature("query: local batch (rows)", n, hint="drop the last incomplete batch (drop_last=True) or pad it"),
-        Signature("query: feature dim", d),
-        Signature("query: dtype", comm._code(a.q.dtype, comm._DTYPE_CODES), _show_table(comm._DTYPE_CODES)),
-        Signature("query: device type", comm._code(a.q.device.type, comm._DEVICE_CODES),
-                  _show_table(comm._DEVICE_CODES)),
-        *extra,
-    ]  # fmt: skip
-    agree_across_ranks(entry, fields, device=a.q.device, group=group)
-    return o, c, a
 
 
 def _gather_ids(t, group):
@@ -141,7 +101,7 @@ def info_nce_loss_distributed(
     rank, world = _check_dist(check_batch_sizes, group)
 
     def build():
-        _check_dist_impl(dist_impl)
+        check_dist_impl(dist_impl, FAMILY_DIST_IMPLS)
         o = info_nce_options(
             directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
             duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
@@ -149,18 +109,21 @@ def info_nce_loss_distributed(
         c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
         a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
         neg_ids_mask = sum(1 << j for j, t in enumerate(a.neg_ids) if t is not None and j < 62)
-        extra = [
+        fields = [
+            *tensor_fields("query", a.q),
             Signature("negatives: number of negative groups (K)", len(a.negs)),
-            Signature("query_ids", int(query_ids is not None), _yes_no),
-            Signature("doc_ids", int(doc_ids is not None), _yes_no),
-            Signature("negative_ids: the negative groups with ids", neg_ids_mask, _show_bits(str)),
+            Signature("query_ids", int(query_ids is not None), show_given),
+            Signature("doc_ids", int(doc_ids is not None), show_given),
+            Signature("negative_ids: the negative groups with ids", neg_ids_mask, show_bits(str)),
             Signature("directions", sum(1 << _DIRECTIONS.index(x) for x in o.directions),
-                      _show_bits(lambda j: _DIRECTIONS[j])),
-            Signature("dist_impl", FAMILY_DIST_IMPLS.index(dist_impl), _show_table(FAMILY_DIST_IMPLS)),
+                      show_bits(lambda j: _DIRECTIONS[j])),
+            Signature("dist_impl", FAMILY_DIST_IMPLS.index(dist_impl), show_table(FAMILY_DIST_IMPLS)),
         ]  # fmt: skip
-        return o, c, a, extra
+        return (o, c, a), fields
 
-    o, c, a = _agree_on_call("info_nce_loss_distributed", build, query, group, world, check_batch_sizes)
+    o, c, a = checked_on_every_rank(
+        "info_nce_loss_distributed", build, anchor=query, group=group, check=check_batch_sizes
+    )
     if world == 1:
         return info_nce_fused(a, o, c.chunk_size)
     if dist_impl == "ring":
@@ -210,7 +173,7 @@ def gist_loss_distributed(
     rank, world = _check_dist(check_batch_sizes, group)
 
     def build():
-        _check_dist_impl(dist_impl)
+        check_dist_impl(dist_impl, FAMILY_DIST_IMPLS)
         if dist_impl != "gather":
             raise ValueError(
                 f"dist_impl: expected 'gather' for GIST (sentence-transformers' gather_across_devices; no "
@@ -224,15 +187,18 @@ def gist_loss_distributed(
         a = prepare_gist(
             query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c
         )
-        extra = [
-            Signature("negative", int(bool(a.negs)), hint="1: given, 0: None"),
+        fields = [
+            *tensor_fields("query", a.q),
+            Signature("negative", int(bool(a.negs)), show_given),
             Signature("guide_query/guide_positive/guide_negative: the guide's feature dim", a.gq.shape[1]),
             Signature("guide_query/guide_positive/guide_negative: dtype",
-                      comm._code(a.gq.dtype, comm._DTYPE_CODES), _show_table(comm._DTYPE_CODES)),
+                      comm._code(a.gq.dtype, comm._DTYPE_CODES), show_table(comm._DTYPE_CODES)),
         ]  # fmt: skip
-        return o, c, a, extra
+        return (o, c, a), fields
 
-    o, c, a = _agree_on_call("gist_loss_distributed", build, query, group, world, check_batch_sizes)
+    o, c, a = checked_on_every_rank(
+        "gist_loss_distributed", build, anchor=query, group=group, check=check_batch_sizes
+    )
     if world == 1:
         return gist_fused(a, o, c.chunk_size)
     columns = (

@@ -11,9 +11,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastclip import _checks, comm
+from fastclip import _checks
 from fastclip.comm import all_gather_rows, reduce_scatter_rows, ring_exchange, stream_hops
-from fastclip.distributed.world import require_process_group
+from fastclip.distributed.world import (
+    Signature,
+    check_dist_impl,
+    checked_on_every_rank,
+    require_process_group,
+    show_given,
+    show_table,
+    tensor_fields,
+)
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import InputMeta, siglip_block
 from fastclip.ops.dispatch import acc_dtype
@@ -153,19 +161,13 @@ def siglip_loss_distributed(
     ring (both directions, or to the right only). Shapes as ``clip_loss_distributed``;
     ``logit_bias=None`` computes without a bias."""
     _checks.check_bool("check_batch_sizes", check_batch_sizes)
-    check_siglip_dist_impl(dist_impl)
+    check_dist_impl(dist_impl, SIGLIP_DIST_IMPLS)
     options = loss_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
     require_process_group("group", "a distributed loss")
     return siglip_loss_distributed_with_options(
         image_features, text_features, logit_scale, logit_bias, options=options, dist_impl=dist_impl,
         group=group, check_batch_sizes=check_batch_sizes,
     )  # fmt: skip
-
-
-def check_siglip_dist_impl(dist_impl) -> str:
-    if dist_impl not in SIGLIP_DIST_IMPLS:
-        raise ValueError(f"dist_impl: expected one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
-    return dist_impl
 
 
 def siglip_loss_distributed_with_options(
@@ -175,9 +177,19 @@ def siglip_loss_distributed_with_options(
     """:func:`siglip_loss_distributed` of arguments checked at the boundary (the functional form above,
     or ``fastclip.SigLipLoss`` at construction): no re-validation. ``impl="reference"`` runs the
     materialized distributed loss (``fastclip.reference``)."""
-    a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
-    if check_batch_sizes:
-        comm.check_batch_sizes(a.x, group)
+
+    def build():
+        a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
+        fields = [
+            *tensor_fields("image_features", a.x),
+            Signature("logit_bias", int(a.bias is not None), show_given),
+            Signature("dist_impl", SIGLIP_DIST_IMPLS.index(dist_impl), show_table(SIGLIP_DIST_IMPLS)),
+        ]
+        return a, fields
+
+    a = checked_on_every_rank(
+        "siglip_loss_distributed", build, anchor=image_features, group=group, check=check_batch_sizes
+    )
     if a.impl == "reference":
         with no_autocast(a.x.device):
             loss = siglip_loss_distributed_reference(a.x, a.y, a.scale, a.bias, group=group)

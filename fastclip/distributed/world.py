@@ -23,10 +23,13 @@ __all__ = [
     "ProcessGroupError",
     "Signature",
     "agree_across_ranks",
+    "check_dist_impl",
     "check_world",
+    "checked_on_every_rank",
     "gather_like_open_clip",
     "require_process_group",
     "resolve_world",
+    "tensor_fields",
 ]
 
 
@@ -79,6 +82,13 @@ def check_world(group, rank: int, world_size: int) -> None:
             f"rank/world_size: expected the default group's ({dist.get_rank()}, {dist.get_world_size()}), "
             f"got ({rank}, {world_size}); pass group= to use another process group"
         )
+
+
+def check_dist_impl(dist_impl, table: tuple[str, ...]) -> str:
+    """``dist_impl`` checked against the strategies of one loss (``table``)."""
+    if not isinstance(dist_impl, str) or dist_impl not in table:
+        raise ValueError(f"dist_impl: expected one of {table}, got {dist_impl!r}")
+    return dist_impl
 
 
 def gather_like_open_clip(a, b, *, local_loss, gather_with_grad, rank, group):
@@ -171,3 +181,54 @@ def agree_across_ranks(
             "the same kind of call (only the rows' values may differ), or the collectives that follow "
             "would not match"
         )
+
+
+def show_table(table):
+    """A :class:`Signature`'s ``show`` for an index into ``table``."""
+    return lambda v: str(table[v]) if 0 <= v < len(table) else "other"
+
+
+def show_bits(names):
+    """A :class:`Signature`'s ``show`` for a bit set; ``names(j)`` names bit ``j``."""
+
+    def show(v):
+        return "(" + ", ".join(str(names(j)) for j in range(v.bit_length()) if v >> j & 1) + ")"
+
+    return show
+
+
+def show_given(v):
+    return "given" if v else "None"
+
+
+def tensor_fields(name: str, t: torch.Tensor) -> list[Signature]:
+    """The fields every rank's ``(n, D)`` rows must share: local batch, feature dim, dtype, device type."""
+    n, d = t.shape
+    return [
+        Signature(f"{name}: local batch (rows)", n, hint="drop the last incomplete batch (drop_last=True) or pad it"),
+        Signature(f"{name}: feature dim", d),
+        Signature(f"{name}: dtype", comm._code(t.dtype, comm._DTYPE_CODES), show_table(comm._DTYPE_CODES),
+                  hint="cast the features to one dtype on every rank"),
+        Signature(f"{name}: device type", comm._code(t.device.type, comm._DEVICE_CODES),
+                  show_table(comm._DEVICE_CODES)),
+    ]  # fmt: skip
+
+
+def checked_on_every_rank(entry: str, build: Callable[[], tuple], *, anchor, group, check: bool):
+    """The one wrapper of every multi-rank entry: ``build()`` runs the call's own checks and returns
+    ``(checked, fields)``; then every rank agrees on ``fields`` (:func:`agree_across_ranks`: one
+    all-gather of a few integers, skipped with ``check=False`` or a single rank). A rank whose own
+    checks fail still joins the exchange and raises its error; the other ranks raise a ``ValueError``
+    naming it, instead of waiting for it in the collectives that would follow. ``anchor``: the user's
+    first tensor argument (its device carries the exchange when the checks refused it). Returns
+    ``checked``."""
+    if not check or dist.get_world_size(group) == 1:
+        return build()[0]
+    try:
+        checked, fields = build()
+    except Exception as e:
+        usable = isinstance(anchor, torch.Tensor) and anchor.device.type != "meta"
+        agree_across_ranks(entry, [], device=anchor.device if usable else "cpu", group=group, refused=e)
+        raise  # agree_across_ranks raised e already
+    agree_across_ranks(entry, fields, device=anchor.device, group=group)
+    return checked
