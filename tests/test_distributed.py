@@ -301,12 +301,13 @@ def _error_cases(rank, world, failures, counter):
         ("SigLipLoss", lambda: SigLipLoss(rank=rank, world_size=world)),
         ("DistillClipLoss", lambda: DistillClipLoss(rank=rank, world_size=world)),
     ):
+        mod = make()
         args = (x, y_bad, s, x, y, s) if name == "DistillClipLoss" else (x, y_bad, s)
         if rank == world - 1:
-            expect(f"{name}: this rank refuses", ValueError, lambda m=make(), a=args: m(*a), "text_features")
+            expect(f"{name}: this rank refuses", ValueError, lambda m=mod, a=args: m(*a), "text_features")
         else:
             expect(
-                f"{name}: another rank refuses", ValueError, lambda m=make(), a=args: m(*a),
+                f"{name}: another rank refuses", ValueError, lambda m=mod, a=args: m(*a),
                 f"group rank(s) [{world - 1}] refused their arguments",
             )  # fmt: skip
     expect(
