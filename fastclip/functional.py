@@ -8,6 +8,8 @@ This layer offers every ``impl``: the fused ones (``fastclip.ops``) and the mate
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fastclip import _checks
@@ -15,19 +17,11 @@ from fastclip.ops.amp import no_autocast
 from fastclip.ops.clip import clip_loss_fused
 from fastclip.ops.distill import distill_block_loss
 from fastclip.ops.family import gist_fused, info_nce_fused
-from fastclip.ops.family_inputs import (
-    Common,
-    common_options,
-    gist_options,
-    info_nce_options,
-    negatives_list,
-    prepare_gist,
-    prepare_info_nce,
-    settle,
-)
-from fastclip.ops.family_variants import InfoNCEOptions
-from fastclip.ops.inputs import loss_options, nan_if_not_finite, prepare_distill, prepare_with_options
+from fastclip.ops.family_inputs import negatives_list, prepare_gist, prepare_info_nce, settle
+from fastclip.ops.family_variants import GistOptions, InfoNCEOptions
+from fastclip.ops.inputs import Common, loss_options, nan_if_not_finite, prepare_distill, prepare_with_options
 from fastclip.ops.siglip import siglip_loss_fused
+from fastclip.ops.signatures import split_options, takes_options
 from fastclip.reference import clip_loss_reference, distill_clip_loss_reference, siglip_loss_reference
 from fastclip.reference_family import gist_reference, info_nce_reference, siglip_negatives_reference
 
@@ -181,26 +175,18 @@ def distill_clip_loss_with_options(
     return distill_block_loss(*a.tensors, offset=0, both=True, impl=a.impl, chunk_size=a.chunk_size)
 
 
+@takes_options(InfoNCEOptions, Common)
 def info_nce_loss(
     query: torch.Tensor,
     positive: torch.Tensor,
     negatives=None,
     *,
     scale=20.0,
-    similarity: str = "cos",
-    directions=("query_to_doc",),
-    partition: str = "joint",
-    hardness: str | None = None,
-    hardness_strength: float = 0.0,
     query_ids: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     negative_ids=None,
-    duplicates: str = "ignore",
-    label_smoothing: float = 0.0,
     bank: torch.Tensor | None = None,
-    impl: str = "auto",
-    chunk_size: int | None = None,
-    check_finite: bool = False,
+    **options,
 ) -> torch.Tensor:
     """InfoNCE / multiple-negatives ranking loss of one process's batch, without any n x N matrix.
 
@@ -227,12 +213,10 @@ def info_nce_loss(
     masked). Negative groups without ``negative_ids`` carry no id (never a duplicate); any integer
     (negative ones included) is an id. ``label_smoothing`` eps spreads eps over the
     row's unmasked columns. ``impl``, ``chunk_size``, ``check_finite`` as :func:`fastclip.clip_loss`.
+    The options (every keyword from ``similarity`` on) and their defaults are the fields of
+    ``fastclip.ops.family_variants.InfoNCEOptions`` and ``fastclip.ops.inputs.Common``.
     """
-    o = info_nce_options(
-        directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
-        duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
-    )  # fmt: skip
-    c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    o, c = split_options("info_nce_loss", options, InfoNCEOptions, Common)
     return info_nce_with_options(
         query, positive, negatives, scale=scale, query_ids=query_ids, doc_ids=doc_ids,
         negative_ids=negative_ids, bank=bank, options=o, common=c,
@@ -249,14 +233,13 @@ def info_nce_with_options(
     if a.impl == "reference":
         with no_autocast(a.q.device):
             return info_nce_reference(
-                a.q, a.p, a.negs, scale=a.scale, similarity=o.similarity, directions=o.directions,
-                partition=o.partition, hardness=o.hardness, hardness_strength=o.hardness_strength,
-                query_ids=a.q_ids, doc_ids=a.p_ids, negative_ids=a.neg_ids if a.q_ids is not None else None,
-                duplicates=o.duplicates, label_smoothing=o.label_smoothing, bank=a.bank,
+                a.q, a.p, a.negs, scale=a.scale, query_ids=a.q_ids, doc_ids=a.p_ids,
+                negative_ids=a.neg_ids if a.q_ids is not None else None, bank=a.bank, **dataclasses.asdict(o),
             )  # fmt: skip
     return info_nce_fused(a, o, c.chunk_size)
 
 
+@takes_options(GistOptions, Common)
 def gist_loss(
     query: torch.Tensor,
     positive: torch.Tensor,
@@ -266,13 +249,7 @@ def gist_loss(
     guide_positive: torch.Tensor,
     guide_negative: torch.Tensor | None = None,
     temperature: float = 0.01,
-    margin_strategy: str = "absolute",
-    margin: float = 0.0,
-    contrast_anchors: bool = True,
-    contrast_positives: bool = True,
-    impl: str = "auto",
-    chunk_size: int | None = None,
-    check_finite: bool = False,
+    **options,
 ) -> torch.Tensor:
     """GISTEmbed's guided in-batch-negatives loss of one process's batch, without any n x N matrix
     (neither the model's nor the guide's).
@@ -286,18 +263,13 @@ def gist_loss(
     cross-entropy of scores / ``temperature``, as sentence-transformers 6.x's ``GISTEmbedLoss`` (5.7 kept
     those two self columns unless the guide removed them).
     """
-    o = gist_options(
-        margin_strategy=margin_strategy, margin=margin,
-        contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
-    )  # fmt: skip
-    c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
+    o, c = split_options("gist_loss", options, GistOptions, Common)
     a = prepare_gist(query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c)
     if a.impl == "reference":
         with no_autocast(a.q.device):
             return gist_reference(
                 a.q, a.p, a.negs[0] if a.negs else None, guide_query=a.gq, guide_positive=a.gp,
                 guide_negative=a.gnegs[0] if a.gnegs else None, temperature=float(1.0 / a.scale),
-                margin_strategy=o.margin_strategy, margin=o.margin,
-                contrast_anchors=o.contrast_anchors, contrast_positives=o.contrast_positives,
+                **dataclasses.asdict(o),
             )  # fmt: skip
     return gist_fused(a, o, c.chunk_size)

@@ -8,12 +8,16 @@ rank's columns). A learnable temperature: pass ``scale`` as a tensor to ``forwar
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from fastclip import _checks
 from fastclip.functional import info_nce_with_options
-from fastclip.ops.family_inputs import common_options, info_nce_options
+from fastclip.ops.family_variants import InfoNCEOptions
+from fastclip.ops.inputs import Common, loss_options
+from fastclip.ops.signatures import split_options, takes_options
 
 
 class InfoNCELoss(nn.Module):
@@ -22,38 +26,27 @@ class InfoNCELoss(nn.Module):
 
     ``forward(query, positive, negatives=None, *, scale=None, query_ids=None, doc_ids=None,
     negative_ids=None, bank=None)`` -> 0-dim loss; ``scale=None`` uses the constructor's ``scale``.
+    The options after ``dist_impl`` are :func:`fastclip.info_nce_loss`'s (one definition:
+    ``InfoNCEOptions`` and ``Common``), keyword-only.
     """
 
+    @takes_options(InfoNCEOptions, Common)
     def __init__(
         self,
         scale: float = 20.0,
-        similarity: str = "cos",
-        directions=("query_to_doc",),
-        partition: str = "joint",
-        hardness: str | None = None,
-        hardness_strength: float = 0.0,
-        duplicates: str = "ignore",
-        label_smoothing: float = 0.0,
         *,
         distributed: bool = False,
         group=None,
         dist_impl: str = "gather",
-        impl: str = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = False,
+        **options,
     ):
         super().__init__()
-        self.options = info_nce_options(
-            directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
-            duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
-        )  # fmt: skip
-        self.common = common_options(
-            impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=not distributed
-        )
+        self.options, common = split_options("InfoNCELoss", options, InfoNCEOptions, Common)
+        self.distributed = _checks.check_bool("distributed", distributed)
+        self.common = loss_options(**dataclasses.asdict(common), allow_reference=not distributed)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"scale: expected a positive float, got {scale!r}")
         self.scale = float(scale)
-        self.distributed = _checks.check_bool("distributed", distributed)
         from fastclip.distributed.family import FAMILY_DIST_IMPLS
         from fastclip.distributed.world import check_dist_impl
 
@@ -78,13 +71,10 @@ class InfoNCELoss(nn.Module):
         if self.distributed:
             from fastclip.distributed.family import info_nce_loss_distributed
 
-            o, c = self.options, self.common
             return info_nce_loss_distributed(
-                query, positive, negatives, scale=scale, similarity=o.similarity, directions=o.directions,
-                partition=o.partition, hardness=o.hardness, hardness_strength=o.hardness_strength,
-                query_ids=query_ids, doc_ids=doc_ids, negative_ids=negative_ids, duplicates=o.duplicates,
-                label_smoothing=o.label_smoothing, bank=bank, group=self.group, dist_impl=self.dist_impl,
-                impl=c.impl, chunk_size=c.chunk_size, check_finite=c.check_finite,
+                query, positive, negatives, scale=scale, query_ids=query_ids, doc_ids=doc_ids,
+                negative_ids=negative_ids, bank=bank, group=self.group, dist_impl=self.dist_impl,
+                **dataclasses.asdict(self.options), **dataclasses.asdict(self.common),
             )  # fmt: skip
         return info_nce_with_options(
             query, positive, negatives, scale=scale, query_ids=query_ids, doc_ids=doc_ids,

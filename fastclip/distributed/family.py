@@ -40,16 +40,10 @@ from fastclip.distributed.world import (
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.family import gist_fused, info_nce_fused
 from fastclip.ops.family_impl import family_torch
-from fastclip.ops.family_inputs import (
-    common_options,
-    gist_options,
-    info_nce_options,
-    normalize,
-    prepare_gist,
-    prepare_info_nce,
-)
-from fastclip.ops.family_variants import Layout, info_nce_spec
-from fastclip.ops.inputs import all_finite
+from fastclip.ops.family_inputs import normalize, prepare_gist, prepare_info_nce
+from fastclip.ops.family_variants import GistOptions, InfoNCEOptions, Layout, info_nce_spec
+from fastclip.ops.inputs import Common, all_finite, no_reference
+from fastclip.ops.signatures import split_options, takes_options
 
 FAMILY_DIST_IMPLS = ("gather", "ring")
 
@@ -68,29 +62,21 @@ def _gather_ids(t, group):
     return None if t is None else all_gather_rows(t, group)
 
 
+@takes_options(InfoNCEOptions, Common)
 def info_nce_loss_distributed(
     query: torch.Tensor,
     positive: torch.Tensor,
     negatives=None,
     *,
     scale=20.0,
-    similarity: str = "cos",
-    directions=("query_to_doc",),
-    partition: str = "joint",
-    hardness: str | None = None,
-    hardness_strength: float = 0.0,
     query_ids: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     negative_ids=None,
-    duplicates: str = "ignore",
-    label_smoothing: float = 0.0,
     bank: torch.Tensor | None = None,
     group=None,
     dist_impl: str = "gather",
-    impl: str = "auto",
-    chunk_size: int | None = None,
-    check_finite: bool = False,
     check_batch_sizes: bool = True,
+    **options,
 ) -> torch.Tensor:
     """:func:`fastclip.info_nce_loss` over a process group: this rank's ``(n, D)`` rows against the
     columns of all ranks (``bank`` stays local: each rank's own extra negatives). Returns this rank's
@@ -102,11 +88,8 @@ def info_nce_loss_distributed(
 
     def build():
         check_dist_impl(dist_impl, FAMILY_DIST_IMPLS)
-        o = info_nce_options(
-            directions=directions, partition=partition, hardness=hardness, hardness_strength=hardness_strength,
-            duplicates=duplicates, label_smoothing=label_smoothing, similarity=similarity,
-        )  # fmt: skip
-        c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
+        o, c = split_options("info_nce_loss_distributed", options, InfoNCEOptions, Common)
+        c = no_reference(c)
         a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
         neg_ids_mask = sum(1 << j for j, t in enumerate(a.neg_ids) if t is not None and j < 62)
         fields = [
@@ -144,6 +127,7 @@ def info_nce_loss_distributed(
     return info_nce_fused(a, o, c.chunk_size, columns=columns, offset=rank * a.q.shape[0])
 
 
+@takes_options(GistOptions, Common)
 def gist_loss_distributed(
     query: torch.Tensor,
     positive: torch.Tensor,
@@ -153,16 +137,10 @@ def gist_loss_distributed(
     guide_positive: torch.Tensor,
     guide_negative: torch.Tensor | None = None,
     temperature: float = 0.01,
-    margin_strategy: str = "absolute",
-    margin: float = 0.0,
-    contrast_anchors: bool = True,
-    contrast_positives: bool = True,
     group=None,
     dist_impl: str = "gather",
-    impl: str = "auto",
-    chunk_size: int | None = None,
-    check_finite: bool = False,
     check_batch_sizes: bool = True,
+    **options,
 ) -> torch.Tensor:
     """:func:`fastclip.gist_loss` over a process group, as sentence-transformers' GISTEmbedLoss with
     ``gather_across_devices=True``: positives and negatives (and their guide embeddings) are gathered,
@@ -179,11 +157,8 @@ def gist_loss_distributed(
                 f"dist_impl: expected 'gather' for GIST (sentence-transformers' gather_across_devices; no "
                 f"ring form is built), got {dist_impl!r}"
             )
-        o = gist_options(
-            margin_strategy=margin_strategy, margin=margin,
-            contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
-        )  # fmt: skip
-        c = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite, allow_reference=False)
+        o, c = split_options("gist_loss_distributed", options, GistOptions, Common)
+        c = no_reference(c)
         a = prepare_gist(
             query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c
         )

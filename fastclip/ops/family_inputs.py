@@ -5,7 +5,6 @@ a tensor's values unless ``check_finite=True``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,74 +13,8 @@ import torch.nn.functional as F
 from fastclip import _checks
 from fastclip.ops.amp import autocast_active, compute_dtype
 from fastclip.ops.dispatch import resolve_impl
-from fastclip.ops.family_variants import (
-    DIRECTIONS,
-    DUPLICATES,
-    HARDNESS,
-    PARTITIONS,
-    GistOptions,
-    InfoNCEOptions,
-)
-from fastclip.ops.inputs import Common, common_options  # noqa: F401  (re-exported: the family entries use them)
-
-SIMILARITIES = ("cos", "dot")
-
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
-
-
-def _real(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite float, got {value}")
-    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
-    bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
-    if bad_lo or bad_hi:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise ValueError(f"{name}: expected a value in {left}{lo}, {hi}{right}, got {value}")
-    return value
-
-
-def info_nce_options(
-    *, directions, partition, hardness, hardness_strength, duplicates, label_smoothing, similarity
-) -> InfoNCEOptions:
-    if isinstance(directions, str) or not isinstance(directions, (tuple, list)):
-        raise TypeError(f"directions: expected a tuple of direction names, got {type(directions).__name__}")
-    directions = tuple(directions)
-    for d in directions:
-        _choice("directions", d, DIRECTIONS)
-    if "query_to_doc" not in directions:
-        raise ValueError(
-            f"directions: expected 'query_to_doc' among them (it holds the positives), got {directions}"
-        )
-    if len(set(directions)) != len(directions):
-        raise ValueError(f"directions: expected each direction once, got {directions}")
-    _choice("partition", partition, PARTITIONS)
-    if partition == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
-        raise ValueError(
-            f"partition: 'per_direction' needs every direction to contain the positive pair, but {directions} "
-            "includes query_to_query/doc_to_doc (same-type similarities); use partition='joint'"
-        )
-    _choice("hardness", hardness, HARDNESS)
-    strength = _real("hardness_strength", hardness_strength, lo=0.0)
-    _choice("duplicates", duplicates, DUPLICATES)
-    eps = _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0, hi_open=True)
-    _choice("similarity", similarity, SIMILARITIES)
-    return InfoNCEOptions(directions, partition, hardness, strength, duplicates, eps, similarity)
-
-
-def gist_options(*, margin_strategy, margin, contrast_anchors, contrast_positives) -> GistOptions:
-    _choice("margin_strategy", margin_strategy, ("absolute", "relative"))
-    margin = _real("margin", margin)
-    _checks.check_bool("contrast_anchors", contrast_anchors)
-    _checks.check_bool("contrast_positives", contrast_positives)
-    return GistOptions(margin_strategy, margin, contrast_anchors, contrast_positives)
+from fastclip.ops.family_variants import GistOptions, InfoNCEOptions
+from fastclip.ops.inputs import Common
 
 
 def negatives_list(
@@ -188,7 +121,11 @@ def scale_tensor(name: str, scale, device, *, positive=True, dtype=torch.float32
     if isinstance(scale, bool):
         raise TypeError(f"{name}: expected a float or a 0-dim/1-element tensor, got bool")
     if isinstance(scale, (int, float)):
-        value = _real(name, scale, lo=0.0, lo_open=True) if positive else _real(name, scale)
+        value = (
+            _checks.check_real(name, scale, lo=0.0, lo_open=True)
+            if positive
+            else _checks.check_real(name, scale)
+        )
         return torch.full((), value, device=device, dtype=dtype)  # a fill, not a blocking host copy
     return _checks.check_scalar(name, scale, device=device)
 
@@ -306,7 +243,7 @@ def prepare_gist(
         _checks.check_tensor(name, t, ndim=2)
         if t.shape[0] != n:
             raise ValueError(f"{name}: expected {n} rows (as query), got {t.shape[0]}")
-    temperature = _real("temperature", temperature, lo=0.0, lo_open=True)
+    temperature = _checks.check_real("temperature", temperature, lo=0.0, lo_open=True)
     feats = settle(named, matmul=False)
     guides = settle([(k, t.detach()) for k, t in gnamed], matmul=False)
     if guides[0].device != feats[0].device:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastclip._checks import check_bool, check_choice, check_real
 from fastclip.ops.family_spec import Block, FamilySpec
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITIONS = ("joint", "per_direction")
 HARDNESS = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 DUPLICATES = ("ignore", "positive")
+SIMILARITIES = ("cos", "dot")
+MARGIN_STRATEGIES = ("absolute", "relative")
 
 # Which columns of the query->document blocks get the hardness shift, per mode: (positives, hard
 # negatives, bank). "Own" columns are the row's positive and the row's own hard negatives.
@@ -46,7 +49,10 @@ class Layout:
 
 @dataclass(frozen=True)
 class InfoNCEOptions:
-    """The validated options of :func:`fastclip.info_nce_loss` (``fastclip/ops/family_inputs.py``)."""
+    """The options of :func:`fastclip.info_nce_loss`, defined once: names, defaults and checks (every
+    construction checks them). The function's, the module's and the distributed entry's signatures are
+    derived from these fields (``fastclip/ops/signatures.py``), and the float64 reference takes them by
+    the same names."""
 
     directions: tuple[str, ...] = ("query_to_doc",)
     partition: str = "joint"
@@ -55,6 +61,36 @@ class InfoNCEOptions:
     duplicates: str = "ignore"
     label_smoothing: float = 0.0
     similarity: str = "cos"
+
+    def __post_init__(self):
+        directions = self.directions
+        if isinstance(directions, str) or not isinstance(directions, (tuple, list)):
+            raise TypeError(
+                f"directions: expected a tuple of direction names, got {type(directions).__name__}"
+            )
+        directions = tuple(directions)
+        for d in directions:
+            check_choice("directions", d, DIRECTIONS)
+        if "query_to_doc" not in directions:
+            raise ValueError(
+                f"directions: expected 'query_to_doc' among them (it holds the positives), got {directions}"
+            )
+        if len(set(directions)) != len(directions):
+            raise ValueError(f"directions: expected each direction once, got {directions}")
+        check_choice("partition", self.partition, PARTITIONS)
+        if self.partition == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
+            raise ValueError(
+                f"partition: 'per_direction' needs every direction to contain the positive pair, but "
+                f"{directions} includes query_to_query/doc_to_doc (same-type similarities); use partition='joint'"
+            )
+        check_choice("hardness", self.hardness, HARDNESS)
+        strength = check_real("hardness_strength", self.hardness_strength, lo=0.0)
+        check_choice("duplicates", self.duplicates, DUPLICATES)
+        eps = check_real("label_smoothing", self.label_smoothing, lo=0.0, hi=1.0, hi_open=True)
+        check_choice("similarity", self.similarity, SIMILARITIES)
+        object.__setattr__(self, "directions", directions)
+        object.__setattr__(self, "hardness_strength", strength)
+        object.__setattr__(self, "label_smoothing", eps)
 
 
 def info_nce_spec(o: InfoNCEOptions, lay: Layout, n: int) -> FamilySpec:
@@ -98,10 +134,18 @@ def info_nce_spec(o: InfoNCEOptions, lay: Layout, n: int) -> FamilySpec:
 
 @dataclass(frozen=True)
 class GistOptions:
+    """The options of :func:`fastclip.gist_loss`, defined once (as :class:`InfoNCEOptions`)."""
+
     margin_strategy: str = "absolute"
     margin: float = 0.0
     contrast_anchors: bool = True
     contrast_positives: bool = True
+
+    def __post_init__(self):
+        check_choice("margin_strategy", self.margin_strategy, MARGIN_STRATEGIES)
+        object.__setattr__(self, "margin", check_real("margin", self.margin))
+        check_bool("contrast_anchors", self.contrast_anchors)
+        check_bool("contrast_positives", self.contrast_positives)
 
 
 def gist_spec(o: GistOptions, lay: Layout, n: int) -> FamilySpec:

@@ -22,20 +22,17 @@ from fastclip.ops.dispatch import resolve_impl
 
 @dataclass(frozen=True)
 class Common:
-    """Checked ``impl``, ``chunk_size`` and ``check_finite`` (shared by every family entry point)."""
+    """``impl``, ``chunk_size`` and ``check_finite``, defined once for every loss entry point (each
+    construction checks them; the entries' signatures show these fields, ``fastclip/ops/signatures.py``)."""
 
     impl: str = "auto"
     chunk_size: int | None = None
     check_finite: bool = False
 
-
-def common_options(*, impl, chunk_size, check_finite, allow_reference=True) -> Common:
-    _checks.check_impl(impl)
-    if impl == "reference" and not allow_reference:
-        raise ValueError("impl: expected 'auto', 'triton' or 'torch' here, got 'reference'")
-    return Common(
-        impl, _checks.check_chunk_size(chunk_size), _checks.check_bool("check_finite", check_finite)
-    )
+    def __post_init__(self):
+        _checks.check_impl(self.impl)
+        object.__setattr__(self, "chunk_size", _checks.check_chunk_size(self.chunk_size))
+        _checks.check_bool("check_finite", self.check_finite)
 
 
 @dataclass
@@ -66,11 +63,17 @@ def settle_pair(a, b, name_a="image_features", name_b="text_features", *, same_b
     return a.to(dtype), b.to(dtype)
 
 
-def loss_options(*, impl, chunk_size, check_finite, allow_reference: bool = True) -> Common:
+def loss_options(*, impl="auto", chunk_size=None, check_finite=False, allow_reference: bool = True) -> Common:
     """``impl``, ``chunk_size`` and ``check_finite`` checked once, at the boundary, into the frozen
-    options every entry below takes (the family's :class:`~fastclip.ops.family_inputs.Common`)."""
-    options = common_options(impl=impl, chunk_size=chunk_size, check_finite=check_finite)
-    if options.impl == "reference" and not allow_reference:
+    options every entry below takes. ``allow_reference=False``: a multi-rank entry, where
+    ``impl="reference"`` is refused."""
+    options = Common(impl, chunk_size, check_finite)
+    return options if allow_reference else no_reference(options)
+
+
+def no_reference(options: Common) -> Common:
+    """``options`` of a multi-rank entry, which has no ``impl="reference"``."""
+    if options.impl == "reference":
         raise ValueError(
             "impl: expected 'auto', 'triton' or 'torch' here, got 'reference' "
             "(the materialized losses are in fastclip.reference)"
