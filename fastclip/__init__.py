@@ -4,6 +4,7 @@ from fastclip import ClipLoss, SigLipLoss      # drop-in for open_clip's classes
 from fastclip.loss import ClipLoss             # the module path of open_clip.loss
 from fastclip import clip_loss, siglip_loss    # functional forms
 from fastclip import info_nce_loss, InfoNCELoss  # the contrastive family: hard negatives, directions, ids, ...
+from fastclip import gist_loss, GistLoss          # GISTEmbed's guided in-batch negatives
 """
 
 import sys as _sys
@@ -20,6 +21,7 @@ _LAZY = {
     "info_nce_loss": "fastclip.functional",
     "gist_loss": "fastclip.functional",
     "InfoNCELoss": "fastclip.losses_family",
+    "GistLoss": "fastclip.losses_family",
     "ClipLoss": "fastclip.losses",
     "SigLipLoss": "fastclip.losses",
     "CoCaLoss": "fastclip.losses_distill",

@@ -264,6 +264,18 @@ def gist_loss(
     those two self columns unless the guide removed them).
     """
     o, c = split_options("gist_loss", options, GistOptions, Common)
+    return gist_with_options(
+        query, positive, negative, guide_query=guide_query, guide_positive=guide_positive,
+        guide_negative=guide_negative, temperature=temperature, options=o, common=c,
+    )  # fmt: skip
+
+
+def gist_with_options(
+    query, positive, negative=None, *, guide_query, guide_positive, guide_negative=None, temperature,
+    options: GistOptions, common: Common,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`gist_loss` with options validated once (the module's entry: no re-validation)."""
+    o, c = options, common
     a = prepare_gist(query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c)
     if a.impl == "reference":
         with no_autocast(a.q.device):

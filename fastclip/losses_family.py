@@ -1,9 +1,11 @@
-"""``InfoNCELoss``: the contrastive family as a module. It holds validated flags and calls one entry.
+"""``InfoNCELoss`` and ``GistLoss``: the contrastive family as modules. Each holds validated flags and
+calls one entry.
 
 The options are checked once, at construction, into frozen objects; ``forward`` passes them to
-``fastclip.functional.info_nce_with_options`` (one process) or
-``fastclip.distributed.info_nce_loss_distributed`` (``distributed=True``: this rank's rows against every
-rank's columns). A learnable temperature: pass ``scale`` as a tensor to ``forward``.
+``fastclip.functional.info_nce_with_options`` / ``gist_with_options`` (one process) or
+``fastclip.distributed.info_nce_loss_distributed`` / ``gist_loss_distributed`` (``distributed=True``:
+this rank's rows against every rank's columns). A learnable temperature: pass ``scale`` (InfoNCE) as a
+tensor to ``forward``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 from torch import nn
 
 from fastclip import _checks
-from fastclip.functional import info_nce_with_options
-from fastclip.ops.family_variants import InfoNCEOptions
+from fastclip.functional import gist_with_options, info_nce_with_options
+from fastclip.ops.family_variants import GistOptions, InfoNCEOptions
 from fastclip.ops.inputs import Common, loss_options
 from fastclip.ops.signatures import split_options, takes_options
 
@@ -87,4 +89,54 @@ class InfoNCELoss(nn.Module):
             f"scale={self.scale}, similarity={o.similarity!r}, directions={o.directions}, partition={o.partition!r}, "
             f"hardness={o.hardness!r}, hardness_strength={o.hardness_strength}, duplicates={o.duplicates!r}, "
             f"label_smoothing={o.label_smoothing}, distributed={self.distributed}"
+        )
+
+
+class GistLoss(nn.Module):
+    """GISTEmbed's guided in-batch-negatives loss (:func:`fastclip.gist_loss`) as a module.
+
+    ``forward(query, positive, negative=None, *, guide_query, guide_positive, guide_negative=None)`` ->
+    0-dim loss; the guide model's embeddings of the same texts come with each call (no gradient).
+    ``distributed=True``: sentence-transformers' ``gather_across_devices=True`` (positives, negatives and
+    their guide embeddings gathered, anchors local; ``dist_impl`` "gather" only). The options after
+    ``dist_impl`` are ``gist_loss``'s (``GistOptions`` and ``Common``), keyword-only.
+    """
+
+    @takes_options(GistOptions, Common)
+    def __init__(
+        self, temperature: float = 0.01, *, distributed: bool = False, group=None, dist_impl: str = "gather",
+        **options,
+    ):  # fmt: skip
+        super().__init__()
+        self.options, common = split_options("GistLoss", options, GistOptions, Common)
+        self.distributed = _checks.check_bool("distributed", distributed)
+        self.common = loss_options(**dataclasses.asdict(common), allow_reference=not distributed)
+        self.temperature = _checks.check_real("temperature", temperature, lo=0.0, lo_open=True)
+        if dist_impl != "gather":
+            raise ValueError(
+                f"dist_impl: expected 'gather' for GIST (no ring form is built), got {dist_impl!r}"
+            )
+        self.group = group
+        self.dist_impl = dist_impl
+
+    def forward(self, query, positive, negative=None, *, guide_query, guide_positive, guide_negative=None):
+        guides = dict(guide_query=guide_query, guide_positive=guide_positive, guide_negative=guide_negative)
+        if self.distributed:
+            from fastclip.distributed.family import gist_loss_distributed
+
+            return gist_loss_distributed(
+                query, positive, negative, **guides, temperature=self.temperature, group=self.group,
+                dist_impl=self.dist_impl, **dataclasses.asdict(self.options), **dataclasses.asdict(self.common),
+            )  # fmt: skip
+        return gist_with_options(
+            query, positive, negative, **guides, temperature=self.temperature, options=self.options,
+            common=self.common,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (
+            f"temperature={self.temperature}, margin_strategy={o.margin_strategy!r}, margin={o.margin}, "
+            f"contrast_anchors={o.contrast_anchors}, contrast_positives={o.contrast_positives}, "
+            f"distributed={self.distributed}"
         )

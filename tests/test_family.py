@@ -149,6 +149,32 @@ def test_gist_equals_reference(strategy, anchors, positives, neg):
         assert max_err(a, w)[0] <= 1e-9
 
 
+def test_gist_module_is_the_function():
+    """``GistLoss`` holds the options and calls the function's entry: same loss and gradients, bitwise;
+    its bad arguments raise at construction, naming them."""
+    from fastclip import GistLoss
+
+    ts, gs = _gist_case(neg=True)
+    kw = dict(margin_strategy="relative", margin=0.1, contrast_anchors=False, impl="torch", chunk_size=4)
+    want = _grads(lambda t, _: _gist(FF.gist_loss, t, gs, dict(kw, temperature=0.05)), ts)
+    mod = GistLoss(0.05, **kw)
+    got = _grads(lambda t, _: mod(t[0], t[1], *t[2:], guide_query=gs[0], guide_positive=gs[1],
+                                  guide_negative=gs[2]), ts)  # fmt: skip
+    for a, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+        assert torch.equal(a, w)
+    assert "margin_strategy='relative'" in repr(mod) and "temperature=0.05" in repr(mod)
+    with pytest.raises(ValueError, match="temperature: expected a value in"):
+        GistLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="margin_strategy: expected one of"):
+        GistLoss(margin_strategy="ratio")
+    with pytest.raises(ValueError, match="dist_impl: expected 'gather'"):
+        GistLoss(dist_impl="ring")
+    with pytest.raises(ValueError, match="impl: expected 'auto', 'triton' or 'torch' here"):
+        GistLoss(impl="reference", distributed=True)
+    with pytest.raises(TypeError, match="guide_query"):
+        mod(gs[0], gs[1])
+
+
 TRITON_CASES = [
     (dict(), 0, False),
     (dict(directions=ALL_DIRS, hardness="in_batch_negatives", hardness_strength=2.0), 2, False),

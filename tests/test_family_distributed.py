@@ -142,6 +142,19 @@ def _worker(rank, world, port, out_dir):
         err = max(float((t.grad - w[sl]).abs().max()) for t, w in zip(local, want))
         if not err <= 1e-8:
             failures.append(f"gist: max grad err {err:.3e}")
+        # The module (distributed=True) calls the same entry: the same loss and gradients, bitwise.
+        from fastclip import GistLoss
+
+        again = [t[sl].clone().requires_grad_() for t in xs]
+        mod = GistLoss(temperature=0.05, margin=0.1, impl="torch", chunk_size=3, distributed=True)
+        mloss = mod(again[0], again[1], again[2], guide_query=gs[0][sl], guide_positive=gs[1][sl],
+                    guide_negative=gs[2][sl])  # fmt: skip
+        mloss.backward()
+        checked += 1
+        if not torch.equal(mloss, loss) or not all(torch.equal(a.grad, b.grad) for a, b in zip(again, local)):
+            failures.append(
+                f"GistLoss(distributed=True): {float(mloss)} vs gist_loss_distributed {float(loss)}"
+            )
         # unequal local batches: a ValueError on every rank, not a hang
         try:
             info_nce_loss_distributed(torch.randn(3 + rank, 4), torch.randn(3 + rank, 4))
@@ -166,7 +179,7 @@ def test_family_distributed_matches_reference(world, tmp_path):
     for r in range(world):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert not res["failures"], f"rank {r}: " + "\n".join(res["failures"])
-        assert res["checked"] == 3 * len(CASES) + 1
+        assert res["checked"] == 3 * len(CASES) + 2  # + GIST, + the GIST module
 
 
 def test_distributed_without_process_group_is_a_value_error():

@@ -13,7 +13,7 @@ import inspect
 import pytest
 import torch
 
-from fastclip import InfoNCELoss, gist_loss, info_nce_loss
+from fastclip import GistLoss, InfoNCELoss, gist_loss, info_nce_loss
 from fastclip.distributed import gist_loss_distributed, info_nce_loss_distributed
 from fastclip.ops.family_variants import GistOptions, InfoNCEOptions
 from fastclip.ops.inputs import Common
@@ -40,6 +40,7 @@ def _fields(*types) -> dict:
         (InfoNCELoss, (InfoNCEOptions, Common)),
         (gist_loss, (GistOptions, Common)),
         (gist_loss_distributed, (GistOptions, Common)),
+        (GistLoss, (GistOptions, Common)),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
 )
