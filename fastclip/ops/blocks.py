@@ -28,6 +28,7 @@ import torch
 
 from fastclip import _checks
 from fastclip.ops import library
+from fastclip.ops.dispatch import block_impl
 from fastclip.ops.torch_impl import positive_logits, positive_rows
 
 __all__ = [
@@ -42,11 +43,6 @@ __all__ = [
 ]
 
 
-def _block_impl(impl: str) -> str:
-    # "auto" is resolved by the callers; only "triton" selects the kernels.
-    return "triton" if impl == "triton" else "torch"
-
-
 def _run_block(op, direct, *args):
     if _checks._is_compiling():
         return op(*args)
@@ -55,7 +51,7 @@ def _run_block(op, direct, *args):
 
 def clip_lse(x, y, scale, *, impl="torch", chunk_size=None):
     """Row and column log-sum-exp of the block ``s * x @ y.T``: ``(n,)`` and ``(N,)``. Inputs are detached."""
-    args = (x.detach(), y.detach(), scale.detach(), _block_impl(impl), chunk_size)
+    args = (x.detach(), y.detach(), scale.detach(), block_impl(impl), chunk_size)
     return _run_block(library.clip_lse_op, library.clip_lse_impl, *args)
 
 
@@ -74,7 +70,7 @@ def clip_grad(
         float(coef_col),
         offset,
         float(pos_coef),
-        _block_impl(impl),
+        block_impl(impl),
         chunk_size,
     )
     return _run_block(library.clip_grad_op, library.clip_grad_impl, *args)
@@ -92,7 +88,7 @@ def siglip_block(x, y, scale, bias, *, offset, need_grad, impl="torch", chunk_si
         None if bias is None else bias.detach(),
         offset,
         bool(need_grad),
-        _block_impl(impl),
+        block_impl(impl),
         chunk_size,
     )
     if not need_grad:
@@ -105,7 +101,7 @@ def distill_stats(x, y, s, xt, yt, t, *, both, impl="torch", chunk_size=None):
     the column entries None unless ``both``. Inputs are detached."""
     args = (x.detach(), y.detach(), s.detach(), xt.detach(), yt.detach(), t.detach())
     out = _run_block(
-        library.distill_stats_op, library.distill_stats_impl, *args, bool(both), _block_impl(impl), chunk_size
+        library.distill_stats_op, library.distill_stats_impl, *args, bool(both), block_impl(impl), chunk_size
     )
     return out if both else (*out[:3], None, None, None)
 
@@ -116,7 +112,7 @@ def distill_grad(x, y, s, xt, yt, t, stats, coefs, offset, need_student, need_te
     det = tuple(None if v is None else v.detach() for v in (x, y, s, xt, yt, t, *stats, coefs))
     out = _run_block(
         library.distill_grad_op, library.distill_grad_impl,
-        *det, offset, bool(need_student), bool(need_teacher), _block_impl(impl), chunk_size,
+        *det, offset, bool(need_student), bool(need_teacher), block_impl(impl), chunk_size,
     )  # fmt: skip
     keep = (need_student,) * 3 + (need_teacher,) * 3
     return tuple(v if k else None for v, k in zip(out, keep))

@@ -67,6 +67,13 @@ def resolve_impl(impl: str, device: torch.device, *, dtype: torch.dtype | None =
     return impl
 
 
+def block_impl(impl: str) -> str:
+    """The implementation a block primitive runs for a resolved ``impl``: the kernels for "triton", the
+    chunked PyTorch code otherwise ("torch"; "reference" callers reach the blocks only through paths
+    that have no materialized form, e.g. the distributed distillation)."""
+    return "triton" if impl == "triton" else "torch"
+
+
 def chunk_rows(n_rows: int, n_cols: int, chunk_size: int | None, budget: int = CHUNK_ELEMENTS) -> int:
     """Rows per chunk: the caller's ``chunk_size`` or the default ``budget`` of logits per chunk
     (CHUNK_ELEMENTS; DISTILL_CHUNK_ELEMENTS for the distillation passes)."""

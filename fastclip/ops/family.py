@@ -16,14 +16,11 @@ from fastclip import _checks
 from fastclip.ops import library
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import _run_block
+from fastclip.ops.dispatch import block_impl
 from fastclip.ops.family_inputs import gist_margins
 from fastclip.ops.family_spec import FamilySpec
 from fastclip.ops.family_variants import Layout, gist_spec, info_nce_spec
 from fastclip.ops.inputs import nan_if_not_finite
-
-
-def _block_impl(impl: str) -> str:
-    return "triton" if impl == "triton" else "torch"
 
 
 class FamilyFunction(torch.autograd.Function):
@@ -56,7 +53,7 @@ class FamilyFunction(torch.autograd.Function):
             scale.detach(),
             need,
             need_s,
-            _block_impl(impl),
+            block_impl(impl),
             chunk_size,
         )
         out = _run_block(library.family_op, library.family_impl, *args)

@@ -130,10 +130,6 @@ def scale_tensor(name: str, scale, device, *, positive=True, dtype=torch.float32
     return _checks.check_scalar(name, scale, device=device)
 
 
-def resolve(common: Common, device, dtype) -> str:
-    return resolve_impl(common.impl, device, dtype=dtype) if common.impl != "reference" else "reference"
-
-
 def normalize(t: torch.Tensor) -> torch.Tensor:
     """Unit rows, as sentence-transformers' ``cos_sim`` (``F.normalize``), computed in float32 for 16-bit
     inputs and returned in the input dtype. Differentiable: autograd carries the gradient through."""
@@ -202,7 +198,7 @@ def prepare_info_nce(
     # through the normalization), the reference and the ring normalize with autograd.
     q, p, *rest = feats
     bank_t = rest.pop() if bank is not None else None
-    impl = resolve(c, device, q.dtype)
+    impl = resolve_impl(c.impl, device, dtype=q.dtype)
     return InfoNCEInputs(q, p, rest, bank_t, s, q_ids, p_ids, neg_ids, impl)
 
 
@@ -254,7 +250,7 @@ def prepare_gist(
     # The guide's cosine, in float32 at least: its comparisons decide the masks.
     guides = [F.normalize(g.to(torch.promote_types(g.dtype, torch.float32)), p=2, dim=-1) for g in guides]
     s = torch.full((), 1.0 / temperature, device=feats[0].device, dtype=scalar_dtype(feats[0].dtype))
-    impl = resolve(c, feats[0].device, feats[0].dtype)
+    impl = resolve_impl(c.impl, feats[0].device, dtype=feats[0].dtype)
     q, p, *negs = feats
     gq, gp, *gnegs = guides
     return GistInputs(q, p, negs, gq, gp, gnegs, s, impl)
