@@ -47,11 +47,15 @@ import torch
 import triton
 from fastclip.kernels import config, gemm
 from fastclip.kernels.common import dot_operands, meta_flags, on_tensor_device
-from fastclip.kernels.family_tiles import _family_grad_kernel, _family_lse_kernel, _guide_threshold_kernel
+from fastclip.kernels.family_tiles import (
+    FLAG_FIELDS,
+    SHIFT_BIT,
+    SHIFT_CODES,
+    _family_grad_kernel,
+    _family_lse_kernel,
+    _guide_threshold_kernel,
+)
 
-SHIFT_CODES = {"none": 0, "all": 1, "all_but_own": 2, "own_only": 3}
-# Segment flag bits (one int64 per segment, read by the kernels).
-F_OWN, F_POS, F_CAP, F_EXCL, F_IDS, F_GUIDE, SHIFT_BIT = 1, 2, 4, 8, 16, 32, 6
 SEG_FIELDS = 5  # start, end, first tile, own offset, flags
 # The family's tiles keep several masks per cell beside the fp32 accumulator (and GIST a second
 # accumulator for the guide): at the CLIP configurations' 128 columns the forward spilled registers on
@@ -63,11 +67,9 @@ FAMILY_MAX_BLOCK_N = 64
 
 
 def _flags(b, spec) -> int:
+    """The segment's flag word (bits defined in kernels/family_tiles.py)."""
     shift = SHIFT_CODES[b.shift] if spec.hardness else 0
-    return (
-        F_OWN * b.own + F_POS * b.positive + F_CAP * b.positive_capable + F_EXCL * b.exclude_own
-        + F_IDS * b.ids + F_GUIDE * b.guide + (shift << SHIFT_BIT)
-    )  # fmt: skip
+    return sum(bit.value for field, bit in FLAG_FIELDS if getattr(b, field)) + (shift << SHIFT_BIT.value)
 
 
 def _segment_table_of(segs, block_n: int, spec, device) -> tuple[torch.Tensor, int]:

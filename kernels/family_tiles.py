@@ -13,6 +13,26 @@ import triton
 import triton.language as tl
 from fastclip.kernels.common import grouped_tile, sim_tile
 
+# A segment's flags, one int64 per segment in the launcher's table: the bit of each boolean ``Block``
+# field (fastclip/ops/family_spec.py) and, from SHIFT_BIT, two bits of the hardness class. Defined here
+# only: the launcher (kernels/family.py) builds the table from FLAG_FIELDS and SHIFT_CODES.
+F_OWN = tl.constexpr(1)
+F_POS = tl.constexpr(2)
+F_CAP = tl.constexpr(4)
+F_EXCL = tl.constexpr(8)
+F_IDS = tl.constexpr(16)
+F_GUIDE = tl.constexpr(32)
+SHIFT_BIT = tl.constexpr(6)
+FLAG_FIELDS = (
+    ("own", F_OWN),
+    ("positive", F_POS),
+    ("positive_capable", F_CAP),
+    ("exclude_own", F_EXCL),
+    ("ids", F_IDS),
+    ("guide", F_GUIDE),
+)
+SHIFT_CODES = {"none": 0, "all": 1, "all_but_own": 2, "own_only": 3}
+
 
 @triton.jit
 def _segment_tile(
@@ -69,12 +89,12 @@ def _segment_tile(
     # The segment's flags as (1, BN) masks: a 0-d boolean combined with tiles misbehaves under the
     # interpreter (its tensors then take the other operand's element type).
     fv = (cols * 0).to(tl.int64) + flags
-    f_own = ((fv & 1) != 0)[None, :]
-    f_pos = ((fv & 2) != 0)[None, :]
-    f_cap = ((fv & 4) != 0)[None, :]
-    f_excl = ((fv & 8) != 0)[None, :]
-    f_ids = ((fv & 16) != 0)[None, :]
-    f_guide = ((fv & 32) != 0)[None, :]
+    f_own = ((fv & F_OWN) != 0)[None, :]
+    f_pos = ((fv & F_POS) != 0)[None, :]
+    f_cap = ((fv & F_CAP) != 0)[None, :]
+    f_excl = ((fv & F_EXCL) != 0)[None, :]
+    f_ids = ((fv & F_IDS) != 0)[None, :]
+    f_guide = ((fv & F_GUIDE) != 0)[None, :]
     own = inb & ((cols.to(tl.int64) - seg_start)[None, :] == rows.to(tl.int64)[:, None] + own_off) & f_own
     own_pos = own & f_pos
     none = inb != inb  # all False (a Python False would make an int32 tensor under the interpreter)
@@ -89,7 +109,7 @@ def _segment_tile(
     removed = (inb == 0) | (same & (extra == 0)) | (own & f_excl)
     L = S * s
     if HARD:
-        code = ((fv >> 6) & 3)[None, :]
+        code = ((fv >> SHIFT_BIT) & 3)[None, :]
         shifted = (
             ((code == 1) & (extra == 0)) | ((code == 2) & (own == 0) & (extra == 0)) | ((code == 3) & own)
         )
