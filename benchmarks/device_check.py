@@ -1,7 +1,7 @@
 """The parts of ``benchmarks/device_check.sh``, one per call: ``python benchmarks/device_check.py PART OUT``.
 
 PART is one of ``env``, ``correctness``, ``target``, ``family``, ``distill``, ``million``, ``phases``,
-``vit``, ``tune`` (opt-in in device_check.sh) (and ``cases``, the per-precision worker ``correctness``
+``vit``, ``tune``, ``tune_family`` (both opt-in in device_check.sh) (and ``cases``, the per-precision worker ``correctness``
 starts). Each part writes
 ``OUT/part_<PART>.json`` (rewritten as it goes, so a part stopped by its time limit still leaves what
 it measured) and stops starting new work ``--seconds`` after it began. ``target`` also writes
@@ -34,6 +34,7 @@ PARTS = {
     "phases": losses.part_phases,
     "vit": models.part_vit,
     "tune": tune.part_tune,
+    "tune_family": tune.part_tune_family,
 }
 WORKER_PARTS = ("cases",)  # started by "correctness", one process per precision
 

@@ -15,6 +15,8 @@
 #                 tune (opt-in, 110 s, runs after vit): the tile-configuration sweep of
 #                 benchmarks/device_parts/tune.py; one call of its own:
 #                 bash benchmarks/device_check.sh OUT --parts env,tune --bundle FILE
+#                 tune_family (opt-in, 70 s, after tune): the same sweep for the contrastive family's
+#                 own kernels (family-lse, family-grad); e.g. --parts env,tune,tune_family (~200 s)
 #   --dry-run     the same parts on CPU with the Triton interpreter and tiny sizes (CI runs this);
 #                 with --wheels, pip only resolves the install (pip install --dry-run).
 #
@@ -25,7 +27,8 @@
 #   million 70 (B = 2^20 clip, siglip and info_nce K = 1 complete), phases 15, vit 28, trainer 60
 #   (tests/test_gpu_trainer.py), pytest min(90, what is left: ~30 s after the others' limits; run
 #   `--parts pytest` as its own call when it is cut) (pytest -m gpu without the trainer test); tune 110
-#   only when named (the default list fills the 412 s; with tune it would not fit a 480 s call).
+#   and tune_family 70 only when named (the default list fills the 412 s; with tune it would not fit a
+#   480 s call).
 # DEVICE_CHECK_TOTAL overrides the 412 s. Writes into OUT: results.json/.csv (the result-file schema of
 # fastclip.bench.report), part_*.json, device_check.json (everything, the summary and the targets
 # table), targets.md, versions.txt, <part>.log, status.txt, times.txt (seconds per part) and
@@ -47,8 +50,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$OUT" ] || usage
 for p in ${PARTS//,/ }; do
-    case "$p" in env|correctness|target|family|distill|million|phases|vit|trainer|pytest|tune) ;;
-        *) echo "--parts: expected names from env,correctness,target,family,distill,million,phases,vit,trainer,pytest,tune; got '$p'" >&2; exit 2 ;;
+    case "$p" in env|correctness|target|family|distill|million|phases|vit|trainer|pytest|tune|tune_family) ;;
+        *) echo "--parts: expected names from env,correctness,target,family,distill,million,phases,vit,trainer,pytest,tune,tune_family; got '$p'" >&2; exit 2 ;;
     esac
 done
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -148,7 +151,7 @@ dc() {  # dc PART SECONDS: a part of benchmarks/device_check.py; it stops new wo
 
 # Each part: its own limit (seconds), cut to what is left of TOTAL; a part with under 5 s left is not
 # started (recorded as "NAME skipped" in status.txt). Limits from the first H200 run's per-part times.
-for spec in env:12 correctness:55 target:75 family:40 distill:25 million:70 phases:15 vit:28 tune:110; do
+for spec in env:12 correctness:55 target:75 family:40 distill:25 million:70 phases:15 vit:28 tune:110 tune_family:70; do
     want "${spec%%:*}" && dc "${spec%%:*}" "${spec##*:}"
 done
 if want trainer; then  # the end-to-end trainer test (gpu-marked), its own part

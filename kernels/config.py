@@ -97,18 +97,32 @@ _CONFIGS = {
         "lse": TileConfig(128, 128, 64, num_warps=8, num_stages=3),
         "tile": TileConfig(128, 128, 64, num_warps=8, num_stages=3),
         "siglip": TileConfig(128, 64, 64, num_warps=8, num_stages=3),
+        **{
+            f"family-{k}": c
+            for k, c in (("lse", TileConfig(64, 64, 64, 8, 3)), ("grad", TileConfig(128, 64, 64, 8, 3)))
+        },
+        **{f"distill-{k}": TileConfig(64, 128, 64, 8, 3) for k in ("lse", "tile")},
     },
     # A100 / sm_8x: less shared memory per SM than Hopper.
     "ampere": {
         "lse": TileConfig(128, 128, 32, num_warps=8, num_stages=3),
         "tile": TileConfig(128, 128, 32, num_warps=8, num_stages=3),
         "siglip": TileConfig(128, 64, 32, num_warps=8, num_stages=3),
+        **{
+            f"family-{k}": c
+            for k, c in (("lse", TileConfig(64, 64, 32, 8, 3)), ("grad", TileConfig(128, 64, 32, 8, 3)))
+        },
+        **{f"distill-{k}": TileConfig(64, 128, 32, 8, 3) for k in ("lse", "tile")},
     },
     # Anything older or unknown: small, safe tiles.
     "generic": {
         "lse": TileConfig(64, 64, 32, num_warps=4, num_stages=2),
         "tile": TileConfig(64, 64, 32, num_warps=4, num_stages=2),
         "siglip": TileConfig(64, 64, 32, num_warps=4, num_stages=2),
+        **{
+            k: TileConfig(64, 64, 32, num_warps=4, num_stages=2)
+            for k in ("family-lse", "family-grad", "distill-lse", "distill-tile")
+        },
     },
     # CPU interpreter: cost is per program step, so few large tiles; BK < 200 so that the tests'
     # D = 200 crosses a masked K tail.
@@ -116,9 +130,19 @@ _CONFIGS = {
         "lse": TileConfig(64, 64, 128, num_warps=4, num_stages=1),
         "tile": TileConfig(64, 64, 128, num_warps=4, num_stages=1),
         "siglip": TileConfig(64, 64, 128, num_warps=4, num_stages=1),
+        **{
+            k: TileConfig(64, 64, 128, num_warps=4, num_stages=1)
+            for k in ("family-lse", "family-grad", "distill-lse", "distill-tile")
+        },
     },
 }
-KERNELS = ("lse", "tile", "siglip")
+KERNELS = ("lse", "tile", "siglip")  # CLIP's and SigLIP's: the tuning sweep's kernels
+# The contrastive family's forward and gradient kernels (kernels/family_tiles.py) and the distillation
+# passes (kernels/distill.py) own their entries: their tiles hold more per cell (masks, a guide tile, a
+# teacher tile), so they run at most 64 rows (forward) / 64 columns (family gradient) per tile, and a
+# tuned CLIP entry does not move them. Their values are what they ran with when they derived from
+# CLIP's (AOT-checked, tests/test_kernels_aot.py).
+OWN_KERNELS = ("family-lse", "family-grad", "distill-lse", "distill-tile")
 
 
 # Candidates of the GPU tuning (``fastclip.kernels.tune``, the device check's ``tune`` part), at most 16
@@ -157,6 +181,17 @@ AUTOTUNE_CANDIDATES: dict[str, list[TileConfig]] = {
         {**_E2, "tma": True, "num_stages": 4}, {**_E2, "tma": True, "block_m": 64, "block_n": 128, "num_warps": 4},
         {**_E2, "tma": True, "block_n": 128, "block_k": 128, "num_stages": 2},
         {**_E2, "tma": True, "block_k": 32, "num_stages": 4}, {**_E2, "tma": True, "block_n": 128, "group_m": 8},
+    ]),
+    # The family's own kernels (fastclip/bench/tune_family.py checks and times them): at most 64 columns
+    # per tile (kernels/family.py, FAMILY_MAX_BLOCK_N). Forward spill stores with ids, sm_90 bf16, triton
+    # 3.6 / 3.9 (benchmarks/results/aot_sm90_family_2026-12-05.txt): 16 / 6, 10 / 6, 15 / 7, 0 / 0, 10 / -.
+    "family-lse": _variants(TileConfig(64, 64, 64, 8, 3), [
+        {"block_k": 32}, {"num_stages": 2}, {"block_n": 32, "num_warps": 4}, {"block_k": 128, "num_stages": 2},
+        {"block_n": 32}, {"block_k": 32, "num_stages": 4},
+    ]),
+    "family-grad": _variants(TileConfig(128, 64, 64, 8, 3), [
+        {"num_stages": 4}, {"block_k": 32}, {"block_m": 64}, {"block_m": 64, "num_warps": 4},
+        {"block_k": 128, "num_stages": 2}, {"num_warps": 4},
     ]),
 }  # fmt: skip
 
@@ -249,15 +284,15 @@ def d_bucket(dim: int) -> int:
 def tile_config(
     kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, dim: int | None = None
 ) -> TileConfig:
-    """Configuration of ``kernel`` ("lse", "tile" or "siglip") on ``device`` for inputs of ``dtype`` and
+    """Configuration of ``kernel`` (one of ``KERNELS`` or ``OWN_KERNELS``) on ``device`` for inputs of ``dtype`` and
     feature dim ``dim``: the ``TUNED`` entry of (arch, kernel, dtype, D bucket) if any, else the
     architecture's default.
 
     fp32 operands take twice the shared memory per stage of 16-bit ones: their K step is capped at 32
     (a 128x128 tile with BK = 64 and 3 stages would need 192 KiB for fp32).
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if kernel not in KERNELS + OWN_KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS + OWN_KERNELS}, got {kernel!r}")
     key = arch(device)
     if dim is not None:
         tuned = TUNED.get((key, kernel, str(dtype).split(".")[-1], d_bucket(dim)))

@@ -23,16 +23,14 @@ Limits: ``n, N >= 1``, any ``D, Dt >= 1``; inputs float32, bfloat16 or float16 (
 ``impl="torch"``); offsets in int64. Under the Triton interpreter bf16 tiles are upcast after loading
 (``UPCAST``, see ``kernels/common.py``). The statistics kernel runs on a 2-D grid (row blocks × column
 splits); the gradient-tile kernel on a 1-D grid in groups of ``GROUP_M`` row blocks that sweep the column
-tiles together (``grouped_tile``), as the CLIP kernels do. Tile sizes are the CLIP kernels'
-(``config.tile_config``) with at most 64 rows per tile (``_tile_config``); not yet tuned or run on a GPU.
+tiles together (``grouped_tile``), as the CLIP kernels do. Tile sizes are the passes' own
+(``config.tile_config("distill-lse" | "distill-tile")``), at most 64 rows per tile; not yet tuned or run on a GPU.
 
 (About 430 lines: the statistics kernel, the gradient-tile kernel and their launchers share one tile
 recomputation and are checked together; see docs/distill.md.)
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import triton
@@ -267,11 +265,11 @@ def _distill_grad_kernel(
 
 
 def _tile_config(kernel: str, device: torch.device, dtype: torch.dtype, dim: int) -> config.TileConfig:
-    """The CLIP kernels' configuration with at most 64 rows per tile: every program here holds two
-    fp32 logit tiles (student and teacher) and, in the gradient kernel, two gradient tiles, so the
-    CLIP kernels' 128 x 128 tiles would spill registers. Not tuned on a GPU yet."""
-    cfg = config.tile_config(kernel, device, dtype, dim)
-    return dataclasses.replace(cfg, block_m=min(cfg.block_m, 64))
+    """The distillation pass's own configuration (``config.OWN_KERNELS``: ``distill-lse``,
+    ``distill-tile``), at most 64 rows per tile: every program here holds two fp32 logit tiles (student
+    and teacher) and, in the gradient kernel, two gradient tiles, so the CLIP kernels' 128 x 128 tiles
+    would spill registers. Not tuned on a GPU yet."""
+    return config.tile_config(f"distill-{kernel}", device, dtype, dim)
 
 
 def _flags(dtype: torch.dtype, suffix: str) -> dict:

@@ -112,15 +112,6 @@ def _split_panels(spans, max_cols: int) -> list[tuple[int, int]]:
 # launcher
 
 
-def _forward_config(cfg: config.TileConfig) -> config.TileConfig:
-    """The forward's tile: the CLIP forward's, at most 64 x 64 on 4 warps. The running statistics, the
-    segment loop's state and a handful of masks per cell stay live across the tile loop: at 128 x 64 on
-    8 warps the forward still spilled (sm_90 AOT: 114 spill stores with ids, 40 with GIST's guide)."""
-    if cfg.block_m <= 64:
-        return cfg
-    return config.TileConfig(64, min(cfg.block_n, FAMILY_MAX_BLOCK_N), cfg.block_k, 8, cfg.num_stages)
-
-
 def _forward_splits(row_blocks: int, tiles: int, device: torch.device) -> int:
     if config.interpreting() or device.type != "cuda":
         return min(2, tiles)  # the merge of the splits' partials is exercised by the CPU tests
@@ -146,8 +137,8 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
     ts = [t.contiguous() for t in ts]
     lengths = [t.shape[0] for t in ts]
     guided = any(b.guide for b in spec.blocks)
-    cfg_f = _forward_config(config.tile_config("lse", dev, dtype, D))
-    cfg_g = config.tile_config("tile", dev, dtype, D)
+    cfg_f = config.tile_config("family-lse", dev, dtype, D)
+    cfg_g = config.tile_config("family-grad", dev, dtype, D)
     bn_f = min(cfg_f.block_n, FAMILY_MAX_BLOCK_N)
     bn_g = min(cfg_g.block_n, FAMILY_MAX_BLOCK_N)
     flags = meta_flags(dtype)

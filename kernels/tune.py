@@ -114,8 +114,11 @@ def _precompile_worker(jobs: list, cap: int) -> None:
         config.TUNED.pop(key, None)
 
 
-def precompile(jobs: list, cap: int, workers: int, timeout: float) -> list:
-    """Compile ``jobs`` in ``workers`` processes (TRITON_INTERPRET=0, no GPU touched); one dict per job."""
+def precompile(
+    jobs: list, cap: int, workers: int, timeout: float, module: str = "fastclip.kernels.tune"
+) -> list:
+    """Compile ``jobs`` in ``workers`` processes (TRITON_INTERPRET=0, no GPU touched); one dict per job.
+    ``module``: whose ``--precompile`` worker compiles them (a workload's ``precompile_module``)."""
     procs, out = [], []
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     for w in range(max(1, min(workers, len(jobs)))):
@@ -123,7 +126,7 @@ def precompile(jobs: list, cap: int, workers: int, timeout: float) -> list:
         cmd = [
             sys.executable,
             "-m",
-            "fastclip.kernels.tune",
+            module,
             "--precompile",
             json.dumps(part),
             "--cap",
@@ -222,26 +225,62 @@ def time_ms(fn, device) -> float:
     return sorted(times)[0]
 
 
+def spills_of(*fns) -> int:
+    """The most register spills of any binary compiled so far for the ``@triton.jit`` functions ``fns``."""
+    worst = 0
+    for fn in fns:
+        caches = getattr(fn, "device_caches", {})
+        worst = max(
+            [worst, *(getattr(k, "n_spills", 0) or 0 for c in caches.values() for k in c[0].values())]
+        )
+    return worst
+
+
 def _spills(kernel: str) -> int:
-    fn = {"lse": clip._clip_lse_kernel, "tile": clip._clip_grad_kernel, "siglip": siglip._siglip_tile_kernel}[
-        kernel
-    ]
-    caches = getattr(fn, "device_caches", {})
-    return max((getattr(k, "n_spills", 0) or 0 for c in caches.values() for k in c[0].values()), default=0)
+    fns = {"lse": clip._clip_lse_kernel, "tile": clip._clip_grad_kernel, "siglip": siglip._siglip_tile_kernel}
+    return spills_of(fns[kernel])
 
 
-def sweep(kernel, dname, dim, batch, candidates, device, *, check_batch, deadline, log=print):
-    """Check and time each candidate; returns (rows, winner config or None). Restores ``config.TUNED``."""
+class BlockWorkload:
+    """What the sweep checks and times for one of CLIP's and SigLIP's kernels (``config.KERNELS``): the
+    block primitive at a square ``batch x batch`` block. ``fastclip/bench/tune_family.py`` has the same
+    methods for the contrastive family's kernels."""
+
+    precompile_module = "fastclip.kernels.tune"
+    max_spills = 0  # a candidate that spills is skipped (None: the spills are only reported)
+
+    def __init__(self, kernel: str):
+        self.kernel = kernel
+
+    def setup(self, batch: int, check_batch: int, dim: int, dtype, device) -> None:
+        self.batch, self.dim = batch, dim
+        self.xs, self.ys = _features(check_batch, dim, dtype, device, seed=1)
+        self.x, self.y = _features(batch, dim, dtype, device)
+        self.s = torch.tensor(CLIP_SCALE if self.kernel != "siglip" else SIGLIP_SCALE, device=device)
+        self.bias = torch.tensor(SIGLIP_BIAS, device=device)
+        self.lse = clip.clip_lse(self.x, self.y, self.s) if self.kernel == "tile" else None
+
+    def check(self) -> tuple[bool, float]:
+        return check(self.kernel, self.xs, self.ys)
+
+    def run(self):
+        return _call(self.kernel, self.x, self.y, self.s, self.bias, self.lse)
+
+    def spills(self) -> int:
+        return _spills(self.kernel)
+
+    def flops(self) -> float:
+        return FLOP_FACTOR[self.kernel] * self.batch * self.batch * self.dim
+
+
+def sweep(kernel, dname, dim, batch, candidates, device, *, check_batch, deadline, log=print, workload=None):
+    """Check and time each candidate; returns (rows, winner config or None). Restores ``config.TUNED``.
+    ``workload``: what to check and time (default: :class:`BlockWorkload` of ``kernel``)."""
     dtype = DTYPES[dname]
     key = (config.arch(device), kernel, dname, config.d_bucket(dim))
     saved = config.TUNED.pop(key, None)
-    xs, ys = _features(check_batch, dim, dtype, device, seed=1)
-    x, y = _features(batch, dim, dtype, device)
-    s, bias = (
-        torch.tensor(CLIP_SCALE if kernel != "siglip" else SIGLIP_SCALE, device=device),
-        torch.tensor(SIGLIP_BIAS, device=device),
-    )
-    lse = clip.clip_lse(x, y, s) if kernel == "tile" else None
+    work = workload if workload is not None else BlockWorkload(kernel)
+    work.setup(batch, check_batch, dim, dtype, device)
     rows, best = [], None
     try:
         for cand in candidates:
@@ -259,18 +298,17 @@ def sweep(kernel, dname, dim, batch, candidates, device, *, check_batch, deadlin
             config.TUNED[key] = cand
             try:
                 t0 = time.perf_counter()
-                ok, worst = check(kernel, xs, ys)
+                ok, worst = work.check()
                 row.update(first_call_s=round(time.perf_counter() - t0, 2), error_vs_budget=round(worst, 4))
-                spills = _spills(kernel) if device.type == "cuda" else 0
-                if spills:
+                spills = work.spills() if device.type == "cuda" else 0
+                row["spill_stores"] = spills
+                if work.max_spills is not None and spills > work.max_spills:
                     row["skipped"] = f"{spills} register spills"
                 elif not ok:
                     row["skipped"] = f"outside the float64 error budget ({worst:.3g} x budget)"
                 else:
-                    ms = time_ms(lambda: _call(kernel, x, y, s, bias, lse), device)
-                    row.update(
-                        ms=round(ms, 4), tflops=round(FLOP_FACTOR[kernel] * batch * batch * dim / ms / 1e9, 1)
-                    )
+                    ms = time_ms(work.run, device)
+                    row.update(ms=round(ms, 4), tflops=round(work.flops() / ms / 1e9, 1))
                     if best is None or ms < best[0]:
                         best = (ms, cand)
             except Exception as exc:  # noqa: BLE001  (shared memory, registers, an unsupported variant)

@@ -299,3 +299,28 @@ def test_dry_run_tune_part_writes_the_table(tmp_path):
     assert "TUNED: dict[" in proc.stdout and proc.stdout.count("\ntarget tuned ") == 4
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("tune (tuned table): ")]
     assert len(lines) == 4 and all(ln.rstrip().endswith(("met", "NOT met")) for ln in lines)
+
+
+@pytest.mark.interpreter
+def test_dry_run_tune_family_part_writes_the_table(tmp_path):
+    """The opt-in ``tune_family`` part on CPU (interpreter, tiny sizes, two candidates per kernel): each
+    of the family's kernels checked against float64 and timed, winners as ``TUNED`` entries of its own
+    keys, and the MNRL call timed with the shipped and the tuned table (the plumbing, not speed)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "tf"
+    proc = subprocess.run(["bash", SCRIPT, str(out), "--dry-run", "--parts", "tune_family"],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "part_tune_family.json").read_text())
+    assert doc["status"] == "ok" and doc["dry_run"] is True
+    assert {r["kernel"] for r in doc["rows"]} == {"family-lse", "family-grad"}
+    assert all(r.get("error_vs_budget", 9) <= 1.0 and r.get("ms", 0) > 0 for r in doc["rows"]), doc["rows"]
+    table = json.loads((out / "tuned_table_family.json").read_text())
+    assert sorted(t["key"][1] for t in table) == ["family-grad", "family-lse"]
+    namespace = {"TileConfig": __import__("fastclip.kernels.config", fromlist=["TileConfig"]).TileConfig}
+    exec(doc["tuned_snippet"], namespace)
+    assert len(namespace["TUNED"]) == 2
+    assert [t["table"] for t in doc["timing"]] == ["shipped", "tuned"] and all(
+        t["ms"] > 0 for t in doc["timing"]
+    )

@@ -735,3 +735,41 @@ def test_launchers_make_the_tensors_cuda_device_current(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert guarded(t) == "ran" and len(entered) == 1  # already current: no switch
     assert guarded(torch.zeros(2)) == "ran" and len(entered) == 1  # CPU tensors: no switch
+
+
+def test_family_and_distillation_own_their_tile_configurations(monkeypatch):
+    """kernels/config.py: the family's and the distillation passes' tiles are their own entries, with the
+    values they ran with when they derived from CLIP's (AOT-checked), and a tuned CLIP entry does not move
+    them (a 64-row, 4-warp CLIP forward would have given the family's forward 148 spill stores on sm_90)."""
+    from fastclip.kernels import config
+
+    cuda = torch.device("cuda")
+    for arch, want in {
+        "hopper": {
+            "family-lse": "64x64x64w8s3",
+            "family-grad": "128x64x64w8s3",
+            "distill-lse": "64x128x64w8s3",
+        },
+        "ampere": {
+            "family-lse": "64x64x32w8s3",
+            "family-grad": "128x64x32w8s3",
+            "distill-tile": "64x128x32w8s3",
+        },
+    }.items():
+        monkeypatch.setattr(config, "arch", lambda device, _a=arch: _a)
+        for kernel, name in want.items():
+            assert config.tile_config(kernel, cuda, torch.bfloat16, 768).name() == name, (arch, kernel)
+        # fp32 operands take twice the shared memory: the K step is capped at 32 for them too
+        assert config.tile_config("family-lse", cuda, torch.float32, 768).block_k == 32
+        tuned = config.TileConfig(64, 128, 64, num_warps=4, num_stages=4, epilogue="exp2", tma=True)
+        monkeypatch.setitem(config.TUNED, (arch, "lse", "bfloat16", 768), tuned)
+        monkeypatch.setitem(config.TUNED, (arch, "tile", "bfloat16", 768), tuned)
+        assert config.tile_config("lse", cuda, torch.bfloat16, 768) == tuned
+        for kernel, name in want.items():
+            assert config.tile_config(kernel, cuda, torch.bfloat16, 768).name() == name, (
+                arch,
+                kernel,
+                "tuned",
+            )
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        config.tile_config("family", torch.device("cpu"))

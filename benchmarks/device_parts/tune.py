@@ -6,7 +6,12 @@ Opt-in (not in device_check.sh's default list): run it as its own call,
 ``bash benchmarks/device_check.sh OUT --parts env,tune --bundle FILE``. Writes ``part_tune.json``
 (every candidate's row, the winners, the ``TUNED`` snippet, the targets) and ``tuned_table.json``;
 prints the snippet. Dry run: the same code under the interpreter at tiny sizes, two candidates per
-kernel, and the parallel compilation for sm_90 of two of them (no GPU needed)."""
+kernel, and the parallel compilation for sm_90 of two of them (no GPU needed).
+
+Part ``tune_family`` (opt-in too): the same sweep for the contrastive family's own kernels
+(``family-lse``, ``family-grad``; ``fastclip/bench/tune_family.py`` checks each candidate on two variants
+against float64 and times sentence-transformers' MNRL with one hard negative), then that call's time
+with the shipped and the tuned table. Writes ``part_tune_family.json`` and ``tuned_table_family.json``."""
 
 from __future__ import annotations
 
@@ -131,7 +136,9 @@ def part_tune(p: Part) -> None:
         major, minor = torch.cuda.get_device_capability(dev)
         cap = 10 * major + minor
     jobs = [
-        [k, "bfloat16", dim, dataclasses.asdict(c)] for k, v in config.AUTOTUNE_CANDIDATES.items() for c in v
+        [k, "bfloat16", dim, dataclasses.asdict(c)]
+        for k in config.KERNELS
+        for c in config.AUTOTUNE_CANDIDATES[k]
     ]
     if p.dry:
         jobs = jobs[:1] + [j for j in jobs if j[3].get("tma")][:1]  # the plumbing: two jobs for sm_90
@@ -167,3 +174,71 @@ def part_tune(p: Part) -> None:
             config.TUNED.pop(k, None)
     sk = _siglip_kernel_row(dev, 65536, dim) if p.left() > 10 else {"skipped": "time limit"}
     p.save(status="ok", targets=targets, siglip_kernel=sk)
+
+
+# (GPU, dry run): tuning batch, float64-check batch, D
+FAMILY_SIZES = ((32768, 1024, 768), (128, 48, 32))
+
+
+def part_tune_family(p: Part) -> None:
+    import torch
+    from fastclip.kernels import config
+    from fastclip.kernels import tune as kt
+
+    from fastclip.bench.tune_family import KERNELS, FamilyWorkload
+
+    dev = get_device(p.dry)
+    batch, check_batch, dim = FAMILY_SIZES[1 if p.dry else 0]
+    arch = config.arch(dev)
+    cands = {k: list(config.AUTOTUNE_CANDIDATES[k]) for k in KERNELS}
+    if arch == "interpreter":  # the interpreter's one tile shape, two candidates per kernel
+        cands = {k: [config.tile_config(k, dev, torch.bfloat16, dim)] * 2 for k in KERNELS}
+    p.save(arch=arch, batch=batch, check_batch=check_batch, dim=dim,
+           candidates={k: [c.name() for c in v] for k, v in cands.items()})  # fmt: skip
+    sweep_end = p.start + SWEEP_SHARE * (p.deadline - p.start)
+    if dev.type == "cuda":  # compile every candidate at once in worker processes (no GPU touched)
+        major, minor = torch.cuda.get_device_capability(dev)
+        jobs = [[k, "bfloat16", dim, dataclasses.asdict(c)] for k in KERNELS for c in cands[k]]
+        t0, workers = time.perf_counter(), min(16, os.cpu_count() or 1)
+        pre = kt.precompile(jobs, 10 * major + minor, workers, timeout=max(5.0, 0.4 * (sweep_end - time.perf_counter())),
+                            module=FamilyWorkload.precompile_module)  # fmt: skip
+        p.save(precompile={"jobs": len(jobs), "seconds": round(time.perf_counter() - t0, 1),
+                           "ok": sum(1 for r in pre if r.get("ok")), "rows": pre})  # fmt: skip
+    rows, winners = [], {}
+    for i, kernel in enumerate(KERNELS):
+        deadline = time.perf_counter() + (sweep_end - time.perf_counter()) / (len(KERNELS) - i)
+        r, best = kt.sweep(kernel, "bfloat16", dim, batch, cands[kernel], dev, check_batch=check_batch,
+                           deadline=deadline, log=lambda m: print(m, flush=True), workload=FamilyWorkload(kernel))  # fmt: skip
+        rows += r
+        if best is not None:
+            winners[(arch, kernel, "bfloat16", config.d_bucket(dim))] = best
+        p.save(rows=rows)
+    snippet = kt.tuned_snippet(winners)
+    table = [{"key": list(k), "config": dataclasses.asdict(c), "name": c.name()} for k, c in winners.items()]
+    with open(os.path.join(p.out, "tuned_table_family.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    print(snippet, flush=True)
+    p.save(winners=table, tuned_snippet=snippet)
+    # The whole MNRL call (forward and backward) with the shipped table, then the tuned one.
+    timing = []
+    for label in ("shipped", "tuned"):
+        if p.left() < 5:
+            timing.append({"table": label, "error": "not run: time limit"})
+            continue
+        if label == "tuned":
+            config.TUNED.update(winners)
+        try:
+            work = FamilyWorkload("family-grad")
+            work.setup(batch, 2, dim, torch.bfloat16, dev)
+            work.run()
+            ms = kt.time_ms(work.run, dev)
+            timing.append(
+                {"table": label, "batch": batch, "what": "info_nce K=1 fwd_bwd", "ms": round(ms, 3)}
+            )
+            print(f"tune_family {label} table: info_nce K=1 B={batch} fwd+bwd {ms:.3f} ms", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            timing.append({"table": label, "error": error_text(exc)})
+        finally:
+            for k in winners:
+                config.TUNED.pop(k, None)
+    p.save(status="ok", timing=timing)
