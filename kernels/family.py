@@ -35,7 +35,8 @@ device per spec and shape, so a training loop copies them once). FLOPs: ``2 n N 
 forward, ``2 n N D`` in Triton plus ``4 n N D`` in cuBLAS for the gradients (the guide's tiles add
 their own, at the guide's dim). Deterministic: no atomics, fixed orders.
 
-Limits: inputs float32/bfloat16/float16, int64 offsets. Under the interpreter bf16 tiles are upcast
+Limits: inputs float32/bfloat16/float16; operand rows plus the row offset below 2**31 (the own-column
+test is 32-bit arithmetic; pointers are 64-bit). Under the interpreter bf16 tiles are upcast
 after loading (``UPCAST``), as in the CLIP kernels.
 """
 
@@ -136,6 +137,12 @@ def family_triton(spec, ts, ids, guides, thr, scale, need, need_scale, chunk_siz
     n = ts[spec.blocks[0].row].shape[0]
     ts = [t.contiguous() for t in ts]
     lengths = [t.shape[0] for t in ts]
+    # The kernels find a row's own column in 32-bit arithmetic (kernels/family_tiles.py, _segment_tile).
+    if max(lengths) + abs(spec.offset) + n >= 2**31:
+        raise ValueError(
+            f"ts: expected fewer than 2**31 rows per operand plus the row offset, got {max(lengths)} rows "
+            f"and offset {spec.offset}"
+        )
     guided = any(b.guide for b in spec.blocks)
     cfg_f = config.tile_config("family-lse", dev, dtype, D)
     cfg_g = config.tile_config("family-grad", dev, dtype, D)

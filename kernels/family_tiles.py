@@ -88,14 +88,17 @@ def _segment_tile(
     )  # fmt: skip
     # The segment's flags as (1, BN) masks: a 0-d boolean combined with tiles misbehaves under the
     # interpreter (its tensors then take the other operand's element type).
-    fv = (cols * 0).to(tl.int64) + flags
+    fv = (cols * 0).to(tl.int32) + flags.to(tl.int32)
     f_own = ((fv & F_OWN) != 0)[None, :]
     f_pos = ((fv & F_POS) != 0)[None, :]
     f_cap = ((fv & F_CAP) != 0)[None, :]
     f_excl = ((fv & F_EXCL) != 0)[None, :]
     f_ids = ((fv & F_IDS) != 0)[None, :]
     f_guide = ((fv & F_GUIDE) != 0)[None, :]
-    own = inb & ((cols.to(tl.int64) - seg_start)[None, :] == rows.to(tl.int64)[:, None] + own_off) & f_own
+    # Row i's own column: column ``i + own_off`` of the segment (int32: a call's columns and offsets
+    # stay below 2**31; the row index is compared once per column, not as a 64-bit tile).
+    rel = (cols - seg_start - own_off).to(tl.int32)
+    own = inb & (rel[None, :] == rows.to(tl.int32)[:, None]) & f_own
     own_pos = own & f_pos
     none = inb != inb  # all False (a Python False would make an int32 tensor under the interpreter)
     same = none
@@ -354,11 +357,8 @@ def _guide_threshold_kernel(
             gr_ptr, gc_ptr, rows, cols, row_mask, col_mask, DG,
             stride_grm, stride_grk, stride_gcm, stride_gck, BM, BN, BK, False, G_IEEE,
         )  # fmt: skip
-        own = (
-            ((cols.to(tl.int64) - seg_start)[None, :] == rows.to(tl.int64)[:, None] + own_off)
-            & row_mask[:, None]
-            & col_mask[None, :]
-        )
+        rel = (cols - seg_start - own_off).to(tl.int32)  # as _segment_tile
+        own = (rel[None, :] == rows[:, None]) & row_mask[:, None] & col_mask[None, :]
         own_sim += tl.sum(tl.where(own, GS, 0.0), 1)
         found += tl.sum(own.to(tl.float32), 1)
     margin = tl.load(margin_ptr + rows, mask=row_mask, other=0.0)

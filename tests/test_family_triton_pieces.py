@@ -99,3 +99,16 @@ def test_gist_with_panels(monkeypatch):
     spec = gist_spec(GistOptions(), Layout(q=0, p=1, Q=0, P=1, N=(2,)), n)
     thr = torch.full((n,), 0.05)
     _close(*_both(spec, ts, [None] * 3, guides, thr, [True] * 3))
+
+
+def test_row_offsets_past_32_bits_are_refused():
+    """The kernels find a row's own column in 32-bit arithmetic: a row offset (rank x local batch) that
+    would overflow it is a one-line ValueError before any launch, not a silently wrong own column."""
+    from fastclip.kernels.family import family_triton
+
+    ts, _ = _inputs(8, 16, 3)
+    spec = info_nce_spec(InfoNCEOptions(), Layout(q=0, p=1, Q=0, P=1, N=(2,), offset=2**31 - 4), 8)
+    with pytest.raises(
+        ValueError, match=r"ts: expected fewer than 2\*\*31 rows per operand plus the row offset"
+    ):
+        family_triton(spec, ts, [None] * 3, [None] * 3, None, torch.tensor(7.0), [True] * 3, True)

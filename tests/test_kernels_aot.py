@@ -166,9 +166,9 @@ def test_family_kernels_compile_pipelined_on_tensor_cores(tmp_path_factory):
     thresholds) for the variants real calls get (hard negatives with every direction and the shifts;
     ids as positives with smoothing and a bank; GIST's guide), bf16 and fp32 on TF32 on sm_90, bf16 on
     sm_80: the similarity tiles on the tensor cores (wgmma / mma), the K loop pipelined (3 stages,
-    cp.async), within shared memory. Spills: none in the gradient kernels; the forward keeps a few
-    masks per cell live across its segment loop and spills at most 8 stores on sm_90 (measured: 6 with
-    ids, 8 with GIST's guide in bf16; 0 otherwise) -- a bound, so that a change that spills more fails."""
+    cp.async), within shared memory, and no register spills in any of them (with triton 3.6 too, the GPU
+    image's). Until 2026-12-05 the forward spilled 6-8 stores on sm_90 (16 under triton 3.6): the
+    own-column test was a 64-bit (BM, BN) comparison; it is 32-bit on a column vector now."""
     built = _build("_aot_build_family.py", tmp_path_factory)
     kinds = {(i["kernel"], i["variant"], i["arch"], i["prec"]) for i in built.values()}
     # 3 variants x (forward, gradient) + GIST's thresholds, for 3 (arch, precision) builds
@@ -176,8 +176,7 @@ def test_family_kernels_compile_pipelined_on_tensor_cores(tmp_path_factory):
     for key, info in built.items():
         assert info["stack_bytes"] <= 64 and info["shared"] <= SHARED_LIMIT[info["arch"]], (key, info)
         assert info["num_stages"] == 3 and info["cp_async"], (key, info)
-        limit = 8 if info["kernel"] == "family-lse" and info["arch"] == "hopper" else 0
-        assert info["spill_stores"] <= limit, (key, info)
+        assert info["spill_stores"] == 0, (key, info)
         if info["kernel"] != "family-thr" or info["prec"] == "fp32-tf32":  # bf16 runs: fp32 guides on FMA
             assert info["wgmma"] if info["arch"] == "hopper" else info["mma"], (key, info)
 
