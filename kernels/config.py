@@ -183,9 +183,9 @@ AUTOTUNE_CANDIDATES: dict[str, list[TileConfig]] = {
         {**_E2, "tma": True, "block_k": 32, "num_stages": 4}, {**_E2, "tma": True, "block_n": 128, "group_m": 8},
     ]),
     # The family's own kernels (fastclip/bench/tune_family.py checks and times them): at most 64 columns
-    # per tile (kernels/family.py, FAMILY_MAX_BLOCK_N). Forward spill stores with ids, sm_90 bf16, triton
-    # 3.6 / 3.9 (benchmarks/results/aot_sm90_family_2026-12-05.txt), in this order: 16 / 6, 10 / 6, 15 / 7,
-    # 0 / 4, 10 / 6; the last two not compiled yet.
+    # per tile (kernels/family.py, FAMILY_MAX_BLOCK_N). The forward candidates compile without spills for
+    # sm_90 in bf16 with triton 3.6 and 3.9 (benchmarks/results/aot_sm90_family_2026-12-05.txt, "After";
+    # the 64 x 32 on 8 warps and 4-stage ones not compiled yet); 64 x 64 on 4 warps spills (18-46), left out.
     "family-lse": _variants(TileConfig(64, 64, 64, 8, 3), [
         {"block_k": 32}, {"num_stages": 2}, {"block_n": 32, "num_warps": 4}, {"block_k": 128, "num_stages": 2},
         {"block_n": 32}, {"block_k": 32, "num_stages": 4},
