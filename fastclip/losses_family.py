@@ -10,19 +10,32 @@ tensor to ``forward``.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from fastclip import _checks
 from fastclip.functional import gist_with_options, info_nce_with_options
 from fastclip.ops.family_variants import GistOptions, InfoNCEOptions
-from fastclip.ops.inputs import Common, loss_options
+from fastclip.ops.inputs import Common, no_reference
 from fastclip.ops.signatures import split_options, takes_options
 
 
-class InfoNCELoss(nn.Module):
+class _FamilyModule(nn.Module):
+    """What the family's modules share: the options checked once, at construction (``kind`` and
+    ``Common``; no ``impl="reference"`` across processes), ``distributed``, ``group``, ``dist_impl``."""
+
+    def _hold(self, name: str, options: dict, kind, distributed, group, dist_impl) -> None:
+        self.options, common = split_options(name, options, kind, Common)
+        self.distributed = _checks.check_bool("distributed", distributed)
+        self.common = no_reference(common) if self.distributed else common
+        self.group, self.dist_impl = group, dist_impl
+
+    def _held(self):
+        """The checked options, as the distributed entries ask for them."""
+        return self.options, self.common
+
+
+class InfoNCELoss(_FamilyModule):
     """InfoNCE / multiple-negatives ranking loss with hard negatives, directions, duplicate masks,
     hardness weighting, label smoothing and a no-gradient bank (:func:`fastclip.info_nce_loss`).
 
@@ -43,19 +56,15 @@ class InfoNCELoss(nn.Module):
         **options,
     ):
         super().__init__()
-        self.options, common = split_options("InfoNCELoss", options, InfoNCEOptions, Common)
-        self.distributed = _checks.check_bool("distributed", distributed)
-        self.common = loss_options(**dataclasses.asdict(common), allow_reference=not distributed)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"scale: expected a positive float, got {scale!r}")
-        self.scale = float(scale)
         from fastclip.distributed.family import FAMILY_DIST_IMPLS
         from fastclip.distributed.world import check_dist_impl
 
+        self._hold("InfoNCELoss", options, InfoNCEOptions, distributed, group, dist_impl)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"scale: expected a positive float, got {scale!r}")
+        self.scale = float(scale)
         # Checked whatever ``distributed`` says: a typo must not wait for the multi-process run.
         check_dist_impl(dist_impl, FAMILY_DIST_IMPLS)
-        self.group = group
-        self.dist_impl = dist_impl
 
     def forward(
         self,
@@ -71,12 +80,12 @@ class InfoNCELoss(nn.Module):
     ) -> torch.Tensor:
         scale = self.scale if scale is None else scale
         if self.distributed:
-            from fastclip.distributed.family import info_nce_loss_distributed
+            from fastclip.distributed.family import info_nce_distributed_with_options
 
-            return info_nce_loss_distributed(
+            return info_nce_distributed_with_options(
                 query, positive, negatives, scale=scale, query_ids=query_ids, doc_ids=doc_ids,
                 negative_ids=negative_ids, bank=bank, group=self.group, dist_impl=self.dist_impl,
-                **dataclasses.asdict(self.options), **dataclasses.asdict(self.common),
+                check_batch_sizes=True, options=self._held,
             )  # fmt: skip
         return info_nce_with_options(
             query, positive, negatives, scale=scale, query_ids=query_ids, doc_ids=doc_ids,
@@ -92,7 +101,7 @@ class InfoNCELoss(nn.Module):
         )
 
 
-class GistLoss(nn.Module):
+class GistLoss(_FamilyModule):
     """GISTEmbed's guided in-batch-negatives loss (:func:`fastclip.gist_loss`) as a module.
 
     ``forward(query, positive, negative=None, *, guide_query, guide_positive, guide_negative=None)`` ->
@@ -108,25 +117,20 @@ class GistLoss(nn.Module):
         **options,
     ):  # fmt: skip
         super().__init__()
-        self.options, common = split_options("GistLoss", options, GistOptions, Common)
-        self.distributed = _checks.check_bool("distributed", distributed)
-        self.common = loss_options(**dataclasses.asdict(common), allow_reference=not distributed)
+        from fastclip.distributed.family import check_gist_dist_impl
+
+        self._hold("GistLoss", options, GistOptions, distributed, group, dist_impl)
         self.temperature = _checks.check_real("temperature", temperature, lo=0.0, lo_open=True)
-        if dist_impl != "gather":
-            raise ValueError(
-                f"dist_impl: expected 'gather' for GIST (no ring form is built), got {dist_impl!r}"
-            )
-        self.group = group
-        self.dist_impl = dist_impl
+        check_gist_dist_impl(dist_impl)
 
     def forward(self, query, positive, negative=None, *, guide_query, guide_positive, guide_negative=None):
         guides = dict(guide_query=guide_query, guide_positive=guide_positive, guide_negative=guide_negative)
         if self.distributed:
-            from fastclip.distributed.family import gist_loss_distributed
+            from fastclip.distributed.family import gist_distributed_with_options
 
-            return gist_loss_distributed(
+            return gist_distributed_with_options(
                 query, positive, negative, **guides, temperature=self.temperature, group=self.group,
-                dist_impl=self.dist_impl, **dataclasses.asdict(self.options), **dataclasses.asdict(self.common),
+                dist_impl=self.dist_impl, check_batch_sizes=True, options=self._held,
             )  # fmt: skip
         return gist_with_options(
             query, positive, negative, **guides, temperature=self.temperature, options=self.options,

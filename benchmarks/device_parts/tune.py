@@ -114,6 +114,34 @@ def _siglip_kernel_row(dev, b: int, dim: int):
     return {"batch": b, "ms": round(kt.time_ms(run, dev), 3)}
 
 
+def _sweep_kernels(
+    p: Part, dev, cands: dict, dim, batch, check_batch, sweep_end, table_file, workload=None
+) -> dict:
+    """Each kernel of ``cands`` swept in turn (``fastclip.kernels.tune.sweep``; ``workload(kernel)`` what to
+    check and time, None: the block primitives), sharing what is left until ``sweep_end``; the winners
+    saved as ``table_file`` and as a ``TUNED`` snippet. Returns the winners by ``TUNED`` key."""
+    from fastclip.kernels import config
+    from fastclip.kernels import tune as kt
+
+    rows, winners = [], {}
+    for i, kernel in enumerate(cands):
+        deadline = time.perf_counter() + (sweep_end - time.perf_counter()) / (len(cands) - i)
+        r, best = kt.sweep(kernel, "bfloat16", dim, batch, cands[kernel], dev, check_batch=check_batch,
+                           deadline=deadline, log=lambda m: print(m, flush=True),
+                           workload=None if workload is None else workload(kernel))  # fmt: skip
+        rows += r
+        if best is not None:
+            winners[(config.arch(dev), kernel, "bfloat16", config.d_bucket(dim))] = best
+        p.save(rows=rows)
+    snippet = kt.tuned_snippet(winners)
+    table = [{"key": list(k), "config": dataclasses.asdict(c), "name": c.name()} for k, c in winners.items()]
+    with open(os.path.join(p.out, table_file), "w") as f:
+        json.dump(table, f, indent=1)
+    print(snippet, flush=True)
+    p.save(winners=table, tuned_snippet=snippet)
+    return winners
+
+
 def part_tune(p: Part) -> None:
     import torch
     from fastclip.kernels import config
@@ -148,21 +176,7 @@ def part_tune(p: Part) -> None:
     p.save(precompile={"jobs": len(jobs), "workers": workers, "cap": cap, "seconds": round(time.perf_counter() - t0, 1),
                        "ok": sum(1 for r in pre if r.get("ok")), "rows": pre})  # fmt: skip
     # 2. check each candidate against float64, then time it; kernels share what is left of the sweep time
-    rows, winners = [], {}
-    for i, kernel in enumerate(config.KERNELS):
-        deadline = time.perf_counter() + (sweep_end - time.perf_counter()) / (len(config.KERNELS) - i)
-        r, best = kt.sweep(kernel, "bfloat16", dim, batch, cands[kernel], dev, check_batch=check_batch,
-                           deadline=deadline, log=lambda m: print(m, flush=True))  # fmt: skip
-        rows += r
-        if best is not None:
-            winners[(arch, kernel, "bfloat16", config.d_bucket(dim))] = best
-        p.save(rows=rows)
-    snippet = kt.tuned_snippet(winners)
-    table = [{"key": list(k), "config": dataclasses.asdict(c), "name": c.name()} for k, c in winners.items()]
-    with open(os.path.join(p.out, "tuned_table.json"), "w") as f:
-        json.dump(table, f, indent=1)
-    print(snippet, flush=True)
-    p.save(winners=table, tuned_snippet=snippet)
+    winners = _sweep_kernels(p, dev, cands, dim, batch, check_batch, sweep_end, "tuned_table.json")
     # 3. the issue's targets: the shipped table, then the tuned one
     batches = {32768: 128, 65536: 256} if p.dry else {}
     targets = _targets(p, dev, dim, batches, "shipped")
@@ -204,21 +218,8 @@ def part_tune_family(p: Part) -> None:
                             module=FamilyWorkload.precompile_module)  # fmt: skip
         p.save(precompile={"jobs": len(jobs), "seconds": round(time.perf_counter() - t0, 1),
                            "ok": sum(1 for r in pre if r.get("ok")), "rows": pre})  # fmt: skip
-    rows, winners = [], {}
-    for i, kernel in enumerate(KERNELS):
-        deadline = time.perf_counter() + (sweep_end - time.perf_counter()) / (len(KERNELS) - i)
-        r, best = kt.sweep(kernel, "bfloat16", dim, batch, cands[kernel], dev, check_batch=check_batch,
-                           deadline=deadline, log=lambda m: print(m, flush=True), workload=FamilyWorkload(kernel))  # fmt: skip
-        rows += r
-        if best is not None:
-            winners[(arch, kernel, "bfloat16", config.d_bucket(dim))] = best
-        p.save(rows=rows)
-    snippet = kt.tuned_snippet(winners)
-    table = [{"key": list(k), "config": dataclasses.asdict(c), "name": c.name()} for k, c in winners.items()]
-    with open(os.path.join(p.out, "tuned_table_family.json"), "w") as f:
-        json.dump(table, f, indent=1)
-    print(snippet, flush=True)
-    p.save(winners=table, tuned_snippet=snippet)
+    winners = _sweep_kernels(p, dev, cands, dim, batch, check_batch, sweep_end, "tuned_table_family.json",
+                             workload=FamilyWorkload)  # fmt: skip
     # The whole MNRL call (forward and backward) with the shipped table, then the tuned one.
     timing = []
     for label in ("shipped", "tuned"):

@@ -20,13 +20,10 @@ from fastclip.comm import (
     ring_exchange,
 )
 from fastclip.distributed.world import (
-    Signature,
     check_dist_impl,
     checked_on_every_rank,
+    pair_fields,
     require_process_group,
-    show_given,
-    show_table,
-    tensor_fields,
 )
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import InputMeta, clip_grad, clip_lse, positive_logits
@@ -336,14 +333,8 @@ def clip_loss_distributed_with_options(
 
     def build():
         a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
-        fields = [
-            *tensor_fields("image_features", a.x),
-            Signature("logit_bias", int(a.bias is not None), show_given),
-            Signature("dist_impl", CLIP_DIST_IMPLS.index(dist_impl), show_table(CLIP_DIST_IMPLS)),
-            Signature("local_loss", int(local_loss)),
-            Signature("gather_with_grad", int(gather_with_grad)),
-        ]
-        return a, fields
+        flags = dict(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        return a, pair_fields(a, dist_impl, CLIP_DIST_IMPLS, **flags)
 
     a = checked_on_every_rank(
         "clip_loss_distributed", build, anchor=image_features, group=group, check=check_batch_sizes

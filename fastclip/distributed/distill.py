@@ -29,11 +29,12 @@ def distill_clip_loss_distributed_with_options(
             image_features, text_features, logit_scale, dist_image_features, dist_text_features,
             dist_logit_scale, options,
         )  # fmt: skip
+        teacher = tensor_fields("dist_image_features", a.tensors[3])[
+            1:
+        ]  # its rows: checked against the student's
         fields = [
             *tensor_fields("image_features", a.tensors[0]),
-            *tensor_fields("dist_image_features", a.tensors[3])[
-                1:
-            ],  # its rows are checked against the student's
+            *teacher,
             Signature("local_loss", int(local_loss)),
             Signature("gather_with_grad", int(gather_with_grad)),
         ]

@@ -22,6 +22,8 @@ PyTorch implementation (its GEMMs are the device's BLAS either way).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -84,12 +86,29 @@ def info_nce_loss_distributed(
     ``dist_impl`` and ``check_batch_sizes`` (one all-gather of a few integers: ranks that disagree on
     the local batch, feature dim, dtype, number of negative groups, which ids are given, directions or
     ``dist_impl`` get the same ``ValueError`` on every rank instead of a hang; ``False`` skips it)."""
+
+    def checked_options():
+        o, c = split_options("info_nce_loss_distributed", options, InfoNCEOptions, Common)
+        return o, no_reference(c)
+
+    return info_nce_distributed_with_options(
+        query, positive, negatives, scale=scale, query_ids=query_ids, doc_ids=doc_ids, negative_ids=negative_ids,
+        bank=bank, group=group, dist_impl=dist_impl, check_batch_sizes=check_batch_sizes, options=checked_options,
+    )  # fmt: skip
+
+
+def info_nce_distributed_with_options(
+    query, positive, negatives=None, *, scale, query_ids=None, doc_ids=None, negative_ids=None, bank=None,
+    group, dist_impl: str, check_batch_sizes: bool, options: Callable[[], tuple[InfoNCEOptions, Common]],
+) -> torch.Tensor:  # fmt: skip
+    """:func:`info_nce_loss_distributed` with its options from ``options()``, called inside the ranks'
+    agreement (a refused option stops every rank): the keywords' split there, the checked objects
+    ``fastclip.InfoNCELoss`` holds since its construction (no re-validation per call)."""
     rank, world = _check_dist(check_batch_sizes, group)
 
     def build():
         check_dist_impl(dist_impl, FAMILY_DIST_IMPLS)
-        o, c = split_options("info_nce_loss_distributed", options, InfoNCEOptions, Common)
-        c = no_reference(c)
+        o, c = options()
         a = prepare_info_nce(query, positive, negatives, bank, scale, query_ids, doc_ids, negative_ids, o, c)
         neg_ids_mask = sum(1 << j for j, t in enumerate(a.neg_ids) if t is not None and j < 62)
         fields = [
@@ -148,17 +167,40 @@ def gist_loss_distributed(
     disagree on the local batch, feature dim, dtype, whether a negative is given or the guide's dim
     get the same ``ValueError`` on every rank (one all-gather of a few integers), not mismatched
     collectives."""
+
+    def checked_options():
+        o, c = split_options("gist_loss_distributed", options, GistOptions, Common)
+        return o, no_reference(c)
+
+    return gist_distributed_with_options(
+        query, positive, negative, guide_query=guide_query, guide_positive=guide_positive,
+        guide_negative=guide_negative, temperature=temperature, group=group, dist_impl=dist_impl,
+        check_batch_sizes=check_batch_sizes, options=checked_options,
+    )  # fmt: skip
+
+
+def check_gist_dist_impl(dist_impl) -> str:
+    """GIST has the gather strategy only."""
+    check_dist_impl(dist_impl, FAMILY_DIST_IMPLS)
+    if dist_impl != "gather":
+        raise ValueError(
+            f"dist_impl: expected 'gather' for GIST (sentence-transformers' gather_across_devices; no "
+            f"ring form is built), got {dist_impl!r}"
+        )
+    return dist_impl
+
+
+def gist_distributed_with_options(
+    query, positive, negative=None, *, guide_query, guide_positive, guide_negative=None, temperature,
+    group, dist_impl: str, check_batch_sizes: bool, options: Callable[[], tuple[GistOptions, Common]],
+) -> torch.Tensor:  # fmt: skip
+    """:func:`gist_loss_distributed` with its options from ``options()`` (as
+    :func:`info_nce_distributed_with_options`; ``fastclip.GistLoss`` passes the ones it holds)."""
     rank, world = _check_dist(check_batch_sizes, group)
 
     def build():
-        check_dist_impl(dist_impl, FAMILY_DIST_IMPLS)
-        if dist_impl != "gather":
-            raise ValueError(
-                f"dist_impl: expected 'gather' for GIST (sentence-transformers' gather_across_devices; no "
-                f"ring form is built), got {dist_impl!r}"
-            )
-        o, c = split_options("gist_loss_distributed", options, GistOptions, Common)
-        c = no_reference(c)
+        check_gist_dist_impl(dist_impl)
+        o, c = options()
         a = prepare_gist(
             query, positive, negative, guide_query, guide_positive, guide_negative, temperature, c
         )

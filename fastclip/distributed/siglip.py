@@ -14,13 +14,10 @@ import torch.distributed as dist
 from fastclip import _checks
 from fastclip.comm import all_gather_rows, reduce_scatter_rows, ring_exchange, stream_hops
 from fastclip.distributed.world import (
-    Signature,
     check_dist_impl,
     checked_on_every_rank,
+    pair_fields,
     require_process_group,
-    show_given,
-    show_table,
-    tensor_fields,
 )
 from fastclip.ops.amp import autocast_off, first_order, no_autocast
 from fastclip.ops.blocks import InputMeta, siglip_block
@@ -180,12 +177,7 @@ def siglip_loss_distributed_with_options(
 
     def build():
         a = prepare_with_options(image_features, text_features, logit_scale, logit_bias, options)
-        fields = [
-            *tensor_fields("image_features", a.x),
-            Signature("logit_bias", int(a.bias is not None), show_given),
-            Signature("dist_impl", SIGLIP_DIST_IMPLS.index(dist_impl), show_table(SIGLIP_DIST_IMPLS)),
-        ]
-        return a, fields
+        return a, pair_fields(a, dist_impl, SIGLIP_DIST_IMPLS)
 
     a = checked_on_every_rank(
         "siglip_loss_distributed", build, anchor=image_features, group=group, check=check_batch_sizes

@@ -26,6 +26,7 @@ __all__ = [
     "check_dist_impl",
     "check_world",
     "checked_on_every_rank",
+    "pair_fields",
     "gather_like_open_clip",
     "require_process_group",
     "resolve_world",
@@ -212,6 +213,17 @@ def tensor_fields(name: str, t: torch.Tensor) -> list[Signature]:
         Signature(f"{name}: device type", comm._code(t.device.type, comm._DEVICE_CODES),
                   show_table(comm._DEVICE_CODES)),
     ]  # fmt: skip
+
+
+def pair_fields(a, dist_impl: str, impls: tuple[str, ...], **flags: bool) -> list[Signature]:
+    """The fields of an (image, text) pair loss's call (CLIP, SigLIP): the image rows, whether a bias is
+    given, the strategy among ``impls`` and open_clip's flags (``local_loss``, ``gather_with_grad``)."""
+    return [
+        *tensor_fields("image_features", a.x),
+        Signature("logit_bias", int(a.bias is not None), show_given),
+        Signature("dist_impl", impls.index(dist_impl), show_table(impls)),
+        *(Signature(name, int(value)) for name, value in flags.items()),
+    ]
 
 
 def checked_on_every_rank(entry: str, build: Callable[[], tuple], *, anchor, group, check: bool):

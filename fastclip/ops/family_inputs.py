@@ -121,11 +121,7 @@ def scale_tensor(name: str, scale, device, *, positive=True, dtype=torch.float32
     if isinstance(scale, bool):
         raise TypeError(f"{name}: expected a float or a 0-dim/1-element tensor, got bool")
     if isinstance(scale, (int, float)):
-        value = (
-            _checks.check_real(name, scale, lo=0.0, lo_open=True)
-            if positive
-            else _checks.check_real(name, scale)
-        )
+        value = _checks.check_real(name, scale, lo=0.0 if positive else None, lo_open=positive)
         return torch.full((), value, device=device, dtype=dtype)  # a fill, not a blocking host copy
     return _checks.check_scalar(name, scale, device=device)
 
