@@ -163,6 +163,16 @@ def test_gist_module_is_the_function():
     for a, w in zip([got[0], *got[1]], [want[0], *want[1]]):
         assert torch.equal(a, w)
     assert "margin_strategy='relative'" in repr(mod) and "temperature=0.05" in repr(mod)
+    # Under bf16 autocast (backward inside the block) the module is the function, bitwise.
+    outs = []
+    for fn in (lambda t: _gist(FF.gist_loss, t, gs, dict(kw, temperature=0.05)),
+               lambda t: mod(t[0], t[1], t[2], guide_query=gs[0], guide_positive=gs[1], guide_negative=gs[2])):  # fmt: skip
+        leaves = [t.float().requires_grad_() for t in ts]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn([leaves[0].bfloat16(), *leaves[1:]])
+            loss.backward()
+        outs.append([loss.detach(), *(x.grad for x in leaves)])
+    assert all(torch.equal(a, b) for a, b in zip(*outs)) and torch.isfinite(outs[0][0])
     with pytest.raises(ValueError, match="temperature: expected a value in"):
         GistLoss(temperature=0.0)
     with pytest.raises(ValueError, match="margin_strategy: expected one of"):
